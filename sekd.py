@@ -1,0 +1,560 @@
+"""SE-KD: selective knowledge distillation guided by the student's entropy, in one file.
+
+Implements "Rethinking Selective Knowledge Distillation" (Tavor, Ebenspanger, Cnaan, Geva; arXiv 2602.01395).
+Distill a teacher p into a student q on the positions where the student is most uncertain: score every
+position by the student's entropy H(q_t), keep the top k% of each sample, and compute the KD loss there only.
+Because the score needs no teacher output, both language-model heads run on the selected rows alone.
+
+Read top to bottom: scores, position axis, class axis, the loss, data, training loop, command line.
+Shapes: B batch, L sequence length, H hidden size, V vocabulary, N selected positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# =============================================================================================
+# 1. Scores (paper Sec. 3.1, "importance signals"): the student's entropy H(q_t), chunked
+# =============================================================================================
+
+@torch.no_grad()
+def token_entropy(hidden, lm_head, chunk_size=1024):
+    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...].
+
+    The head runs on chunk_size rows at a time, so at most [chunk_size, V] logits exist at once:
+    the [B, L, V] logit tensor of the dense flow is never built.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows.shape[0], chunk_size):
+        log_q = lm_head(rows[start:start + chunk_size]).float().log_softmax(-1)  # [chunk, V]
+        out[start:start + chunk_size] = -(log_q.exp() * log_q).sum(-1)
+    return out.reshape(hidden.shape[:-1])
+
+
+# =============================================================================================
+# 2. Position axis (paper Sec. 3.1, m_t of Eq. 3): top ceil(k * n_i) valid positions per sample
+# =============================================================================================
+
+def budget(n, share):
+    """ceil(share * n) in exact arithmetic, at least 1 where n >= 1. n: int or LongTensor.
+
+    share is read as the decimal the user typed (0.28 is 7/25), so 0.28 * 25 selects 7, where
+    floating point would give ceil(7.000000000000001) = 8.
+    """
+    frac = Fraction(repr(float(share))).limit_denominator(1_000_000)
+    kept = -((-n * frac.numerator) // frac.denominator)  # ceil division on integers
+    if isinstance(n, torch.Tensor):
+        return torch.where(n > 0, kept.clamp(min=1), 0)
+    return max(kept, 1) if n > 0 else 0
+
+
+def select_positions(scores, valid, k):
+    """Keep the top ceil(k * n_i) valid positions of each sample by score. scores [B, T], valid [B, T] -> bool [B, T].
+
+    Ties go to the earlier position. Random-k% (the RandomPos baseline) is this with random scores.
+    """
+    if k >= 1:
+        return valid.clone()
+    masked = scores.float().masked_fill(~valid, -math.inf)
+    order = masked.sort(dim=1, descending=True, stable=True).indices          # [B, T]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < budget(valid.sum(1), k)[:, None]) & valid
+
+
+# =============================================================================================
+# 3. Class axis (paper Sec. 3.2): full KL, and top-k classes with a tail bucket
+# =============================================================================================
+
+def full_kl(student_logits, teacher_logits, temperature=1.0):
+    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable across T)."""
+    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
+    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * temperature ** 2
+
+
+def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
+    """KL between p_T and q_T coarsened to the teacher's top_k classes plus one bucket for the rest: [N].
+
+    Keeping the tail bucket makes this a true divergence: >= 0, <= the full KL, equal to it at top_k = V.
+    Dropping the tail (plain truncation) is biased and known to miscalibrate students.
+    """
+    teacher, student = teacher_logits.float() / temperature, student_logits.float() / temperature
+    kept = teacher.topk(top_k, dim=-1).indices                                 # [N, K]
+
+    def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
+        log_probs = logits.log_softmax(-1)
+        # A very negative finite fill (not -inf) keeps the tail finite and its gradient defined at K = V.
+        rest = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
+        return torch.cat([log_probs.gather(-1, kept), rest], -1)
+
+    log_p, log_q = coarsen(teacher), coarsen(student)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
+
+
+# =============================================================================================
+# 4. The loss (paper Eq. 2-4) with selective LM heads (paper Sec. 5, "memory optimisations")
+# =============================================================================================
+
+def lm_head(model, vocab_size=None):
+    """The model's map hidden [..., H] -> logits [..., V], restricted to the first vocab_size ids.
+
+    Applying it to a few gathered rows equals the model's own logits at those rows, including the
+    post-head steps some families have (Cohere's logit_scale, Gemma 2's final logit soft-capping).
+    """
+    head = model.get_output_embeddings()
+    weight = head.weight[:vocab_size]
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    scale = getattr(model.config, "logit_scale", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden):
+        z = F.linear(hidden, weight, bias)
+        if scale:
+            z = z * scale
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
+    return logits
+
+
+def hidden_states(model, input_ids, attention_mask):
+    """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head)."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def head_size(model):
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def distill_loss(student, teacher, input_ids, attention_mask, cfg):
+    """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
+
+    Per position: (1 - ce_weight) * KL + ce_weight * CE(next token); mean over each sample's selected
+    positions, then over the samples that have any. Each backbone runs once; the LM heads run only on
+    the selected rows: the teacher's without grad, the student's with grad.
+    """
+    vocab = cfg.vocab_size
+    if teacher is not None and vocab is None and head_size(teacher) != head_size(student):
+        raise ValueError(f"teacher and student heads have different vocabulary sizes ({head_size(teacher)} vs "
+                         f"{head_size(student)}): KD needs one shared vocabulary. If they differ only by padding rows, "
+                         "set Config.vocab_size to the tokenizer's length.")
+    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()      # [B, L-1] both tokens real
+    h_student = hidden_states(student, input_ids, attention_mask)[:, :-1]     # [B, L-1, H]
+    student_head = lm_head(student, vocab)
+
+    if cfg.positions == "all":
+        selected = valid
+    elif cfg.positions == "top":  # SE-KD: the student's own uncertainty picks the positions
+        scores = token_entropy(h_student, student_head, cfg.chunk_size)      # [B, L-1]
+        selected = select_positions(scores, valid, cfg.k)
+    else:  # "random": the RandomPos baseline, same budget
+        selected = select_positions(torch.rand(valid.shape, device=valid.device), valid, cfg.k)
+    rows = selected.nonzero(as_tuple=True)                                    # N selected (sample, position)
+    student_logits = student_head(h_student[rows])                           # [N, V]
+
+    per_position = 0.0
+    stats = {}
+    if cfg.ce_weight < 1:
+        t_device = teacher.device
+        with torch.no_grad():
+            h_teacher = hidden_states(teacher, input_ids.to(t_device), attention_mask.to(t_device))
+            t_rows = tuple(r.to(t_device) for r in rows)
+            teacher_logits = lm_head(teacher, vocab)(h_teacher[:, :-1][t_rows]).to(student_logits.device)
+            del h_teacher
+        if cfg.top_k_classes is None:
+            kl = full_kl(student_logits, teacher_logits, cfg.temperature)
+        else:
+            kl = topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
+        per_position = (1 - cfg.ce_weight) * kl
+        stats["kl"] = kl.detach().mean()
+    if cfg.ce_weight > 0:
+        ce = F.cross_entropy(student_logits.float(), input_ids[:, 1:][rows], reduction="none")
+        per_position = per_position + cfg.ce_weight * ce
+        stats["ce"] = ce.detach().mean()
+
+    # Eq. 3-4: mean over a sample's selected positions, then over samples with at least one.
+    count = selected.sum(1)                                                   # [B]
+    per_sample = torch.zeros(len(count), device=count.device).index_add_(0, rows[0], per_position.float())
+    has_any = count > 0
+    loss = (per_sample / count.clamp(min=1))[has_any].mean()
+    numbers = dict(loss=loss.detach(), selected=count.sum(), valid=valid.sum(), **stats)
+    stats = {name: value.item() for name, value in numbers.items()}            # one host sync per step
+    if stats["valid"] == 0:
+        raise ValueError("no sample in the batch has a valid position (two consecutive real tokens): "
+                         "sequences need at least 2 tokens")
+    stats["share"] = stats["selected"] / stats["valid"]
+    return loss, stats
+
+
+# =============================================================================================
+# 5. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper Sec. 4: 512)
+# =============================================================================================
+
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_documents(data, text_column="text", max_documents=None):
+    """A datasets.Dataset of documents from a hub name, a local file or a directory of files."""
+    import datasets
+    if os.path.isdir(data):
+        files = sorted(os.path.join(data, f) for f in os.listdir(data) if os.path.splitext(f)[1] in FILE_BUILDERS)
+        if not files:
+            raise FileNotFoundError(f"data directory {data} holds no {'/'.join(FILE_BUILDERS)} files")
+    elif os.path.splitext(data)[1] in FILE_BUILDERS:
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"data file {data} does not exist: pass an existing text/json/jsonl/parquet "
+                                    "file, a directory of them, or a dataset name on the Hugging Face hub")
+        files = [data]
+    else:
+        files = None
+    try:
+        if files:
+            builders = {FILE_BUILDERS[os.path.splitext(f)[1]] for f in files}
+            if len(builders) > 1:
+                raise ValueError(f"data directory {data} mixes file types {sorted(builders)}: keep one type per run")
+            documents = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        else:
+            documents = datasets.load_dataset(data, split="train")
+    except (ConnectionError, OSError) as err:
+        raise FileNotFoundError(f"cannot load data '{data}': not a local file or directory, and the hub "
+                                f"could not provide it ({err})") from err
+    if text_column not in documents.column_names:
+        raise ValueError(f"data '{data}' has no column '{text_column}' (columns: {documents.column_names}); "
+                         "pass --text-column")
+    if max_documents is not None:
+        documents = documents.select(range(min(max_documents, len(documents))))
+    return documents
+
+
+def pack_blocks(documents, tokenizer, seq_len, text_column="text"):
+    """Tokenize every document, append EOS, concatenate and cut into blocks: LongTensor [num_blocks, seq_len].
+
+    The last partial block is dropped, so every position of every block is valid.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids]}
+    tokens = documents.map(tokenize, batched=True, remove_columns=documents.column_names, desc="tokenizing")
+    stream = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in tokens["ids"]]) if len(tokens) else np.zeros(0, np.int64)
+    num_blocks = len(stream) // seq_len
+    return torch.from_numpy(stream[:num_blocks * seq_len].reshape(num_blocks, seq_len))
+
+
+def split_blocks(blocks, val_fraction):
+    """Hold out the last ceil(val_fraction * N) blocks (at least 1) for evaluation -> (train, val)."""
+    if len(blocks) < 2:
+        raise ValueError(f"the data gives {len(blocks)} block(s) of seq_len tokens; need at least 2 (train and "
+                         "held-out): add documents or lower --seq-len")
+    num_val = min(budget(len(blocks), val_fraction), len(blocks) - 1)
+    return blocks[:-num_val], blocks[-num_val:]
+
+
+# =============================================================================================
+# 6. Training loop (paper Sec. 4: AdamW, lr 1e-5 constant, grad-norm clip 1.0)
+# =============================================================================================
+
+POSITION_POLICIES = ("all", "top", "random")
+# Each method is a preset of the position axis; flags given explicitly override the preset.
+PRESETS = {
+    "ce": dict(positions="all", ce_weight=1.0),
+    "full": dict(positions="all"),
+    "random": dict(positions="random"),
+    "sekd": dict(positions="top"),
+}
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every knob of a run, named as in the paper; validated on construction."""
+    method: str = option("sekd", "preset: ce (next-token CE only), full (Full KD), random (RandomPos k%), sekd (SE-KD)")
+    positions: Optional[str] = option(None, "position policy: all, top (student entropy) or random; default: from --method")
+    k: float = option(0.2, "share of each sample's valid positions supervised, in (0, 1] (paper: 0.2)")
+    temperature: float = option(1.0, "softmax temperature T of both models in the KL; the KL is scaled by T^2 (paper: 1)")
+    ce_weight: float = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0, pure forward KL)")
+    top_k_classes: Optional[int] = option(None, "KL over the teacher's top-K classes plus a tail bucket (default: all classes)")
+    vocab_size: Optional[int] = option(None, "distill over the first V ids only; set automatically when heads differ by padding")
+    chunk_size: int = option(1024, "rows per chunk when scoring positions by entropy (memory vs speed)")
+    teacher: Optional[str] = option(None, "teacher: a Hugging Face causal-LM name or local directory")
+    student: Optional[str] = option(None, "student: a Hugging Face causal-LM name or local directory")
+    data: Optional[str] = option(None, "training text: a hub dataset name, a .txt/.json/.jsonl/.parquet file or a directory")
+    text_column: str = option("text", "column holding the documents' text")
+    max_documents: Optional[int] = option(None, "use only the first N documents")
+    seq_len: int = option(512, "tokens per packed block (paper: 512)")
+    val_fraction: float = option(0.05, "share of blocks held out for evaluation")
+    batch_size: int = option(8, "blocks per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-5, "AdamW learning rate, constant (paper: 1e-5)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)")
+    epochs: int = option(1, "passes over the training blocks (paper: 1)")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps")
+    eval_every: int = option(0, "evaluate every N steps as well as at the end (0: only at the end)")
+    eval_batches: Optional[int] = option(None, "evaluate on at most this many held-out batches")
+    seed: int = option(0, "seed of initialisation-independent randomness: shuffling, random positions")
+    device: str = option("auto", "auto (CUDA when present), cpu or cuda[:i]")
+    teacher_device: Optional[str] = option(None, "put the teacher on its own device (the paper used a second GPU)")
+    out_dir: str = option("out", "where the student, its tokenizer and metrics.json go")
+
+    def __post_init__(self):
+        if self.method not in PRESETS:
+            raise ValueError(f"unknown method '{self.method}': choose one of {', '.join(PRESETS)}")
+        for name, value in PRESETS[self.method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.ce_weight is None:
+            self.ce_weight = 0.0
+        checks = [
+            (self.positions in POSITION_POLICIES, f"positions must be one of {POSITION_POLICIES}"),
+            (0 < self.k <= 1, "k (share of positions) must be in (0, 1], e.g. 0.2"),
+            (0 <= self.ce_weight <= 1, "ce_weight must be in [0, 1]"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.top_k_classes is None or self.top_k_classes >= 1, "top_k_classes must be >= 1 (or None for all)"),
+            (self.seq_len >= 2, "seq_len must be >= 2: a block needs one position with a next token"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (min(self.batch_size, self.grad_accum, self.chunk_size, self.epochs) >= 1,
+             "batch_size, grad_accum, chunk_size and epochs must be >= 1"),
+            (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+
+    @property
+    def needs_teacher(self):
+        return self.ce_weight < 1
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load a tokenizer from '{name}': not a local model directory with a "
+                                f"tokenizer, and the hub could not provide it ({err})") from err
+
+
+def load_model(name, device, dtype):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load a causal LM from '{name}': not a local model directory, and the "
+                                f"hub could not provide it ({err})") from err
+    return model.to(device)
+
+
+def shared_vocab_size(teacher, student, tokenizer):
+    """None when both heads have one size; len(tokenizer) when they differ only by padding rows beyond it."""
+    v_teacher, v_student = head_size(teacher), head_size(student)
+    if v_teacher == v_student:
+        return None
+    if min(v_teacher, v_student) >= len(tokenizer):
+        return len(tokenizer)
+    raise ValueError(f"teacher vocabulary {v_teacher} and student vocabulary {v_student} differ beyond padding "
+                     f"(tokenizer has {len(tokenizer)} ids): KD needs teacher and student from one tokenizer family")
+
+
+@torch.no_grad()
+def evaluate(student, teacher, blocks, cfg, max_batches=None):
+    """Held-out perplexity of the student and KL(teacher || student) at T = 1, over all positions."""
+    was_training = student.training
+    student.eval()
+    device = student.device
+    ce_sum = kl_sum = count = 0.0
+    for i, batch in enumerate(blocks.split(cfg.batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids = batch.to(device)
+        mask = torch.ones_like(ids)
+        with autocast(device):
+            h_student = hidden_states(student, ids, mask)[:, :-1].flatten(0, 1)   # [B * (L-1), H]
+            h_teacher = None
+            if teacher is not None:
+                h_teacher = hidden_states(teacher, ids.to(teacher.device), mask.to(teacher.device))[:, :-1].flatten(0, 1)
+            labels = ids[:, 1:].flatten()
+            for start in range(0, len(labels), cfg.chunk_size):
+                part = slice(start, start + cfg.chunk_size)
+                student_logits = lm_head(student, cfg.vocab_size)(h_student[part])
+                ce_sum += F.cross_entropy(student_logits.float(), labels[part], reduction="sum").item()
+                if h_teacher is not None:
+                    teacher_logits = lm_head(teacher, cfg.vocab_size)(h_teacher[part]).to(device)
+                    kl_sum += full_kl(student_logits, teacher_logits).sum().item()
+        count += labels.numel()
+    student.train(was_training)
+    return {"val_ppl": math.exp(ce_sum / count), "val_kl": kl_sum / count if teacher is not None else None}
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (paper: bf16); full precision on CPU, where bf16 matmuls are slow."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_json(path, obj):
+    """Write atomically: a temp file in the same directory, then rename over the target."""
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f.name, path)
+
+
+def save_student(student, tokenizer, out_dir):
+    """save_pretrained into a temp directory, then rename: a half-saved model never looks complete."""
+    final = os.path.join(out_dir, "student")
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".student.")
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def train(cfg):
+    """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics also written to metrics.json."""
+    from tqdm import tqdm
+    start_time = time.time()
+    if cfg.student is None or cfg.data is None:
+        raise ValueError("--student and --data are required")
+    if cfg.needs_teacher and cfg.teacher is None:
+        raise ValueError(f"method '{cfg.method}' distills from a teacher: pass --teacher")
+    device = resolve_device(cfg.device)
+    teacher_device = resolve_device(cfg.teacher_device) if cfg.teacher_device else device
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # Cheap checks first: tokenizers and data fail before any model is loaded.
+    tokenizer = load_tokenizer(cfg.teacher or cfg.student)
+    if cfg.teacher is not None:
+        student_tokenizer = load_tokenizer(cfg.student)
+        if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"teacher '{cfg.teacher}' and student '{cfg.student}' use different tokenizers: "
+                             "KD compares distributions over one shared vocabulary")
+    documents = load_documents(cfg.data, cfg.text_column, cfg.max_documents)
+    train_blocks, val_blocks = split_blocks(pack_blocks(documents, tokenizer, cfg.seq_len, cfg.text_column), cfg.val_fraction)
+
+    student = load_model(cfg.student, device, torch.float32).train()
+    teacher = None
+    if cfg.teacher is not None:
+        teacher_dtype = torch.bfloat16 if teacher_device.type == "cuda" else torch.float32
+        teacher = load_model(cfg.teacher, teacher_device, teacher_dtype).eval().requires_grad_(False)
+        if cfg.vocab_size is None:
+            cfg.vocab_size = shared_vocab_size(teacher, student, tokenizer)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    micro_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
+    total_steps = cfg.epochs * micro_per_epoch // cfg.grad_accum
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    if total_steps < 1:
+        raise ValueError(f"{len(train_blocks)} training blocks make no full optimizer step of "
+                         f"{cfg.batch_size} x {cfg.grad_accum} blocks: lower --batch-size or --grad-accum")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = (batch for _ in range(cfg.epochs)
+               for batch in torch.randperm(len(train_blocks), generator=generator).split(cfg.batch_size))
+    pin = device.type == "cuda"
+    history, evals, tokens, train_start = [], [], 0, time.time()
+    bar = tqdm(range(total_steps), desc=cfg.method, dynamic_ncols=True)
+    for step in bar:
+        totals = {}
+        for _ in range(cfg.grad_accum):
+            ids = train_blocks[next(batches)]
+            ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
+            with autocast(device):
+                loss, stats = distill_loss(student, teacher, ids, torch.ones_like(ids), cfg)
+            (loss / cfg.grad_accum).backward()
+            tokens += ids.numel()
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0.0) + value / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(totals)
+        bar.set_postfix(loss=f"{totals['loss']:.3f}", sel=f"{totals['share']:.0%}",
+                        tok_s=f"{tokens / (time.time() - train_start):.0f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+            evals.append({"step": step + 1, **evaluate(student, teacher, val_blocks, cfg, cfg.eval_batches)})
+            bar.write(f"step {step + 1}: {evals[-1]}")
+    train_time = time.time() - train_start
+
+    final = evaluate(student, teacher, val_blocks, cfg, cfg.eval_batches)
+    evals.append({"step": total_steps, **final})
+    save_student(student, tokenizer, cfg.out_dir)
+    last = history[-max(1, len(history) // 10):]  # the last 10% of steps
+    metrics = {
+        "config": dataclasses.asdict(cfg), **final,
+        "train_loss": sum(h["loss"] for h in last) / len(last),
+        "share_supervised": sum(h["share"] for h in history) / len(history),
+        "steps": total_steps, "train_tokens": tokens, "train_blocks": len(train_blocks), "val_blocks": len(val_blocks),
+        "tokens_per_s": tokens / train_time, "train_time_s": train_time, "wall_time_s": time.time() - start_time,
+        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "evals": evals,
+    }
+    write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+# =============================================================================================
+# 7. Command line
+# =============================================================================================
+
+def parse_config(argv=None):
+    """Build Config from the command line: one flag per field, help from the field's one-line doc."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Train: python sekd.py --teacher T "
+                                     "--student S --data D --method sekd", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = {f.name: f.type for f in dataclasses.fields(Config)}
+    for f in dataclasses.fields(Config):
+        kind = hints[f.name].replace("Optional[", "").rstrip("]")
+        parse = {"int": int, "float": float, "str": str}[kind]
+        choices = list(PRESETS) if f.name == "method" else POSITION_POLICIES if f.name == "positions" else None
+        parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default, choices=choices,
+                            help=f.metadata["help"].replace("%", "%%"))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    metrics = train(cfg)
+    print(json.dumps({k: metrics[k] for k in ("val_ppl", "val_kl", "share_supervised", "wall_time_s", "peak_memory_mb")}))
+
+
+if __name__ == "__main__":
+    main()
