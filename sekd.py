@@ -12,7 +12,9 @@ Shapes: B batch, L sequence length, H hidden size, V vocabulary, N selected posi
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,89 +32,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 # =============================================================================================
-# 1. Scores (paper Sec. 3.1, "importance signals"): the student's entropy H(q_t), chunked
-# =============================================================================================
-
-@torch.no_grad()
-def token_entropy(hidden, lm_head, chunk_size=1024):
-    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...].
-
-    The head runs on chunk_size rows at a time, so at most [chunk_size, V] logits exist at once:
-    the [B, L, V] logit tensor of the dense flow is never built.
-    """
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, rows.shape[0], chunk_size):
-        log_q = lm_head(rows[start:start + chunk_size]).float().log_softmax(-1)  # [chunk, V]
-        out[start:start + chunk_size] = -(log_q.exp() * log_q).sum(-1)
-    return out.reshape(hidden.shape[:-1])
-
-
-# =============================================================================================
-# 2. Position axis (paper Sec. 3.1, m_t of Eq. 3): top ceil(k * n_i) valid positions per sample
-# =============================================================================================
-
-def budget(n, share):
-    """ceil(share * n) in exact arithmetic, at least 1 where n >= 1. n: int or LongTensor.
-
-    share is read as the decimal the user typed (0.28 is 7/25), so 0.28 * 25 selects 7, where
-    floating point would give ceil(7.000000000000001) = 8.
-    """
-    frac = Fraction(repr(float(share))).limit_denominator(1_000_000)
-    kept = -((-n * frac.numerator) // frac.denominator)  # ceil division on integers
-    if isinstance(n, torch.Tensor):
-        return torch.where(n > 0, kept.clamp(min=1), 0)
-    return max(kept, 1) if n > 0 else 0
-
-
-def select_positions(scores, valid, k):
-    """Keep the top ceil(k * n_i) valid positions of each sample by score. scores [B, T], valid [B, T] -> bool [B, T].
-
-    Ties go to the earlier position. Random-k% (the RandomPos baseline) is this with random scores.
-    """
-    if k >= 1:
-        return valid.clone()
-    masked = scores.float().masked_fill(~valid, -math.inf)
-    order = masked.sort(dim=1, descending=True, stable=True).indices          # [B, T]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (rank < budget(valid.sum(1), k)[:, None]) & valid
-
-
-# =============================================================================================
-# 3. Class axis (paper Sec. 3.2): full KL, and top-k classes with a tail bucket
-# =============================================================================================
-
-def full_kl(student_logits, teacher_logits, temperature=1.0):
-    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable across T)."""
-    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
-    log_q = (student_logits.float() / temperature).log_softmax(-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * temperature ** 2
-
-
-def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
-    """KL between p_T and q_T coarsened to the teacher's top_k classes plus one bucket for the rest: [N].
-
-    Keeping the tail bucket makes this a true divergence: >= 0, <= the full KL, equal to it at top_k = V.
-    Dropping the tail (plain truncation) is biased and known to miscalibrate students.
-    """
-    teacher, student = teacher_logits.float() / temperature, student_logits.float() / temperature
-    kept = teacher.topk(top_k, dim=-1).indices                                 # [N, K]
-
-    def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
-        log_probs = logits.log_softmax(-1)
-        # A very negative finite fill (not -inf) keeps the tail finite and its gradient defined at K = V.
-        rest = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
-        return torch.cat([log_probs.gather(-1, kept), rest], -1)
-
-    log_p, log_q = coarsen(teacher), coarsen(student)
-    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
-
-
-# =============================================================================================
-# 4. The loss (paper Eq. 2-4) with selective LM heads (paper Sec. 5, "memory optimisations")
+# 1. Scores (paper: importance signals): the student's entropy H(q_t), computed in chunks,
+#    from the model's hidden states and LM head (the pieces that let heads run on selected rows only)
 # =============================================================================================
 
 def lm_head(model, vocab_size=None):
@@ -146,14 +72,320 @@ def head_size(model):
     return model.get_output_embeddings().weight.shape[0]
 
 
-def distill_loss(student, teacher, input_ids, attention_mask, cfg):
+@torch.no_grad()
+def token_entropy(hidden, lm_head, chunk_size=1024):
+    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...].
+
+    The head runs on chunk_size rows at a time, so at most [chunk_size, V] logits exist at once:
+    the [B, L, V] logit tensor of the dense flow is never built.
+    """
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows.shape[0], chunk_size):
+        log_q = lm_head(rows[start:start + chunk_size]).float().log_softmax(-1)  # [chunk, V]
+        out[start:start + chunk_size] = -(log_q.exp() * log_q).sum(-1)
+    return out.reshape(hidden.shape[:-1])
+
+
+# =============================================================================================
+# 2. Position axis (paper: SE-KD, the mask m_t of Eq. 3): top ceil(k * n_i) valid positions per sample
+# =============================================================================================
+
+def budget(n, share):
+    """ceil(share * n) in exact arithmetic, at least 1 where n >= 1. n: int or LongTensor.
+
+    share is read as the decimal the user typed (0.28 is 7/25), so 0.28 * 25 selects 7, where
+    floating point would give ceil(7.000000000000001) = 8.
+    """
+    frac = Fraction(repr(float(share))).limit_denominator(1_000_000)
+    kept = -((-n * frac.numerator) // frac.denominator)  # ceil division on integers
+    if isinstance(n, torch.Tensor):
+        return torch.where(n > 0, kept.clamp(min=1), 0)
+    return max(kept, 1) if n > 0 else 0
+
+
+def select_positions(scores, valid, k):
+    """Keep the top ceil(k * n_i) valid positions of each sample by score. scores [B, T], valid [B, T] -> bool [B, T].
+
+    Ties go to the earlier position. Random-k% (the RandomPos baseline) is this with random scores.
+    """
+    if k >= 1:
+        return valid.clone()
+    masked = scores.float().masked_fill(~valid, -math.inf)
+    order = masked.sort(dim=1, descending=True, stable=True).indices          # [B, T]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < budget(valid.sum(1), k)[:, None]) & valid
+
+
+# =============================================================================================
+# 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
+# =============================================================================================
+
+def full_kl(student_logits, teacher_logits, temperature=1.0):
+    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable across T)."""
+    log_p = (teacher_logits.float() / temperature).log_softmax(-1)
+    log_q = (student_logits.float() / temperature).log_softmax(-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * temperature ** 2
+
+
+def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
+    """KL between p_T and q_T coarsened to the teacher's top_k classes plus one bucket for the rest: [N].
+
+    Keeping the tail bucket makes this a true divergence: >= 0, <= the full KL, equal to it at top_k = V.
+    Dropping the tail (plain truncation) is biased and known to miscalibrate students.
+    """
+    teacher, student = teacher_logits.float() / temperature, student_logits.float() / temperature
+    kept = teacher.topk(top_k, dim=-1).indices                                 # [N, K]
+
+    def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
+        log_probs = logits.log_softmax(-1)
+        # A very negative finite fill (not -inf) keeps the tail finite and its gradient defined at K = V.
+        rest = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
+        return torch.cat([log_probs.gather(-1, kept), rest], -1)
+
+    log_p, log_q = coarsen(teacher), coarsen(student)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
+
+
+def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None):
+    """RS-KD targets: draw num_samples class ids i.i.d. with replacement from p_T, keep the distinct ones.
+
+    teacher_logits [N, V] -> (ids, weights), both [N, U'] with U' <= num_samples the most distinct ids of
+    any row; weight = count / num_samples, so E[weight of v] = p_T(v). Padding slots: id 0, weight 0.
+    """
+    probs = (teacher_logits.float() / temperature).softmax(-1)
+    draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator).sort(-1).values  # [N, U]
+    is_new = torch.ones_like(draws, dtype=torch.bool)
+    is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = is_new.cumsum(-1) - 1                       # each draw's place among its row's distinct ids
+    width = int(slot[:, -1].max()) + 1 if len(draws) else 1
+    ids = torch.zeros(len(draws), width, dtype=torch.long, device=draws.device).scatter_(1, slot, draws)
+    counts = torch.zeros(len(draws), width, device=draws.device).scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float))
+    return ids, counts / num_samples
+
+
+def sparse_kl(student_logits, ids, weights, temperature=1.0):
+    """KL from sparse targets: sum over drawn ids of w (log w - log q_T(id)) * T^2. [N, V], [N, U'], [N, U'] -> [N].
+
+    log q_T is the log-softmax over the FULL vocabulary gathered at the ids (no renormalisation over the
+    drawn subset): the gradient is then (q_T - w) T, whose expectation (q_T - p_T) T is the full-KL gradient.
+    """
+    z = student_logits.float() / temperature
+    log_q = z.gather(-1, ids) - z.logsumexp(-1, keepdim=True)   # never materialises log_softmax [N, V]
+    return (torch.xlogy(weights, weights) - weights * log_q).sum(-1) * temperature ** 2
+
+
+# =============================================================================================
+# 4. Sample axis (paper: s_i of Eq. 4): keep the top ceil(l * N) samples by the frozen student's entropy
+# =============================================================================================
+
+@torch.no_grad()
+def sample_entropy(student, blocks, batch_size=8, chunk_size=1024, vocab_size=None):
+    """U_i = mean_t H(q_t) of each block [N, L] (all positions valid) under the student -> float32 [N]."""
+    scores = []
+    for batch in blocks.split(batch_size):
+        ids = batch.to(student.device)
+        with autocast(ids.device):
+            hidden = hidden_states(student, ids, torch.ones_like(ids))[:, :-1]
+            scores.append(token_entropy(hidden, lm_head(student, vocab_size), chunk_size).mean(1).cpu())
+    return torch.cat(scores)
+
+
+def select_samples(scores, ell):
+    """Indices of the top ceil(ell * N) samples by score, ascending; ties go to the lower index."""
+    keep = budget(len(scores), ell)
+    return scores.sort(descending=True, stable=True).indices[:keep].sort().values
+
+
+# =============================================================================================
+# 5. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position
+# =============================================================================================
+# Positions are chosen by the *student* at training time, so the cache holds sparse teacher targets
+# for every position of every kept sample, and the teacher never sits in memory while the student trains.
+# One stored class = its id in ceil(log2 V) bits and count-1 in ceil(log2 U) bits, in the fewest whole
+# bytes (Qwen3: 18 + 6 bits = 3 bytes at U = 64). Only distinct ids are stored, and no per-position
+# length: a position's counts sum to exactly U, so the running sum of counts says where each one ends.
+
+CACHE_FORMAT, CACHE_VERSION = "sekd-teacher-cache", 1
+
+
+def entry_layout(vocab_size, num_samples):
+    """(id bits, count bits, bytes per stored class) for a vocabulary and a number of draws U."""
+    id_bits, count_bits = max(1, (vocab_size - 1).bit_length()), (num_samples - 1).bit_length()
+    return id_bits, count_bits, (id_bits + count_bits + 7) // 8
+
+
+def pack_entries(ids, counts, count_bits, num_bytes):
+    """ids, counts [M] -> little-endian uint8 [M, num_bytes] holding id << count_bits | (count - 1)."""
+    value = (ids.long() << count_bits) | (counts.long() - 1)
+    return ((value[:, None] >> (8 * torch.arange(num_bytes, device=value.device))) & 255).to(torch.uint8)
+
+
+def unpack_entries(entries, count_bits):
+    """uint8 [M, num_bytes] -> (ids [M], counts [M]), the inverse of pack_entries."""
+    value = (entries.long() << (8 * torch.arange(entries.shape[1]))).sum(-1)
+    return value >> count_bits, (value & ((1 << count_bits) - 1)) + 1
+
+
+def fingerprint(input_ids):
+    """sha256 of the token ids [N, L] and their shape: another dataset or tokenizer gives another one."""
+    digest = hashlib.sha256(str(tuple(input_ids.shape)).encode())
+    digest.update(input_ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, batch_size=8, device=None,
+                sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256, chunk_size=1024, seed=0):
+    """Cache RS-KD targets of every position of input_ids [N, L] (all valid) into the directory path.
+
+    Streams shard by shard, each written atomically; a rerun after an interruption keeps the finished
+    shards and builds the rest. Each shard draws from its own seed, so a resumed build is byte-identical
+    to an uninterrupted one. The manifest, written last, marks the cache complete. Returns the manifest.
+    """
+    device = torch.device(device) if device is not None else teacher.device
+    vocab_size = vocab_size or head_size(teacher)
+    id_bits, count_bits, num_bytes = entry_layout(vocab_size, num_samples)
+    header = {
+        "format": CACHE_FORMAT, "version": CACHE_VERSION,
+        "teacher": teacher_name or teacher.config.name_or_path, "vocab_size": vocab_size,
+        "num_samples": num_samples, "temperature": temperature, "seq_len": input_ids.shape[1],
+        "id_bits": id_bits, "count_bits": count_bits, "bytes_per_class": num_bytes, "shard_size": shard_size,
+        "seed": seed, "sample_ids": list(range(len(input_ids))) if sample_ids is None else [int(i) for i in sample_ids],
+        "fingerprint": fingerprint(input_ids),
+    }
+    if len(header["sample_ids"]) != len(input_ids):
+        raise ValueError(f"sample_ids has {len(header['sample_ids'])} entries for {len(input_ids)} samples")
+    manifest_path = os.path.join(path, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if {key: manifest.get(key) for key in header} == header:
+            return manifest  # already complete
+        raise ValueError(f"{path} holds a different teacher cache; delete it or choose another cache directory")
+    os.makedirs(path, exist_ok=True)
+    build_key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    head, shards = lm_head(teacher, vocab_size), []
+    for shard, first in enumerate(range(0, len(input_ids), shard_size)):
+        name = f"shard_{shard:05d}.safetensors"
+        file = os.path.join(path, name)
+        samples = input_ids[first:first + shard_size]
+        if not (os.path.exists(file) and safe_open(file, "pt").metadata().get("build_key") == build_key):
+            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + shard)
+            num_ids, entries = [], []
+            for batch in samples.split(batch_size):
+                ids = batch.to(device)
+                with autocast(device):
+                    hidden = hidden_states(teacher, ids, torch.ones_like(ids))[:, :-1].flatten(0, 1)  # [b (L-1), H]
+                    for rows in hidden.split(chunk_size):
+                        drawn, weights = sample_classes(head(rows), num_samples, temperature, generator)
+                        counts = (weights * num_samples).round().long()                          # [rows, U']
+                        num_ids.append((counts > 0).sum(-1).cpu())
+                        entries.append(pack_entries(drawn[counts > 0], counts[counts > 0], count_bits, num_bytes).cpu())
+            per_sample = torch.cat(num_ids).view(len(samples), -1).sum(1)
+            tensors = {"entries": torch.cat(entries), "offsets": F.pad(per_sample.cumsum(0), (1, 0))}  # [M, bytes], [S + 1]
+            save_file(tensors, file + ".tmp", metadata={"build_key": build_key})
+            os.replace(file + ".tmp", file)
+        with safe_open(file, "pt") as handle:
+            entry_bytes = handle.get_slice("entries").get_shape()[0] * num_bytes
+        shards.append({"file": name, "first": first, "count": len(samples), "bytes": os.path.getsize(file),
+                       "entry_bytes": entry_bytes, "sha256": file_sha256(file)})
+    positions = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    data_bytes, entry_bytes = sum(s["bytes"] for s in shards), sum(s["entry_bytes"] for s in shards)
+    manifest = {**header, "shards": shards, "positions": positions, "data_bytes": data_bytes, "entry_bytes": entry_bytes,
+                "bytes_per_position": data_bytes / max(positions, 1)}
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+class TeacherCache:
+    """A built cache, read-only. Opening verifies the manifest and every shard's sha256; shards are then
+    memory-mapped, and a batch of samples is decoded with tensor ops (no Python loop per position)."""
+
+    def __init__(self, path):
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.exists(manifest_path):
+            raise ValueError(f"{path} is not a complete teacher cache (no manifest.json): an interrupted build "
+                             "leaves none; rerun the same command to resume it")
+        with open(manifest_path) as f:
+            self.manifest = m = json.load(f)
+        if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
+            raise ValueError(f"{path} is not a {CACHE_FORMAT} version {CACHE_VERSION} cache; rebuild it")
+        self.num_samples, self.count_bits, self.sample_ids = m["num_samples"], m["count_bits"], m["sample_ids"]
+        self.positions_per_sample = m["seq_len"] - 1
+        self._files, self._offsets = [], []
+        for shard in m["shards"]:
+            file = os.path.join(path, shard["file"])
+            if not os.path.exists(file) or file_sha256(file) != shard["sha256"]:
+                raise ValueError(f"teacher cache shard {file} is missing or corrupt (its sha256 differs from the "
+                                 "manifest): delete the cache directory and rebuild it")
+            handle = safe_open(file, "pt")  # memory-mapped: entries are read per batch
+            self._files.append(handle)
+            self._offsets.append(handle.get_tensor("offsets").tolist())                      # [S + 1]
+        self._first = [shard["first"] for shard in m["shards"]]
+
+    def __len__(self):
+        return len(self.sample_ids)
+
+    def check(self, *, vocab_size=None, num_samples=None, temperature=None, seq_len=None, fingerprint=None, teacher=None):
+        """Refuse a cache built for other settings or other data, naming what differs."""
+        wanted = dict(vocab_size=vocab_size, num_samples=num_samples, temperature=temperature, seq_len=seq_len,
+                      fingerprint=fingerprint, teacher=teacher)
+        for key, value in wanted.items():
+            if value is not None and self.manifest[key] != value:
+                what = "dataset or tokenizer" if key == "fingerprint" else key
+                raise ValueError(f"teacher cache was built with another {what} ({self.manifest[key]!r}; this run "
+                                 f"has {value!r}): use another --cache-dir, or delete it to rebuild")
+
+    def batch(self, indices):
+        """Targets of cached samples -> (ids, weights), both [B, L-1, U'] (U': most distinct ids of any position)."""
+        entries = []
+        for i in indices:
+            shard = bisect.bisect_right(self._first, i) - 1
+            j = i - self._first[shard]
+            start, end = self._offsets[shard][j:j + 2]
+            entries.append(self._files[shard].get_slice("entries")[start:end])
+        ids, counts = unpack_entries(torch.cat(entries), self.count_bits)                   # [M]
+        positions = len(indices) * self.positions_per_sample
+        row = (counts.cumsum(0) - 1) // self.num_samples      # each position's counts sum to U: [M] -> position
+        per_position = torch.bincount(row, minlength=positions)                              # [B (L-1)]
+        col = torch.arange(len(row)) - (per_position.cumsum(0) - per_position)[row]
+        width = max(int(per_position.max()), 1)
+        out_ids = torch.zeros(positions, width, dtype=torch.long).index_put_((row, col), ids)
+        weights = torch.zeros(positions, width).index_put_((row, col), counts / self.num_samples)
+        return out_ids.view(len(indices), -1, width), weights.view(len(indices), -1, width)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} is outside the cache's {len(self)} samples")
+        ids, weights = self.batch([i])
+        return ids[0], weights[0]
+
+
+# =============================================================================================
+# 6. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations)
+# =============================================================================================
+
+def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
 
     Per position: (1 - ce_weight) * KL + ce_weight * CE(next token); mean over each sample's selected
     positions, then over the samples that have any. Each backbone runs once; the LM heads run only on
-    the selected rows: the teacher's without grad, the student's with grad.
+    the selected rows: the teacher's without grad, the student's with grad. With cached sparse targets
+    (ids, weights) [B, L-1, U'] the KL is sparse_kl on them and teacher may be None; positions are
+    still chosen by the student's entropy.
     """
     vocab = cfg.vocab_size
+    if cfg.ce_weight < 1 and teacher is None and targets is None:
+        raise ValueError("KD needs a teacher or cached targets; only ce_weight = 1 trains without either")
     if teacher is not None and vocab is None and head_size(teacher) != head_size(student):
         raise ValueError(f"teacher and student heads have different vocabulary sizes ({head_size(teacher)} vs "
                          f"{head_size(student)}): KD needs one shared vocabulary. If they differ only by padding rows, "
@@ -174,17 +406,22 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg):
 
     per_position = 0.0
     stats = {}
-    if cfg.ce_weight < 1:
+    if cfg.ce_weight < 1 and targets is not None:
+        kl = sparse_kl(student_logits, targets[0][rows], targets[1][rows], cfg.temperature)
+    elif cfg.ce_weight < 1:
         t_device = teacher.device
         with torch.no_grad():
             h_teacher = hidden_states(teacher, input_ids.to(t_device), attention_mask.to(t_device))
             t_rows = tuple(r.to(t_device) for r in rows)
             teacher_logits = lm_head(teacher, vocab)(h_teacher[:, :-1][t_rows]).to(student_logits.device)
             del h_teacher
-        if cfg.top_k_classes is None:
-            kl = full_kl(student_logits, teacher_logits, cfg.temperature)
-        else:
+        if cfg.class_samples is not None:
+            kl = sparse_kl(student_logits, *sample_classes(teacher_logits, cfg.class_samples, cfg.temperature), cfg.temperature)
+        elif cfg.top_k_classes is not None:
             kl = topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
+        else:
+            kl = full_kl(student_logits, teacher_logits, cfg.temperature)
+    if cfg.ce_weight < 1:
         per_position = (1 - cfg.ce_weight) * kl
         stats["kl"] = kl.detach().mean()
     if cfg.ce_weight > 0:
@@ -207,7 +444,7 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg):
 
 
 # =============================================================================================
-# 5. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper Sec. 4: 512)
+# 7. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper: 512)
 # =============================================================================================
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -274,16 +511,20 @@ def split_blocks(blocks, val_fraction):
 
 
 # =============================================================================================
-# 6. Training loop (paper Sec. 4: AdamW, lr 1e-5 constant, grad-norm clip 1.0)
+# 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0)
 # =============================================================================================
 
 POSITION_POLICIES = ("all", "top", "random")
-# Each method is a preset of the position axis; flags given explicitly override the preset.
+# Each method is a preset of the three axes; flags given explicitly override it, so the paper's
+# ablations are one command (SE-KD + TopSmp: --method sekd --ell 0.2).
 PRESETS = {
-    "ce": dict(positions="all", ce_weight=1.0),
-    "full": dict(positions="all"),
-    "random": dict(positions="random"),
-    "sekd": dict(positions="top"),
+    "ce": dict(positions="all", ce_weight=1.0),                          # no teacher in the loss
+    "full": dict(positions="all"),                                        # Full KD
+    "random": dict(positions="random"),                                   # RandomPos k%
+    "sekd": dict(positions="top"),                                        # SE-KD: top-k% student entropy
+    "rskd": dict(positions="all", class_samples=64),                      # RS-KD: U sampled classes
+    "topsmp": dict(positions="all", ell=0.2),                             # top-l% samples by student entropy
+    "sekd3x": dict(positions="top", class_samples=64, ell=0.2),           # all three, from the offline cache
 }
 
 
@@ -294,12 +535,16 @@ def option(default, help):
 @dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction."""
-    method: str = option("sekd", "preset: ce (next-token CE only), full (Full KD), random (RandomPos k%), sekd (SE-KD)")
+    method: str = option("sekd", "preset of the axes: ce, full, random, sekd, rskd, topsmp, sekd3x (see README)")
     positions: Optional[str] = option(None, "position policy: all, top (student entropy) or random; default: from --method")
     k: float = option(0.2, "share of each sample's valid positions supervised, in (0, 1] (paper: 0.2)")
     temperature: float = option(1.0, "softmax temperature T of both models in the KL; the KL is scaled by T^2 (paper: 1)")
     ce_weight: float = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0, pure forward KL)")
     top_k_classes: Optional[int] = option(None, "KL over the teacher's top-K classes plus a tail bucket (default: all classes)")
+    class_samples: Optional[int] = option(None, "RS-KD: U classes drawn from the teacher per position (paper: 64); default: from --method")
+    ell: Optional[float] = option(None, "share l of training samples kept by the frozen student's entropy, in (0, 1] (paper: 0.2)")
+    cache_dir: Optional[str] = option(None, "offline teacher cache: built here when absent, then trained from (sekd3x: OUT_DIR/teacher_cache)")
+    cache_shard_size: int = option(256, "samples per cache shard")
     vocab_size: Optional[int] = option(None, "distill over the first V ids only; set automatically when heads differ by padding")
     chunk_size: int = option(1024, "rows per chunk when scoring positions by entropy (memory vs speed)")
     teacher: Optional[str] = option(None, "teacher: a Hugging Face causal-LM name or local directory")
@@ -329,18 +574,25 @@ class Config:
         for name, value in PRESETS[self.method].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.ce_weight is None:
-            self.ce_weight = 0.0
+        self.ce_weight = 0.0 if self.ce_weight is None else self.ce_weight
+        self.ell = 1.0 if self.ell is None else self.ell
+        if self.method == "sekd3x" and self.cache_dir is None:
+            self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
         checks = [
             (self.positions in POSITION_POLICIES, f"positions must be one of {POSITION_POLICIES}"),
             (0 < self.k <= 1, "k (share of positions) must be in (0, 1], e.g. 0.2"),
             (0 <= self.ce_weight <= 1, "ce_weight must be in [0, 1]"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.top_k_classes is None or self.top_k_classes >= 1, "top_k_classes must be >= 1 (or None for all)"),
+            (self.class_samples is None or self.class_samples >= 1, "class_samples must be >= 1 (or None)"),
+            (self.top_k_classes is None or self.class_samples is None, "choose top_k_classes or class_samples, not both"),
+            (0 < self.ell <= 1, "ell (share of samples) must be in (0, 1], e.g. 0.2"),
+            (self.cache_dir is None or self.class_samples is not None,
+             "the teacher cache stores sampled classes: set class_samples (e.g. 64) with cache_dir"),
             (self.seq_len >= 2, "seq_len must be >= 2: a block needs one position with a next token"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (min(self.batch_size, self.grad_accum, self.chunk_size, self.epochs) >= 1,
-             "batch_size, grad_accum, chunk_size and epochs must be >= 1"),
+            (min(self.batch_size, self.grad_accum, self.chunk_size, self.epochs, self.cache_shard_size) >= 1,
+             "batch_size, grad_accum, chunk_size, epochs and cache_shard_size must be >= 1"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
         ]
         for ok, message in checks:
@@ -377,15 +629,47 @@ def load_model(name, device, dtype):
     return model.to(device)
 
 
-def shared_vocab_size(teacher, student, tokenizer):
-    """None when both heads have one size; len(tokenizer) when they differ only by padding rows beyond it."""
-    v_teacher, v_student = head_size(teacher), head_size(student)
+def shared_vocab_size(v_teacher, v_student, tokenizer_len):
+    """None when both heads have one size; tokenizer_len when they differ only by padding rows beyond it."""
     if v_teacher == v_student:
         return None
-    if min(v_teacher, v_student) >= len(tokenizer):
-        return len(tokenizer)
+    if min(v_teacher, v_student) >= tokenizer_len:
+        return tokenizer_len
     raise ValueError(f"teacher vocabulary {v_teacher} and student vocabulary {v_student} differ beyond padding "
-                     f"(tokenizer has {len(tokenizer)} ids): KD needs teacher and student from one tokenizer family")
+                     f"(tokenizer has {tokenizer_len} ids): KD needs teacher and student from one tokenizer family")
+
+
+def choose_samples(cfg, student, blocks):
+    """Sample axis: indices of the training blocks to distill. One no-grad pass of the initial student
+    scores them; the choice is saved in out_dir and reused by a rerun on the same data."""
+    if cfg.ell >= 1:
+        return torch.arange(len(blocks))
+    path = os.path.join(cfg.out_dir, "sample_selection.json")
+    key = {"student": cfg.student, "ell": cfg.ell, "fingerprint": fingerprint(blocks)}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return torch.tensor(saved["kept"])
+    student.eval()
+    kept = select_samples(sample_entropy(student, blocks, cfg.batch_size, cfg.chunk_size, cfg.vocab_size), cfg.ell)
+    student.train()
+    write_json(path, {"key": key, "kept": kept.tolist()})
+    return kept
+
+
+def open_cache(cfg, student, blocks, tokenizer_len):
+    """Open cfg.cache_dir and check it was built for this run's data and settings; sets cfg.vocab_size."""
+    cache = TeacherCache(cfg.cache_dir)
+    if cfg.vocab_size is None:
+        cfg.vocab_size = shared_vocab_size(cache.manifest["vocab_size"], head_size(student), tokenizer_len)
+    if max(cache.sample_ids, default=-1) >= len(blocks):
+        raise ValueError(f"teacher cache {cfg.cache_dir} indexes samples beyond this dataset's {len(blocks)} training "
+                         "blocks: it was built on other data; use another --cache-dir or delete it")
+    cache.check(vocab_size=cfg.vocab_size or head_size(student), num_samples=cfg.class_samples,
+                temperature=cfg.temperature, seq_len=cfg.seq_len, teacher=cfg.teacher,
+                fingerprint=fingerprint(blocks[cache.sample_ids]))
+    return cache
 
 
 @torch.no_grad()
@@ -473,34 +757,69 @@ def train(cfg):
     train_blocks, val_blocks = split_blocks(pack_blocks(documents, tokenizer, cfg.seq_len, cfg.text_column), cfg.val_fraction)
 
     student = load_model(cfg.student, device, torch.float32).train()
-    teacher = None
-    if cfg.teacher is not None:
-        teacher_dtype = torch.bfloat16 if teacher_device.type == "cuda" else torch.float32
-        teacher = load_model(cfg.teacher, teacher_device, teacher_dtype).eval().requires_grad_(False)
-        if cfg.vocab_size is None:
-            cfg.vocab_size = shared_vocab_size(teacher, student, tokenizer)
+    teacher_dtype = torch.bfloat16 if teacher_device.type == "cuda" else torch.float32
+
+    def load_teacher():
+        return load_model(cfg.teacher, teacher_device, teacher_dtype).eval().requires_grad_(False)
+
+    teacher, cache, info = None, None, {}
+    if cfg.cache_dir is not None and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
+        cache = open_cache(cfg, student, train_blocks, len(tokenizer))  # reuse: no pre-pass, no teacher
+        kept = torch.tensor(cache.sample_ids, dtype=torch.long)
+    else:
+        if cfg.teacher is not None:
+            teacher = load_teacher()
+            if cfg.vocab_size is None:
+                cfg.vocab_size = shared_vocab_size(head_size(teacher), head_size(student), len(tokenizer))
+        kept = choose_samples(cfg, student, train_blocks)
+        if cfg.cache_dir is not None:
+            build_start = time.time()
+            build_cache(teacher, train_blocks[kept], cfg.cache_dir, num_samples=cfg.class_samples,
+                        temperature=cfg.temperature, batch_size=cfg.batch_size, sample_ids=kept,
+                        teacher_name=cfg.teacher, vocab_size=cfg.vocab_size or head_size(teacher),
+                        shard_size=cfg.cache_shard_size, chunk_size=cfg.chunk_size, seed=cfg.seed)
+            info["cache_build_s"] = time.time() - build_start
+            teacher = None  # the student trains without the teacher in memory
+            cache = TeacherCache(cfg.cache_dir)
+    if cache is not None:
+        data_bytes = cache.manifest["data_bytes"]
+        info.update(cache_bytes_per_position=data_bytes / cache.manifest["positions"],
+                    cache_bytes_per_token=data_bytes / train_blocks.numel(),
+                    paper_budget_bytes_per_position=3 * cfg.class_samples,
+                    paper_budget_bytes_per_token=3 * cfg.class_samples * cfg.ell)
+        print(f"teacher cache {cfg.cache_dir}: {data_bytes} bytes, {info['cache_bytes_per_position']:.1f} B per cached "
+              f"position (paper budget 3U = {3 * cfg.class_samples}), {info['cache_bytes_per_token']:.2f} B per training "
+              f"token (paper budget 3Ul = {3 * cfg.class_samples * cfg.ell:.1f})", file=sys.stderr)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    micro_per_epoch = math.ceil(len(train_blocks) / cfg.batch_size)
+    micro_per_epoch = math.ceil(len(kept) / cfg.batch_size)
     total_steps = cfg.epochs * micro_per_epoch // cfg.grad_accum
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     if total_steps < 1:
-        raise ValueError(f"{len(train_blocks)} training blocks make no full optimizer step of "
+        raise ValueError(f"{len(kept)} training blocks make no full optimizer step of "
                          f"{cfg.batch_size} x {cfg.grad_accum} blocks: lower --batch-size or --grad-accum")
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = (batch for _ in range(cfg.epochs)
-               for batch in torch.randperm(len(train_blocks), generator=generator).split(cfg.batch_size))
+    batches = (batch for _ in range(cfg.epochs)  # positions in kept (= indices into the cache)
+               for batch in torch.randperm(len(kept), generator=generator).split(cfg.batch_size))
+
+    def run_eval():  # with a cache the teacher is loaded for evaluation only
+        eval_teacher = teacher if teacher is not None or cfg.teacher is None else load_teacher()
+        return evaluate(student, eval_teacher, val_blocks, cfg, cfg.eval_batches)
     pin = device.type == "cuda"
     history, evals, tokens, train_start = [], [], 0, time.time()
     bar = tqdm(range(total_steps), desc=cfg.method, dynamic_ncols=True)
     for step in bar:
         totals = {}
         for _ in range(cfg.grad_accum):
-            ids = train_blocks[next(batches)]
+            batch = next(batches)
+            ids = train_blocks[kept[batch]]
             ids = (ids.pin_memory() if pin else ids).to(device, non_blocking=True)
+            targets = None
+            if cache is not None:
+                targets = tuple((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in cache.batch(batch.tolist()))
             with autocast(device):
-                loss, stats = distill_loss(student, teacher, ids, torch.ones_like(ids), cfg)
+                loss, stats = distill_loss(student, teacher, ids, torch.ones_like(ids), cfg, targets)
             (loss / cfg.grad_accum).backward()
             tokens += ids.numel()
             for name, value in stats.items():
@@ -512,11 +831,11 @@ def train(cfg):
         bar.set_postfix(loss=f"{totals['loss']:.3f}", sel=f"{totals['share']:.0%}",
                         tok_s=f"{tokens / (time.time() - train_start):.0f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-            evals.append({"step": step + 1, **evaluate(student, teacher, val_blocks, cfg, cfg.eval_batches)})
+            evals.append({"step": step + 1, **run_eval()})
             bar.write(f"step {step + 1}: {evals[-1]}")
     train_time = time.time() - train_start
 
-    final = evaluate(student, teacher, val_blocks, cfg, cfg.eval_batches)
+    final = run_eval()
     evals.append({"step": total_steps, **final})
     save_student(student, tokenizer, cfg.out_dir)
     last = history[-max(1, len(history) // 10):]  # the last 10% of steps
@@ -525,6 +844,7 @@ def train(cfg):
         "train_loss": sum(h["loss"] for h in last) / len(last),
         "share_supervised": sum(h["share"] for h in history) / len(history),
         "steps": total_steps, "train_tokens": tokens, "train_blocks": len(train_blocks), "val_blocks": len(val_blocks),
+        "distilled_blocks": len(kept), **info,
         "tokens_per_s": tokens / train_time, "train_time_s": train_time, "wall_time_s": time.time() - start_time,
         "peak_memory_mb": peak_memory_mb(device), "device": str(device), "evals": evals,
     }
@@ -533,7 +853,7 @@ def train(cfg):
 
 
 # =============================================================================================
-# 7. Command line
+# 9. Command line
 # =============================================================================================
 
 def parse_config(argv=None):
