@@ -644,7 +644,33 @@ def test_train_refuses_bad_inputs_before_work(saved_models, tmp_path):
 
 
 # ============================================================================================
-# 9. Command line
+# 9. Benchmark (not timed: it checks that the benchmark runs and reports well-formed numbers)
+# ============================================================================================
+
+def test_bench_runs_at_toy_size_and_ends_with_one_json_line(capsys):
+    sekd.main(["bench", "--device", "cpu", "--shape", "toy", "--steps", "1", "--warmup", "0", "--same-process"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert (report["device"].startswith("cpu"), report["shape"]) == (True, "toy")
+    assert list(report["results"]) == ["ce", "full_dense", "full", "sekd", "sekd3x"]
+    for numbers in report["results"].values():
+        assert numbers["step_ms"] > 0 and numbers["peak_mb"] > 0 and numbers["tokens_per_s"] > 0
+    assert report["results"]["sekd3x"]["cache_read_ms"] > 0
+    assert report["cache"]["cache_build_ms"] > 0 and report["cache"]["teacher_forward_ms"] > 0
+    assert any(line.startswith("sekd3x") for line in lines[:-1])  # the table precedes the JSON
+
+
+def test_bench_measures_one_method_in_a_fresh_process():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, sekd.__file__, "bench", "--only", "sekd", "--device", "cpu", "--shape", "toy",
+                           "--steps", "1", "--warmup", "0"], capture_output=True, text=True, check=True)
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(numbers) == {"step_ms", "peak_mb", "tokens_per_s"} and numbers["peak_mb"] > 0
+
+
+# ============================================================================================
+# 10. Command line
 # ============================================================================================
 
 def test_command_line_parses_every_field_with_help(capsys):
