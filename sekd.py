@@ -5,7 +5,8 @@ Distill a teacher p into a student q on the positions where the student is most 
 position by the student's entropy H(q_t), keep the top k% of each sample, and compute the KD loss there only.
 Because the score needs no teacher output, both language-model heads run on the selected rows alone.
 
-Read top to bottom: scores, position axis, class axis, the loss, data, training loop, command line.
+Read top to bottom: scores, position axis, class axis, sample axis, offline teacher cache, the loss,
+data, training loop, benchmark, command line.
 Shapes: B batch, L sequence length, H hidden size, V vocabulary, N selected positions.
 """
 
@@ -446,24 +447,24 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None)
     rows = selected.nonzero(as_tuple=True)                                    # N selected (sample, position)
     student_logits = student_head(h_student[rows])                           # [N, V]
 
-    per_position = 0.0
-    stats = {}
-    if cfg.ce_weight < 1 and targets is not None:
-        kl = sparse_kl(student_logits, targets[0][rows], targets[1][rows], cfg.temperature)
-    elif cfg.ce_weight < 1:
-        t_device = teacher.device
-        with torch.no_grad():
-            h_teacher = hidden_states(teacher, input_ids.to(t_device), attention_mask.to(t_device))
-            t_rows = tuple(r.to(t_device) for r in rows)
-            teacher_logits = lm_head(teacher, vocab)(h_teacher[:, :-1][t_rows]).to(student_logits.device)
-            del h_teacher
-        if cfg.class_samples is not None:
-            kl = sparse_kl(student_logits, *sample_classes(teacher_logits, cfg.class_samples, cfg.temperature), cfg.temperature)
-        elif cfg.top_k_classes is not None:
-            kl = topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
-        else:
-            kl = full_kl(student_logits, teacher_logits, cfg.temperature)
+    per_position, stats = 0.0, {}
     if cfg.ce_weight < 1:
+        if targets is not None:  # SE-KD 3X: sparse teacher targets read from the cache
+            kl = sparse_kl(student_logits, targets[0][rows], targets[1][rows], cfg.temperature)
+        else:
+            t_device = teacher.device
+            with torch.no_grad():
+                h_teacher = hidden_states(teacher, input_ids.to(t_device), attention_mask.to(t_device))
+                t_rows = tuple(r.to(t_device) for r in rows)
+                teacher_logits = lm_head(teacher, vocab)(h_teacher[:, :-1][t_rows]).to(student_logits.device)
+                del h_teacher
+            if cfg.class_samples is not None:  # RS-KD, sampled online
+                ids, weights = sample_classes(teacher_logits, cfg.class_samples, cfg.temperature)
+                kl = sparse_kl(student_logits, ids, weights, cfg.temperature)
+            elif cfg.top_k_classes is not None:
+                kl = topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
+            else:
+                kl = full_kl(student_logits, teacher_logits, cfg.temperature, cfg.chunk_size)
         per_position = (1 - cfg.ce_weight) * kl
         stats["kl"] = kl.detach().mean()
     if cfg.ce_weight > 0:
@@ -822,6 +823,9 @@ def train(cfg):
                         shard_size=cfg.cache_shard_size, chunk_size=cfg.chunk_size, seed=cfg.seed)
             info["cache_build_s"] = time.time() - build_start
             teacher = None  # the student trains without the teacher in memory
+            if device.type == "cuda":  # so that peak_memory_mb reports training, not building
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             cache = TeacherCache(cfg.cache_dir)
     if cache is not None:
         data_bytes = cache.manifest["data_bytes"]
@@ -875,7 +879,7 @@ def train(cfg):
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
             evals.append({"step": step + 1, **run_eval()})
             bar.write(f"step {step + 1}: {evals[-1]}")
-    train_time = time.time() - train_start
+    train_time, train_peak_mb = time.time() - train_start, peak_memory_mb(device)
 
     final = run_eval()
     evals.append({"step": total_steps, **final})
@@ -888,7 +892,7 @@ def train(cfg):
         "steps": total_steps, "train_tokens": tokens, "train_blocks": len(train_blocks), "val_blocks": len(val_blocks),
         "distilled_blocks": len(kept), **info,
         "tokens_per_s": tokens / train_time, "train_time_s": train_time, "wall_time_s": time.time() - start_time,
-        "peak_memory_mb": peak_memory_mb(device), "device": str(device), "evals": evals,
+        "peak_memory_mb": train_peak_mb, "device": str(device), "evals": evals,
     }
     write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
     return metrics
