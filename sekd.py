@@ -580,16 +580,16 @@ class Config:
     """Every knob of a run, named as in the paper; validated on construction."""
     method: str = option("sekd", "preset of the axes: ce, full, random, sekd, rskd, topsmp, sekd3x (see README)")
     positions: Optional[str] = option(None, "position policy: all, top (student entropy) or random; default: from --method")
-    k: float = option(0.2, "share of each sample's valid positions supervised, in (0, 1] (paper: 0.2)")
+    k: float = option(0.2, "share of each sample's valid positions supervised by top/random, in (0, 1] (paper: 0.2)")
     temperature: float = option(1.0, "softmax temperature T of both models in the KL; the KL is scaled by T^2 (paper: 1)")
-    ce_weight: float = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0, pure forward KL)")
+    ce_weight: Optional[float] = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0, pure forward KL; ce: 1)")
     top_k_classes: Optional[int] = option(None, "KL over the teacher's top-K classes plus a tail bucket (default: all classes)")
     class_samples: Optional[int] = option(None, "RS-KD: U classes drawn from the teacher per position (paper: 64); default: from --method")
     ell: Optional[float] = option(None, "share l of training samples kept by the frozen student's entropy, in (0, 1] (paper: 0.2)")
     cache_dir: Optional[str] = option(None, "offline teacher cache: built here when absent, then trained from (sekd3x: OUT_DIR/teacher_cache)")
     cache_shard_size: int = option(256, "samples per cache shard")
     vocab_size: Optional[int] = option(None, "distill over the first V ids only; set automatically when heads differ by padding")
-    chunk_size: int = option(1024, "rows per chunk when scoring positions by entropy (memory vs speed)")
+    chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in entropy, KL and evaluation (memory vs speed)")
     teacher: Optional[str] = option(None, "teacher: a Hugging Face causal-LM name or local directory")
     student: Optional[str] = option(None, "student: a Hugging Face causal-LM name or local directory")
     data: Optional[str] = option(None, "training text: a hub dataset name, a .txt/.json/.jsonl/.parquet file or a directory")
@@ -622,25 +622,25 @@ class Config:
         if self.method == "sekd3x" and self.cache_dir is None:
             self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
         checks = [
-            (self.positions in POSITION_POLICIES, f"positions must be one of {POSITION_POLICIES}"),
-            (0 < self.k <= 1, "k (share of positions) must be in (0, 1], e.g. 0.2"),
-            (0 <= self.ce_weight <= 1, "ce_weight must be in [0, 1]"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (self.top_k_classes is None or self.top_k_classes >= 1, "top_k_classes must be >= 1 (or None for all)"),
-            (self.class_samples is None or self.class_samples >= 1, "class_samples must be >= 1 (or None)"),
+            (self.positions in POSITION_POLICIES, f"positions must be one of {POSITION_POLICIES}, got {self.positions!r}"),
+            (0 < self.k <= 1, f"k (share of positions) must be in (0, 1], e.g. 0.2; got {self.k}"),
+            (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1]; got {self.ce_weight}"),
+            (self.temperature > 0, f"temperature must be > 0; got {self.temperature}"),
+            (self.top_k_classes is None or self.top_k_classes >= 1, f"top_k_classes must be >= 1; got {self.top_k_classes}"),
+            (self.class_samples is None or self.class_samples >= 1, f"class_samples must be >= 1; got {self.class_samples}"),
             (self.top_k_classes is None or self.class_samples is None, "choose top_k_classes or class_samples, not both"),
-            (0 < self.ell <= 1, "ell (share of samples) must be in (0, 1], e.g. 0.2"),
+            (0 < self.ell <= 1, f"ell (share of samples) must be in (0, 1], e.g. 0.2; got {self.ell}"),
             (self.cache_dir is None or self.class_samples is not None,
              "the teacher cache stores sampled classes: set class_samples (e.g. 64) with cache_dir"),
-            (self.seq_len >= 2, "seq_len must be >= 2: a block needs one position with a next token"),
-            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.seq_len >= 2, f"seq_len must be >= 2 (a block needs one position with a next token); got {self.seq_len}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1); got {self.val_fraction}"),
             (min(self.batch_size, self.grad_accum, self.chunk_size, self.epochs, self.cache_shard_size) >= 1,
              "batch_size, grad_accum, chunk_size, epochs and cache_shard_size must be >= 1"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"{message} (got {self})")
+                raise ValueError(message)
 
     @property
     def needs_teacher(self):
@@ -949,8 +949,7 @@ def bench_one(method, shape, device, batch, seq, steps, warmup, cache_dir):
         teacher = bench_model(shape, "teacher").to(device, teacher_dtype).eval().requires_grad_(False)
     if method == "sekd3x":
         cache = TeacherCache(cache_dir)
-    cfg = Config(method={"ce": "ce", "full": "full", "sekd": "sekd", "sekd3x": "sekd", "full_dense": "full"}[method],
-                 class_samples=64 if method == "sekd3x" else None)
+    cfg = Config(method="full" if method == "full" else "sekd", class_samples=64 if method == "sekd3x" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     times, read_times = [], []
     for step in range(warmup + steps):
@@ -1089,7 +1088,10 @@ def parse_config(argv=None):
         choices = list(PRESETS) if f.name == "method" else POSITION_POLICIES if f.name == "positions" else None
         parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default, choices=choices,
                             help=f.metadata["help"].replace("%", "%%"))
-    return Config(**vars(parser.parse_args(argv)))
+    try:
+        return Config(**vars(parser.parse_args(argv)))
+    except ValueError as err:
+        parser.error(str(err))  # exits with the usage line and the message
 
 
 def main(argv=None):

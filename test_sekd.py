@@ -683,3 +683,6 @@ def test_command_line_parses_every_field_with_help(capsys):
         assert "--" + f.name.replace("_", "-") in help_text
     with pytest.raises(SystemExit):
         sekd.parse_config(["--method", "best"])
+    with pytest.raises(SystemExit):
+        sekd.parse_config(["--k", "0"])
+    assert "k (share of positions) must be in (0, 1]" in capsys.readouterr().err
