@@ -706,6 +706,9 @@ def open_cache(cfg, student, blocks, tokenizer_len):
     cache = TeacherCache(cfg.cache_dir)
     if cfg.vocab_size is None:
         cfg.vocab_size = shared_vocab_size(cache.manifest["vocab_size"], head_size(student), tokenizer_len)
+    if len(cache) != budget(len(blocks), cfg.ell):
+        raise ValueError(f"teacher cache {cfg.cache_dir} holds {len(cache)} samples, but l = {cfg.ell} keeps "
+                         f"{budget(len(blocks), cfg.ell)} of {len(blocks)}: use another --cache-dir, or delete it to rebuild")
     if max(cache.sample_ids, default=-1) >= len(blocks):
         raise ValueError(f"teacher cache {cfg.cache_dir} indexes samples beyond this dataset's {len(blocks)} training "
                          "blocks: it was built on other data; use another --cache-dir or delete it")

@@ -605,6 +605,8 @@ def test_sekd3x_builds_a_cache_then_reuses_it_without_teacher_or_pre_pass(saved_
         sekd.train(sekd.Config(**{**base, "temperature": 2.0}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
     with pytest.raises(ValueError, match="built with another num_samples"):
         sekd.train(sekd.Config(**{**base, "class_samples": 8}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
+    with pytest.raises(ValueError, match="holds .* samples, but l = 0.5"):
+        sekd.train(sekd.Config(**{**base, "ell": 0.5}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
 
 
 def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatch):
