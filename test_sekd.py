@@ -345,6 +345,18 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
     return torch.stack(per_sample).mean()
 
 
+def assert_same_value_and_gradient(student, loss, want):
+    """loss (selective path) equals want (dense float64 reference) in value and in every parameter's gradient."""
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
+    for got_g, want_g in zip(grads, want_grads):
+        if want_g is None:
+            assert got_g is None or got_g.abs().max() == 0
+        else:
+            torch.testing.assert_close(got_g, want_g.float(), atol=1e-5, rtol=1e-3)
+
+
 LOSS_CASES = [
     dict(method="sekd", k=0.3),
     dict(method="sekd", k=1.0, temperature=2.0, ce_weight=0.3),
@@ -360,15 +372,7 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     student, teacher = tiny_model(family, seed=0), tiny_model(family, hidden=48, seed=1)
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
-    want = dense_reference_loss(student, teacher, ids, mask, cfg)
-    want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
-    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
-    for got_g, want_g in zip(grads, want_grads):
-        if want_g is None:
-            assert got_g is None or got_g.abs().max() == 0
-        else:
-            torch.testing.assert_close(got_g, want_g, atol=1e-5, rtol=1e-3)
+    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
     n_valid = int((mask[:, :-1] * mask[:, 1:]).sum())
     assert stats["valid"] == n_valid and 0 < stats["selected"] <= n_valid
 
@@ -383,13 +387,7 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
         t_logits = teacher(input_ids=ids).logits[:, :-1]
     targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16, temperature))
     loss, _ = sekd.distill_loss(student, None, ids, mask, cfg, targets=targets)
-    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
-    want = dense_reference_loss(student, None, ids, mask, cfg, targets)
-    want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
-    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
-    for got_g, want_g in zip(grads, want_grads):
-        if want_g is not None:
-            torch.testing.assert_close(got_g, want_g.float(), atol=1e-5, rtol=1e-3)
+    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, None, ids, mask, cfg, targets))
 
 
 def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
