@@ -4,6 +4,9 @@ independent reference (torch.distributions, float64, dense logits, exact fractio
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -18,17 +21,27 @@ VOCAB = 64
 
 
 def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+    import transformers
     torch.manual_seed(seed)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+                                         bos_token_id=0, eos_token_id=0)
     else:
-        cls = LlamaConfig if family == "llama" else Qwen3Config
+        cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
+               "cohere": transformers.CohereConfig, "gemma2": transformers.Gemma2Config}[family]
+        extra = dict(logit_scale=0.37) if family == "cohere" else dict(final_logit_softcapping=3.0) if family == "gemma2" else {}
         config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=64,
-                     tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, so dense and selective agree
+                     tie_word_embeddings=False, **extra)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout
+
+
+def sharpened(model, factor=20.0):
+    """The model with a scaled LM head: entropies that vary across positions far beyond float32 rounding,
+    so that rankings and z-scores do not hinge on the last bits."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
 
 
 def padded_batch(batch=3, length=12, vocab=VOCAB, seed=0):
@@ -48,6 +61,19 @@ def tiny_tokenizer(texts):
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
 
 
+def reference_signal(signal, s, t, y):
+    """Table 1's signals in float64 from torch.distributions, written independently of sekd."""
+    q, p = Categorical(logits=s.double()), Categorical(logits=t.double())
+    ce_q, ce_p = -q.log_prob(y), -p.log_prob(y)
+    plain = {"student_entropy": q.entropy(), "teacher_entropy": p.entropy(), "student_ce": ce_q, "teacher_ce": ce_p,
+             "kl": kl_divergence(p, q), "reverse_kl": kl_divergence(q, p),
+             "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR)}   # the documented floor of a near-zero teacher CE
+    if "+" not in signal:
+        return plain[signal]
+    z = lambda x: (x - x.mean()) / x.std(unbiased=False)
+    return sum(z(plain[part]) for part in signal.split("+"))
+
+
 # ============================================================================================
 # 1. Scores
 # ============================================================================================
@@ -62,6 +88,55 @@ def test_token_entropy_matches_categorical_in_float64(chunk_size):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("signal", sekd.SIGNALS)
+def test_position_scores_match_float64_reference(signal):
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(9, 40, generator=g) * 2, torch.randn(9, 40, generator=g) * 3
+    y = torch.randint(0, 40, (9,), generator=g)
+    got = sekd.position_scores(signal, s, t, y)
+    assert got.shape == (9,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference_signal(signal, s, t, y), atol=1e-4, rtol=1e-4)
+
+
+def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
+    s, y = torch.randn(6, 20), torch.randint(0, 20, (6,))
+    t = s.clone()   # teacher = student: KL is 0 at every position
+    got = sekd.position_scores("kl+student_entropy", s, t, y)
+    torch.testing.assert_close(got, sekd.standardize(sekd.position_scores("student_entropy", s)), atol=1e-5, rtol=0)
+
+
+def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
+    s, t, y = torch.zeros(1, 10), torch.full((1, 10), -1e4), torch.tensor([3])
+    t[0, 3] = 1e4
+    got = sekd.position_scores("ce_ratio", s, t, y)
+    assert torch.isfinite(got).all() and got.item() == pytest.approx(math.log(10) / sekd.CE_FLOOR, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["cohere", "gemma2", "llama"])
+def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        hidden = sekd.hidden_states(model, ids)
+        torch.testing.assert_close(sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert sekd.lm_head(model, 50)(hidden).shape[-1] == 50
+
+
+@pytest.mark.parametrize("signal", ["student_entropy", "kl", "ce_ratio+student_entropy"])
+def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
+    student, teacher = sharpened(tiny_model("llama")), sharpened(tiny_model("llama", hidden=48, seed=1))
+    ids, mask = padded_batch()
+    valid = (mask[:, :-1] * mask[:, 1:]).bool()
+    with torch.no_grad():
+        h_s, h_t = sekd.hidden_states(student, ids, mask)[:, :-1], sekd.hidden_states(teacher, ids, mask)[:, :-1]
+        got = sekd.batch_scores(signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t, sekd.lm_head(teacher), 4)
+        s_all, t_all = sekd.lm_head(student)(h_s), sekd.lm_head(teacher)(h_t)
+    for b in range(3):
+        v = valid[b]
+        want = sekd.position_scores(signal, s_all[b][v], t_all[b][v], ids[b, 1:][v])
+        torch.testing.assert_close(got[b][v], want, atol=1e-4, rtol=1e-4)
+
+
 # ============================================================================================
 # 2. Position axis
 # ============================================================================================
@@ -70,10 +145,8 @@ def test_budget_is_exact_ceiling():
     assert sekd.budget(25, 0.28) == 7  # float arithmetic gives ceil(7.000000000000001) = 8
     for n in range(0, 60):
         for k in (0.01, 0.1, 0.2, 0.28, 1 / 3, 0.5, 0.7, 1.0):
-            want = math.ceil(Fraction(repr(k)) * n) if n else 0
-            want = max(want, 1) if n else 0
-            assert sekd.budget(n, k) == want, (n, k)
-            assert sekd.budget(torch.tensor([n]), k).item() == want
+            want = max(math.ceil(Fraction(repr(k)) * n), 1) if n else 0
+            assert sekd.budget(n, k) == want and sekd.budget(torch.tensor([n]), k).item() == want
 
 
 @pytest.mark.parametrize("k", [0.01, 0.2, 0.28, 0.5, 1.0])
@@ -89,12 +162,78 @@ def test_select_positions_against_brute_force(k):
         m = max(math.ceil(Fraction(repr(k)) * len(idx)), 1) if idx else 0
         want = sorted(idx, key=lambda t: -scores[row, t].item())[:m]
         assert sorted(got[row].nonzero().flatten().tolist()) == sorted(want)
-    assert got[1].sum() == math.ceil(Fraction(repr(k)) * 25)
 
 
 def test_select_positions_breaks_ties_to_earlier_positions():
     got = sekd.select_positions(torch.zeros(1, 10), torch.ones(1, 10, dtype=torch.bool), 0.3)
     assert got[0].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_gls_threshold_is_the_queue_quantile_and_counts_vary_per_sample():
+    queue = torch.arange(100.0)                # (1 - 0.2) quantile, linear interpolation: 0.8 * 99 = 79.2
+    gls = sekd.GlobalThreshold(size=100)
+    gls.queue = queue
+    scores = torch.tensor([[79.1, 79.3, 90.0, 10.0], [1.0, 2.0, 3.0, 4.0]])
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    got = gls.select(scores, valid, 0.2)
+    assert got.tolist() == [[False, True, True, False], [False, False, False, False]]
+
+
+def test_gls_falls_back_to_per_sample_top_k_while_its_queue_is_empty():
+    scores, valid = torch.randn(3, 10), torch.ones(3, 10, dtype=torch.bool)
+    assert torch.equal(sekd.GlobalThreshold().select(scores, valid, 0.3), sekd.select_positions(scores, valid, 0.3))
+
+
+def test_gls_queue_keeps_the_last_scores_first_in_first_out():
+    gls = sekd.GlobalThreshold(size=5)
+    gls.push(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[True, False, True]]))
+    gls.push(torch.tensor([[4.0, 5.0, 6.0, 7.0]]), torch.ones(1, 4, dtype=torch.bool))
+    assert gls.queue.tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+# 10 positions, windows of ceil(0.3 * 10) = 3 starting at round((10 - 3) * progress) in ascending-u order
+@pytest.mark.parametrize("progress,want", [(0.0, [0, 1, 2]), (0.5, [4, 5, 6]), (1.0, [7, 8, 9])])
+def test_curriculum_window_slides_from_lowest_to_highest_score(progress, want):
+    scores = torch.tensor([[9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])
+    order = scores[0].argsort().tolist()                                   # positions from lowest to highest u
+    got = sekd.curriculum_positions(scores, torch.ones(1, 10, dtype=torch.bool), 0.3, progress)
+    assert sorted(got[0].nonzero().flatten().tolist()) == sorted(order[i] for i in want)
+
+
+def rs_monte_carlo(unbiased, draws=40_000):
+    """Pos RS-KD weights drawn for `draws` copies of one sample whose u and l make q far from uniform."""
+    u = torch.tensor([0.1, 0.2, 4.0, 0.5, 1.0, 0.05])
+    theta = torch.tensor([0.3, -1.0, 0.8, 2.0, -0.4, 1.5], requires_grad=True)
+    losses = (theta - 0.5) ** 2                                             # l(t), differentiable in theta
+    weights = sekd.position_weights("pos_rs_unbiased" if unbiased else "pos_rs", u.expand(draws, -1),
+                                    torch.ones(draws, 6, dtype=torch.bool), 0.34)
+    per_draw = (weights * losses).sum(1)                                    # [draws] one sample's loss each
+    grads = weights * (2 * (theta - 0.5)).detach()                          # d loss / d theta per draw
+    q = u / u.sum()
+    return per_draw, grads, losses, q, theta
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_pos_rs_loss_has_the_expected_value_of_its_estimator(unbiased):
+    per_draw, grads, losses, q, theta = rs_monte_carlo(unbiased)
+    want = losses.mean() if unbiased else (q * losses).sum()               # Full KD, or Weighted KD
+    other = (q * losses).sum() if unbiased else losses.mean()
+    stderr = per_draw.std() / math.sqrt(len(per_draw))
+    assert abs(per_draw.mean() - want) < 5 * stderr and abs(per_draw.mean() - other) > 20 * stderr
+
+
+def test_pos_rs_unbiased_gradient_averages_to_the_full_kd_gradient():
+    per_draw, grads, losses, q, theta = rs_monte_carlo(True)
+    want = torch.autograd.grad(losses.mean(), theta)[0]
+    stderr = grads.std(0) / math.sqrt(len(grads))
+    assert ((grads.mean(0) - want).abs() < 5 * stderr + 1e-6).all()
+
+
+def test_pos_rs_draws_the_budget_from_valid_positions_only():
+    valid = torch.tensor([[True, True, False, True, True, True, True, True, True, True]])
+    weights = sekd.position_weights("pos_rs", torch.rand(1, 10), valid, 0.3)
+    assert weights[0, 2] == 0 and weights.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(weights * 3, (weights * 3).round())    # ceil(0.3 * 9) = 3 draws: counts / 3
 
 
 # ============================================================================================
@@ -122,6 +261,14 @@ def test_full_kl_matches_torch_distributions(temperature):
     torch.testing.assert_close(sekd.full_kl(s, t, temperature).double(), want * temperature ** 2, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
+    s, t = torch.randn(7, 30, requires_grad=True), torch.randn(7, 30)
+    sekd.full_kl(s, t, temperature, chunk_size=3).sum().backward()
+    want = temperature * ((s.detach().double() / temperature).softmax(-1) - (t.double() / temperature).softmax(-1))
+    torch.testing.assert_close(s.grad.double(), want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (5, 1.0), (5, 2.0), (39, 1.0)])
 def test_topk_class_kl_matches_float64_reference(top_k, temperature):
     s, t = torch.randn(5, 40), torch.randn(5, 40) * 3
@@ -130,46 +277,59 @@ def test_topk_class_kl_matches_float64_reference(top_k, temperature):
 
 
 def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
-    s, t = torch.randn(8, 30, requires_grad=True), torch.randn(8, 30) * 3
-    full = sekd.full_kl(s, t)
-    previous = torch.zeros(8)
+    s, t = torch.randn(8, 30), torch.randn(8, 30) * 3
+    full, previous = sekd.full_kl(s, t), torch.zeros(8)
     for top_k in range(1, 31):
         kl = sekd.topk_class_kl(s, t, top_k)
-        assert (kl >= -1e-6).all() and (kl <= full + 1e-5).all()
-        assert (kl >= previous - 1e-5).all()
+        assert (kl >= -1e-6).all() and (kl <= full + 1e-5).all() and (kl >= previous - 1e-5).all()
         previous = kl
     torch.testing.assert_close(previous, full, atol=1e-5, rtol=1e-5)
-    previous.sum().backward()  # at K = V the empty tail must not poison the gradient
+
+
+def test_topk_class_kl_has_a_finite_gradient_when_it_keeps_every_class():
+    s, t = torch.randn(4, 30, requires_grad=True), torch.randn(4, 30)
+    sekd.topk_class_kl(s, t, 30).sum().backward()
     assert torch.isfinite(s.grad).all()
-    assert sekd.topk_class_kl(t, t, 3).abs().max() < 1e-6  # zero when the student equals the teacher
 
 
-def test_sample_classes_gives_distinct_ids_and_unbiased_weights():
+def test_sample_classes_weights_are_unbiased_and_ids_distinct():
     teacher = torch.randn(1, 20) * 2
     p = (teacher.double() / 1.5).softmax(-1)[0]
     rows = 20_000  # one Monte Carlo draw per row
     ids, weights = sekd.sample_classes(teacher.expand(rows, -1), 8, temperature=1.5,
                                        generator=torch.Generator().manual_seed(0))
-    assert ids.shape == weights.shape and ids.shape[1] <= 8
+    assert ids.shape == weights.shape == (rows, 8)
     torch.testing.assert_close(weights.sum(-1), torch.ones(rows))
-    real = weights > 0
-    sorted_ids = ids.masked_fill(~real, -1).sort(-1).values
-    assert ((sorted_ids[:, 1:] != sorted_ids[:, :-1]) | (sorted_ids[:, 1:] < 0)).all()  # distinct real ids
+    real = ids.masked_fill(weights == 0, -1).sort(-1).values
+    assert ((real[:, 1:] != real[:, :-1]) | (real[:, 1:] < 0)).all()         # each id once per row
     dense = torch.zeros(rows, 20, dtype=torch.float64).scatter_add_(1, ids, weights.double())
-    mean, stderr = dense.mean(0), (p * (1 - p) / (8 * rows)).sqrt()
-    assert ((mean - p).abs() < 5 * stderr + 1e-6).all()
+    stderr = (p * (1 - p) / (8 * rows)).sqrt()
+    assert ((dense.mean(0) - p).abs() < 5 * stderr + 1e-6).all()
 
 
-def test_sparse_kl_matches_dense_formula_and_full_kl_at_exact_targets():
+def test_sample_classes_puts_each_id_at_the_slot_of_its_first_sorted_draw():
+    ids, weights = sekd.sample_classes(torch.randn(50, 30), 16, generator=torch.Generator().manual_seed(1))
+    counts = (weights * 16).round().long()
+    for row in range(50):
+        slots = counts[row].nonzero().flatten()
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), counts[row][slots].cumsum(0)[:-1]])
+        assert slots.tolist() == starts.tolist() and ids[row][slots].diff().gt(0).all()
+
+
+def test_sparse_kl_matches_the_dense_formula():
     s, t = torch.randn(4, 30), torch.randn(4, 30)
     ids, weights = sekd.sample_classes(t, 16, 2.0, torch.Generator().manual_seed(1))
     target = torch.zeros(4, 30, dtype=torch.float64).scatter_add_(1, ids, weights.double())
     log_q = (s.double() / 2.0).log_softmax(-1)
     want = (torch.xlogy(target, target) - target * log_q).sum(-1) * 4.0
     torch.testing.assert_close(sekd.sparse_kl(s, ids, weights, 2.0).double(), want, atol=1e-5, rtol=1e-5)
-    exact = (t / 2.0).softmax(-1)  # all classes with the teacher's own probabilities: the full KL
+
+
+def test_sparse_kl_with_the_teachers_exact_probabilities_is_the_full_kl():
+    s, t = torch.randn(4, 30), torch.randn(4, 30)
     all_ids = torch.arange(30).expand(4, -1)
-    torch.testing.assert_close(sekd.sparse_kl(s, all_ids, exact, 2.0), sekd.full_kl(s, t, 2.0), atol=1e-5, rtol=1e-5)
+    got = sekd.sparse_kl(s, all_ids, (t / 2.0).softmax(-1), 2.0)
+    torch.testing.assert_close(got, sekd.full_kl(s, t, 2.0), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -178,8 +338,7 @@ def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temp
     student, teacher = torch.randn(1, 25), torch.randn(1, 25) * 2
     full = torch.zeros(1, 25, requires_grad=True)
     sekd.full_kl(student + full, teacher, temperature).sum().backward()
-    draws = 20_000
-    shift = torch.zeros(1, 25, requires_grad=True)
+    draws, shift = 20_000, torch.zeros(1, 25, requires_grad=True)
     ids, weights = sekd.sample_classes(teacher.expand(draws, -1), 16, temperature, torch.Generator().manual_seed(2))
     sekd.sparse_kl((student + shift).expand(draws, -1), ids, weights, temperature).mean().backward()
     # The estimate's gradient is (q_T - w) T; its Monte Carlo error is T sqrt(p (1 - p) / (U draws)).
@@ -197,121 +356,23 @@ def test_select_samples_against_brute_force(ell):
     scores = torch.tensor([3.0, 1.0, 3.0, 2.0, 0.5] * 5)   # ties: the lower index wins
     got = sekd.select_samples(scores, ell)
     m = max(math.ceil(Fraction(repr(ell)) * 25), 1)
-    want = sorted(sorted(range(25), key=lambda i: (-scores[i].item(), i))[:m])
-    assert got.tolist() == want and got.dtype == torch.long
+    assert got.tolist() == sorted(sorted(range(25), key=lambda i: (-scores[i].item(), i))[:m])
+    assert got.dtype == torch.long
 
 
-def test_sample_entropy_is_the_mean_dense_student_entropy():
-    student = tiny_model("qwen3")
+@pytest.mark.parametrize("signal", ["student_entropy", "ce_ratio", "kl"])
+def test_sample_scores_are_the_mean_dense_signal(signal):
+    student, teacher = tiny_model("qwen3"), tiny_model("qwen3", hidden=48, seed=1)
     blocks = torch.randint(0, VOCAB, (5, 9))
-    got = sekd.sample_entropy(student, blocks, batch_size=2, chunk_size=4)
+    got = sekd.sample_scores(student, blocks, signal, teacher, batch_size=2, chunk_size=4)
     with torch.no_grad():
-        want = Categorical(logits=student(blocks).logits[:, :-1].double()).entropy().mean(1)
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+        s, t = student(blocks).logits[:, :-1], teacher(blocks).logits[:, :-1]
+    want = torch.stack([reference_signal(signal, s[i], t[i], blocks[i, 1:]).mean() for i in range(5)])
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 # ============================================================================================
-# 5. Offline teacher cache
-# ============================================================================================
-
-QWEN_VOCAB = 151_936
-
-
-def test_entry_layout_has_room_for_every_id():
-    assert sekd.entry_layout(QWEN_VOCAB, 64) == (18, 6, 3)   # 17 bits would wrap ids >= 131,072
-    assert sekd.entry_layout(131_072, 64) == (17, 6, 3)
-    assert sekd.entry_layout(50_257, 64) == (16, 6, 3)
-    assert sekd.entry_layout(300, 1) == (9, 0, 2)
-    ids = torch.tensor([0, 1, 2 ** 17 - 1, 2 ** 17, 2 ** 17 + 5, 150_000, QWEN_VOCAB - 1])
-    counts = torch.tensor([1, 64, 3, 17, 32, 2, 63])
-    packed = sekd.pack_entries(ids, counts, 6, 3)
-    assert packed.dtype == torch.uint8 and packed.shape == (7, 3)
-    got_ids, got_counts = sekd.unpack_entries(packed, 6)
-    assert got_ids.tolist() == ids.tolist() and got_counts.tolist() == counts.tolist()
-
-
-@pytest.fixture(scope="module")
-def qwen_teacher():
-    return tiny_model("qwen3", vocab=QWEN_VOCAB, hidden=16, layers=1, seed=3)
-
-
-def test_cache_round_trip_at_qwen_vocabulary(qwen_teacher, tmp_path):
-    ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
-    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3, batch_size=3,
-                                shard_size=2, sample_ids=[10, 11, 12], seed=5)
-    cache = sekd.TeacherCache(tmp_path / "c")
-    assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
-    with torch.no_grad():
-        logits = qwen_teacher(ids).logits[:, :-1]
-    seen_high = False
-    for i in range(3):
-        shard, j = divmod(i, 2)  # documented: shard s draws from seed * 1_000_003 + s, rows in order
-        if j == 0:
-            generator = torch.Generator().manual_seed(5 * 1_000_003 + shard)
-            want_ids, want_w = sekd.sample_classes(logits[2 * shard:2 * shard + 2].flatten(0, 1), 16, 1.3, generator)
-        got_ids, got_w = cache[i]
-        w_ids, w_w = want_ids[j * 6:(j + 1) * 6], want_w[j * 6:(j + 1) * 6]
-        width = got_ids.shape[1]
-        assert got_ids.shape == (6, width) and (w_w[:, width:] == 0).all()
-        assert torch.equal(got_ids, w_ids[:, :width] * (w_w[:, :width] > 0)) and torch.equal(got_w, w_w[:, :width])
-        seen_high |= bool((got_ids >= 2 ** 17).any())
-    assert seen_high  # ids above 2^17 survive (the authors' 17-bit packing wraps them)
-    assert manifest["entry_bytes"] / manifest["positions"] <= 3 * 16  # within the paper's 3U bytes per position
-    batch_ids, batch_w = cache.batch([2, 0])
-    assert torch.equal(batch_w[0, :, :cache[2][1].shape[1]], cache[2][1])
-
-
-def test_cache_refuses_corrupt_half_written_or_mismatched(qwen_teacher, tmp_path):
-    ids = torch.randint(0, QWEN_VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
-    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=1)
-    cache = sekd.TeacherCache(tmp_path / "c")
-    for wrong in [dict(vocab_size=1000), dict(num_samples=64), dict(temperature=2.0), dict(seq_len=9),
-                  dict(fingerprint=sekd.fingerprint(ids + 1)), dict(teacher="another/teacher")]:
-        with pytest.raises(ValueError, match="built with another"):
-            cache.check(**wrong)
-    cache.check(vocab_size=QWEN_VOCAB, num_samples=8, temperature=1.0, seq_len=5, fingerprint=sekd.fingerprint(ids))
-    shard = tmp_path / "c" / "shard_00001.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 1
-    shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupt"):
-        sekd.TeacherCache(tmp_path / "c")
-    (tmp_path / "c" / "manifest.json").unlink()
-    with pytest.raises(ValueError, match="not a complete teacher cache"):
-        sekd.TeacherCache(tmp_path / "c")
-    with pytest.raises(ValueError, match="different teacher cache"):
-        sekd.build_cache(qwen_teacher, ids, tmp_path / "d", num_samples=8)
-        sekd.build_cache(qwen_teacher, ids, tmp_path / "d", num_samples=4)
-
-
-def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, monkeypatch):
-    ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
-    build = dict(num_samples=8, batch_size=1, shard_size=1)
-    sekd.build_cache(qwen_teacher, ids, tmp_path / "whole", **build)
-    calls, real = [], sekd.hidden_states
-
-    def interrupted(model, *args):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(model, *args)
-    monkeypatch.setattr(sekd, "hidden_states", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        sekd.build_cache(qwen_teacher, ids, tmp_path / "resumed", **build)
-    with pytest.raises(ValueError, match="not a complete"):
-        sekd.TeacherCache(tmp_path / "resumed")
-    calls.clear()
-    monkeypatch.setattr(sekd, "hidden_states", lambda model, *a: calls.append(1) or real(model, *a))
-    sekd.build_cache(qwen_teacher, ids, tmp_path / "resumed", **build)
-    assert len(calls) == 2  # only the two unfinished shards ran the teacher
-    for shard in range(4):
-        name = f"shard_{shard:05d}.safetensors"
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
-    assert not list((tmp_path / "resumed").glob("*.tmp"))
-
-
-# ============================================================================================
-# 6. The loss
+# 5. The loss
 # ============================================================================================
 
 def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
@@ -322,25 +383,27 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
     if cfg.vocab_size is not None:
         s_all, t_all = s_all[..., :cfg.vocab_size], t_all[..., :cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
-    entropy = Categorical(logits=s_all.detach()).entropy()
     per_sample = []
     for b in range(ids.shape[0]):
         idx = valid[b].nonzero().flatten().tolist()
         if not idx:
             continue
+        y = ids[b, 1:]
+        u = reference_signal(cfg.signal, s_all[b, idx].detach(), t_all[b, idx], y[idx])
         k = 1.0 if cfg.positions == "all" else cfg.k
         m = max(math.ceil(Fraction(repr(k)) * len(idx)), 1)
-        keep = sorted(idx, key=lambda t: -entropy[b, t].item())[:m]
+        keep = [idx[j] for j in sorted(range(len(idx)), key=lambda j: -u[j].item())[:m]]
         s, t = s_all[b, keep], t_all[b, keep]
         if targets is not None:
             dense = torch.zeros_like(s).scatter_add_(-1, targets[0][b, keep], targets[1][b, keep].double())
-            kl = (torch.xlogy(dense, dense) - dense * (s / cfg.temperature).log_softmax(-1)).sum(-1) * cfg.temperature ** 2
+            kl = (torch.xlogy(dense, dense) - dense * (s / cfg.temperature).log_softmax(-1)).sum(-1)
+            kl = kl * cfg.temperature ** 2
         elif cfg.top_k_classes is None:
             kl = kl_divergence(Categorical(logits=t / cfg.temperature), Categorical(logits=s / cfg.temperature))
             kl = kl * cfg.temperature ** 2
         else:
             kl = reference_topk_kl(s, t, cfg.top_k_classes, cfg.temperature)
-        ce = -s.log_softmax(-1).gather(-1, ids[b, 1:][keep][:, None]).squeeze(-1)
+        ce = -s.log_softmax(-1).gather(-1, y[keep][:, None]).squeeze(-1)
         per_sample.append(((1 - cfg.ce_weight) * kl + cfg.ce_weight * ce).mean())
     return torch.stack(per_sample).mean()
 
@@ -373,8 +436,17 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
     assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
-    n_valid = int((mask[:, :-1] * mask[:, 1:]).sum())
-    assert stats["valid"] == n_valid and 0 < stats["selected"] <= n_valid
+    assert stats["valid"] == int((mask[:, :-1] * mask[:, 1:]).sum()) and 0 < stats["selected"] <= stats["valid"]
+
+
+@pytest.mark.parametrize("signal", sekd.SIGNALS[1:])
+def test_top_k_under_every_signal_equals_the_dense_loss(signal):
+    cfg = sekd.Config(method="sekd", k=0.4, signal=signal)
+    student, teacher = sharpened(tiny_model("llama", seed=0)), sharpened(tiny_model("llama", hidden=48, seed=1))
+    ids, mask = padded_batch()
+    mask[2, 3:7] = 1   # 5 valid positions: with 2, the z-scores of two signals tie exactly (+-1 each)
+    loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
+    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -390,6 +462,31 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
     assert_same_value_and_gradient(student, loss, dense_reference_loss(student, None, ids, mask, cfg, targets))
 
 
+def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
+    student, teacher = tiny_model("qwen3"), tiny_model("qwen3", hidden=48, seed=1)
+    ids, cfg = torch.randint(0, VOCAB, (2, 10)), sekd.Config(method="sekd", k=0.3)
+    with_mask, _ = sekd.distill_loss(student, teacher, ids, torch.ones_like(ids), cfg)
+    without, _ = sekd.distill_loss(student, teacher, ids, None, cfg)
+    torch.testing.assert_close(without, with_mask, atol=1e-6, rtol=1e-6)
+
+
+def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (1, 10)).expand(400, -1)  # 400 copies: the batch mean is a Monte Carlo mean
+    head = student.get_output_embeddings().weight
+    full, _ = sekd.distill_loss(student, teacher, ids[:1], None, sekd.Config(method="full"))
+    full_grad = torch.autograd.grad(full, head)[0]
+    torch.manual_seed(0)
+    values, grads = [], []
+    for _ in range(10):
+        loss, _ = sekd.distill_loss(student, teacher, ids, None, sekd.Config(positions="pos_rs_unbiased", k=0.2))
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, head)[0])
+    values, grads = torch.stack(values), torch.stack(grads)
+    assert abs(values.mean() - full.detach()) < 5 * values.std() / math.sqrt(10) + 1e-6
+    assert ((grads.mean(0) - full_grad).abs() <= 5 * grads.std(0) / math.sqrt(10) + 1e-6).all()
+
+
 def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     with torch.no_grad():
@@ -401,7 +498,6 @@ def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
     torch.manual_seed(0)
     draws = [torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0], head)[0] for _ in range(40)]
     single, mean = draws[0].flatten(), torch.stack(draws).mean(0).flatten()
-    assert not torch.equal(draws[0], draws[1])  # it really samples
     cosine = F.cosine_similarity(mean, full.flatten(), dim=0)
     assert cosine > 0.95 and cosine > F.cosine_similarity(single, full.flatten(), dim=0)
 
@@ -412,30 +508,21 @@ def test_loss_over_shared_ids_when_heads_differ_by_padding():
     ids, mask = padded_batch(vocab=60)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
     torch.testing.assert_close(loss.double(), dense_reference_loss(student, teacher, ids, mask, cfg), atol=1e-5, rtol=1e-4)
+
+
+def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
+    student, teacher = tiny_model("llama", vocab=64), tiny_model("llama", vocab=72, seed=1)
+    ids, mask = padded_batch(vocab=60)
     with pytest.raises(ValueError, match="different vocabulary sizes"):
         sekd.distill_loss(student, teacher, ids, mask, sekd.Config(method="sekd"))
 
 
-def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
-    assert sekd.shared_vocab_size(64, 64, 60) is None
-    assert sekd.shared_vocab_size(64, 72, 60) == 60
-    with pytest.raises(ValueError, match="differ beyond padding"):
-        sekd.shared_vocab_size(64, 72, 70)
-
-
 def test_random_positions_have_the_budget_and_cover_positions_uniformly():
-    cfg = sekd.Config(method="random", k=0.25)
-    student, teacher = tiny_model("llama"), tiny_model("llama", seed=1)
-    ids, mask = torch.randint(0, VOCAB, (1, 9)), torch.ones(1, 9, dtype=torch.long)
-    hits = torch.zeros(8)
+    valid, hits = torch.ones(400, 8, dtype=torch.bool), torch.zeros(8)
     torch.manual_seed(0)
-    for _ in range(400):
-        scores = torch.rand(1, 8)
-        hits += sekd.select_positions(scores, mask[:, 1:].bool(), cfg.k)[0]
-    assert hits.sum() == 400 * 2
-    assert (hits / 400 - 0.25).abs().max() < 0.08     # each of 8 positions picked ~25% of the time
-    _, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    assert stats["selected"] == 2 and stats["valid"] == 8
+    weights = sekd.position_weights("random", None, valid, 0.25)
+    assert ((weights > 0).sum(1) == 2).all()
+    assert ((weights > 0).float().mean(0) - 0.25).abs().max() < 0.08   # each of 8 positions picked ~25% of the time
 
 
 def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
@@ -450,35 +537,145 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
 
 
 def test_loss_refuses_a_batch_without_valid_positions():
-    student = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (2, 1))
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        sekd.distill_loss(student, None, ids, torch.ones_like(ids), sekd.Config(method="ce"))
+        sekd.distill_loss(tiny_model("llama"), None, ids, torch.ones_like(ids), sekd.Config(method="ce"))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(method="nope"), "unknown method"), (dict(k=0.0), "k "), (dict(k=1.5), "k "),
-    (dict(ce_weight=1.2), "ce_weight"), (dict(ce_weight=-0.1), "ce_weight"), (dict(temperature=0), "temperature"),
-    (dict(seq_len=1), "seq_len"), (dict(top_k_classes=0), "top_k_classes"), (dict(positions="best"), "positions"),
-    (dict(ell=0.0), "ell"), (dict(ell=1.01), "ell"), (dict(class_samples=0), "class_samples"),
-    (dict(class_samples=8, top_k_classes=4), "not both"), (dict(cache_dir="c"), "set class_samples"),
-])
-def test_config_refuses_bad_values(bad, match):
-    with pytest.raises(ValueError, match=match):
-        sekd.Config(**bad)
+# ============================================================================================
+# 6. Offline teacher cache
+# ============================================================================================
+
+QWEN_VOCAB = 151_936
 
 
-def test_config_presets_and_overrides():
-    three = sekd.Config(method="sekd3x", out_dir="o")
-    assert (three.positions, three.k, three.class_samples, three.ell, three.cache_dir) == ("top", 0.2, 64, 0.2, "o/teacher_cache")
-    assert sekd.Config(method="rskd").class_samples == 64 and sekd.Config(method="rskd").positions == "all"
-    assert sekd.Config(method="topsmp").ell == 0.2 and sekd.Config(method="sekd").ell == 1.0
-    ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)   # SE-KD + TopSmp + RS-KD, online
-    assert (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir) == ("top", 0.2, 32, None)
-    assert sekd.Config(method="sekd").positions == "top" and sekd.Config(method="sekd").k == 0.2
-    assert sekd.Config(method="full").positions == "all"
-    assert sekd.Config(method="ce").ce_weight == 1.0 and not sekd.Config(method="ce").needs_teacher
-    assert sekd.Config(method="sekd", positions="random").positions == "random"
+def test_entry_layout_has_room_for_every_id():
+    assert sekd.entry_layout(QWEN_VOCAB, 64) == (18, 6, 3)   # 17 bits would wrap ids >= 131,072
+    assert sekd.entry_layout(131_072, 64) == (17, 6, 3)
+    assert sekd.entry_layout(50_257, 64) == (16, 6, 3)
+    assert sekd.entry_layout(300, 1) == (9, 0, 2)
+
+
+def test_pack_entries_round_trips_ids_above_two_to_the_17():
+    ids = torch.tensor([0, 1, 2 ** 17 - 1, 2 ** 17, 2 ** 17 + 5, 150_000, QWEN_VOCAB - 1])
+    counts = torch.tensor([1, 64, 3, 17, 32, 2, 63])
+    packed = sekd.pack_entries(ids, counts, 6, 3)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 3)
+    got_ids, got_counts = sekd.unpack_entries(packed, 6)
+    assert got_ids.tolist() == ids.tolist() and got_counts.tolist() == counts.tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen_teacher():
+    return tiny_model("qwen3", vocab=QWEN_VOCAB, hidden=16, layers=1, seed=3)
+
+
+def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3, batch_size=3,
+                                shard_size=2, sample_ids=[10, 11, 12], seed=5)
+    cache = sekd.TeacherCache(tmp_path / "c")
+    assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
+    with torch.no_grad():
+        logits = qwen_teacher(ids).logits[:, :-1]
+    for shard in range(2):  # documented: shard s draws from seed * 1_000_003 + s, its positions in order
+        generator = torch.Generator().manual_seed(5 * 1_000_003 + shard)
+        want_ids, want_w = sekd.sample_classes(logits[2 * shard:2 * shard + 2].flatten(0, 1), 16, 1.3, generator)
+        got_ids, got_w = cache.batch(list(range(2 * shard, min(2 * shard + 2, 3))))
+        n = got_ids.shape[0] * 6
+        assert torch.equal(got_ids.flatten(0, 1), want_ids[:n]) and torch.equal(got_w.flatten(0, 1), want_w[:n])
+    assert bool((cache.batch([0, 1, 2])[0] >= 2 ** 17).any())   # the authors' 17-bit packing wraps these
+    assert manifest["entry_bytes"] / manifest["positions"] <= 3 * 16  # within the paper's 3U bytes per position
+
+
+def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=2)
+    cache = sekd.TeacherCache(tmp_path / "c")
+    batch_ids, batch_w = cache.batch([2, 0])
+    assert torch.equal(batch_ids[0], cache[2][0]) and torch.equal(batch_w[1], cache[0][1])
+
+
+@pytest.fixture
+def small_cache(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=1)
+    return tmp_path / "c", ids
+
+
+@pytest.mark.parametrize("wrong", [dict(vocab_size=1000), dict(num_samples=64), dict(temperature=2.0),
+                                   dict(seq_len=9), dict(fingerprint="another dataset")])
+def test_cache_refuses_other_settings_or_data_naming_them(small_cache, wrong):
+    with pytest.raises(sekd.UsageError, match="built with another|built with other"):
+        sekd.TeacherCache(small_cache[0]).check(**wrong)
+
+
+def test_cache_accepts_its_own_settings(small_cache):
+    path, ids = small_cache
+    sekd.TeacherCache(path).check(vocab_size=QWEN_VOCAB, num_samples=8, temperature=1.0, seq_len=5,
+                                  fingerprint=sekd.fingerprint(ids))
+
+
+def test_cache_refuses_a_corrupt_shard(small_cache):
+    shard = small_cache[0] / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(sekd.UsageError, match="corrupt"):
+        sekd.TeacherCache(small_cache[0])
+
+
+def test_cache_refuses_a_half_written_build(small_cache):
+    (small_cache[0] / "manifest.json").unlink()
+    with pytest.raises(sekd.UsageError, match="not a complete teacher cache"):
+        sekd.TeacherCache(small_cache[0])
+
+
+def test_build_refuses_a_directory_holding_another_cache(small_cache, qwen_teacher):
+    with pytest.raises(sekd.UsageError, match="different teacher cache"):
+        sekd.build_cache(qwen_teacher, small_cache[1], small_cache[0], num_samples=4, shard_size=1)
+
+
+def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, monkeypatch):
+    ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    build = dict(num_samples=8, batch_size=1, shard_size=1)
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "whole", **build)
+    calls, real = [], sekd.hidden_states
+
+    def interrupted(model, *args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(model, *args)
+    monkeypatch.setattr(sekd, "hidden_states", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sekd.build_cache(qwen_teacher, ids, tmp_path / "resumed", **build)
+    calls.clear()
+    monkeypatch.setattr(sekd, "hidden_states", lambda model, *a: calls.append(1) or real(model, *a))
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "resumed", **build)
+    assert len(calls) == 2  # only the two unfinished shards ran the teacher
+    for shard in range(4):
+        name = f"shard_{shard:05d}.safetensors"
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_a_rebuild_removes_the_shards_of_an_earlier_build(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=1)
+    (tmp_path / "c" / "manifest.json").unlink()                      # as if the earlier build never finished
+    (tmp_path / "c" / "shard_00003.safetensors.tmp").write_bytes(b"half")
+    sekd.build_cache(qwen_teacher, ids[:2], tmp_path / "c", num_samples=4, shard_size=1)
+    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+    assert sekd.TeacherCache(tmp_path / "c").manifest["num_samples"] == 4
+
+
+def test_weights_fingerprint_follows_content_not_path(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "c")
+    fp = sekd.weights_fingerprint
+    assert fp(str(tmp_path / "a")) == fp(str(tmp_path / "b")) != fp(str(tmp_path / "c"))
 
 
 # ============================================================================================
@@ -488,48 +685,45 @@ def test_config_presets_and_overrides():
 DOCS = [f"document {i} says hello world number {i * 7} " * (1 + i % 3) for i in range(40)]
 
 
-def write_docs(tmp_path, kind):
+def write_docs(tmp_path, kind, docs=DOCS):
     import datasets
     if kind == "text":
         path = tmp_path / "docs.txt"
-        path.write_text("\n".join(DOCS) + "\n")
+        path.write_text("\n".join(docs) + "\n")
     elif kind == "jsonl":
         path = tmp_path / "docs.jsonl"
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     else:
         path = tmp_path / "docs.parquet"
-        datasets.Dataset.from_dict({"text": DOCS}).to_parquet(str(path))
+        datasets.Dataset.from_dict({"text": docs}).to_parquet(str(path))
     return str(path)
 
 
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
 def test_pack_blocks_equals_concatenated_documents_with_eos(tmp_path, kind):
     tokenizer = tiny_tokenizer(DOCS)
-    documents = sekd.load_documents(write_docs(tmp_path, kind))
-    blocks = sekd.pack_blocks(documents, tokenizer, seq_len=16)
+    blocks = sekd.pack_blocks(sekd.load_documents(write_docs(tmp_path, kind)), tokenizer, seq_len=16)
     stream = [t for d in DOCS for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
     n = len(stream) // 16
     assert blocks.shape == (n, 16) and blocks.flatten().tolist() == stream[:n * 16]
 
 
-def test_split_blocks_holds_out_the_tail():
-    blocks = torch.arange(40).reshape(20, 2)
-    train, val = sekd.split_blocks(blocks, 0.1)
-    assert len(train) == 18 and val.tolist() == blocks[18:].tolist()
-    with pytest.raises(ValueError, match="at least 2"):
-        sekd.split_blocks(blocks[:1], 0.1)
+def test_split_documents_holds_out_whole_documents_evenly_spread(tmp_path):
+    documents = sekd.load_documents(write_docs(tmp_path, "jsonl"))
+    train, held = sekd.split_documents(documents, 0.1)
+    train, held = list(train["text"]), list(held["text"])
+    assert held == [DOCS[i] for i in (9, 19, 29, 39)] and train == [d for i, d in enumerate(DOCS) if i % 10 != 9]
 
 
-def test_data_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        sekd.load_documents(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match="no column"):
-        sekd.load_documents(write_docs(tmp_path, "jsonl"), text_column="body")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text(json.dumps({"text": ""}) + "\n")
-    blocks = sekd.pack_blocks(sekd.load_documents(str(empty)), tiny_tokenizer(DOCS), seq_len=16)
-    with pytest.raises(ValueError, match="0 block"):
-        sekd.split_blocks(blocks, 0.1)
+@pytest.mark.parametrize("name,content,match", [
+    ("docs.csv", "text\nhello\n", "unsupported file type '.csv'"), ("empty.jsonl", "", "is empty"),
+    ("missing.jsonl", None, "does not exist"), ("one.jsonl", '{"text": "a"}\n', "at least 2"),
+    ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no column 'text'")])
+def test_bad_data_files_are_usage_errors_naming_the_problem(tmp_path, name, content, match):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.load_documents(str(tmp_path / name))
 
 
 # ============================================================================================
@@ -541,7 +735,7 @@ def saved_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tokenizer = tiny_tokenizer(DOCS)
     paths = {}
-    for name, hidden, seed in [("teacher", 48, 1), ("student", 32, 2)]:
+    for name, hidden, seed in [("teacher", 48, 1), ("student", 32, 2), ("other_student", 32, 5)]:
         model = tiny_model("llama", vocab=len(tokenizer), hidden=hidden, seed=seed)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
@@ -551,96 +745,249 @@ def saved_models(tmp_path_factory):
     return paths
 
 
+def run_config(saved_models, tmp_path, **overrides):
+    base = dict(teacher=saved_models["teacher"], student=saved_models["student"], data=saved_models["data"],
+                seq_len=16, batch_size=4, lr=3e-3, max_steps=4, device="cpu", val_fraction=0.2,
+                out_dir=str(tmp_path / "run"), class_samples=None)
+    base.update(overrides)
+    if base["class_samples"] is None:
+        del base["class_samples"]
+    return sekd.Config(**base)
+
+
+def student_weights(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out_dir, "student", "model.safetensors"))
+
+
 def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path):
-    cfg = sekd.Config(method="sekd", k=0.5, teacher=saved_models["teacher"], student=saved_models["student"],
-                      data=saved_models["data"], seq_len=16, batch_size=4, lr=3e-3, max_steps=30,
-                      out_dir=str(tmp_path / "run"), device="cpu", val_fraction=0.2)
+    cfg = run_config(saved_models, tmp_path, k=0.5, max_steps=30)
     metrics = sekd.train(cfg)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["val_kl"] == metrics["val_kl"] and on_disk["config"]["method"] == "sekd"
     assert 0.45 < metrics["share_supervised"] < 0.6
-    # The saved student is the trained one, and it is closer to the teacher than the initial student.
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
     teacher = AutoModelForCausalLM.from_pretrained(saved_models["teacher"])
-    tokenizer = sekd.load_tokenizer(saved_models["teacher"])
-    _, val = sekd.split_blocks(sekd.pack_blocks(sekd.load_documents(cfg.data), tokenizer, 16), 0.2)
-    before = sekd.evaluate(initial, teacher, val, cfg)
-    after = sekd.evaluate(trained, teacher, val, cfg)
-    assert after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4)
-    assert after["val_kl"] < 0.7 * before["val_kl"]
+    _, val = sekd.load_blocks(cfg, sekd.load_tokenizer(saved_models["teacher"]))
+    after, before = sekd.evaluate(trained, teacher, val, cfg), sekd.evaluate(initial, teacher, val, cfg)
+    assert after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")]
-
-
-def test_sekd3x_builds_a_cache_then_reuses_it_without_teacher_or_pre_pass(saved_models, tmp_path, monkeypatch):
-    base = dict(method="sekd3x", teacher=saved_models["teacher"], student=saved_models["student"],
-                data=saved_models["data"], seq_len=16, batch_size=4, lr=3e-3, max_steps=6, device="cpu",
-                val_fraction=0.2, class_samples=16, cache_shard_size=3)
-    first = sekd.train(sekd.Config(**base, out_dir=str(tmp_path / "a")))
-    cache_dir = str(tmp_path / "a" / "teacher_cache")
-    manifest = sekd.TeacherCache(cache_dir).manifest
-    assert first["distilled_blocks"] == len(manifest["sample_ids"]) == math.ceil(0.2 * first["train_blocks"])
-    assert first["cache_bytes_per_position"] > 0 and "cache_build_s" in first
-    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples are cached
-    assert 0.15 < first["share_supervised"] < 0.3 and first["val_kl"] is not None
-    # The kept samples are the frozen student's most uncertain blocks.
-    tokenizer = sekd.load_tokenizer(saved_models["teacher"])
-    train_blocks, _ = sekd.split_blocks(sekd.pack_blocks(sekd.load_documents(base["data"]), tokenizer, 16), 0.2)
-    from transformers import AutoModelForCausalLM
-    initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
-    want = sekd.select_samples(sekd.sample_entropy(initial, train_blocks), 0.2)
-    assert manifest["sample_ids"] == want.tolist()
-
-    # Reuse: neither the teacher's forward nor the pre-pass runs before or during training.
-    calls = []
-    monkeypatch.setattr(sekd, "sample_entropy", lambda *a, **k: calls.append("pre-pass"))
-    monkeypatch.setattr(sekd, "build_cache", lambda *a, **k: calls.append("build"))
-    second = sekd.train(sekd.Config(**base, out_dir=str(tmp_path / "b"), cache_dir=cache_dir))
-    assert calls == [] and "cache_build_s" not in second
-    assert second["val_kl"] == pytest.approx(first["val_kl"], rel=1e-5)   # same targets, same seed: same student
-    with pytest.raises(ValueError, match="built with another temperature"):
-        sekd.train(sekd.Config(**{**base, "temperature": 2.0}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
-    with pytest.raises(ValueError, match="built with another num_samples"):
-        sekd.train(sekd.Config(**{**base, "class_samples": 8}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
-    with pytest.raises(ValueError, match="holds .* samples, but l = 0.5"):
-        sekd.train(sekd.Config(**{**base, "ell": 0.5}, out_dir=str(tmp_path / "c"), cache_dir=cache_dir))
-
-
-def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatch):
-    cfg = sekd.Config(method="topsmp", teacher=saved_models["teacher"], student=saved_models["student"],
-                      data=saved_models["data"], seq_len=16, batch_size=4, max_steps=2, device="cpu",
-                      val_fraction=0.2, out_dir=str(tmp_path / "run"))
-    first = sekd.train(cfg)
-    monkeypatch.setattr(sekd, "sample_entropy", lambda *a, **k: pytest.fail("the pre-pass ran again"))
-    second = sekd.train(cfg)
-    assert first["distilled_blocks"] == second["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
 
 
 def test_evaluate_matches_dense_perplexity_and_kl():
     student, teacher = tiny_model("gpt2"), tiny_model("gpt2", hidden=48, seed=1)
     blocks = torch.randint(0, VOCAB, (5, 10))
-    cfg = sekd.Config(batch_size=2, chunk_size=7)
-    got = sekd.evaluate(student, teacher, blocks, cfg)
+    got = sekd.evaluate(student, teacher, blocks, sekd.Config(batch_size=2, chunk_size=7))
     with torch.no_grad():
         s, t = student(blocks).logits[:, :-1].double(), teacher(blocks).logits[:, :-1].double()
-    ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten())
-    kl = kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean()
-    assert got["val_ppl"] == pytest.approx(math.exp(ce.item()), rel=1e-4)
-    assert got["val_kl"] == pytest.approx(kl.item(), rel=1e-4)
+    ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten()).item()
+    assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
+    assert got["val_kl"] == pytest.approx(kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item(), rel=1e-4)
 
 
-def test_train_refuses_bad_inputs_before_work(saved_models, tmp_path):
-    base = dict(teacher=saved_models["teacher"], student=saved_models["student"], data=saved_models["data"],
-                seq_len=16, out_dir=str(tmp_path / "run"), device="cpu")
-    with pytest.raises(FileNotFoundError, match="cannot load a tokenizer"):
-        sekd.train(sekd.Config(**{**base, "teacher": str(tmp_path / "no_such_model")}))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        sekd.train(sekd.Config(**{**base, "data": str(tmp_path / "no_such.jsonl")}))
-    with pytest.raises(ValueError, match="pass --teacher"):
-        sekd.train(sekd.Config(**{**base, "teacher": None}))
-    with pytest.raises(ValueError, match="at least 2"):
-        sekd.train(sekd.Config(**{**base, "seq_len": 100_000}))
+def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path):
+    cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_shard_size=3)
+    first = sekd.train(cfg)
+    manifest = sekd.TeacherCache(cfg.cache_dir).manifest
+    train_blocks, _ = sekd.load_blocks(cfg, sekd.load_tokenizer(saved_models["teacher"]))
+    from transformers import AutoModelForCausalLM
+    initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
+    assert manifest["sample_ids"] == sekd.select_samples(sekd.sample_scores(initial, train_blocks), 0.2).tolist()
+    assert first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"]) and "cache_build_s" in first
+    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples are cached
+
+
+@pytest.fixture(scope="module")
+def built_cache(saved_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("built")
+    first = sekd.train(run_config(saved_models, root, method="sekd3x", class_samples=16, cache_shard_size=3))
+    return str(root / "run" / "teacher_cache"), first
+
+
+def test_reusing_a_cache_runs_neither_teacher_nor_pre_pass_and_trains_the_same_student(
+        saved_models, built_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: calls.append("pre-pass"))
+    monkeypatch.setattr(sekd, "build_cache", lambda *a, **k: calls.append("build"))
+    monkeypatch.setattr(sekd, "teacher_hidden", lambda *a, **k: calls.append("teacher"))
+    monkeypatch.setattr(sekd, "evaluate", lambda *a, **k: {"val_ppl": 1.0, "val_kl": 0.0})
+    second = sekd.train(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0]))
+    assert calls == [] and "cache_build_s" not in second and second["train_loss"] == built_cache[1]["train_loss"]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(temperature=2.0), "another --temperature"), (dict(class_samples=8), "another --class-samples"),
+    (dict(ell=0.5), "--ell 0.5 keeps"), (dict(student="other_student"), "another --student"),
+    (dict(teacher="other_student"), "other teacher weights")])
+def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_models, built_cache, tmp_path,
+                                                                          change, match):
+    change = {k: saved_models.get(v, v) for k, v in change.items()}
+    cfg = run_config(saved_models, tmp_path, **{**dict(method="sekd3x", class_samples=16), **change},
+                     cache_dir=built_cache[0])
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.prepare(cfg)
+
+
+def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
+    import shutil
+    copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
+    sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0],
+                            teacher=str(copy)))
+
+
+def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
+    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0],
+                                  student=saved_models["other_student"], cache_any_student=True))
+    assert run.kept.tolist() == run.cache.sample_ids
+
+
+def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatch):
+    first = sekd.train(run_config(saved_models, tmp_path, method="topsmp", max_steps=2))
+    monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: pytest.fail("the pre-pass ran again"))
+    second = sekd.train(run_config(saved_models, tmp_path, method="topsmp", max_steps=2, overwrite=True))
+    assert first["distilled_blocks"] == second["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
+
+
+def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60, epochs=1))
+    assert metrics["steps"] == 60 and metrics["steps"] * 4 > 2 * metrics["train_blocks"]
+
+
+RESUMABLE = ["ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs"]
+
+
+@pytest.mark.parametrize("method", RESUMABLE)
+def test_a_run_resumed_from_a_checkpoint_trains_the_same_student(saved_models, tmp_path, method, monkeypatch):
+    options = dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method)
+    options.update(class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2)
+    whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+    real, calls = sekd.train_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sekd, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        sekd.train(run_config(saved_models, tmp_path / "split", **options))
+    monkeypatch.setattr(sekd, "train_step", real)
+    resumed = sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
+    a, b = student_weights(tmp_path / "whole" / "run"), student_weights(tmp_path / "split" / "run")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6) and resumed["steps"] == 4
+
+
+def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(saved_models, tmp_path, monkeypatch):
+    real, calls = sekd.train_step, []
+
+    def interrupt_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sekd, "train_step", interrupt_at_step_2)
+    with pytest.raises(sekd.RunStopped, match="interrupted at step 2 of 4") as stopped:
+        sekd.train(run_config(saved_models, tmp_path))
+    assert stopped.value.exit_status == 130
+    assert json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_without_a_student(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped, match="step 2: the loss or gradient norm is not finite"):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30))
+    assert not (tmp_path / "run" / "student").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_failed_final_evaluation_keeps_the_student_and_says_where(saved_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(sekd, "evaluate", lambda *a, **k: 1 / 0)
+    with pytest.raises(sekd.RunStopped, match="the student is saved in .*run/student"):
+        sekd.train(run_config(saved_models, tmp_path, max_steps=1))
+    assert (tmp_path / "run" / "student" / "model.safetensors").exists()
+
+
+def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
+    sekd.train(run_config(saved_models, tmp_path, max_steps=1))
+    with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
+        sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1))
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1, overwrite=True))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["method"] == metrics["config"]["method"]
+
+
+def test_resume_refuses_changed_settings(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    with pytest.raises(sekd.UsageError, match="changes k"):
+        sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
+
+
+def torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               sekd.__file__, *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("method", ["sekd", "sekd3x"])
+def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method):
+    flags = ["--method", method, "--teacher", saved_models["teacher"], "--student", saved_models["student"],
+             "--data", saved_models["data"], "--seq-len", "16", "--lr", "3e-3", "--max-steps", "3",
+             "--device", "cpu", "--val-fraction", "0.2", "--class-samples", "16" if method == "sekd3x" else "0"]
+    flags = flags[:-2] if method == "sekd" else flags
+    done = torchrun(*flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1   # rank 0 alone prints
+    single = sekd.train(sekd.parse_config(flags + ["--batch-size", "4", "--grad-accum", "2", "--out-dir",
+                                                   str(tmp_path / "one")]))
+    a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["val_kl"] == pytest.approx(single["val_kl"], rel=1e-4)
+    assert not [f for f in os.listdir(tmp_path / "two") if f.endswith(".tmp") or f.startswith(".")]
+    if method == "sekd3x":
+        for name in os.listdir(tmp_path / "one" / "teacher_cache"):
+            one, two_ = (tmp_path / d / "teacher_cache" / name for d in ("one", "two"))
+            assert one.read_bytes() == two_.read_bytes(), name
+
+
+def test_config_presets_set_the_three_axes():
+    three = sekd.Config(method="sekd3x", out_dir="o")
+    assert (three.positions, three.k, three.class_samples, three.ell, three.cache_dir) == ("top", 0.2, 64, 0.2, "o/teacher_cache")
+    assert (sekd.Config(method="rskd").class_samples, sekd.Config(method="rskd").positions) == (64, "all")
+    assert (sekd.Config(method="topsmp").ell, sekd.Config(method="sekd").ell) == (0.2, 1.0)
+    assert sekd.Config(method="ce").ce_weight == 1.0 and not sekd.Config(method="ce").needs_teacher
+
+
+def test_config_flags_override_a_preset():
+    ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)   # SE-KD + TopSmp + RS-KD, online
+    assert (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir) == ("top", 0.2, 32, None)
+    assert sekd.Config(method="sekd", positions="random").positions == "random"
+    assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None   # the class axis given explicitly
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "), (dict(k=math.nan), "--k "),
+    (dict(ce_weight=1.2), "--ce-weight"), (dict(temperature=0), "--temperature"),
+    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"), (dict(seq_len=1), "--seq-len"),
+    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"), (dict(ell=0.0), "--ell"),
+    (dict(class_samples=8, top_k_classes=4), "not both"), (dict(cache_dir="c"), "set --class-samples"),
+    (dict(max_steps=0), "--max-steps"), (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1), "--eval-every"),
+    (dict(signal="nope"), "--signal"), (dict(positions="pos_rs", signal="kl+student_entropy"), "must be >= 0"),
+    (dict(method="sekd3x", signal="kl"), "teacher is not there"), (dict(resume=True, overwrite=True), "pick one"),
+    (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes")])
+def test_config_refuses_bad_values_naming_the_flag(bad, match):
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.Config(**bad)
+
+
+def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
+    assert sekd.shared_vocab_size(64, 64, 60) is None and sekd.shared_vocab_size(64, 72, 60) == 60
+    with pytest.raises(sekd.UsageError, match="differ beyond padding"):
+        sekd.shared_vocab_size(64, 72, 70)
 
 
 # ============================================================================================
@@ -648,23 +995,20 @@ def test_train_refuses_bad_inputs_before_work(saved_models, tmp_path):
 # ============================================================================================
 
 def test_bench_runs_at_toy_size_and_ends_with_one_json_line(capsys):
-    sekd.main(["bench", "--device", "cpu", "--shape", "toy", "--steps", "1", "--warmup", "0", "--same-process"])
+    sekd.main(["bench", "--device", "cpu", "--shape", "toy", "--steps", "1", "--warmup", "0", "--pass-batches", "5",
+               "--methods", "full_dense,sekd3x"])
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "toy")
-    assert list(report["results"]) == ["ce", "full_dense", "full", "sekd", "sekd3x"]
-    for numbers in report["results"].values():
-        assert numbers["step_ms"] > 0 and numbers["peak_mb"] > 0 and numbers["tokens_per_s"] > 0
-    assert report["results"]["sekd3x"]["cache_read_ms"] > 0
+    assert list(report["results"]) == ["full_dense", "sekd3x"] and report["results"]["sekd3x"]["cache_read_ms"] > 0
+    assert list(report["epoch"]) == list(sekd.PASS_METHODS) and all(r["s"] > 0 for r in report["epoch"].values())
     assert report["cache"]["cache_build_ms"] > 0 and report["cache"]["teacher_forward_ms"] > 0
-    assert any(line.startswith("sekd3x") for line in lines[:-1])  # the table precedes the JSON
+    assert any(line.startswith("sekd3x") for line in lines[:-1])  # rows precede the JSON
 
 
 def test_bench_measures_one_method_in_a_fresh_process():
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, sekd.__file__, "bench", "--only", "sekd", "--device", "cpu", "--shape", "toy",
-                           "--steps", "1", "--warmup", "0"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, sekd.__file__, "bench", "--only", "sekd", "--device", "cpu", "--shape",
+                           "toy", "--steps", "1", "--warmup", "0"], capture_output=True, text=True, check=True)
     numbers = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(numbers) == {"step_ms", "peak_mb", "tokens_per_s"} and numbers["peak_mb"] > 0
 
@@ -673,16 +1017,53 @@ def test_bench_measures_one_method_in_a_fresh_process():
 # 10. Command line
 # ============================================================================================
 
-def test_command_line_parses_every_field_with_help(capsys):
-    cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t"])
-    assert (cfg.method, cfg.positions, cfg.k, cfg.top_k_classes, cfg.teacher) == ("random", "random", 0.3, 8, "t")
+def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
     with pytest.raises(SystemExit):
         sekd.parse_config(["--help"])
-    help_text = capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
     for f in sekd.dataclasses.fields(sekd.Config):
         assert "--" + f.name.replace("_", "-") in help_text
-    with pytest.raises(SystemExit):
-        sekd.parse_config(["--method", "best"])
-    with pytest.raises(SystemExit):
-        sekd.parse_config(["--k", "0"])
-    assert "k (share of positions) must be in (0, 1]" in capsys.readouterr().err
+    assert "default: None" not in help_text and "sekd/sekd3x: top" in help_text and "sekd.py bench" in help_text
+
+
+def test_command_line_parses_flags_into_config():
+    cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t", "--resume"])
+    assert (cfg.method, cfg.positions, cfg.k, cfg.top_k_classes, cfg.teacher, cfg.resume) == ("random", "random", 0.3, 8, "t", True)
+
+
+def usage_errors(saved_models, tmp_path):
+    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", saved_models["data"],
+            "--seq-len", "16", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    return [
+        (["--method", "sekd", "--data", "d"], "--student and --data are required"),
+        (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
+        (base + ["--eval-batches", "0"], "--eval-batches must be >= 1"),
+        (base + ["--eval-every", "-1"], "--eval-every"),
+        (base + ["--top-k-classes", "100000"], "--top-k-classes 100000 is above the vocabulary"),
+        (base + ["--temperature", "inf"], "--temperature must be finite"),
+        (base + ["--lr", "1e400"], "--lr must be finite"),
+        (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
+        (base + ["--device", "cuda"], "does not exist on this machine"),
+        (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
+        (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
+        (base + ["--data", str(tmp_path / "data.csv")], "unsupported file type '.csv'"),
+        (base + ["--seq-len", "100000"], "give no block"),
+        (base + ["--resume"], "no checkpoint"),
+        (base + ["--method", "best"], "invalid choice"),
+        (base[2:] + ["--method", "sekd"], "pass --teacher"),
+    ]
+
+
+def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(saved_models, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setattr(sekd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    for argv, match in usage_errors(saved_models, tmp_path):
+        with pytest.raises(SystemExit) as exited:
+            sekd.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()   # progress bars of finished work may precede it
+        messages = [line for line in err if "error" in line or "Traceback" in line]
+        assert exited.value.code == 2 and messages == err[-1:], (argv, err)
+        assert err[-1].startswith("sekd.py: error: ") and match in err[-1], (argv, err)
