@@ -79,8 +79,8 @@ def head_size(model):
     return unwrap(model).get_output_embeddings().weight.shape[0]
 
 def entropy(logits):
-    """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N]. Softmax straight to fp32, then entr:
-    on an H100 2x faster than a log-softmax or a single-exp-pass formula (README: performance)."""
+    """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N], the softmax taken straight to fp32 (no
+    upcast copy of bf16 logits)."""
     return torch.special.entr(logits.softmax(-1, dtype=torch.float32)).sum(-1)
 
 def cross_entropy(logits, labels):
@@ -188,7 +188,6 @@ class GlobalThreshold:
     """GLS: keep every position whose u(t) reaches the (1 - k) quantile of the last `size` valid scores seen
     before this batch (a FIFO queue kept across steps), so counts vary per sample. Under DDP the queue takes
     every rank's scores in rank order: it equals one process's queue."""
-
     def __init__(self, size=30_000):
         self.size, self.queue = size, torch.empty(0)
 
@@ -256,7 +255,6 @@ class ChunkedKL(torch.autograd.Function):
     """full_kl with its gradient written out, d KL(p_T || q_T) T^2 / d student_logits = T (q_T - p_T):
     autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit tensors
     only and walks both passes chunk_size rows at a time."""
-
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, temperature, chunk_size):
         ctx.save_for_backward(student_logits, teacher_logits)
@@ -264,9 +262,9 @@ class ChunkedKL(torch.autograd.Function):
         out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
         for start in range(0, len(out), chunk_size):
             rows = slice(start, start + chunk_size)
-            p = softmax_t(teacher_logits[rows], temperature)
+            log_p = log_softmax_t(teacher_logits[rows], temperature)
             log_q = log_softmax_t(student_logits[rows], temperature)
-            out[rows] = F.kl_div(log_q, p, reduction="none").sum(-1)
+            out[rows] = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
         out *= temperature ** 2
         return out
 
@@ -468,16 +466,6 @@ def unpack_entries(entries, count_bits):
     value = (entries.long() << (8 * torch.arange(entries.shape[1], device=entries.device))).sum(-1)
     return value >> count_bits, (value & ((1 << count_bits) - 1)) + 1
 
-def decode_entries(entries, count_bits, num_samples, positions):
-    """The entries of `positions` consecutive positions -> (ids, weights) [positions, U] in
-    sample_classes' layout, with tensor ops on the entries' device (no host sync)."""
-    ids, counts = unpack_entries(entries, count_bits)                          # [M]
-    start = counts.cumsum(0) - counts            # draws before each entry: its position and first slot
-    row, col = start // num_samples, start % num_samples
-    out = torch.zeros(positions, num_samples, dtype=torch.long, device=entries.device)
-    weights = torch.zeros(positions, num_samples, device=entries.device)
-    return out.index_put_((row, col), ids), weights.index_put_((row, col), counts / num_samples)
-
 def fingerprint(input_ids):
     """sha256 of the token ids [N, L] and their shape: another dataset or tokenizer gives another one."""
     digest = hashlib.sha256(str(tuple(input_ids.shape)).encode())
@@ -589,7 +577,6 @@ class TeacherCache:
     """A built cache, read-only. Opening verifies the manifest and every shard's sha256; shards are then
     memory-mapped. read() slices a batch's packed entries (cheap, on the CPU: the training loop runs it a
     step ahead in a background thread); decode() expands them with tensor ops on the training device."""
-
     def __init__(self, path):
         self.path, manifest_path = path, os.path.join(path, "manifest.json")
         if not os.path.exists(manifest_path):
@@ -631,9 +618,15 @@ class TeacherCache:
         return torch.cat(entries)
 
     def decode(self, entries, num_samples):
-        """read()'s entries of num_samples samples -> (ids, weights), both [num_samples, T, U]."""
-        targets = decode_entries(entries, self.count_bits, self.num_samples, num_samples * self.positions)
-        return tuple(t.view(num_samples, self.positions, -1) for t in targets)
+        """read()'s entries of num_samples samples -> (ids, weights), both [num_samples, T, U] in
+        sample_classes' layout; tensor ops on the entries' device, no host sync."""
+        ids, counts = unpack_entries(entries, self.count_bits)                          # [M]
+        start = counts.cumsum(0) - counts          # draws before each entry: its position and first slot
+        index = (start // self.num_samples, start % self.num_samples)
+        shape = (num_samples * self.positions, self.num_samples)
+        out = torch.zeros(shape, dtype=torch.long, device=entries.device).index_put_(index, ids)
+        weights = torch.zeros(shape, device=entries.device).index_put_(index, counts / self.num_samples)
+        return out.view(num_samples, self.positions, -1), weights.view(num_samples, self.positions, -1)
 
     def __getitem__(self, i):
         """Targets of the i-th cached sample: (ids, weights), both [T, U] (sample_classes' layout)."""
@@ -720,7 +713,6 @@ class UsageError(ValueError):
 
 class RunStopped(RuntimeError):
     """A run stopped before its end (interrupted, non-finite, failed evaluation), with its exit status."""
-
     def __init__(self, message, exit_status=1):
         super().__init__(message)
         self.exit_status = exit_status
@@ -867,7 +859,6 @@ def all_gather(tensor):
 
 class Backbone(torch.nn.Module):
     """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows outside it."""
-
     def __init__(self, causal_lm):
         super().__init__()
         self.causal_lm = causal_lm
@@ -886,6 +877,9 @@ def synchronize(device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if os.path.exists("/proc/self/status"):  # this process image's peak (ru_maxrss keeps a forking parent's)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 def pretrained(kind, name, **kwargs):
@@ -894,7 +888,7 @@ def pretrained(kind, name, **kwargs):
     try:
         return getattr(transformers, kind).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = (str(err) or type(err).__name__).splitlines()[0]
         raise UsageError(f"cannot load {kind} from '{name}': not a local model directory, and the hub "
                          f"could not provide it ({reason})") from None
 
@@ -1318,11 +1312,10 @@ def finish(run, start_time):
 # process: a process's peak resident size cannot be reset), so one method's peak cannot hide another's.
 
 BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B
-    "toy": dict(family="llama", vocab=512, batch=2, seq=32, teacher=(64, 2, 4, 4, 128),
-                student=(32, 1, 4, 4, 64)),                         # (hidden, layers, heads, kv heads, ffn)
-    "tiny": dict(family="llama", vocab=32_000, batch=8, seq=256, teacher=(256, 4, 4, 4, 688),
-                 student=(128, 2, 4, 4, 344)),
-    "qwen3": dict(family="qwen3", vocab=151_936, batch=8, seq=512, teacher=(2048, 28, 16, 8, 6144),
+    "tiny": dict(name="tiny", family="llama", vocab=32_000, batch=8, seq=256, teacher=(256, 4, 4, 4, 688),
+                 student=(128, 2, 4, 4, 344)),                      # (hidden, layers, heads, kv heads, ffn)
+    "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, batch=8, seq=512,
+                  teacher=(2048, 28, 16, 8, 6144),
                   student=(1024, 28, 16, 8, 3072))}
 STEP_METHODS = ("ce", "full_dense", "full", "sekd", "sekd3x")
 PASS_METHODS = ("full_dense", "full", "sekd", "topsmp", "sekd3x_build", "sekd3x_reuse")
@@ -1432,17 +1425,16 @@ def bench(argv):
     shape = BENCH_SHAPES[args.shape or ("qwen3" if device.type == "cuda" else "tiny")]
     batch, seq = args.batch_size or shape["batch"], args.seq_len or shape["seq"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    report = dict(device=name, shape=args.shape or ("qwen3" if device.type == "cuda" else "tiny"),
-                  batch_size=batch, seq_len=seq, epoch={}, cache={}, results={})
+    report = dict(device=name, shape=args.shape or shape["name"], batch_size=batch, seq_len=seq, epoch={},
+                  cache={}, results={})
     print(f"{name}, shape {report['shape']}, batch {batch} x {seq}; one pass over {10 * batch} samples:")
     with tempfile.TemporaryDirectory(prefix="sekd-bench-") as tmp:
         cache_dir = os.path.join(tmp, "cache")
         for method, seconds in bench_pass(shape, device, batch, seq, cache_dir):
             if method in PASS_METHODS:
-                report["epoch"][method] = {"s": seconds, "over_full_dense": seconds / report["epoch"].get(
-                    "full_dense", {"s": seconds})["s"]}
-                print(f"  {method:<13} {seconds:8.2f} s {report['epoch'][method]['over_full_dense']:6.2f}x "
-                      "full_dense", flush=True)
+                r = report["epoch"][method] = {"s": seconds}
+                r["over_full_dense"] = seconds / report["epoch"]["full_dense"]["s"]
+                print(f"  {method:<13} {seconds:8.2f} s {r['over_full_dense']:6.2f}x full_dense", flush=True)
             report["cache"][method + "_s"] = seconds
         cache = report["cache"]
         cache["build_over_teacher_forward"] = cache["cache_build_s"] / cache["teacher_forward_s"]
