@@ -1,46 +1,57 @@
 #!/usr/bin/env bash
-# End-to-end SE-KD example that runs offline on a fresh machine (about 8 minutes on 2 CPU cores).
+# End-to-end SE-KD example that runs offline on a fresh machine (about 10 minutes on 2 CPU cores per seed).
 #
-# Without settings it builds everything locally: a corpus from the Python language reference that ships
-# with every Python (pydoc_data.topics), a byte-level BPE tokenizer trained on it, a small teacher and a
-# smaller student (Llama-shaped, from configs). It pre-trains both briefly with --method ce (the paper
-# distills into a pre-trained student), then trains the student with each method (same steps, same seed)
-# and prints a table and, as the last line, the results as one JSON object.
+# Without settings it builds everything locally: a corpus from the Python standard library's own source
+# (about 11 MB of .py outside its test folders) and the language reference (pydoc_data.topics), one document
+# per file or topic; a byte-level BPE tokenizer trained on it; a Llama-shaped teacher and a smaller student
+# from configs. It pre-trains both with --method ce (the teacher longer, so that it is clearly better; the
+# paper distills into a pre-trained student), then trains the student with each method (same steps, same
+# seed), evaluates on held-out documents, and prints a table and, as the last line, one JSON object.
+#
+#   SEEDS="0 1 2" bash run_example.sh     # every method with each seed: mean +- sd over seeds
 #
 # Point it at real models and data instead (these need the hub or local copies):
 #   TEACHER=Qwen/Qwen3-1.7B STUDENT=Qwen/Qwen3-0.6B DATA=path/to/text.jsonl SEQ_LEN=512 LR=1e-5 bash run_example.sh
-# Other settings: WORK (output folder), STEPS, TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, METHODS, DEVICE.
+# Other settings: WORK (output folder), STEPS, TEACHER_STEPS, STUDENT_STEPS, KD_DOCUMENTS, BATCH_SIZE, METHODS,
+# DEVICE. Held-out documents are the same every 20th document for pre-training and distillation runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 WORK=${WORK:-example_run}
+SEEDS=${SEEDS:-0}
 STEPS=${STEPS:-150}
-TEACHER_STEPS=${TEACHER_STEPS:-400}
-STUDENT_STEPS=${STUDENT_STEPS:-300}
+TEACHER_STEPS=${TEACHER_STEPS:-600}
+STUDENT_STEPS=${STUDENT_STEPS:-400}
+KD_DOCUMENTS=${KD_DOCUMENTS:-200}  # the distillation runs use the first 200 documents (held-out ones excepted)
 BATCH_SIZE=${BATCH_SIZE:-16}
 SEQ_LEN=${SEQ_LEN:-128}
 LR=${LR:-1e-3}
 DEVICE=${DEVICE:-auto}
 METHODS=${METHODS:-"ce full random sekd rskd topsmp sekd3x"}
 mkdir -p "$WORK"
-COMMON=(--seq-len "$SEQ_LEN" --batch-size "$BATCH_SIZE" --lr "$LR" --device "$DEVICE" --seed 0 --val-fraction 0.05)
+COMMON=(--seq-len "$SEQ_LEN" --batch-size "$BATCH_SIZE" --lr "$LR" --device "$DEVICE" --val-fraction 0.05
+        --eval-batches 50 --overwrite)
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+START=$(date +%s)
 
 if [ -z "${DATA:-}" ]; then
   DATA="$WORK/corpus.jsonl"
   "$PYTHON" - "$DATA" <<'EOF'
-import json, sys
+import json, os, sys, sysconfig
 from pydoc_data.topics import topics
-# One document per paragraph of the language reference: about 0.5 MB of English and code.
+# One document per standard-library source file (tests excluded) and per language-reference topic.
+stdlib, paths = sysconfig.get_paths()["stdlib"], []
+for root, dirs, files in os.walk(stdlib):
+    dirs[:] = [d for d in dirs if d not in ("test", "tests", "idlelib", "site-packages", "__pycache__")]
+    paths += [os.path.join(root, name) for name in files if name.endswith(".py")]
+documents = [open(path, encoding="utf-8", errors="replace").read() for path in sorted(paths)]
+documents += [topics[topic] for topic in sorted(topics)]
 with open(sys.argv[1], "w") as f:
-    for topic in sorted(topics):
-        for paragraph in topics[topic].split("\n\n"):
-            if paragraph.strip():
-                f.write(json.dumps({"text": paragraph.strip()}) + "\n")
+    f.writelines(json.dumps({"text": text}) + "\n" for text in documents if text.strip())
 EOF
 fi
 
 if [ -z "${TEACHER:-}" ]; then
-  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   "$PYTHON" - "$DATA" "$WORK" <<'EOF'
 import json, sys, torch
 from tokenizers import ByteLevelBPETokenizer
@@ -60,47 +71,93 @@ for name, hidden, layers in [("teacher_init", 256, 4), ("student_init", 96, 2)]:
 EOF
   echo "== pre-training the teacher with next-token CE ($TEACHER_STEPS steps)"
   "$PYTHON" sekd.py --method ce --student "$WORK/teacher_init" --data "$DATA" --max-steps "$TEACHER_STEPS" \
-    --epochs 100 --out-dir "$WORK/teacher" "${COMMON[@]}" > "$WORK/teacher.log"
-  # The paper distills into a pre-trained student; give ours the same start with a short CE run.
+    --out-dir "$WORK/teacher" --seed 0 "${COMMON[@]}" > "$WORK/teacher.log" 2>&1
+  # The paper distills into a pre-trained student; give ours the same start with a shorter CE run.
   echo "== pre-training the student with next-token CE ($STUDENT_STEPS steps)"
   "$PYTHON" sekd.py --method ce --student "$WORK/student_init" --data "$DATA" --max-steps "$STUDENT_STEPS" \
-    --epochs 100 --out-dir "$WORK/student_pretrained" "${COMMON[@]}" > "$WORK/student_pretrained.log"
+    --out-dir "$WORK/student_pretrained" --seed 0 "${COMMON[@]}" > "$WORK/student_pretrained.log" 2>&1
   TEACHER="$WORK/teacher/student"
   STUDENT="$WORK/student_pretrained/student"
 fi
 
-rm -rf "$WORK/sekd3x/teacher_cache"  # so that the first sekd3x run measures a cache build
-for method in $METHODS; do
-  echo "== student: $method ($STEPS steps)"
-  "$PYTHON" sekd.py --method "$method" --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
-    --max-steps "$STEPS" --epochs 100 --out-dir "$WORK/$method" "${COMMON[@]}" > "$WORK/$method.log"
-done
-if [[ " $METHODS " == *" sekd3x "* ]]; then
-  echo "== student: sekd3x again, reusing the cache ($STEPS steps)"
-  "$PYTHON" sekd.py --method sekd3x --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
-    --cache-dir "$WORK/sekd3x/teacher_cache" --max-steps "$STEPS" --epochs 100 --out-dir "$WORK/sekd3x_reuse" \
-    "${COMMON[@]}" > "$WORK/sekd3x_reuse.log"
-fi
+COMMON+=(--max-documents "$KD_DOCUMENTS")
+echo "== held-out quality of the teacher and of the student before distillation"
+"$PYTHON" - "$TEACHER" "$STUDENT" "$DATA" "$WORK/start.json" "${COMMON[@]}" <<'EOF'
+import json, sys, torch
+import sekd
+teacher_path, student_path, data, out, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *flags])
+device = sekd.resolve_device(cfg.device)
+_, held_out = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", teacher_path))
+teacher = sekd.load_model(teacher_path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+student = sekd.load_model(student_path, device, torch.float32)
+start = {name: sekd.evaluate(model, None, held_out, cfg, cfg.eval_batches)
+         for name, model in (("teacher", teacher), ("student_before", student))}
+# Where the held-out KL(teacher || student) sits before distillation: its share on each sample's top-20%
+# student-entropy positions (what SE-KD supervises; a random 20% holds 20% on average).
+on_top = total = 0.0
+with torch.no_grad(), sekd.autocast(device):
+    for batch in held_out.split(cfg.batch_size)[:cfg.eval_batches]:
+        ids = batch.to(device)
+        h = sekd.hidden_states(student, ids)[:, :-1]
+        student_logits, teacher_logits = sekd.lm_head(student)(h), sekd.lm_head(teacher)(sekd.teacher_hidden(teacher, ids))
+        kl = sekd.full_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1).to(device)).view(h.shape[:2])
+        top = sekd.select_positions(sekd.token_entropy(h, sekd.lm_head(student)), torch.ones_like(kl, dtype=torch.bool), 0.2)
+        on_top, total = on_top + kl[top].sum().item(), total + kl.sum().item()
+start["student_before"]["val_kl"] = total / held_out[:cfg.eval_batches * cfg.batch_size, 1:].numel()
+start["student_before"]["kl_share_on_top20_entropy"] = on_top / total
+json.dump(start, open(out, "w"))
+EOF
 
-"$PYTHON" - "$WORK" $METHODS <<'EOF'
-import json, sys
-work, methods = sys.argv[1], sys.argv[2:]
-KEYS = ("val_ppl", "val_kl", "share_supervised", "distilled_blocks", "train_time_s", "wall_time_s", "peak_memory_mb",
-        "tokens_per_s", "cache_build_s", "cache_bytes_per_position", "cache_bytes_per_token", "paper_budget_bytes_per_token")
-load = lambda run: json.load(open(f"{work}/{run}/metrics.json"))
-results = {method: {key: load(method).get(key) for key in KEYS} for method in methods}
-rows = [(method, r) for method, r in results.items()]
-if "sekd3x" in results:  # the cache's build and its reuse, shown apart
-    reuse = load("sekd3x_reuse")
-    results["sekd3x"].update(reuse_train_time_s=reuse["train_time_s"], reuse_wall_time_s=reuse["wall_time_s"],
-                             reuse_val_kl=reuse["val_kl"])
-    rows.append(("sekd3x reuse", {key: reuse.get(key) for key in KEYS}))
-fmt = lambda v, spec: format("-", ">" + spec.strip(">").split(".")[0]) if v is None else format(v, spec)
-print(f"\n{'method':<13} {'val PPL':>8} {'val KL':>7} {'positions':>9} {'samples':>7} {'train s':>7} {'wall s':>7} "
-      f"{'build s':>7} {'cache B/tok':>11} {'peak MB':>7}")
-for name, r in rows:
-    print(f"{name:<13} {r['val_ppl']:>8.2f} {r['val_kl']:>7.4f} {r['share_supervised']:>9.0%} {r['distilled_blocks']:>7} "
-          f"{r['train_time_s']:>7.1f} {r['wall_time_s']:>7.1f} {fmt(r['cache_build_s'], '>7.1f')} "
-          f"{fmt(r['cache_bytes_per_token'], '>11.2f')} {r['peak_memory_mb']:>7.0f}")
-print(json.dumps({"results": results}))
+for seed in $SEEDS; do
+  mkdir -p "$WORK/seed$seed"
+  rm -rf "$WORK/seed$seed/sekd3x/teacher_cache"  # so that the first sekd3x run measures a cache build
+  for method in $METHODS; do
+    echo "== seed $seed, student: $method ($STEPS steps)"
+    "$PYTHON" sekd.py --method "$method" --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
+      --max-steps "$STEPS" --seed "$seed" --out-dir "$WORK/seed$seed/$method" "${COMMON[@]}" \
+      > "$WORK/seed$seed/$method.log" 2>&1 || { tail -5 "$WORK/seed$seed/$method.log"; exit 1; }
+  done
+  if [[ " $METHODS " == *" sekd3x "* ]]; then
+    echo "== seed $seed, student: sekd3x again, reusing the cache ($STEPS steps)"
+    "$PYTHON" sekd.py --method sekd3x --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
+      --cache-dir "$WORK/seed$seed/sekd3x/teacher_cache" --max-steps "$STEPS" --seed "$seed" \
+      --out-dir "$WORK/seed$seed/sekd3x_reuse" "${COMMON[@]}" > "$WORK/seed$seed/sekd3x_reuse.log" 2>&1
+  fi
+done
+
+"$PYTHON" - "$WORK" "$(( $(date +%s) - START ))" "$SEEDS" $METHODS <<'EOF'
+import json, statistics, sys
+work, seconds, seeds, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
+start = json.load(open(f"{work}/start.json"))
+runs = methods + (["sekd3x_reuse"] if "sekd3x" in methods else [])
+KEYS = ("val_kl", "val_ppl", "share_supervised", "distilled_blocks", "train_time_s", "cache_build_s",
+        "cache_bytes_per_token", "peak_memory_mb")
+load = lambda seed, run: json.load(open(f"{work}/seed{seed}/{run}/metrics.json"))
+results = {}
+for run in runs:
+    per_seed = [load(seed, run) for seed in seeds]
+    row = {}
+    for key in KEYS:
+        values = [m[key] for m in per_seed if m.get(key) is not None]
+        if values:
+            row[key] = statistics.mean(values)
+            if key in ("val_kl", "val_ppl"):
+                row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    results[run] = row
+pm = lambda r, key, spec: f"{r[key]:{spec}} +- {r[key + '_sd']:{spec}}" if key in r else "-"
+opt = lambda r, key, spec: format(r[key], spec) if key in r else "-"
+print(f"\nheld-out blocks from held-out documents; {len(seeds)} seed(s): {' '.join(seeds)}; {seconds} s in all")
+print(f"{'run':<14} {'held-out PPL':>16} {'held-out KL':>18} {'positions':>9} {'samples':>7} {'train s':>7} "
+      f"{'build s':>7} {'cache B/tok':>11}")
+print(f"{'teacher':<14} {start['teacher']['val_ppl']:>16.2f}")
+print(f"{'student before':<14} {start['student_before']['val_ppl']:>16.2f} {start['student_before']['val_kl']:>18.4f}")
+for run, r in results.items():
+    print(f"{run:<14} {pm(r, 'val_ppl', '7.2f'):>16} {pm(r, 'val_kl', '7.4f'):>18} {r['share_supervised']:>9.0%} "
+          f"{r['distilled_blocks']:>7.0f} {r['train_time_s']:>7.1f} {opt(r, 'cache_build_s', '7.1f'):>7} "
+          f"{opt(r, 'cache_bytes_per_token', '11.2f'):>11}")
+print(f"before distillation, {start['student_before']['kl_share_on_top20_entropy']:.0%} of the held-out KL sits on "
+      "each sample's top-20% student-entropy positions (a random 20% holds 20%)")
+print(json.dumps({"results": results, "teacher": start["teacher"], "student_before": start["student_before"],
+                  "seeds": [int(s) for s in seeds], "wall_time_s": seconds}))
 EOF

@@ -672,11 +672,11 @@ def load_documents(data, text_column="text", max_documents=None):
     return documents
 
 def split_documents(documents, val_fraction):
-    """Hold out ceil(val_fraction N) whole documents, evenly spread, for evaluation -> (train, held_out):
-    no held-out block then shares a document with training (blocks straddle documents otherwise)."""
-    n = len(documents)
-    count = min(budget(n, val_fraction), n - 1)
-    held = [(j + 1) * n // count - 1 for j in range(count)]
+    """Hold out whole documents for evaluation -> (train, held_out): document i when floor((i + 1) f) >
+    floor(i f), an evenly spread share f (at least one) that is the same for every prefix (--max-documents).
+    No held-out block then shares a document with training (packed blocks straddle documents)."""
+    n, share = len(documents), Fraction(repr(float(val_fraction)))
+    held = [i for i in range(n) if math.floor((i + 1) * share) > math.floor(i * share)] or [n - 1]
     return documents.select(sorted(set(range(n)) - set(held))), documents.select(held)
 
 def pack_blocks(documents, tokenizer, seq_len, text_column="text"):
