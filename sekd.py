@@ -1336,7 +1336,7 @@ def bench_training(method, student, teacher, blocks, device, cache=None, batch=8
     """A training step per batch of blocks as train() runs it (cached targets read a step ahead; the dense
     baselines with their own loss, the same update). Yields (seconds per step, seconds waiting for data)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
-    cfg = Config(method=method) if method in PRESETS else None
+    cfg = None if method in ("ce", "full_dense") else Config(method=method)
     batches = prefetch(torch.arange(len(blocks)).split(batch),
                        lambda i: read_batch(blocks[i], cache, i % len(cache) if cache else i, device))
     for _ in range(math.ceil(len(blocks) / batch)):
@@ -1346,9 +1346,9 @@ def bench_training(method, student, teacher, blocks, device, cache=None, batch=8
         waited = time.perf_counter() - start
         if cfg is None:
             with autocast(device):  # ce, the floor: plain next-token CE on the model's own logits, no teacher
-                logits = None if teacher else student(input_ids=ids).logits[:, :-1].flatten(0, 1).float()
-                loss = dense_full_kd_loss(student, teacher, ids) if teacher else F.cross_entropy(
-                    logits, ids[:, 1:].flatten())
+                logits = student(input_ids=ids).logits[:, :-1] if method == "ce" else None
+                loss = dense_full_kd_loss(student, teacher, ids) if method == "full_dense" else \
+                    F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()

@@ -24,14 +24,18 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
     import transformers
     torch.manual_seed(seed)
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                                         n_positions=64,
                                          bos_token_id=0, eos_token_id=0)
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                "cohere": transformers.CohereConfig, "gemma2": transformers.Gemma2Config}[family]
-        extra = dict(logit_scale=0.37) if family == "cohere" else dict(final_logit_softcapping=3.0) if family == "gemma2" else {}
-        config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=64,
+        extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0)}
+        extra = extra.get(family, {})
+        config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                     num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                     max_position_embeddings=64,
                      tie_word_embeddings=False, **extra)
     return transformers.AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout
 
@@ -65,9 +69,10 @@ def reference_signal(signal, s, t, y):
     """Table 1's signals in float64 from torch.distributions, written independently of sekd."""
     q, p = Categorical(logits=s.double()), Categorical(logits=t.double())
     ce_q, ce_p = -q.log_prob(y), -p.log_prob(y)
-    plain = {"student_entropy": q.entropy(), "teacher_entropy": p.entropy(), "student_ce": ce_q, "teacher_ce": ce_p,
+    plain = {"student_entropy": q.entropy(), "teacher_entropy": p.entropy(), "student_ce": ce_q,
+             "teacher_ce": ce_p,
              "kl": kl_divergence(p, q), "reverse_kl": kl_divergence(q, p),
-             "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR)}   # the documented floor of a near-zero teacher CE
+             "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR)}   # the documented floor of a teacher CE
     if "+" not in signal:
         return plain[signal]
     z = lambda x: (x - x.mean()) / x.std(unbiased=False)
@@ -102,7 +107,8 @@ def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
     s, y = torch.randn(6, 20), torch.randint(0, 20, (6,))
     t = s.clone()   # teacher = student: KL is 0 at every position
     got = sekd.position_scores("kl+student_entropy", s, t, y)
-    torch.testing.assert_close(got, sekd.standardize(sekd.position_scores("student_entropy", s)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, sekd.standardize(sekd.position_scores("student_entropy", s)), atol=1e-5,
+                               rtol=0)
 
 
 def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
@@ -118,7 +124,8 @@ def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         hidden = sekd.hidden_states(model, ids)
-        torch.testing.assert_close(sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5,
+                                   rtol=1e-5)
         assert sekd.lm_head(model, 50)(hidden).shape[-1] == 50
 
 
@@ -128,8 +135,10 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
     ids, mask = padded_batch()
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     with torch.no_grad():
-        h_s, h_t = sekd.hidden_states(student, ids, mask)[:, :-1], sekd.hidden_states(teacher, ids, mask)[:, :-1]
-        got = sekd.batch_scores(signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t, sekd.lm_head(teacher), 4)
+        h_s, h_t = sekd.hidden_states(student, ids, mask)[:, :-1], sekd.hidden_states(teacher, ids, mask)[:,
+                                                                                                          :-1]
+        got = sekd.batch_scores(signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t,
+                                sekd.lm_head(teacher), 4)
         s_all, t_all = sekd.lm_head(student)(h_s), sekd.lm_head(teacher)(h_t)
     for b in range(3):
         v = valid[b]
@@ -181,7 +190,8 @@ def test_gls_threshold_is_the_queue_quantile_and_counts_vary_per_sample():
 
 def test_gls_falls_back_to_per_sample_top_k_while_its_queue_is_empty():
     scores, valid = torch.randn(3, 10), torch.ones(3, 10, dtype=torch.bool)
-    assert torch.equal(sekd.GlobalThreshold().select(scores, valid, 0.3), sekd.select_positions(scores, valid, 0.3))
+    assert torch.equal(sekd.GlobalThreshold().select(scores, valid, 0.3), sekd.select_positions(scores,
+                                                                                                valid, 0.3))
 
 
 def test_gls_queue_keeps_the_last_scores_first_in_first_out():
@@ -195,7 +205,7 @@ def test_gls_queue_keeps_the_last_scores_first_in_first_out():
 @pytest.mark.parametrize("progress,want", [(0.0, [0, 1, 2]), (0.5, [4, 5, 6]), (1.0, [7, 8, 9])])
 def test_curriculum_window_slides_from_lowest_to_highest_score(progress, want):
     scores = torch.tensor([[9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])
-    order = scores[0].argsort().tolist()                                   # positions from lowest to highest u
+    order = scores[0].argsort().tolist()                      # positions from lowest to highest u
     got = sekd.curriculum_positions(scores, torch.ones(1, 10, dtype=torch.bool), 0.3, progress)
     assert sorted(got[0].nonzero().flatten().tolist()) == sorted(order[i] for i in want)
 
@@ -257,15 +267,18 @@ def reference_topk_kl(student_logits, teacher_logits, top_k, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 def test_full_kl_matches_torch_distributions(temperature):
     s, t = torch.randn(5, 40), torch.randn(5, 40) * 2
-    want = kl_divergence(Categorical(logits=t.double() / temperature), Categorical(logits=s.double() / temperature))
-    torch.testing.assert_close(sekd.full_kl(s, t, temperature).double(), want * temperature ** 2, atol=1e-5, rtol=1e-5)
+    want = kl_divergence(Categorical(logits=t.double() / temperature),
+                         Categorical(logits=s.double() / temperature))
+    torch.testing.assert_close(sekd.full_kl(s, t, temperature).double(), want * temperature ** 2, atol=1e-5,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
     s, t = torch.randn(7, 30, requires_grad=True), torch.randn(7, 30)
     sekd.full_kl(s, t, temperature, chunk_size=3).sum().backward()
-    want = temperature * ((s.detach().double() / temperature).softmax(-1) - (t.double() / temperature).softmax(-1))
+    q, p = ((x.detach().double() / temperature).softmax(-1) for x in (s, t))
+    want = temperature * (q - p)
     torch.testing.assert_close(s.grad.double(), want, atol=1e-6, rtol=1e-5)
 
 
@@ -273,7 +286,8 @@ def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
 def test_topk_class_kl_matches_float64_reference(top_k, temperature):
     s, t = torch.randn(5, 40), torch.randn(5, 40) * 3
     got = sekd.topk_class_kl(s, t, top_k, temperature)
-    torch.testing.assert_close(got.double(), reference_topk_kl(s, t, top_k, temperature), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), reference_topk_kl(s, t, top_k, temperature), atol=1e-5,
+                               rtol=1e-4)
 
 
 def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
@@ -339,7 +353,8 @@ def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temp
     full = torch.zeros(1, 25, requires_grad=True)
     sekd.full_kl(student + full, teacher, temperature).sum().backward()
     draws, shift = 20_000, torch.zeros(1, 25, requires_grad=True)
-    ids, weights = sekd.sample_classes(teacher.expand(draws, -1), 16, temperature, torch.Generator().manual_seed(2))
+    ids, weights = sekd.sample_classes(teacher.expand(draws, -1), 16, temperature,
+                                       torch.Generator().manual_seed(2))
     sekd.sparse_kl((student + shift).expand(draws, -1), ids, weights, temperature).mean().backward()
     # The estimate's gradient is (q_T - w) T; its Monte Carlo error is T sqrt(p (1 - p) / (U draws)).
     p = (teacher / temperature).softmax(-1)
@@ -379,7 +394,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
     """The same loss from the models' full [B, L, V] logits, one sample at a time, in float64."""
     s_all = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
     with torch.no_grad():
-        t_all = s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        t_all = s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:,
+                                                                                                 :-1].double()
     if cfg.vocab_size is not None:
         s_all, t_all = s_all[..., :cfg.vocab_size], t_all[..., :cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -399,7 +415,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
             kl = (torch.xlogy(dense, dense) - dense * (s / cfg.temperature).log_softmax(-1)).sum(-1)
             kl = kl * cfg.temperature ** 2
         elif cfg.top_k_classes is None:
-            kl = kl_divergence(Categorical(logits=t / cfg.temperature), Categorical(logits=s / cfg.temperature))
+            kl = kl_divergence(Categorical(logits=t / cfg.temperature),
+                               Categorical(logits=s / cfg.temperature))
             kl = kl * cfg.temperature ** 2
         else:
             kl = reference_topk_kl(s, t, cfg.top_k_classes, cfg.temperature)
@@ -409,7 +426,7 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
 
 
 def assert_same_value_and_gradient(student, loss, want):
-    """loss (selective path) equals want (dense float64 reference) in value and in every parameter's gradient."""
+    """loss (selective path) equals want (dense float64 reference) in value and every parameter's gradient."""
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
     want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
@@ -436,13 +453,15 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
     assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
-    assert stats["valid"] == int((mask[:, :-1] * mask[:, 1:]).sum()) and 0 < stats["selected"] <= stats["valid"]
+    assert stats["valid"] == int((mask[:, :-1] * mask[:,
+                                                      1:]).sum()) and 0 < stats["selected"] <= stats["valid"]
 
 
 @pytest.mark.parametrize("signal", sekd.SIGNALS[1:])
 def test_top_k_under_every_signal_equals_the_dense_loss(signal):
     cfg = sekd.Config(method="sekd", k=0.4, signal=signal)
-    student, teacher = sharpened(tiny_model("llama", seed=0)), sharpened(tiny_model("llama", hidden=48, seed=1))
+    student, teacher = sharpened(tiny_model("llama", seed=0)), sharpened(tiny_model("llama", hidden=48,
+                                                                                    seed=1))
     ids, mask = padded_batch()
     mask[2, 3:7] = 1   # 5 valid positions: with 2, the z-scores of two signals tie exactly (+-1 each)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
@@ -459,7 +478,8 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
         t_logits = teacher(input_ids=ids).logits[:, :-1]
     targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16, temperature))
     loss, _ = sekd.distill_loss(student, None, ids, mask, cfg, targets=targets)
-    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, None, ids, mask, cfg, targets))
+    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, None, ids, mask, cfg,
+                                                                       targets))
 
 
 def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
@@ -479,7 +499,8 @@ def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
     torch.manual_seed(0)
     values, grads = [], []
     for _ in range(10):
-        loss, _ = sekd.distill_loss(student, teacher, ids, None, sekd.Config(positions="pos_rs_unbiased", k=0.2))
+        loss, _ = sekd.distill_loss(student, teacher, ids, None, sekd.Config(positions="pos_rs_unbiased",
+                                                                             k=0.2))
         values.append(loss.detach())
         grads.append(torch.autograd.grad(loss, head)[0])
     values, grads = torch.stack(values), torch.stack(grads)
@@ -490,13 +511,15 @@ def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
 def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(30)  # a confident teacher: a KL gradient well above the noise
+        teacher.get_output_embeddings().weight.mul_(30)  # a confident teacher: a KL gradient above the noise
     ids, mask = padded_batch()
     head = student.get_output_embeddings().weight
-    full = torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, sekd.Config(method="full"))[0], head)[0]
+    full = torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask,
+                                                 sekd.Config(method="full"))[0], head)[0]
     rskd = sekd.Config(method="rskd", class_samples=64)
     torch.manual_seed(0)
-    draws = [torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0], head)[0] for _ in range(40)]
+    draws = [torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0],
+                                 head)[0] for _ in range(40)]
     single, mean = draws[0].flatten(), torch.stack(draws).mean(0).flatten()
     cosine = F.cosine_similarity(mean, full.flatten(), dim=0)
     assert cosine > 0.95 and cosine > F.cosine_similarity(single, full.flatten(), dim=0)
@@ -507,7 +530,8 @@ def test_loss_over_shared_ids_when_heads_differ_by_padding():
     student, teacher = tiny_model("llama", vocab=64), tiny_model("llama", vocab=72, seed=1)
     ids, mask = padded_batch(vocab=60)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    torch.testing.assert_close(loss.double(), dense_reference_loss(student, teacher, ids, mask, cfg), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss.double(), dense_reference_loss(student, teacher, ids, mask, cfg),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
@@ -522,7 +546,7 @@ def test_random_positions_have_the_budget_and_cover_positions_uniformly():
     torch.manual_seed(0)
     weights = sekd.position_weights("random", None, valid, 0.25)
     assert ((weights > 0).sum(1) == 2).all()
-    assert ((weights > 0).float().mean(0) - 0.25).abs().max() < 0.08   # each of 8 positions picked ~25% of the time
+    assert ((weights > 0).float().mean(0) - 0.25).abs().max() < 0.08   # each position picked ~25% of the time
 
 
 def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
@@ -572,7 +596,8 @@ def qwen_teacher():
 
 def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
-    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3, batch_size=3,
+    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3,
+                                batch_size=3,
                                 shard_size=2, sample_ids=[10, 11, 12], seed=5)
     cache = sekd.TeacherCache(tmp_path / "c")
     assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
@@ -580,11 +605,13 @@ def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen
         logits = qwen_teacher(ids).logits[:, :-1]
     for shard in range(2):  # documented: shard s draws from seed * 1_000_003 + s, its positions in order
         generator = torch.Generator().manual_seed(5 * 1_000_003 + shard)
-        want_ids, want_w = sekd.sample_classes(logits[2 * shard:2 * shard + 2].flatten(0, 1), 16, 1.3, generator)
+        want_ids, want_w = sekd.sample_classes(logits[2 * shard:2 * shard + 2].flatten(0, 1), 16, 1.3,
+                                               generator)
         indices = list(range(2 * shard, min(2 * shard + 2, 3)))
         got_ids, got_w = cache.decode(cache.read(indices), len(indices))
         n = got_ids.shape[0] * 6
-        assert torch.equal(got_ids.flatten(0, 1), want_ids[:n]) and torch.equal(got_w.flatten(0, 1), want_w[:n])
+        assert torch.equal(got_ids.flatten(0, 1), want_ids[:n]) and torch.equal(got_w.flatten(0, 1),
+                                                                                want_w[:n])
     assert bool((cache.decode(cache.read([0, 1, 2]), 3)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
 
 
@@ -665,8 +692,51 @@ def test_a_rebuild_removes_the_shards_of_an_earlier_build(qwen_teacher, tmp_path
     (tmp_path / "c" / "manifest.json").unlink()                      # as if the earlier build never finished
     (tmp_path / "c" / "shard_00003.safetensors.tmp").write_bytes(b"half")
     sekd.build_cache(qwen_teacher, ids[:2], tmp_path / "c", num_samples=4, shard_size=1)
-    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "shard_00000.safetensors", "shard_00001.safetensors"]
+    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "shard_00000.safetensors",
+                                                  "shard_00001.safetensors"]
     assert sekd.TeacherCache(tmp_path / "c").manifest["num_samples"] == 4
+
+
+def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size(tmp_path, monkeypatch):
+    import builtins
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:  # a sparse 4 GB file: no disk space used
+        f.truncate(4 << 30)
+    sizes, real_open = [], builtins.open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def read(self, n=-1):
+            data = self.file.read(n)
+            sizes.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+    monkeypatch.setattr(builtins, "open", Counting)
+    sekd.weights_fingerprint(str(tmp_path))
+    assert sum(sizes) <= (1 << 16) + 256 * 4096
+
+
+def test_weights_fingerprint_sees_a_changed_header_but_not_a_byte_between_its_blocks(tmp_path):
+    payload = bytearray(range(256)) * 8192                      # 2 MiB
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    before = sekd.weights_fingerprint(str(tmp_path))
+    payload[100] ^= 1                                           # in the first 64 KiB: seen
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    assert sekd.weights_fingerprint(str(tmp_path)) != before
+    payload[100] ^= 1
+    payload[100 * 8192 + 6000] ^= 1                     # between sampled 4 KiB blocks 8 KiB apart: unseen
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    assert sekd.weights_fingerprint(str(tmp_path)) == before
 
 
 def test_weights_fingerprint_follows_content_not_path(tmp_path):
@@ -703,7 +773,8 @@ def write_docs(tmp_path, kind, docs=DOCS):
 def test_pack_blocks_equals_concatenated_documents_with_eos(tmp_path, kind):
     tokenizer = tiny_tokenizer(DOCS)
     blocks = sekd.pack_blocks(sekd.load_documents(write_docs(tmp_path, kind)), tokenizer, seq_len=16)
-    stream = [t for d in DOCS for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    eos = [tokenizer.eos_token_id]
+    stream = [t for d in DOCS for t in tokenizer(d, add_special_tokens=False)["input_ids"] + eos]
     n = len(stream) // 16
     assert blocks.shape == (n, 16) and blocks.flatten().tolist() == stream[:n * 16]
 
@@ -712,7 +783,8 @@ def test_split_documents_holds_out_whole_documents_evenly_spread(tmp_path):
     documents = sekd.load_documents(write_docs(tmp_path, "jsonl"))
     train, held = sekd.split_documents(documents, 0.1)
     train, held = list(train["text"]), list(held["text"])
-    assert held == [DOCS[i] for i in (9, 19, 29, 39)] and train == [d for i, d in enumerate(DOCS) if i % 10 != 9]
+    assert held == [DOCS[i] for i in (9, 19, 29, 39)] and train == [d for i,
+                                                                    d in enumerate(DOCS) if i % 10 != 9]
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -772,7 +844,8 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
     teacher = AutoModelForCausalLM.from_pretrained(saved_models["teacher"])
     _, val = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", saved_models["teacher"]))
     after, before = sekd.evaluate(trained, teacher, val, cfg), sekd.evaluate(initial, teacher, val, cfg)
-    assert after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
+    assert after["val_kl"] == pytest.approx(metrics["val_kl"],
+                                            rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")]
 
 
@@ -784,7 +857,8 @@ def test_evaluate_matches_dense_perplexity_and_kl():
         s, t = student(blocks).logits[:, :-1].double(), teacher(blocks).logits[:, :-1].double()
     ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten()).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
-    assert got["val_kl"] == pytest.approx(kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item(), rel=1e-4)
+    assert got["val_kl"] == pytest.approx(kl_divergence(Categorical(logits=t),
+                                                        Categorical(logits=s)).mean().item(), rel=1e-4)
 
 
 def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path):
@@ -794,9 +868,10 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     train_blocks, _ = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", saved_models["teacher"]))
     from transformers import AutoModelForCausalLM
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
-    assert manifest["sample_ids"] == sekd.select_samples(sekd.sample_scores(initial, train_blocks), 0.2).tolist()
+    assert manifest["sample_ids"] == sekd.select_samples(sekd.sample_scores(initial, train_blocks),
+                                                         0.2).tolist()
     assert first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"]) and "cache_build_s" in first
-    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples are cached
+    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples cached
 
 
 @pytest.fixture(scope="module")
@@ -813,8 +888,10 @@ def test_reusing_a_cache_runs_neither_teacher_nor_pre_pass_and_trains_the_same_s
     monkeypatch.setattr(sekd, "build_cache", lambda *a, **k: calls.append("build"))
     monkeypatch.setattr(sekd, "teacher_hidden", lambda *a, **k: calls.append("teacher"))
     monkeypatch.setattr(sekd, "evaluate", lambda *a, **k: {"val_ppl": 1.0, "val_kl": 0.0})
-    second = sekd.train(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0]))
-    assert calls == [] and "cache_build_s" not in second and second["train_loss"] == built_cache[1]["train_loss"]
+    second = sekd.train(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+                                   cache_dir=built_cache[0]))
+    assert calls == [] and "cache_build_s" not in second
+    assert second["train_loss"] == built_cache[1]["train_loss"]
 
 
 @pytest.mark.parametrize("change,match", [
@@ -833,12 +910,14 @@ def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_
 def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
     import shutil
     copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
-    sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0],
+    sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+                            cache_dir=built_cache[0],
                             teacher=str(copy)))
 
 
 def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
-    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0],
+    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+                                  cache_dir=built_cache[0],
                                   student=saved_models["other_student"], cache_any_student=True))
     assert run.kept.tolist() == run.cache.sample_ids
 
@@ -851,7 +930,8 @@ def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatc
 
 
 def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
-    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60, epochs=1))
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60,
+                                    epochs=1))
     assert metrics["steps"] == 60 and metrics["steps"] * 4 > 2 * metrics["train_blocks"]
 
 
@@ -881,7 +961,8 @@ def test_a_run_resumed_from_a_checkpoint_trains_the_same_student(saved_models, t
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6) and resumed["steps"] == 4
 
 
-def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(saved_models, tmp_path, monkeypatch):
+def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(saved_models, tmp_path,
+                                                                             monkeypatch):
     real, calls = sekd.train_step, []
 
     def interrupt_at_step_2(*args, **kwargs):
@@ -915,7 +996,8 @@ def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_mode
     with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
         sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1))
     metrics = sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1, overwrite=True))
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["method"] == metrics["config"]["method"]
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["config"]["method"] == metrics["config"]["method"] == "full"
 
 
 def test_resume_refuses_changed_settings(saved_models, tmp_path):
@@ -935,11 +1017,11 @@ def torchrun(*args):
 def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method):
     flags = ["--method", method, "--teacher", saved_models["teacher"], "--student", saved_models["student"],
              "--data", saved_models["data"], "--seq-len", "16", "--lr", "3e-3", "--max-steps", "3",
-             "--device", "cpu", "--val-fraction", "0.2", "--class-samples", "16" if method == "sekd3x" else "0"]
-    flags = flags[:-2] if method == "sekd" else flags
+             "--device", "cpu", "--val-fraction", "0.2"]
+    flags += ["--class-samples", "16"] if method == "sekd3x" else []
     done = torchrun(*flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1   # rank 0 alone prints
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 prints
     single = sekd.train(sekd.parse_config(flags + ["--batch-size", "4", "--grad-accum", "2", "--out-dir",
                                                    str(tmp_path / "one")]))
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
@@ -956,7 +1038,8 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_
 
 def test_config_presets_set_the_three_axes():
     three = sekd.Config(method="sekd3x", out_dir="o")
-    assert (three.positions, three.k, three.class_samples, three.ell, three.cache_dir) == ("top", 0.2, 64, 0.2, "o/teacher_cache")
+    axes = (three.positions, three.k, three.class_samples, three.ell, three.cache_dir)
+    assert axes == ("top", 0.2, 64, 0.2, "o/teacher_cache")
     assert (sekd.Config(method="rskd").class_samples, sekd.Config(method="rskd").positions) == (64, "all")
     assert (sekd.Config(method="topsmp").ell, sekd.Config(method="sekd").ell) == (0.2, 1.0)
     assert sekd.Config(method="ce").ce_weight == 1.0 and not sekd.Config(method="ce").needs_teacher
@@ -964,20 +1047,28 @@ def test_config_presets_set_the_three_axes():
 
 def test_config_flags_override_a_preset():
     ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)   # SE-KD + TopSmp + RS-KD, online
-    assert (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir) == ("top", 0.2, 32, None)
+    assert (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir) == ("top", 0.2,
+                                                                                              32, None)
     assert sekd.Config(method="sekd", positions="random").positions == "random"
-    assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None   # the class axis given explicitly
+    assert sekd.Config(method="rskd",
+                       top_k_classes=8).class_samples is None   # the class axis given explicitly
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "), (dict(k=math.nan), "--k "),
+    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "), (dict(k=math.nan),
+                                                                                      "--k "),
     (dict(ce_weight=1.2), "--ce-weight"), (dict(temperature=0), "--temperature"),
-    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"), (dict(seq_len=1), "--seq-len"),
-    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"), (dict(ell=0.0), "--ell"),
+    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"), (dict(seq_len=1),
+                                                                                 "--seq-len"),
+    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"), (dict(ell=0.0),
+                                                                                          "--ell"),
     (dict(class_samples=8, top_k_classes=4), "not both"), (dict(cache_dir="c"), "set --class-samples"),
-    (dict(max_steps=0), "--max-steps"), (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1), "--eval-every"),
-    (dict(signal="nope"), "--signal"), (dict(positions="pos_rs", signal="kl+student_entropy"), "sum of z-scores"),
-    (dict(method="sekd3x", signal="kl"), "teacher is not there"), (dict(resume=True, overwrite=True), "--overwrite replaces"),
+    (dict(max_steps=0), "--max-steps"), (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1),
+                                                                                   "--eval-every"),
+    (dict(signal="nope"), "--signal"), (dict(positions="pos_rs", signal="kl+student_entropy"),
+                                        "sum of z-scores"),
+    (dict(method="sekd3x", signal="kl"), "teacher is not there"), (dict(resume=True, overwrite=True),
+                                                                   "--overwrite replaces"),
     (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes")])
 def test_config_refuses_bad_values_naming_the_flag(bad, match):
     with pytest.raises(sekd.UsageError, match=match):
@@ -995,13 +1086,16 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
 # ============================================================================================
 
 def test_bench_reports_each_table_and_ends_with_one_json_line(capsys):
-    sekd.main(["bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16", "--steps", "1",
+    sekd.main(["bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
+               "--steps", "1",
                "--methods", "full_dense,sekd3x"])
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "tiny")
-    assert list(report["results"]) == ["full_dense", "sekd3x"] and report["results"]["sekd3x"]["cache_read_ms"] >= 0
-    assert list(report["epoch"]) == list(sekd.PASS_METHODS) and all(r["s"] > 0 for r in report["epoch"].values())
+    assert list(report["results"]) == ["full_dense",
+                                       "sekd3x"] and report["results"]["sekd3x"]["cache_read_ms"] >= 0
+    assert list(report["epoch"]) == list(sekd.PASS_METHODS)
+    assert all(r["s"] > 0 for r in report["epoch"].values())
     assert report["epoch"]["full_dense"]["over_full_dense"] == 1.0
     assert report["cache"]["build_over_teacher_forward"] > 0 and report["cache"]["read_over_sekd3x_step"] >= 0
     assert any(line.startswith("sekd3x") for line in lines[:-1])  # rows precede the JSON
@@ -1025,16 +1119,20 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for f in sekd.dataclasses.fields(sekd.Config):
         assert "--" + f.name.replace("_", "-") in help_text
-    assert "default: None" not in help_text and "sekd/sekd3x: top" in help_text and "sekd.py bench" in help_text
+    assert "default: None" not in help_text and "sekd/sekd3x: top" in help_text
+    assert "sekd.py bench" in help_text
 
 
 def test_command_line_parses_flags_into_config():
-    cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t", "--resume"])
-    assert (cfg.method, cfg.positions, cfg.k, cfg.top_k_classes, cfg.teacher, cfg.resume) == ("random", "random", 0.3, 8, "t", True)
+    cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t",
+                             "--resume"])
+    parsed = (cfg.method, cfg.positions, cfg.k, cfg.top_k_classes, cfg.teacher, cfg.resume)
+    assert parsed == ("random", "random", 0.3, 8, "t", True)
 
 
 def usage_errors(saved_models, tmp_path):
-    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data", saved_models["data"],
+    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
+            saved_models["data"],
             "--seq-len", "16", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
