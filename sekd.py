@@ -27,6 +27,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -198,7 +199,7 @@ class GlobalThreshold:
 
     def push(self, scores, valid):
         if dist.is_initialized():
-            scores, valid = all_gather(scores.float()), all_gather(valid)
+            scores, valid = all_gather(scores.float()), all_gather(valid.to(torch.uint8)).bool()
         self.queue = torch.cat([self.queue, scores[valid].float().cpu()])[-self.size:]
 
 def drawn_positions(scores, valid, k, unbiased):
@@ -1204,7 +1205,8 @@ def caught_signals():
         if caught:
             raise KeyboardInterrupt
         caught.append(signum)
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield caught
     finally:
