@@ -54,7 +54,7 @@ def unwrap(model):
 
 def hidden_states(model, input_ids, attention_mask=None):
     """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head). No mask
-    means every token is real: attention then takes its fused causal path (H100: 14% faster fwd + bwd)."""
+    means every token is real: attention can take its causal kernel (on an H100: fwd + bwd 14% faster)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model(input_ids, attention_mask)                # DDP syncs gradients only through its forward
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
