@@ -542,7 +542,7 @@ def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
 
 
 def test_random_positions_have_the_budget_and_cover_positions_uniformly():
-    valid, hits = torch.ones(400, 8, dtype=torch.bool), torch.zeros(8)
+    valid = torch.ones(400, 8, dtype=torch.bool)
     torch.manual_seed(0)
     weights = sekd.position_weights("random", None, valid, 0.25)
     assert ((weights > 0).sum(1) == 2).all()
@@ -907,12 +907,25 @@ def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_
         sekd.prepare(cfg)
 
 
+def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(saved_models, built_cache,
+                                                                                 tmp_path):
+    import shutil
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    cache_dir = shutil.copytree(built_cache[0], tmp_path / "cache")
+    cfg = dict(method="sekd3x", class_samples=16, cache_dir=str(cache_dir), teacher=str(teacher))
+    sekd.prepare(run_config(saved_models, tmp_path / "a", **cfg))          # the copied weights match
+    for name in ("model.safetensors", "config.json"):  # another model's weights, same directory
+        shutil.copy(os.path.join(saved_models["other_student"], name), teacher / name)
+    with pytest.raises(sekd.UsageError, match="other teacher weights"):
+        sekd.prepare(run_config(saved_models, tmp_path / "b", **cfg))
+
+
 def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
     import shutil
     copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
-    sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
-                            cache_dir=built_cache[0],
-                            teacher=str(copy)))
+    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+                                  cache_dir=built_cache[0], teacher=str(copy)))
+    assert run.cache is not None and run.teacher is None   # reused: trains from the cache, no teacher loaded
 
 
 def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
