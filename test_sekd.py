@@ -1026,9 +1026,10 @@ def torchrun(*args):
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("method", ["sekd", "sekd3x"])
-def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method):
-    flags = ["--method", method, "--teacher", saved_models["teacher"], "--student", saved_models["student"],
+@pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
+def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method,
+                                                                          positions):
+    flags = ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"], "--student", saved_models["student"],
              "--data", saved_models["data"], "--seq-len", "16", "--lr", "3e-3", "--max-steps", "3",
              "--device", "cpu", "--val-fraction", "0.2"]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
