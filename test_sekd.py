@@ -1029,9 +1029,9 @@ def torchrun(*args):
 @pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
 def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method,
                                                                           positions):
-    flags = ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"], "--student", saved_models["student"],
-             "--data", saved_models["data"], "--seq-len", "16", "--lr", "3e-3", "--max-steps", "3",
-             "--device", "cpu", "--val-fraction", "0.2"]
+    flags = ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
+             "--student", saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
+             "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2"]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
     done = torchrun(*flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
