@@ -896,6 +896,11 @@ def pretrained(kind, name, **kwargs):
 def load_model(name, device, dtype):
     return pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
 
+def load_teacher(name, device):
+    """The teacher, frozen: bf16 on CUDA (paper), float32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return load_model(name, device, dtype).eval().requires_grad_(False)
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -1045,8 +1050,7 @@ def prepare(cfg):
 
     student, teacher = load_model(cfg.student, device, torch.float32), None
     if teacher_used and cache is None:
-        dtype = torch.bfloat16 if teacher_device.type == "cuda" else torch.float32
-        teacher = load_model(cfg.teacher, teacher_device, dtype).eval().requires_grad_(False)
+        teacher = load_teacher(cfg.teacher, teacher_device)
     kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
             torch.tensor(cache.sample_ids) if cache else choose_samples(cfg, student, teacher, train_blocks))
     if cfg.cache_dir and cache is None:
@@ -1273,8 +1277,7 @@ def train(cfg):
 def eval_teacher(run):
     """The teacher for held-out KL: the training one, or (training from a cache) loaded once, on first use."""
     if run.teacher is None and run.eval_teacher is None and run.cfg.teacher:
-        dtype = torch.bfloat16 if run.teacher_device.type == "cuda" else torch.float32
-        run.eval_teacher = load_model(run.cfg.teacher, run.teacher_device, dtype).eval()
+        run.eval_teacher = load_teacher(run.cfg.teacher, run.teacher_device)
     return run.teacher if run.teacher is not None else run.eval_teacher
 
 def finish(run, start_time):
