@@ -79,17 +79,23 @@ def lm_head(model, vocab_size=None):
 def head_size(model):
     return unwrap(model).get_output_embeddings().weight.shape[0]
 
+def log_softmax_t(logits, temperature):
+    """log softmax(logits / T) in float32, straight from bf16 logits (no upcast copy) when T = 1."""
+    return (logits if temperature == 1 else logits.float() / temperature).log_softmax(-1, dtype=torch.float32)
+
+def softmax_t(logits, temperature):
+    return (logits if temperature == 1 else logits.float() / temperature).softmax(-1, dtype=torch.float32)
+
 def entropy(logits):
-    """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N], the softmax taken straight to fp32 (no
-    upcast copy of bf16 logits)."""
-    return torch.special.entr(logits.softmax(-1, dtype=torch.float32)).sum(-1)
+    """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N]."""
+    return torch.special.entr(softmax_t(logits, 1)).sum(-1)
 
 def cross_entropy(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
-def kl_rows(p_logits, q_logits):
-    """KL(p || q) per row at T = 1, never negative: [N, V], [N, V] -> [N]."""
-    log_p, log_q = (z.log_softmax(-1, dtype=torch.float32) for z in (p_logits, q_logits))
+def kl_rows(p_logits, q_logits, temperature=1.0):
+    """KL(p_T || q_T) per row, never negative (rounding can dip below 0 where p = q): [N, V] x 2 -> [N]."""
+    log_p, log_q = log_softmax_t(p_logits, temperature), log_softmax_t(q_logits, temperature)
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp(min=0)
 
 def standardize(scores, valid=None):
@@ -241,13 +247,6 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
 # =============================================================================================
 # 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
 
-def log_softmax_t(logits, temperature):
-    """log softmax(logits / T) in float32, straight from bf16 logits (no upcast copy) when T = 1."""
-    return (logits if temperature == 1 else logits.float() / temperature).log_softmax(-1, dtype=torch.float32)
-
-def softmax_t(logits, temperature):
-    return (logits if temperature == 1 else logits.float() / temperature).softmax(-1, dtype=torch.float32)
-
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
     """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable)."""
     return ChunkedKL.apply(student_logits, teacher_logits.detach(), temperature, chunk_size)
@@ -263,9 +262,7 @@ class ChunkedKL(torch.autograd.Function):
         out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
         for start in range(0, len(out), chunk_size):
             rows = slice(start, start + chunk_size)
-            log_p = log_softmax_t(teacher_logits[rows], temperature)
-            log_q = log_softmax_t(student_logits[rows], temperature)
-            out[rows] = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+            out[rows] = kl_rows(teacher_logits[rows], student_logits[rows], temperature)
         out *= temperature ** 2
         return out
 
