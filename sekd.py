@@ -992,7 +992,10 @@ def check_out_dir(cfg):
         if not os.path.exists(state):
             raise UsageError(f"--resume: no checkpoint in {cfg.out_dir}/checkpoint (a run writes one every "
                              "--save-every steps, and when interrupted): drop --resume to start")
-        saved = read_json(state)
+        saved, world = read_json(state), rank_world()[1]
+        if saved["world_size"] != world:  # the data order is cut into global batches of world x batch_size
+            raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this "
+                             f"one {world}: resume it with torchrun --nproc_per_node {saved['world_size']}")
         changed = [k for k, v in dataclasses.asdict(cfg).items()
                    if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]
         if changed:
@@ -1020,12 +1023,16 @@ class Run:
     teacher_device: torch.device
     gls: Any = None
     step: int = 0
-    tokens: int = 0
     train_time: float = 0.0
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
     eval_teacher: Any = None
+
+    @property
+    def tokens(self):
+        """Training tokens so far: each step takes grad_accum micro-batches of batch_size blocks per rank."""
+        return self.step * rank_world()[1] * self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
 
 def prepare(cfg):
     """Everything before the first step, cheapest first, so that bad input fails before any model loads."""
@@ -1090,7 +1097,7 @@ def save_checkpoint(run):
         for name in (student_file, state_file):
             os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
         write_json(os.path.join(directory, "checkpoint.json"), {
-            "step": run.step, "student": student_file, "state": state_file, "tokens": run.tokens,
+            "step": run.step, "student": student_file, "state": state_file, "world_size": rank_world()[1],
             "config": dataclasses.asdict(run.cfg), "param_groups": optimizer["param_groups"],
             "train_time_s": run.train_time, "history": run.history, "evals": run.evals, "info": run.info})
         for name in set(os.listdir(directory)) - {student_file, state_file, "checkpoint.json"}:
@@ -1108,7 +1115,7 @@ def load_checkpoint(run, saved):
     run.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     if run.gls is not None:
         run.gls.queue = tensors["gls_queue"].cpu()
-    run.step, run.tokens, run.train_time = saved["step"], saved["tokens"], saved["train_time_s"]
+    run.step, run.train_time = saved["step"], saved["train_time_s"]
     run.history, run.evals, run.info = saved["history"], saved["evals"], {**saved["info"], **run.info}
 
 @torch.no_grad()
@@ -1248,7 +1255,7 @@ def train(cfg):
                                      f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
                                      f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
                                      "Lower --lr, or check the data")
-                run.step, run.tokens = step + 1, run.tokens + global_batch * cfg.grad_accum * cfg.seq_len
+                run.step = step + 1
                 run.train_time += time.time() - began
                 run.history.append(stats)
                 bar.update()

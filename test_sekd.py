@@ -942,6 +942,12 @@ def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatc
     assert first["distilled_blocks"] == second["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
 
 
+def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3,
+                                    grad_accum=2))
+    assert metrics["train_tokens"] == 3 * 2 * 4 * 16   # steps x micro-batches x blocks x seq_len
+
+
 def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60,
                                     epochs=1))
@@ -1018,6 +1024,15 @@ def test_resume_refuses_changed_settings(saved_models, tmp_path):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
     with pytest.raises(sekd.UsageError, match="changes k"):
         sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
+
+
+def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))  # as if from torchrun
+    with pytest.raises(sekd.UsageError, match="had 2 process.*--nproc_per_node 2"):
+        sekd.train(run_config(saved_models, tmp_path, resume=True))
 
 
 def torchrun(*args):
