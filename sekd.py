@@ -1227,15 +1227,18 @@ def train(cfg):
     start_time = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
         device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         run = prepare(cfg)
         rank, world = rank_world()
         if cfg.overwrite and rank == 0:  # only now, with every check passed, is the earlier run replaced
             for path in (os.path.join(cfg.out_dir, name) for name in OUTPUTS):
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else None
-                os.remove(path) if os.path.isfile(path) else None
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.isfile(path):
+                    os.remove(path)
         global_batch = world * cfg.batch_size
         total = cfg.max_steps or math.ceil(cfg.epochs * len(run.kept) / (global_batch * cfg.grad_accum))
         order = training_order(len(run.kept), global_batch, cfg.seed, first=run.step * cfg.grad_accum)
@@ -1267,7 +1270,8 @@ def train(cfg):
                 if cfg.save_every and run.step % cfg.save_every == 0:
                     save_checkpoint(run)
                 stop = torch.tensor([float(bool(caught))], device=run.device)
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX) if dist.is_initialized() else None  # ranks agree
+                if dist.is_initialized():  # every rank stops at the same step
+                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
                 if stop.item():
                     save_checkpoint(run)
                     raise RunStopped(f"interrupted at step {run.step} of {total}: checkpoint saved in "
