@@ -13,27 +13,12 @@ Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabu
 
 from __future__ import annotations
 
-import argparse
-import bisect
-import dataclasses
-import hashlib
-import json
-import math
-import multiprocessing
-import os
-import resource
-import shutil
-import signal
-import statistics
-import sys
-import tempfile
-import threading
-import time
+import argparse, dataclasses, json, math, os, sys, time      # the run and its command line
+import hashlib, shutil, tempfile                             # fingerprints, atomic writes
+import multiprocessing, resource, signal, threading          # the benchmark's processes, memory, signals
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,9 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model as load_weights, save_file, save_model as save_weights
 
 
-# =============================================================================================
-# 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks from the
-#    models' hidden states and LM heads, so that the heads can later run on the selected rows only
+# ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks from the
+#      models' hidden states and LM heads, so that the heads can later run on the selected rows only
 
 def unwrap(model):
     """The Hugging Face model itself, also when the training loop wrapped it for DDP (section 8)."""
@@ -69,7 +53,6 @@ def lm_head(model, vocab_size=None):
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     scale, cap = (getattr(model.config, name, None) for name in ("logit_scale", "final_logit_softcapping"))
-
     def logits(hidden):
         z = F.linear(hidden, weight, bias)
         z = z * scale if scale else z
@@ -155,9 +138,8 @@ def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None,
     return out[0] if len(parts) == 1 else sum(standardize(part, valid) for part in out)
 
 
-# =============================================================================================
-# 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top ceil(k n_i)
-#    valid positions of each sample by u(t); the baselines and alternatives are a few lines each
+# ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top ceil(k n_i) valid
+#      positions of each sample by u(t); the baselines and alternatives are a few lines each
 
 def budget(n, share):
     """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share is read as
@@ -186,8 +168,7 @@ def curriculum_positions(scores, valid, k, progress):
     """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order that starts at the
     lowest u at progress 0 (the first step) and slides linearly to the highest u at progress 1 (the last)."""
     rank = ranks(scores.float().masked_fill(~valid, math.inf), descending=False)
-    n = valid.sum(1)
-    size = budget(n, k)
+    n, size = valid.sum(1), budget(valid.sum(1), k)
     start = torch.floor((n - size) * progress + 0.5)[:, None]
     return (rank >= start) & (rank < start + size[:, None]) & valid
 
@@ -229,23 +210,17 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     w = m_t / sum_t m_t (Eq. 3). scores: u(t) [B, T] (None for all and random)."""
     if policy in ("pos_rs", "pos_rs_unbiased"):
         return drawn_positions(scores, valid, k, unbiased=policy == "pos_rs_unbiased")
-    if policy == "all":
-        keep = valid
-    elif policy == "top":
-        keep = select_positions(scores, valid, k)
-    elif policy == "random":  # the RandomPos baseline: the same budget at random positions
-        keep = select_positions(torch.rand(valid.shape, device=valid.device), valid, k)
-    elif policy == "gls":
-        keep = gls.select(scores, valid, k)
-    elif policy == "curriculum":
-        keep = curriculum_positions(scores, valid, k, progress)
-    else:
+    masks = {"all": lambda: valid, "top": lambda: select_positions(scores, valid, k),  # random: RandomPos
+             "random": lambda: select_positions(torch.rand(valid.shape, device=valid.device), valid, k),
+             "gls": lambda: gls.select(scores, valid, k),
+             "curriculum": lambda: curriculum_positions(scores, valid, k, progress)}
+    if policy not in masks:
         raise ValueError(f"unknown position policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    keep = masks[policy]()                                                     # m_t, bool [B, T]
     return keep / keep.sum(1, keepdim=True).clamp(min=1)
 
 
-# =============================================================================================
-# 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
+# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
 
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
     """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable)."""
@@ -314,9 +289,8 @@ def sparse_kl(student_logits, ids, weights, temperature=1.0):
     return (torch.xlogy(weights, weights) - weights * log_q).sum(-1) * temperature ** 2
 
 
-# =============================================================================================
-# 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a position
-#    signal under the frozen initial student (student entropy: no teacher pass needed)
+# ==== 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a position
+#      signal under the frozen initial student (student entropy: no teacher pass needed)
 
 @torch.no_grad()
 def sample_scores(student, blocks, signal="student_entropy", teacher=None, batch_size=8, chunk_size=1024,
@@ -345,8 +319,7 @@ def select_samples(scores, ell):
     return scores.sort(descending=True, stable=True).indices[:keep].sort().values
 
 
-# =============================================================================================
-# 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations)
+# ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations)
 
 def teacher_hidden(teacher, input_ids, attention_mask=None):
     """The teacher's final hidden states [B, T, H_t] at the positions that predict a token, without grad."""
@@ -354,6 +327,11 @@ def teacher_hidden(teacher, input_ids, attention_mask=None):
     with torch.no_grad():
         mask = None if attention_mask is None else attention_mask.to(device)
         return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
+
+@torch.no_grad()
+def logits_at(head, hidden, rows, device):
+    """head(hidden[rows]) without grad: the logits [N, V] of the selected rows only, moved to device."""
+    return head(hidden[tuple(r.to(hidden.device) for r in rows)]).to(device)
 
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
     """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes plus a
@@ -388,30 +366,24 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
     valid = (torch.ones_like(labels, dtype=torch.bool) if attention_mask is None
              else attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool())   # both tokens real
     h_student = hidden_states(student, input_ids, attention_mask)[:, :-1]     # [B, T, H]
-    student_head = lm_head(student, cfg.vocab_size)
+    student_head, h_teacher, teacher_head = lm_head(student, cfg.vocab_size), None, None
     scored, online = cfg.positions in SCORED_POLICIES, cfg.ce_weight < 1 and targets is None
-    h_teacher = None                                                           # [B, T, H_t]
     if online or (scored and uses_teacher(cfg.signal)):
-        h_teacher = teacher_hidden(teacher, input_ids, attention_mask)
-    teacher_head = None if h_teacher is None else lm_head(teacher, cfg.vocab_size)
+        h_teacher = teacher_hidden(teacher, input_ids, attention_mask)        # [B, T, H_t]
+        teacher_head = lm_head(teacher, cfg.vocab_size)
 
-    scores = None  # SE-KD: u(t) = H(q_t), the student's own uncertainty, picks the positions
-    if scored:
-        scores = batch_scores(cfg.signal, h_student, student_head, labels, valid, h_teacher, teacher_head,
-                              cfg.chunk_size)
+    # Eq. 3, the mask m_t; SE-KD: u(t) = H(q_t), the student's own uncertainty, picks the positions.
+    scores = batch_scores(cfg.signal, h_student, student_head, labels, valid, h_teacher, teacher_head,
+                          cfg.chunk_size) if scored else None
     weights = position_weights(cfg.positions, scores, valid, cfg.k, progress, gls)   # [B, T]
     if gls is not None:
         gls.push(scores, valid)
     rows = weights.nonzero(as_tuple=True)                                      # N selected (sample, position)
     student_logits = student_head(h_student[rows])                            # [N, V]
 
-    per_position, stats = 0.0, {}
+    per_position, stats = 0.0, {}  # Eq. 2: l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(t)
     if cfg.ce_weight < 1:
-        teacher_logits = None
-        if online:
-            with torch.no_grad():
-                t_rows = tuple(r.to(h_teacher.device) for r in rows)
-                teacher_logits = teacher_head(h_teacher[t_rows]).to(student_logits.device)   # [N, V]
+        teacher_logits = logits_at(teacher_head, h_teacher, rows, h_student.device) if online else None
         cached = None if targets is None else tuple(t[rows] for t in targets)           # [N, U] each
         kl = class_kl(student_logits, cfg, teacher_logits, cached)
         per_position, stats["kl"] = (1 - cfg.ce_weight) * kl, kl.detach().mean()
@@ -439,8 +411,7 @@ def dense_full_kd_loss(student, teacher, input_ids):
                     log_target=True, reduction="none").sum(-1).mean()
 
 
-# =============================================================================================
-# 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every position of the kept samples
+# ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every position of the kept samples
 # Positions are chosen by the *student* at training time, so the cache holds sparse teacher targets
 # for every position of every kept sample, and the teacher never sits in memory while the student trains.
 # One stored class = its id in ceil(log2 V) bits and count-1 in ceil(log2 U) bits, in the fewest whole
@@ -480,9 +451,9 @@ def weights_fingerprint(model_name, blocks=256):
     at `blocks` evenly spread offsets. Another model, or the same trained further, changes every block;
     an edit confined to bytes between the blocks (one weight changed by hand) goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
-    directory = model_name if os.path.isdir(model_name) else snapshot_download(model_name,
-                                                                               local_files_only=True)
-    digest = hashlib.sha256()
+    directory, digest = model_name, hashlib.sha256()
+    if not os.path.isdir(model_name):
+        directory = snapshot_download(model_name, local_files_only=True)
     for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
         size = os.path.getsize(os.path.join(directory, name))
         digest.update(f"{name}:{size}".encode())
@@ -532,10 +503,10 @@ def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, ba
               "shard_size": shard_size, "seed": seed, "fingerprint": fingerprint(input_ids),
               "sample_ids": [int(i) for i in (range(len(input_ids)) if sample_ids is None else sample_ids)]}
     manifest_path = os.path.join(path, "manifest.json")
-    if os.path.exists(manifest_path):
-        if {key: read_json(manifest_path).get(key) for key in header} == header:
-            return read_json(manifest_path)  # already complete
-        raise UsageError(f"{path} holds another teacher cache: delete it, or use another --cache-dir")
+    if os.path.exists(manifest_path):  # complete: this build's, or another's
+        if {key: read_json(manifest_path).get(key) for key in header} != header:
+            raise UsageError(f"{path} holds another teacher cache: delete it, or use another --cache-dir")
+        return read_json(manifest_path)
     rank, world = rank_world()
     build_key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
     names = [f"shard_{s:05d}.safetensors" for s in range(math.ceil(len(input_ids) / shard_size))]
@@ -583,8 +554,8 @@ class TeacherCache:
         self.manifest = m = read_json(manifest_path)
         if (m.get("format"), m.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
             raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to rebuild")
-        self.num_samples, self.count_bits = m["num_samples"], m["count_bits"]
-        self.sample_ids = m["sample_ids"]
+        self.num_samples, self.count_bits, self.shard_size, self.sample_ids = (
+            m[key] for key in ("num_samples", "count_bits", "shard_size", "sample_ids"))
         self.positions, self._files, self._offsets = m["seq_len"] - 1, [], []
         for shard in m["shards"]:
             file = os.path.join(path, shard["file"])
@@ -593,7 +564,6 @@ class TeacherCache:
                                  "the manifest): delete the cache directory and rebuild it")
             self._files.append(safe_open(file, "pt"))  # memory-mapped: entries are read per batch
             self._offsets.append(self._files[-1].get_tensor("offsets").tolist())             # [S + 1]
-        self._first = [shard["first"] for shard in m["shards"]]
 
     def __len__(self):
         return len(self.sample_ids)
@@ -610,8 +580,8 @@ class TeacherCache:
         """Packed entries uint8 [M, bytes] of the cached samples `indices`, in order."""
         entries = []
         for i in indices:
-            shard = bisect.bisect_right(self._first, i) - 1
-            start, end = self._offsets[shard][i - self._first[shard]:i - self._first[shard] + 2]
+            shard, j = divmod(i, self.shard_size)   # every shard but the last holds shard_size samples
+            start, end = self._offsets[shard][j:j + 2]
             entries.append(self._files[shard].get_slice("entries")[start:end])
         return torch.cat(entries)
 
@@ -633,8 +603,7 @@ class TeacherCache:
         return tuple(t[0] for t in self.decode(self.read([i]), 1))
 
 
-# =============================================================================================
-# 7. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper: 512)
+# ==== 7. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper: 512)
 
 DATA_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -703,8 +672,7 @@ def load_blocks(cfg, tokenizer):
     return blocks
 
 
-# =============================================================================================
-# 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
+# ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
 
 class UsageError(ValueError):
     """Bad input the user can fix: the command line prints it as one line and exits with status 2."""
@@ -729,33 +697,33 @@ PRESETS = {
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)  # a preset-driven field that its preset leaves open
 
 def option(default, help):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction (UsageError)."""
     method: str = option("sekd", "preset of the three axes (README: Methods)")
-    positions: Optional[str] = option(None, "position policy (README: the design space)")
+    positions: str | None = option(None, "position policy (README: the design space)")
     k: float = option(0.2, "share of each sample's valid positions supervised, in (0, 1] (paper: 0.2)")
     signal: str = option("student_entropy", "importance signal u(t) that the scored position policies use")
     gls_queue_size: int = option(30_000, "gls: FIFO queue of scores whose (1 - k) quantile is the threshold")
     temperature: float = option(1.0, "softmax temperature T of both models in the KL, which is scaled by T^2")
-    ce_weight: Optional[float] = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0)")
-    top_k_classes: Optional[int] = option(None, "KL over the teacher's top K classes plus a tail bucket")
-    class_samples: Optional[int] = option(None, "RS-KD: U classes drawn from the teacher per position (64)")
-    ell: Optional[float] = option(None, "share l of training samples distilled, in (0, 1] (paper: 0.2)")
+    ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0)")
+    top_k_classes: int | None = option(None, "KL over the teacher's top K classes plus a tail bucket")
+    class_samples: int | None = option(None, "RS-KD: U classes drawn from the teacher per position (64)")
+    ell: float | None = option(None, "share l of training samples distilled, in (0, 1] (paper: 0.2)")
     sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)")
-    cache_dir: Optional[str] = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
+    cache_dir: str | None = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
     cache_shard_size: int = option(256, "samples per cache shard")
     cache_any_student: bool = option(False, "reuse a cache whose samples another student chose")
-    teacher: Optional[str] = option(None, "teacher: a Hugging Face causal-LM name or local directory")
-    student: Optional[str] = option(None, "student: a Hugging Face causal-LM name or local directory")
-    data: Optional[str] = option(None, "training text: .txt/.json/.jsonl/.parquet file, directory, hub name")
+    teacher: str | None = option(None, "teacher: a Hugging Face causal-LM name or local directory")
+    student: str | None = option(None, "student: a Hugging Face causal-LM name or local directory")
+    data: str | None = option(None, "training text: .txt/.json/.jsonl/.parquet file, directory, hub name")
     text_column: str = option("text", "column holding the documents' text")
-    max_documents: Optional[int] = option(None, "use only the first N documents")
+    max_documents: int | None = option(None, "use only the first N documents")
     seq_len: int = option(512, "tokens per packed block (paper: 512)")
     val_fraction: float = option(0.05, "share of documents held out for evaluation")
-    vocab_size: Optional[int] = option(None, "distill over the first V ids (heads that differ by padding)")
+    vocab_size: int | None = option(None, "distill over the first V ids (heads that differ by padding)")
     chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in scores, KL and evaluation")
     batch_size: int = option(8, "blocks per micro-batch, per process")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -763,15 +731,15 @@ class Config:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)")
     epochs: int = option(1, "passes over the distilled blocks (paper: 1); --max-steps wins when given")
-    max_steps: Optional[int] = option(None, "optimizer steps; the data order cycles as needed")
+    max_steps: int | None = option(None, "optimizer steps; the data order cycles as needed")
     seed: int = option(0, "seeds the data order, random positions and RS-KD draws (not the weights)")
     eval_every: int = option(0, "evaluate every N steps as well as at the end (0: only at the end)")
-    eval_batches: Optional[int] = option(None, "evaluate on at most this many held-out batches")
+    eval_batches: int | None = option(None, "evaluate on at most this many held-out batches")
     save_every: int = option(0, "write OUT_DIR/checkpoint every N steps (0: only when interrupted)")
     resume: bool = option(False, "continue the run in OUT_DIR from its checkpoint")
     overwrite: bool = option(False, "replace another run's outputs in OUT_DIR")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:i] (under torchrun: + LOCAL_RANK)")
-    teacher_device: Optional[str] = option(None, "the teacher's own device, e.g. cuda:1 (torchrun: + RANK)")
+    teacher_device: str | None = option(None, "the teacher's own device, e.g. cuda:1 (torchrun: + RANK)")
     out_dir: str = option("out", "where the student, its tokenizer, metrics.json and checkpoints go")
 
     def __post_init__(self):
@@ -825,8 +793,9 @@ class Config:
 
     @property
     def needs_teacher(self):
-        """A teacher at training time: KD from it, or teacher-based position scores."""
-        return self.ce_weight < 1 or (self.positions in SCORED_POLICIES and uses_teacher(self.signal))
+        """A teacher in the run: for KD, teacher-based scores of positions or samples, or to build a cache."""
+        return (self.ce_weight < 1 or bool(self.cache_dir) or self.positions in SCORED_POLICIES
+                and uses_teacher(self.signal) or self.ell < 1 and uses_teacher(self.sample_signal))
 
 
 def resolve_device(name, local_rank=0):
@@ -867,10 +836,6 @@ class Backbone(torch.nn.Module):
 def autocast(device):
     """bf16 autocast on CUDA (paper: bf16); full precision on CPU, where bf16 matmuls are slow."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -956,9 +921,8 @@ def cache_identity(cfg):
     """What a cache must have been built for besides settings and data: the teacher's weights, and the
     student and signal that chose its samples (none when every sample is kept)."""
     chosen = cfg.ell < 1
-    return {"teacher_weights": weights_fingerprint(cfg.teacher),
-            "student_weights":
-                weights_fingerprint(cfg.student) if chosen and not cfg.cache_any_student else None,
+    student = weights_fingerprint(cfg.student) if chosen and not cfg.cache_any_student else None
+    return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
             "sample_signal": cfg.sample_signal if chosen else None}
 
 def open_cache(cfg, blocks, vocab):
@@ -971,10 +935,10 @@ def open_cache(cfg, blocks, vocab):
                          "another --cache-dir")
     cache.check(vocab_size=vocab, num_samples=cfg.class_samples, temperature=cfg.temperature,
                 seq_len=cfg.seq_len, fingerprint=fingerprint(blocks[cache.sample_ids]), **cache_identity(cfg))
-    m, paper = cache.manifest, 3 * cfg.class_samples
-    report = dict(cache_bytes_per_position=m["data_bytes"] / m["positions"], paper_bytes_per_position=paper,
-                  cache_bytes_per_token=m["data_bytes"] / blocks.numel(),
-                  paper_bytes_per_token=paper * cfg.ell)
+    m, paper = cache.manifest, 3 * cfg.class_samples  # the paper's budget: 3 bytes per drawn class
+    report = dict(
+        cache_bytes_per_position=m["bytes_per_position"], paper_bytes_per_position=paper,
+        cache_bytes_per_token=m["data_bytes"] / blocks.numel(), paper_bytes_per_token=paper * cfg.ell)
     if rank_world()[0] == 0:
         print("teacher cache: " + ", ".join(f"{k} {v:.1f}" for k, v in report.items()), file=sys.stderr)
     return cache, report
@@ -1007,79 +971,59 @@ def check_out_dir(cfg):
         raise UsageError(f"--out-dir {cfg.out_dir} holds another run's {', '.join(earlier)}: pass --resume "
                          "to continue it, --overwrite to replace it, or choose another --out-dir")
 
-@dataclass
 class Run:
-    """What a training run holds between steps; a checkpoint saves the parts that change."""
-    cfg: Config
-    tokenizer: Any
-    train_blocks: torch.Tensor
-    val_blocks: torch.Tensor
-    student: Any                   # the model; under torchrun, DDP(Backbone(model))
-    teacher: Any                   # None when training needs no teacher (ce, or from a cache)
-    cache: Any
-    kept: torch.Tensor             # the distilled training blocks (sample axis); cache sample i is kept[i]
-    optimizer: Any
-    device: torch.device
-    teacher_device: torch.device
-    gls: Any = None
-    step: int = 0
-    train_time: float = 0.0
-    history: list = field(default_factory=list)
-    evals: list = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-    eval_teacher: Any = None
+    """A training run. Set up cheapest first, so that bad input fails before any model loads; then it holds
+    what changes between steps (step, optimizer, GLS queue, history), which a checkpoint saves."""
+    def __init__(self, cfg):
+        if cfg.student is None or cfg.data is None:
+            raise UsageError("--student and --data are required (and --teacher for every method but ce)")
+        if cfg.needs_teacher and cfg.teacher is None:
+            raise UsageError(f"--method {cfg.method} distills from a teacher: pass --teacher")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device = resolve_device(cfg.device, local_rank)
+        self.teacher_device = resolve_device(cfg.teacher_device, local_rank) if cfg.teacher_device else device
+        saved = check_out_dir(cfg)                                     # the checkpoint to resume, if any
+        self.cfg, self.tokenizer = cfg, pretrained("AutoTokenizer", cfg.teacher or cfg.student)
+        vocab = check_models(cfg, self.tokenizer)
+        blocks, self.val_blocks = load_blocks(cfg, self.tokenizer)          # [N, seq_len] each
+        self.train_blocks = blocks
+        self.cache, self.info = None, {}
+        if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
+            self.cache, self.info = open_cache(cfg, blocks, vocab)   # reuse: no pre-pass, no teacher
+
+        student, self.teacher = load_model(cfg.student, device, torch.float32), None
+        if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
+            self.teacher = load_teacher(cfg.teacher, self.teacher_device)
+        # The distilled training blocks (sample axis); cached sample i is kept[i].
+        self.kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
+                     torch.tensor(self.cache.sample_ids) if self.cache else
+                     choose_samples(cfg, student, self.teacher, blocks))
+        if cfg.cache_dir and self.cache is None:
+            start = time.time()
+            build_cache(self.teacher, blocks[self.kept], cfg.cache_dir, num_samples=cfg.class_samples,
+                        temperature=cfg.temperature, batch_size=cfg.batch_size, sample_ids=self.kept,
+                        teacher_name=cfg.teacher, vocab_size=vocab, shard_size=cfg.cache_shard_size,
+                        chunk_size=cfg.chunk_size, seed=cfg.seed, identity=cache_identity(cfg))
+            self.cache, self.info = open_cache(cfg, blocks, vocab)
+            self.info["cache_build_s"], self.teacher = time.time() - start, None   # trains without it
+        if device.type == "cuda":  # the peak memory then reports training, not building
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        self.student = student.train()                 # under torchrun: DDP(Backbone(student))
+        if dist.is_initialized():
+            self.student = torch.nn.parallel.DistributedDataParallel(
+                Backbone(student), device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=device.type == "cuda")   # fused: 4x faster on an H100
+        self.gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
+        self.step, self.train_time, self.history, self.evals, self.eval_teacher = 0, 0.0, [], [], None
+        if saved:
+            load_checkpoint(self, saved)
 
     @property
     def tokens(self):
         """Training tokens so far: each step takes grad_accum micro-batches of batch_size blocks per rank."""
         return self.step * rank_world()[1] * self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
-
-def prepare(cfg):
-    """Everything before the first step, cheapest first, so that bad input fails before any model loads."""
-    if cfg.student is None or cfg.data is None:
-        raise UsageError("--student and --data are required (and --teacher for every method but ce)")
-    teacher_used = cfg.needs_teacher or bool(cfg.cache_dir) or cfg.ell < 1 and uses_teacher(cfg.sample_signal)
-    if teacher_used and cfg.teacher is None:
-        raise UsageError(f"--method {cfg.method} distills from a teacher: pass --teacher")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg.device, local_rank)
-    teacher_device = resolve_device(cfg.teacher_device, local_rank) if cfg.teacher_device else device
-    saved = check_out_dir(cfg)                                     # the checkpoint to resume, if any
-    tokenizer = pretrained("AutoTokenizer", cfg.teacher or cfg.student)
-    vocab = check_models(cfg, tokenizer)
-    train_blocks, val_blocks = load_blocks(cfg, tokenizer)
-    cache, info = None, {}
-    if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
-        cache, info = open_cache(cfg, train_blocks, vocab)         # reuse: no pre-pass, no teacher
-
-    student, teacher = load_model(cfg.student, device, torch.float32), None
-    if teacher_used and cache is None:
-        teacher = load_teacher(cfg.teacher, teacher_device)
-    kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
-            torch.tensor(cache.sample_ids) if cache else choose_samples(cfg, student, teacher, train_blocks))
-    if cfg.cache_dir and cache is None:
-        start = time.time()
-        build_cache(teacher, train_blocks[kept], cfg.cache_dir, num_samples=cfg.class_samples,
-                    temperature=cfg.temperature, batch_size=cfg.batch_size, sample_ids=kept,
-                    teacher_name=cfg.teacher, vocab_size=vocab, shard_size=cfg.cache_shard_size,
-                    chunk_size=cfg.chunk_size, seed=cfg.seed, identity=cache_identity(cfg))
-        cache, info = open_cache(cfg, train_blocks, vocab)
-        info["cache_build_s"], teacher = time.time() - start, None  # the student trains without the teacher
-    if device.type == "cuda":  # the peak memory then reports training, not building
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    student.train()
-    if dist.is_initialized():
-        student = torch.nn.parallel.DistributedDataParallel(
-            Backbone(student), device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(unwrap(student).parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")   # fused: 4x faster than foreach on an H100
-    gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
-    run = Run(cfg, tokenizer, train_blocks, val_blocks, student, teacher, cache, kept, optimizer, device,
-              teacher_device, gls, info=info)
-    if saved:
-        load_checkpoint(run, saved)
-    return run
 
 def save_checkpoint(run):
     """OUT_DIR/checkpoint: student and optimizer state (safetensors, named by step), then checkpoint.json,
@@ -1154,11 +1098,10 @@ def prefetch(items, load):
     """Yield load(item) for each item while the next one loads in a background thread: reading the cached
     targets stays off the training step's critical path."""
     with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for item in items:
-            future = pool.submit(load, item)
-            if pending is not None:
-                yield pending.result()
+        futures = (pool.submit(load, item) for item in items)   # each submitted when the loop asks for it
+        pending = next(futures, None)
+        for future in futures:
+            yield pending.result()
             pending = future
         if pending is not None:
             yield pending.result()
@@ -1231,7 +1174,7 @@ def train(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        run = prepare(cfg)
+        run = Run(cfg)
         rank, world = rank_world()
         if cfg.overwrite and rank == 0:  # only now, with every check passed, is the earlier run replaced
             for path in (os.path.join(cfg.out_dir, name) for name in OUTPUTS):
@@ -1318,20 +1261,19 @@ def finish(run, start_time):
     return metrics
 
 
-# =============================================================================================
-# 9. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
-# Random-init models built on the device in their training dtypes (speed and memory do not depend on the
-# weights). Each method gets its own models and, on CUDA, a reset peak-memory counter (on CPU, a fresh
-# process: a process's peak resident size cannot be reset), so one method's peak cannot hide another's.
+# ==== 9. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
+# Each method makes one pass over the same random blocks with random-init models of its own, built on the
+# device in their training dtypes (speed and memory do not depend on the weights), and its own peak-memory
+# counter: on CUDA reset per method; on CPU a fresh process, whose peak resident size is its own.
 
 BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B
     "tiny": dict(name="tiny", family="llama", vocab=32_000, batch=8, seq=256, teacher=(256, 4, 4, 4, 688),
                  student=(128, 2, 4, 4, 344)),                      # (hidden, layers, heads, kv heads, ffn)
     "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, batch=8, seq=512,
-                  teacher=(2048, 28, 16, 8, 6144),
-                  student=(1024, 28, 16, 8, 3072))}
-STEP_METHODS = ("ce", "full_dense", "full", "sekd", "sekd3x")
-PASS_METHODS = ("full_dense", "full", "sekd", "topsmp", "sekd3x_build", "sekd3x_reuse")
+                  teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
+# What each method trains as, on which samples: topsmp and sekd3x_* on the l = 20% kept by a pre-pass.
+BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "topsmp": "full",
+                 "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}
 
 def bench_model(shape, role, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
@@ -1345,137 +1287,133 @@ def bench_model(shape, role, device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train() if role == "student" else model.eval().requires_grad_(False)
 
-def bench_training(method, student, teacher, blocks, device, cache=None, batch=8):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+def timed(device, job):
+    """Seconds that job() takes, the work it queues on the device included."""
+    synchronize(device)
+    start = time.perf_counter()
+    job()
+    synchronize(device)
+    return time.perf_counter() - start
+
+def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8):
     """A training step per batch of blocks as train() runs it (cached targets read a step ahead; the dense
     baselines with their own loss, the same update). Yields (seconds per step, seconds waiting for data)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
-    cfg = None if method in ("ce", "full_dense") else Config(method=method)
     batches = prefetch(torch.arange(len(blocks)).split(batch),
-                       lambda i: read_batch(blocks[i], cache, i % len(cache) if cache else i, device))
+                       lambda i: read_batch(blocks[i], cache, i, device))   # cache row i holds blocks[i]
     for _ in range(math.ceil(len(blocks) / batch)):
         synchronize(device)
         start = time.perf_counter()
         ids, targets = to_device(*next(batches), cache, device)
         waited = time.perf_counter() - start
-        if cfg is None:
-            with autocast(device):  # ce, the floor: plain next-token CE on the model's own logits, no teacher
-                logits = student(input_ids=ids).logits[:, :-1] if method == "ce" else None
-                loss = dense_full_kd_loss(student, teacher, ids) if method == "full_dense" else \
-                    F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        if method in ("ce", "full_dense"):  # the dense baselines; ce, the floor: next-token CE, no teacher
+            with autocast(device):
+                loss = (dense_full_kd_loss(student, teacher, ids) if method == "full_dense" else
+                        student(ids, labels=ids).loss)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
-            train_step(student, teacher, [(ids, targets)], cfg, optimizer)
+            train_step(student, teacher, [(ids, targets)], Config(method=method), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
 
-def bench_steps(method, shape, device, batch, seq, steps, cache_dir, warmup=2):
-    """Median step time, tokens/s and peak memory of one method after warm-up; with a cache, how long a step
-    waits for its targets (read a step ahead in the background, then decoded on the device)."""
+@torch.no_grad()
+def teacher_forward(teacher, blocks, batch):
+    """The teacher's decoder and LM head at every position, nothing kept: what building a cache adds to."""
+    for part in blocks.split(batch):
+        with autocast(unwrap(teacher).device):
+            for rows in teacher_hidden(teacher, part).flatten(0, 1).split(1024):
+                lm_head(teacher)(rows)
+
+def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
+    """One pass of method over num_batches * batch random blocks after a warm-up step (topsmp, sekd3x_build:
+    pre-pass and cache build included) -> seconds, median step, peak memory; sekd3x_reuse: the median wait
+    for cached targets; sekd3x_build: building a cache of every block against the teacher's forward alone."""
     torch.manual_seed(0)
+    blocks, steps = torch.randint(0, shape["vocab"], (num_batches * batch, seq)), []
     student = bench_model(shape, "student", device)
-    teacher = bench_model(shape, "teacher", device) if method in ("full_dense", "full", "sekd") else None
-    cache = TeacherCache(cache_dir) if method == "sekd3x" else None
-    blocks = torch.randint(0, shape["vocab"], (batch, seq)).repeat(warmup + steps, 1)
-    times = list(bench_training(method, student, teacher, blocks, device, cache, batch))[warmup:]
-    step_s, waited_s = (statistics.median(column) for column in zip(*times))
-    return {"step_ms": 1000 * step_s, "peak_mb": peak_memory_mb(device), "tokens_per_s": batch * seq / step_s,
-            **({"cache_read_ms": 1000 * waited_s} if cache else {})}
+    teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
+    cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
+    kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
+    warm_up = {"topsmp": "full", "sekd3x_build": "sekd"}.get(method, BENCH_METHODS[method])  # no cache yet
+    list(bench_steps(warm_up, student, teacher, blocks[kept[:batch]], device, cache, batch))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-def bench_pass(shape, device, batch, seq, cache_dir, num_batches=10):
-    """Seconds for one pass over the same num_batches * batch samples, pre-pass and cache build included;
-    then the teacher forward alone and the cache build alone over all of them."""
-    torch.manual_seed(0)
-    blocks, kept = torch.randint(0, shape["vocab"], (num_batches * batch, seq)), []
-    student, teacher = bench_model(shape, "student", device), bench_model(shape, "teacher", device)
-
-    def train_on(method, samples, cache=None):
-        return list(bench_training(method, student, teacher, blocks[samples], device, cache, batch))
-
-    def sample_axis():  # the pre-pass: one no-grad pass of the student over every block, keep l = 0.2
-        kept[:] = select_samples(sample_scores(student, blocks, batch_size=batch), 0.2).tolist()
-        return kept
-
-    def build(samples):
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        build_cache(teacher, blocks[samples], cache_dir, num_samples=64, batch_size=batch, device=device)
-        return samples
-
-    @torch.no_grad()
-    def forward_alone():  # decoder and LM head at every position, nothing kept
-        for part in blocks.split(batch):
-            with autocast(device):
-                for rows in teacher_hidden(teacher, part.to(device)).flatten(0, 1).split(1024):
-                    lm_head(teacher)(rows)
-    every = torch.arange(len(blocks))
-    work = {"full_dense": lambda: train_on("full_dense", every), "full": lambda: train_on("full", every),
-            "sekd": lambda: train_on("sekd", every), "topsmp": lambda: train_on("full", sample_axis()),
-            "sekd3x_build": lambda: train_on("sekd3x", build(sample_axis()), TeacherCache(cache_dir)),
-            "sekd3x_reuse": lambda: train_on("sekd3x", kept, TeacherCache(cache_dir)),
-            "teacher_forward": forward_alone, "cache_build": lambda: build(every)}
-    train_on("sekd", every[:batch])  # warm-up
-    for name, job in work.items():
-        synchronize(device)
-        start = time.perf_counter()
-        job()
-        synchronize(device)
-        yield name, time.perf_counter() - start
+    def one_pass():
+        nonlocal kept, cache
+        if method in ("topsmp", "sekd3x_build"):  # the pre-pass: the student scores every block, keeps 20%
+            kept = select_samples(sample_scores(student, blocks, batch_size=batch), 0.2)
+        if method == "sekd3x_build":
+            build_cache(teacher, blocks[kept], cache_dir, batch_size=batch, device=device, sample_ids=kept)
+            cache = TeacherCache(cache_dir)
+        steps.extend(bench_steps(BENCH_METHODS[method], student, None if cache else teacher, blocks[kept],
+                                 device, cache, batch))
+    r = {"s": timed(device, one_pass), "peak_mb": peak_memory_mb(device)}
+    step_s, waited_s = (float(np.median(column)) for column in zip(*steps))
+    r.update(step_ms=1000 * step_s, tokens_per_s=batch * seq / step_s)
+    if method == "sekd3x_reuse":
+        r["cache_read_ms"] = 1000 * waited_s
+    if method == "sekd3x_build":  # steadier over every block than over the kept 20%
+        r["cache_build_s"] = timed(device, lambda: build_cache(teacher, blocks, cache_dir + "_all",
+                                                               batch_size=batch, device=device))
+        r["teacher_forward_s"] = timed(device, lambda: teacher_forward(teacher, blocks, batch))
+    return r
 
 def bench(argv):
-    """Time one whole pass of each method over the same data, cache building and reading, and each method's
-    training step; print each row as it is measured, then one JSON line."""
+    """One pass of each method over the same blocks (the paper's wall-time table), with its median step and
+    peak memory; each row is printed as it is measured, then one JSON line."""
     parser = argparse.ArgumentParser(prog="sekd.py bench", description=bench.__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     parser.add_argument("--shape", choices=list(BENCH_SHAPES), help="default: tiny on CPU, qwen3 on CUDA")
     parser.add_argument("--batch-size", type=int, help="default: the shape's (8)")
     parser.add_argument("--seq-len", type=int, help="default: the shape's (tiny 256, qwen3 512)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method; the median counts (5)")
-    parser.add_argument("--methods", default=",".join(STEP_METHODS), help="per-step methods, comma-separated")
+    parser.add_argument("--batches", type=int, default=10, help="batches per pass (topsmp, sekd3x: 20%%)")
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated, in this order")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     shape = BENCH_SHAPES[args.shape or ("qwen3" if device.type == "cuda" else "tiny")]
     batch, seq = args.batch_size or shape["batch"], args.seq_len or shape["seq"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    report = dict(device=name, shape=args.shape or shape["name"], batch_size=batch, seq_len=seq, epoch={},
-                  cache={}, results={})
-    print(f"{name}, shape {report['shape']}, batch {batch} x {seq}; one pass over {10 * batch} samples:")
+    report = dict(device=name, shape=shape["name"], batch_size=batch, seq_len=seq, batches=args.batches,
+                  epoch={}, results={}, cache={})
+    print(f"{name}, shape {shape['name']}, one pass over {args.batches} batches of {batch} x {seq}:\n"
+          f"{'method':<13} {'pass s':>7} {'/full_dense':>11} {'step ms':>8} {'tokens/s':>8} {'peak MB':>8} "
+          f"{'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}", flush=True)
+    results, cache = report["results"], report["cache"]
     with tempfile.TemporaryDirectory(prefix="sekd-bench-") as tmp:
-        cache_dir = os.path.join(tmp, "cache")
-        for method, seconds in bench_pass(shape, device, batch, seq, cache_dir):
-            if method in PASS_METHODS:
-                r = report["epoch"][method] = {"s": seconds}
-                r["over_full_dense"] = seconds / report["epoch"]["full_dense"]["s"]
-                print(f"  {method:<13} {seconds:8.2f} s {r['over_full_dense']:6.2f}x full_dense", flush=True)
-            report["cache"][method + "_s"] = seconds
-        cache = report["cache"]
-        cache["build_over_teacher_forward"] = cache["cache_build_s"] / cache["teacher_forward_s"]
-        print(f"cache build {cache['build_over_teacher_forward']:.2f}x the teacher forward alone; per step, "
-              f"median of {args.steps}:\n{'method':<13} {'step ms':>9} {'tokens/s':>9} {'peak MB':>9} "
-              f"{'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>8}", flush=True)
-        results = report["results"]
         for method in args.methods.split(","):
-            work = (method, shape, device, batch, seq, args.steps, cache_dir)
-            if device.type == "cuda":  # one process: free the last method's memory, reset the peak counter
+            work = (method, shape, device, batch, seq, args.batches, os.path.join(tmp, "cache"))
+            if device.type == "cuda":  # one process: free the last method's memory
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                r = results[method] = bench_steps(*work)
+                r = results[method] = bench_method(*work)
             else:
                 with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak
-                    r = results[method] = pool.apply(bench_steps, work)
-            ratio = lambda key, base: f"{r[key] / results[base][key]:.2f}" if base in results else "-"
-            print(f"{method:<13} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['peak_mb']:>9.0f} "
-                  f"{ratio('step_ms', 'full_dense'):>15} {ratio('peak_mb', 'full_dense'):>15} "
-                  f"{ratio('step_ms', 'ce'):>8}", flush=True)
-        if "sekd3x" in results:
-            cache["read_over_sekd3x_step"] = results["sekd3x"]["cache_read_ms"] / results["sekd3x"]["step_ms"]
-            print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
+                    r = results[method] = pool.apply(bench_method, work)
+            over = lambda key, base: r[key] / results[base][key] if base in results else None
+            shown = lambda key, base: "-" if over(key, base) is None else f"{over(key, base):.2f}"
+            report["epoch"][method] = {"s": r["s"], "over_full_dense": over("s", "full_dense")}
+            print(f"{method:<13} {r['s']:>7.2f} {shown('s', 'full_dense'):>11} {r['step_ms']:>8.1f} "
+                  f"{r['tokens_per_s']:>8.0f} {r['peak_mb']:>8.0f} {shown('step_ms', 'full_dense'):>15} "
+                  f"{shown('peak_mb', 'full_dense'):>15} {shown('step_ms', 'ce'):>7}", flush=True)
+    if "sekd3x_build" in results:
+        cache.update({key: results["sekd3x_build"][key] for key in ("cache_build_s", "teacher_forward_s")})
+        cache["build_over_teacher_forward"] = cache["cache_build_s"] / cache["teacher_forward_s"]
+        print(f"cache build {cache['build_over_teacher_forward']:.2f}x the teacher's forward alone")
+    if "sekd3x_reuse" in results:
+        reuse = results["sekd3x_reuse"]
+        cache["read_over_sekd3x_step"] = reuse["cache_read_ms"] / reuse["step_ms"]
+        print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
     print(json.dumps(report))
 
 
-# =============================================================================================
-# 10. Command line
+# ==== 10. Command line
 
 def usage_error(message):
     print(f"sekd.py: error: {message}", file=sys.stderr)
@@ -1503,7 +1441,7 @@ def parse_config(argv=None):
             text += f" (default from --method: {presets})"
         elif f.default is not None:
             text += f" (default: {f.default})"
-        kind = {"int": int, "float": float, "str": str}[f.type.removeprefix("Optional[").removesuffix("]")]
+        kind = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
         parser.add_argument(flag, type=kind, default=f.default, help=text, choices=choices.get(f.name),
                             metavar=None if f.name in choices else f.name.upper())
     try:

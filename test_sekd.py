@@ -904,7 +904,7 @@ def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_
     cfg = run_config(saved_models, tmp_path, **{**dict(method="sekd3x", class_samples=16), **change},
                      cache_dir=built_cache[0])
     with pytest.raises(sekd.UsageError, match=match):
-        sekd.prepare(cfg)
+        sekd.Run(cfg)
 
 
 def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(saved_models, built_cache,
@@ -913,23 +913,23 @@ def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(s
     teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
     cache_dir = shutil.copytree(built_cache[0], tmp_path / "cache")
     cfg = dict(method="sekd3x", class_samples=16, cache_dir=str(cache_dir), teacher=str(teacher))
-    sekd.prepare(run_config(saved_models, tmp_path / "a", **cfg))          # the copied weights match
+    sekd.Run(run_config(saved_models, tmp_path / "a", **cfg))          # the copied weights match
     for name in ("model.safetensors", "config.json"):  # another model's weights, same directory
         shutil.copy(os.path.join(saved_models["other_student"], name), teacher / name)
     with pytest.raises(sekd.UsageError, match="other teacher weights"):
-        sekd.prepare(run_config(saved_models, tmp_path / "b", **cfg))
+        sekd.Run(run_config(saved_models, tmp_path / "b", **cfg))
 
 
 def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
     import shutil
     copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
-    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+    run = sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
                                   cache_dir=built_cache[0], teacher=str(copy)))
     assert run.cache is not None and run.teacher is None   # reused: trains from the cache, no teacher loaded
 
 
 def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
-    run = sekd.prepare(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+    run = sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
                                   cache_dir=built_cache[0],
                                   student=saved_models["other_student"], cache_any_student=True))
     assert run.kept.tolist() == run.cache.sample_ids
@@ -1114,28 +1114,28 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
 # 9. Benchmark (not timed: it checks that the benchmark runs and reports well-formed numbers)
 # ============================================================================================
 
-def test_bench_reports_each_table_and_ends_with_one_json_line(capsys):
+def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
+    methods = ["full_dense", "sekd3x_build", "sekd3x_reuse"]
     sekd.main(["bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
-               "--steps", "1",
-               "--methods", "full_dense,sekd3x"])
+               "--batches", "5", "--methods", ",".join(methods)])
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "tiny")
-    assert list(report["results"]) == ["full_dense",
-                                       "sekd3x"] and report["results"]["sekd3x"]["cache_read_ms"] >= 0
-    assert list(report["epoch"]) == list(sekd.PASS_METHODS)
+    assert [line.split()[0] for line in lines[2:5]] == methods  # each row before the JSON
+    assert list(report["results"]) == list(report["epoch"]) == methods
     assert all(r["s"] > 0 for r in report["epoch"].values())
     assert report["epoch"]["full_dense"]["over_full_dense"] == 1.0
     assert report["cache"]["build_over_teacher_forward"] > 0 and report["cache"]["read_over_sekd3x_step"] >= 0
-    assert any(line.startswith("sekd3x") for line in lines[:-1])  # rows precede the JSON
 
 
-def test_bench_steps_reports_time_memory_and_the_wait_for_cached_targets(tmp_path):
-    shape = sekd.BENCH_SHAPES["tiny"]
-    list(sekd.bench_pass(shape, torch.device("cpu"), 1, 16, str(tmp_path / "cache"), num_batches=5))
-    numbers = sekd.bench_steps("sekd3x", shape, torch.device("cpu"), 1, 16, 1, str(tmp_path / "cache"))
-    assert set(numbers) == {"step_ms", "peak_mb", "tokens_per_s", "cache_read_ms"}
-    assert numbers["step_ms"] > numbers["cache_read_ms"] >= 0 and numbers["peak_mb"] > 0
+def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_targets(tmp_path):
+    shape, cpu, cache = sekd.BENCH_SHAPES["tiny"], torch.device("cpu"), str(tmp_path / "cache")
+    built = sekd.bench_method("sekd3x_build", shape, cpu, 1, 16, 10, cache)
+    reused = sekd.bench_method("sekd3x_reuse", shape, cpu, 1, 16, 10, cache)
+    assert len(sekd.TeacherCache(cache)) == 2  # l = 20% of 10 blocks
+    assert built["cache_build_s"] > 0 and built["teacher_forward_s"] > 0
+    assert set(reused) == {"s", "step_ms", "peak_mb", "tokens_per_s", "cache_read_ms"}
+    assert reused["step_ms"] > reused["cache_read_ms"] >= 0 and reused["peak_mb"] > 0
 
 
 # ============================================================================================
