@@ -13,9 +13,9 @@ Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabu
 
 from __future__ import annotations
 
-import argparse, dataclasses, json, math, os, sys, time      # the run and its command line
-import hashlib, shutil, tempfile                             # fingerprints, atomic writes
-import multiprocessing, resource, signal, threading          # the benchmark's processes, memory, signals
+import argparse, dataclasses, json, math, operator, os, sys, time   # the run and its command line
+import hashlib, shutil, tempfile                                    # fingerprints, atomic writes
+import multiprocessing, resource, signal, threading    # the benchmark's processes, memory, signals
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from fractions import Fraction
@@ -98,9 +98,8 @@ def uses_teacher(signal):
     return any(part in TEACHER_SIGNALS for part in signal.split("+"))
 
 def position_scores(signal, student_logits, teacher_logits=None, labels=None):
-    """u(t) of paper Table 1 for the [N, V] logit rows of one sample's positions, at T = 1 -> float32 [N].
-    The sums standardise each part over the rows (the authors' z-scores), then add them; ce_ratio floors
-    the teacher's CE at CE_FLOOR, so a certain, right teacher gives a large finite ratio."""
+    """u(t) of paper Table 1 at T = 1 on one sample's [N, V] logit rows -> float32 [N]. A sum adds its parts'
+    z-scores over the rows (as the authors' code does); ce_ratio floors the teacher's CE at CE_FLOOR."""
     s, t, y = student_logits, teacher_logits, labels
     if "+" in signal:
         return sum(standardize(position_scores(part, s, t, y)) for part in signal.split("+"))
@@ -123,9 +122,8 @@ def token_entropy(hidden, lm_head, chunk_size=1024):
 @torch.no_grad()
 def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
                  chunk_size=1024):
-    """u(t) for every position of a batch -> [B, T], the heads running chunk_size rows at a time.
-    h_student [B, T, H], labels and valid [B, T]; h_teacher [B, T, H_t] for teacher signals only.
-    A sum of signals is standardised per sample over its valid positions."""
+    """u(t) at every position of a batch -> [B, T], the heads running chunk_size rows at a time; a sum's parts
+    are standardised per sample over its valid positions. h_teacher [B, T, H_t]: for teacher signals only."""
     parts, y, h_s = signal.split("+"), labels.flatten(), h_student.flatten(0, 1)
     h_t = None if h_teacher is None else h_teacher.flatten(0, 1).to(h_s.device)
     out = torch.empty(len(parts), len(y), device=y.device)                    # [parts, B T]
@@ -412,16 +410,15 @@ def dense_full_kd_loss(student, teacher, input_ids):
 
 
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every position of the kept samples
-# Positions are chosen by the *student* at training time, so the cache holds sparse teacher targets
-# for every position of every kept sample, and the teacher never sits in memory while the student trains.
-# One stored class = its id in ceil(log2 V) bits and count-1 in ceil(log2 U) bits, in the fewest whole
-# bytes (Qwen3: 18 + 6 bits = 3 bytes at U = 64). Only distinct ids are stored, and no per-position
-# length: a position's counts sum to exactly U, so the running sum of counts says where each one ends.
+# The *student* picks positions while training, so the cache holds every position's sparse targets and the
+# teacher is not in memory then. Only distinct ids are stored, with no per-position length: a position's
+# counts sum to exactly U, so the running sum of counts says where each position ends.
 
 CACHE_FORMAT, CACHE_VERSION = "sekd-teacher-cache", 2
 
 def entry_layout(vocab_size, num_samples):
-    """(id bits, count bits, bytes per stored class) for a vocabulary and a number of draws U."""
+    """(id bits, count bits, bytes per stored class): the id in ceil(log2 V) bits and count - 1 in
+    ceil(log2 U), in the fewest whole bytes (Qwen3: 18 + 6 bits = 3 bytes at U = 64)."""
     id_bits, count_bits = max(1, (vocab_size - 1).bit_length()), (num_samples - 1).bit_length()
     return id_bits, count_bits, (id_bits + count_bits + 7) // 8
 
@@ -446,10 +443,9 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 def weights_fingerprint(model_name, blocks=256):
-    """A model's weights fingerprinted by content (a copy elsewhere matches), reading about 1 MiB per weight
-    file: its name and size, first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB
-    at `blocks` evenly spread offsets. Another model, or the same trained further, changes every block;
-    an edit confined to bytes between the blocks (one weight changed by hand) goes unseen."""
+    """A model's weights fingerprinted by content (a copy elsewhere matches) from about 1 MiB per weight file:
+    name and size, the first 64 KiB (safetensors: each tensor's name, dtype, shape, offset), 4 KiB at `blocks`
+    spread offsets. Training changes every block; one weight edited by hand between blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     directory, digest = model_name, hashlib.sha256()
     if not os.path.isdir(model_name):
@@ -608,26 +604,20 @@ class TeacherCache:
 DATA_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def load_documents(data, text_column="text", max_documents=None):
-    """A datasets.Dataset of documents from a local file, a directory of files, or a hub dataset name."""
+    """A datasets.Dataset of documents from a local file, a directory of such files, or a hub dataset name."""
     import datasets
-    kind, files = os.path.splitext(data)[1], [data]
-    if os.path.isdir(data):
-        files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(tuple(DATA_TYPES)))
-        if not files or len({DATA_TYPES[os.path.splitext(f)[1]] for f in files}) > 1:
-            raise UsageError(f"--data {data}: the directory needs {'/'.join(DATA_TYPES)} files, of one type")
-    elif os.path.isfile(data) and kind not in DATA_TYPES:
+    kind, is_file = os.path.splitext(data)[1], os.path.isfile(data)
+    if is_file and kind not in DATA_TYPES:
         raise UsageError(f"--data {data}: unsupported file type '{kind}'; use .txt (a document per line), "
                          ".json/.jsonl (a record per document) or .parquet")
-    elif os.path.isfile(data) and os.path.getsize(data) == 0:
+    if is_file and os.path.getsize(data) == 0:
         raise UsageError(f"--data {data} is empty: it needs documents to train on")
-    elif kind in DATA_TYPES and not os.path.isfile(data):
+    if kind in DATA_TYPES and not is_file:
         raise UsageError(f"--data {data} does not exist: pass a text/json/jsonl/parquet file, a "
                          "directory of them, or a dataset name on the Hugging Face hub")
-    elif not os.path.isfile(data):
-        files = None  # a hub dataset name
-    try:
-        builder = DATA_TYPES[os.path.splitext(files[0])[1]] if files else data
-        documents = datasets.load_dataset(builder, data_files=files, split="train")
+    try:  # a directory's files, or a hub dataset: datasets infers their type
+        documents = (datasets.load_dataset(DATA_TYPES[kind], data_files=[data], split="train") if is_file
+                     else datasets.load_dataset(data, split="train"))
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
         raise UsageError(f"--data {data}: cannot load it as a local file or directory, nor from the hub "
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
@@ -696,46 +686,52 @@ PRESETS = {
 }
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)  # a preset-driven field that its preset leaves open
 
-def option(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help, *rules):
+    """A Config field: its default, a one-line help and, for a number, the rules it meets ("> 0", "<= 1")."""
+    return dataclasses.field(default=default, metadata={"help": help, "rules": rules})
+
+def meets(value, rules):
+    compare = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+    return isinstance(value, (int, float)) and math.isfinite(value) and all(
+        compare[op](value, float(bound)) for op, bound in (rule.split() for rule in rules))
 
 @dataclasses.dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction (UsageError)."""
     method: str = option("sekd", "preset of the three axes (README: Methods)")
     positions: str | None = option(None, "position policy (README: the design space)")
-    k: float = option(0.2, "share of each sample's valid positions supervised, in (0, 1] (paper: 0.2)")
+    k: float = option(0.2, "share of each sample's valid positions supervised (paper: 0.2)", "> 0", "<= 1")
     signal: str = option("student_entropy", "importance signal u(t) that the scored position policies use")
-    gls_queue_size: int = option(30_000, "gls: FIFO queue of scores whose (1 - k) quantile is the threshold")
-    temperature: float = option(1.0, "softmax temperature T of both models in the KL, which is scaled by T^2")
-    ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda, in [0, 1] (paper: 0)")
-    top_k_classes: int | None = option(None, "KL over the teacher's top K classes plus a tail bucket")
-    class_samples: int | None = option(None, "RS-KD: U classes drawn from the teacher per position (64)")
-    ell: float | None = option(None, "share l of training samples distilled, in (0, 1] (paper: 0.2)")
+    gls_queue_size: int = option(30_000, "gls: scores queued for the (1 - k) quantile threshold", ">= 1")
+    temperature: float = option(1.0, "softmax temperature T of both models in the KL, scaled by T^2", "> 0")
+    ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda (paper: 0)", ">= 0", "<= 1")
+    top_k_classes: int | None = option(None, "KL over the teacher's top K classes plus a tail bucket", ">= 1")
+    class_samples: int | None = option(None, "RS-KD: U classes drawn from the teacher per position", ">= 1")
+    ell: float | None = option(None, "share l of training samples distilled (paper: 0.2)", "> 0", "<= 1")
     sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)")
     cache_dir: str | None = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
-    cache_shard_size: int = option(256, "samples per cache shard")
+    cache_shard_size: int = option(256, "samples per cache shard", ">= 1")
     cache_any_student: bool = option(False, "reuse a cache whose samples another student chose")
     teacher: str | None = option(None, "teacher: a Hugging Face causal-LM name or local directory")
     student: str | None = option(None, "student: a Hugging Face causal-LM name or local directory")
     data: str | None = option(None, "training text: .txt/.json/.jsonl/.parquet file, directory, hub name")
     text_column: str = option("text", "column holding the documents' text")
     max_documents: int | None = option(None, "use only the first N documents")
-    seq_len: int = option(512, "tokens per packed block (paper: 512)")
-    val_fraction: float = option(0.05, "share of documents held out for evaluation")
+    seq_len: int = option(512, "tokens per packed block (paper: 512)", ">= 2")
+    val_fraction: float = option(0.05, "share of documents held out for evaluation", "> 0", "< 1")
     vocab_size: int | None = option(None, "distill over the first V ids (heads that differ by padding)")
-    chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in scores, KL and evaluation")
-    batch_size: int = option(8, "blocks per micro-batch, per process")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "AdamW learning rate, constant (paper: 1e-5)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)")
-    epochs: int = option(1, "passes over the distilled blocks (paper: 1); --max-steps wins when given")
-    max_steps: int | None = option(None, "optimizer steps; the data order cycles as needed")
+    chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in scores, KL and evaluation", ">= 1")
+    batch_size: int = option(8, "blocks per micro-batch, per process", ">= 1")
+    grad_accum: int = option(1, "micro-batches per optimizer step", ">= 1")
+    lr: float = option(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
+    weight_decay: float = option(0.0, "AdamW weight decay", ">= 0")
+    max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
+    epochs: int = option(1, "passes over the distilled blocks (paper: 1); --max-steps wins", ">= 1")
+    max_steps: int | None = option(None, "optimizer steps; the data order cycles as needed", ">= 1")
     seed: int = option(0, "seeds the data order, random positions and RS-KD draws (not the weights)")
-    eval_every: int = option(0, "evaluate every N steps as well as at the end (0: only at the end)")
-    eval_batches: int | None = option(None, "evaluate on at most this many held-out batches")
-    save_every: int = option(0, "write OUT_DIR/checkpoint every N steps (0: only when interrupted)")
+    eval_every: int = option(0, "evaluate every N steps as well as at the end (0: only at the end)", ">= 0")
+    eval_batches: int | None = option(None, "evaluate on at most this many held-out batches", ">= 1")
+    save_every: int = option(0, "write OUT_DIR/checkpoint every N steps (0: only when interrupted)", ">= 0")
     resume: bool = option(False, "continue the run in OUT_DIR from its checkpoint")
     overwrite: bool = option(False, "replace another run's outputs in OUT_DIR")
     device: str = option("auto", "auto (CUDA when present), cpu or cuda[:i] (under torchrun: + LOCAL_RANK)")
@@ -751,16 +747,16 @@ class Config:
                 setattr(self, name, value)
         if self.method == "sekd3x" and self.cache_dir is None:
             self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
+        for f in dataclasses.fields(self):  # numbers against their fields' rules; None: unset (optional)
+            value, rules = getattr(self, f.name), f.metadata["rules"]
+            if rules and not (value is None and f.default is None) and not meets(value, rules):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be {' and '.join(rules)}; got {value}")
         for bad, message in self.problems():
             if bad:
                 raise UsageError(message)
 
     def problems(self):
         """(bad?, message naming the flag and the fix) for every rule."""
-        def finite(name, low, high=math.inf):  # True when the value is NOT a finite number in [low, high]
-            value = getattr(self, name)
-            return not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high)
-        below = lambda name, low: getattr(self, name) is not None and not getattr(self, name) >= low
         plain = STUDENT_SIGNALS + TEACHER_SIGNALS
         return [
             (self.positions not in POLICIES, f"--positions: choose one of {', '.join(POLICIES)}"),
@@ -771,23 +767,10 @@ class Config:
             (bool(self.cache_dir) and self.positions in SCORED_POLICIES and uses_teacher(self.signal),
              f"--signal {self.signal} needs the teacher's logits while training, and with a teacher cache "
              "the teacher is not there: use a student signal, or no cache"),
-            (finite("k", 1e-300, 1), f"--k must be in (0, 1], e.g. 0.2; got {self.k}"),
-            (finite("ell", 1e-300, 1), f"--ell must be in (0, 1], e.g. 0.2; got {self.ell}"),
-            (finite("ce_weight", 0, 1), f"--ce-weight must be in [0, 1]; got {self.ce_weight}"),
-            (finite("temperature", 1e-300), "--temperature must be finite and > 0, e.g. 1"),
-            (finite("lr", 1e-300), f"--lr must be finite and > 0, e.g. 1e-5; got {self.lr}"),
-            (finite("max_grad_norm", 1e-300), "--max-grad-norm must be finite and > 0"),
-            (finite("weight_decay", 0), "--weight-decay must be finite and >= 0"),
-            (finite("val_fraction", 1e-300, 1 - 1e-12), "--val-fraction must be in (0, 1)"),
             (self.top_k_classes is not None and self.class_samples is not None,
              "choose --top-k-classes or --class-samples, not both"),
             (bool(self.cache_dir) and self.class_samples is None, "a teacher cache (--cache-dir, or --method "
              "sekd3x) stores sampled classes: set --class-samples (e.g. 64), not --top-k-classes"),
-            (self.seq_len < 2, f"--seq-len must be >= 2 (a block needs a next token); got {self.seq_len}"),
-            *[(below(name, 1), f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-              for name in ("top_k_classes", "class_samples", "max_steps", "eval_batches", "batch_size",
-                           "grad_accum", "chunk_size", "epochs", "cache_shard_size", "gls_queue_size")],
-            (below("eval_every", 0) or below("save_every", 0), "--eval-every, --save-every: >= 0 (0: off)"),
             (self.resume and self.overwrite, "--resume continues OUT_DIR's run, --overwrite replaces it"),
         ]
 
@@ -1332,9 +1315,9 @@ def teacher_forward(teacher, blocks, batch):
                 lm_head(teacher)(rows)
 
 def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
-    """One pass of method over num_batches * batch random blocks after a warm-up step (topsmp, sekd3x_build:
-    pre-pass and cache build included) -> seconds, median step, peak memory; sekd3x_reuse: the median wait
-    for cached targets; sekd3x_build: building a cache of every block against the teacher's forward alone."""
+    """One pass of method over num_batches * batch random blocks after a warm-up step, pre-pass and cache
+    build included -> seconds, median step, peak memory, the median wait for cached targets (sekd3x_reuse), a
+    cache build of every block against the teacher's forward alone (sekd3x_build)."""
     torch.manual_seed(0)
     blocks, steps = torch.randint(0, shape["vocab"], (num_batches * batch, seq)), []
     student = bench_model(shape, "student", device)
@@ -1430,6 +1413,7 @@ def parse_config(argv=None):
                    sample_signal=STUDENT_SIGNALS + TEACHER_SIGNALS)
     for f in dataclasses.fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+        text += f" ({' and '.join(f.metadata['rules'])})" if f.metadata["rules"] else ""
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=text)
             continue

@@ -25,18 +25,15 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
     torch.manual_seed(seed)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
-                                         n_positions=64,
-                                         bos_token_id=0, eos_token_id=0)
+                                         n_positions=64, bos_token_id=0, eos_token_id=0)
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                "cohere": transformers.CohereConfig, "gemma2": transformers.Gemma2Config}[family]
         extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0)}
         extra = extra.get(family, {})
         config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                     num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                     max_position_embeddings=64,
-                     tie_word_embeddings=False, **extra)
+                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=hidden // 4, max_position_embeddings=64, tie_word_embeddings=False, **extra)
     return transformers.AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout
 
 
@@ -70,8 +67,7 @@ def reference_signal(signal, s, t, y):
     q, p = Categorical(logits=s.double()), Categorical(logits=t.double())
     ce_q, ce_p = -q.log_prob(y), -p.log_prob(y)
     plain = {"student_entropy": q.entropy(), "teacher_entropy": p.entropy(), "student_ce": ce_q,
-             "teacher_ce": ce_p,
-             "kl": kl_divergence(p, q), "reverse_kl": kl_divergence(q, p),
+             "teacher_ce": ce_p, "kl": kl_divergence(p, q), "reverse_kl": kl_divergence(q, p),
              "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR)}   # the documented floor of a teacher CE
     if "+" not in signal:
         return plain[signal]
@@ -135,8 +131,8 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
     ids, mask = padded_batch()
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     with torch.no_grad():
-        h_s, h_t = sekd.hidden_states(student, ids, mask)[:, :-1], sekd.hidden_states(teacher, ids, mask)[:,
-                                                                                                          :-1]
+        h_s = sekd.hidden_states(student, ids, mask)[:, :-1]
+        h_t = sekd.hidden_states(teacher, ids, mask)[:, :-1]
         got = sekd.batch_scores(signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t,
                                 sekd.lm_head(teacher), 4)
         s_all, t_all = sekd.lm_head(student)(h_s), sekd.lm_head(teacher)(h_t)
@@ -190,8 +186,8 @@ def test_gls_threshold_is_the_queue_quantile_and_counts_vary_per_sample():
 
 def test_gls_falls_back_to_per_sample_top_k_while_its_queue_is_empty():
     scores, valid = torch.randn(3, 10), torch.ones(3, 10, dtype=torch.bool)
-    assert torch.equal(sekd.GlobalThreshold().select(scores, valid, 0.3), sekd.select_positions(scores,
-                                                                                                valid, 0.3))
+    got = sekd.GlobalThreshold().select(scores, valid, 0.3)
+    assert torch.equal(got, sekd.select_positions(scores, valid, 0.3))
 
 
 def test_gls_queue_keeps_the_last_scores_first_in_first_out():
@@ -394,8 +390,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
     """The same loss from the models' full [B, L, V] logits, one sample at a time, in float64."""
     s_all = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
     with torch.no_grad():
-        t_all = s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:,
-                                                                                                 :-1].double()
+        t_all = s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        t_all = t_all.double()
     if cfg.vocab_size is not None:
         s_all, t_all = s_all[..., :cfg.vocab_size], t_all[..., :cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -453,15 +449,15 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
     assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
-    assert stats["valid"] == int((mask[:, :-1] * mask[:,
-                                                      1:]).sum()) and 0 < stats["selected"] <= stats["valid"]
+    assert stats["valid"] == int((mask[:, :-1] * mask[:, 1:]).sum())
+    assert 0 < stats["selected"] <= stats["valid"]
 
 
 @pytest.mark.parametrize("signal", sekd.SIGNALS[1:])
 def test_top_k_under_every_signal_equals_the_dense_loss(signal):
     cfg = sekd.Config(method="sekd", k=0.4, signal=signal)
-    student, teacher = sharpened(tiny_model("llama", seed=0)), sharpened(tiny_model("llama", hidden=48,
-                                                                                    seed=1))
+    student = sharpened(tiny_model("llama", seed=0))
+    teacher = sharpened(tiny_model("llama", hidden=48, seed=1))
     ids, mask = padded_batch()
     mask[2, 3:7] = 1   # 5 valid positions: with 2, the z-scores of two signals tie exactly (+-1 each)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
@@ -478,8 +474,8 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
         t_logits = teacher(input_ids=ids).logits[:, :-1]
     targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16, temperature))
     loss, _ = sekd.distill_loss(student, None, ids, mask, cfg, targets=targets)
-    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, None, ids, mask, cfg,
-                                                                       targets))
+    want = dense_reference_loss(student, None, ids, mask, cfg, targets)
+    assert_same_value_and_gradient(student, loss, want)
 
 
 def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
@@ -499,8 +495,8 @@ def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
     torch.manual_seed(0)
     values, grads = [], []
     for _ in range(10):
-        loss, _ = sekd.distill_loss(student, teacher, ids, None, sekd.Config(positions="pos_rs_unbiased",
-                                                                             k=0.2))
+        cfg = sekd.Config(positions="pos_rs_unbiased", k=0.2)
+        loss, _ = sekd.distill_loss(student, teacher, ids, None, cfg)
         values.append(loss.detach())
         grads.append(torch.autograd.grad(loss, head)[0])
     values, grads = torch.stack(values), torch.stack(grads)
@@ -597,21 +593,20 @@ def qwen_teacher():
 def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
     manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3,
-                                batch_size=3,
-                                shard_size=2, sample_ids=[10, 11, 12], seed=5)
+                                batch_size=3, shard_size=2, sample_ids=[10, 11, 12], seed=5)
     cache = sekd.TeacherCache(tmp_path / "c")
     assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
     with torch.no_grad():
         logits = qwen_teacher(ids).logits[:, :-1]
     for shard in range(2):  # documented: shard s draws from seed * 1_000_003 + s, its positions in order
         generator = torch.Generator().manual_seed(5 * 1_000_003 + shard)
-        want_ids, want_w = sekd.sample_classes(logits[2 * shard:2 * shard + 2].flatten(0, 1), 16, 1.3,
-                                               generator)
+        rows = logits[2 * shard:2 * shard + 2].flatten(0, 1)
+        want_ids, want_w = sekd.sample_classes(rows, 16, 1.3, generator)
         indices = list(range(2 * shard, min(2 * shard + 2, 3)))
         got_ids, got_w = cache.decode(cache.read(indices), len(indices))
         n = got_ids.shape[0] * 6
-        assert torch.equal(got_ids.flatten(0, 1), want_ids[:n]) and torch.equal(got_w.flatten(0, 1),
-                                                                                want_w[:n])
+        assert torch.equal(got_ids.flatten(0, 1), want_ids[:n])
+        assert torch.equal(got_w.flatten(0, 1), want_w[:n])
     assert bool((cache.decode(cache.read([0, 1, 2]), 3)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
 
 
@@ -783,8 +778,15 @@ def test_split_documents_holds_out_whole_documents_evenly_spread(tmp_path):
     documents = sekd.load_documents(write_docs(tmp_path, "jsonl"))
     train, held = sekd.split_documents(documents, 0.1)
     train, held = list(train["text"]), list(held["text"])
-    assert held == [DOCS[i] for i in (9, 19, 29, 39)] and train == [d for i,
-                                                                    d in enumerate(DOCS) if i % 10 != 9]
+    assert held == [DOCS[i] for i in (9, 19, 29, 39)]
+    assert train == [d for i, d in enumerate(DOCS) if i % 10 != 9]
+
+
+def test_a_directory_of_jsonl_files_loads_every_document_in_file_order(tmp_path):
+    (tmp_path / "d").mkdir()
+    for i, part in enumerate((DOCS[:25], DOCS[25:])):
+        (tmp_path / "d" / f"part{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    assert list(sekd.load_documents(str(tmp_path / "d"))["text"]) == DOCS
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -857,8 +859,8 @@ def test_evaluate_matches_dense_perplexity_and_kl():
         s, t = student(blocks).logits[:, :-1].double(), teacher(blocks).logits[:, :-1].double()
     ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten()).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
-    assert got["val_kl"] == pytest.approx(kl_divergence(Categorical(logits=t),
-                                                        Categorical(logits=s)).mean().item(), rel=1e-4)
+    kl = kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item()
+    assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
 
 
 def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path):
@@ -868,8 +870,8 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     train_blocks, _ = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", saved_models["teacher"]))
     from transformers import AutoModelForCausalLM
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
-    assert manifest["sample_ids"] == sekd.select_samples(sekd.sample_scores(initial, train_blocks),
-                                                         0.2).tolist()
+    kept = sekd.select_samples(sekd.sample_scores(initial, train_blocks), 0.2)
+    assert manifest["sample_ids"] == kept.tolist()
     assert first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"]) and "cache_build_s" in first
     assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples cached
 
@@ -898,8 +900,8 @@ def test_reusing_a_cache_runs_neither_teacher_nor_pre_pass_and_trains_the_same_s
     (dict(temperature=2.0), "another --temperature"), (dict(class_samples=8), "another --class-samples"),
     (dict(ell=0.5), "--ell 0.5 keeps"), (dict(student="other_student"), "another --student"),
     (dict(teacher="other_student"), "other teacher weights")])
-def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_models, built_cache, tmp_path,
-                                                                          change, match):
+def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(
+        saved_models, built_cache, tmp_path, change, match):
     change = {k: saved_models.get(v, v) for k, v in change.items()}
     cfg = run_config(saved_models, tmp_path, **{**dict(method="sekd3x", class_samples=16), **change},
                      cache_dir=built_cache[0])
@@ -907,8 +909,8 @@ def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(saved_
         sekd.Run(cfg)
 
 
-def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(saved_models, built_cache,
-                                                                                 tmp_path):
+def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
+        saved_models, built_cache, tmp_path):
     import shutil
     teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
     cache_dir = shutil.copytree(built_cache[0], tmp_path / "cache")
@@ -980,8 +982,8 @@ def test_a_run_resumed_from_a_checkpoint_trains_the_same_student(saved_models, t
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6) and resumed["steps"] == 4
 
 
-def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(saved_models, tmp_path,
-                                                                             monkeypatch):
+def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
+        saved_models, tmp_path, monkeypatch):
     real, calls = sekd.train_step, []
 
     def interrupt_at_step_2(*args, **kwargs):
@@ -1042,8 +1044,8 @@ def torchrun(*args):
 
 
 @pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
-def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_models, tmp_path, method,
-                                                                          positions):
+def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
+        saved_models, tmp_path, method, positions):
     flags = ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
              "--student", saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
              "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2"]
@@ -1051,8 +1053,8 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(saved_
     done = torchrun(*flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 prints
-    single = sekd.train(sekd.parse_config(flags + ["--batch-size", "4", "--grad-accum", "2", "--out-dir",
-                                                   str(tmp_path / "one")]))
+    one = ["--batch-size", "4", "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]
+    single = sekd.train(sekd.parse_config(flags + one))
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4)
@@ -1076,28 +1078,25 @@ def test_config_presets_set_the_three_axes():
 
 def test_config_flags_override_a_preset():
     ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)   # SE-KD + TopSmp + RS-KD, online
-    assert (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir) == ("top", 0.2,
-                                                                                              32, None)
+    axes = (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir)
+    assert axes == ("top", 0.2, 32, None)
     assert sekd.Config(method="sekd", positions="random").positions == "random"
-    assert sekd.Config(method="rskd",
-                       top_k_classes=8).class_samples is None   # the class axis given explicitly
+    assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None   # the class axis given
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "), (dict(k=math.nan),
-                                                                                      "--k "),
-    (dict(ce_weight=1.2), "--ce-weight"), (dict(temperature=0), "--temperature"),
-    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"), (dict(seq_len=1),
-                                                                                 "--seq-len"),
-    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"), (dict(ell=0.0),
-                                                                                          "--ell"),
-    (dict(class_samples=8, top_k_classes=4), "not both"), (dict(cache_dir="c"), "set --class-samples"),
-    (dict(max_steps=0), "--max-steps"), (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1),
-                                                                                   "--eval-every"),
-    (dict(signal="nope"), "--signal"), (dict(positions="pos_rs", signal="kl+student_entropy"),
-                                        "sum of z-scores"),
-    (dict(method="sekd3x", signal="kl"), "teacher is not there"), (dict(resume=True, overwrite=True),
-                                                                   "--overwrite replaces"),
+    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "),
+    (dict(k=math.nan), "--k "), (dict(ce_weight=1.2), "--ce-weight"), (dict(temperature=0), "--temperature"),
+    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"),
+    (dict(seq_len=1), "--seq-len"),
+    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"),
+    (dict(ell=0.0), "--ell"), (dict(class_samples=8, top_k_classes=4), "not both"),
+    (dict(cache_dir="c"), "set --class-samples"), (dict(max_steps=0), "--max-steps"),
+    (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1), "--eval-every"),
+    (dict(signal="nope"), "--signal"),
+    (dict(positions="pos_rs", signal="kl+student_entropy"), "sum of z-scores"),
+    (dict(method="sekd3x", signal="kl"), "teacher is not there"),
+    (dict(resume=True, overwrite=True), "--overwrite replaces"),
     (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes")])
 def test_config_refuses_bad_values_naming_the_flag(bad, match):
     with pytest.raises(sekd.UsageError, match=match):
@@ -1160,9 +1159,9 @@ def test_command_line_parses_flags_into_config():
 
 
 def usage_errors(saved_models, tmp_path):
-    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
-            saved_models["data"],
-            "--seq-len", "16", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"],
+            "--data", saved_models["data"], "--seq-len", "16", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run")]
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
@@ -1172,8 +1171,8 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--eval-batches", "0"], "--eval-batches must be >= 1"),
         (base + ["--eval-every", "-1"], "--eval-every"),
         (base + ["--top-k-classes", "100000"], "--top-k-classes 100000 is above the vocabulary"),
-        (base + ["--temperature", "inf"], "--temperature must be finite"),
-        (base + ["--lr", "1e400"], "--lr must be finite"),
+        (base + ["--temperature", "inf"], "--temperature must be > 0"),
+        (base + ["--lr", "1e400"], "--lr must be > 0"),
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
@@ -1186,8 +1185,8 @@ def usage_errors(saved_models, tmp_path):
     ]
 
 
-def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(saved_models, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(
+        saved_models, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sekd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     for argv, match in usage_errors(saved_models, tmp_path):
         with pytest.raises(SystemExit) as exited:
