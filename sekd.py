@@ -5,10 +5,9 @@ Distill a teacher p into a student q on the positions where the student is most 
 position by the student's entropy H(q_t), keep the top k% of each sample, and compute the KD loss there only.
 Because the score needs no teacher output, both language-model heads run on the selected rows alone.
 
-Read top to bottom. The method is sections 1-5; a reader can stop after the loss:
-  1 scores u(t)   2 position axis   3 class axis   4 sample axis   5 the loss (Eq. 2-4)
-  6 offline teacher cache (SE-KD 3X)   7 data   8 training loop   9 benchmark   10 command line
-Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N selected rows.
+Read top to bottom: 1 scores u(t), 2 position axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4) are the
+method, and a reader can stop there; 6 offline teacher cache (SE-KD 3X), 7 data, 8 training loop, 9 benchmark,
+10 command line. Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
 """
 
 from __future__ import annotations
@@ -253,13 +252,11 @@ def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest: [N]. The
     bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the tail is biased."""
     kept = teacher_logits.topk(top_k, dim=-1).indices                          # [N, K]
-
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
         log_probs = log_softmax_t(logits, temperature)
         # A very negative finite fill (not -inf) keeps the tail finite and its gradient defined at K = V.
         rest = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
         return torch.cat([log_probs.gather(-1, kept), rest], -1)
-
     log_p, log_q = coarsen(teacher_logits), coarsen(student_logits)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
 
@@ -443,9 +440,8 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 def weights_fingerprint(model_name, blocks=256):
-    """A model's weights fingerprinted by content (a copy elsewhere matches) from about 1 MiB per weight file:
-    name and size, the first 64 KiB (safetensors: each tensor's name, dtype, shape, offset), 4 KiB at `blocks`
-    spread offsets. Training changes every block; one weight edited by hand between blocks goes unseen."""
+    """A model's weights by content (a copy elsewhere matches) from ~1 MiB per file: its name and size, the
+    first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     directory, digest = model_name, hashlib.sha256()
     if not os.path.isdir(model_name):
@@ -483,12 +479,10 @@ def shard_key(file):
 def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, batch_size=8, device=None,
                 sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256, chunk_size=1024, seed=0,
                 identity=None):
-    """Cache RS-KD targets of every position of input_ids [N, L] (all valid) into the directory path.
-
-    Streams shard by shard, each written atomically; a rerun keeps the finished shards of the same build,
-    deletes others and builds the rest. Shard s draws from seed * 1_000_003 + s, so the cache is byte-
-    identical however interrupted, and under DDP (rank r builds shards s = r mod world). The manifest,
-    written last by rank 0, marks it complete; identity: fields that must match on reuse. Returns it."""
+    """Cache RS-KD targets of every position of input_ids [N, L] (all valid) in the directory path, shard by
+    shard, each written atomically; a rerun keeps the finished shards of this build and deletes others. Shard
+    s draws from seed * 1_000_003 + s: the cache is byte-identical however interrupted, and under DDP (rank r
+    builds shards r mod world). The manifest, written last by rank 0, marks it complete and is returned."""
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
     layout = entry_layout(vocab_size, num_samples)
@@ -539,9 +533,8 @@ CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
     "fingerprint": "other data (another --data, tokenizer, --val-fraction or --max-documents)"}
 
 class TeacherCache:
-    """A built cache, read-only. Opening verifies the manifest and every shard's sha256; shards are then
-    memory-mapped. read() slices a batch's packed entries (cheap, on the CPU: the training loop runs it a
-    step ahead in a background thread); decode() expands them with tensor ops on the training device."""
+    """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read() slices a
+    batch's packed entries on the CPU (a step ahead, in a thread); decode() expands them on the device."""
     def __init__(self, path):
         self.path, manifest_path = path, os.path.join(path, "manifest.json")
         if not os.path.exists(manifest_path):
@@ -642,7 +635,6 @@ def pack_blocks(documents, tokenizer, seq_len, text_column="text"):
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
     eos = tokenizer.eos_token_id
-
     def tokenize(batch):
         ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
         return {"ids": [x + [eos] for x in ids]}
@@ -686,9 +678,9 @@ PRESETS = {
 }
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)  # a preset-driven field that its preset leaves open
 
-def option(default, help, *rules):
-    """A Config field: its default, a one-line help and, for a number, the rules it meets ("> 0", "<= 1")."""
-    return dataclasses.field(default=default, metadata={"help": help, "rules": rules})
+def option(default, help, *rules, choices=None):
+    """A Config field: its default, a one-line help and the rules a number meets ("> 0") or its choices."""
+    return dataclasses.field(default=default, metadata={"help": help, "rules": rules, "choices": choices})
 
 def meets(value, rules):
     compare = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -698,17 +690,19 @@ def meets(value, rules):
 @dataclasses.dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction (UsageError)."""
-    method: str = option("sekd", "preset of the three axes (README: Methods)")
-    positions: str | None = option(None, "position policy (README: the design space)")
+    method: str = option("sekd", "preset of the three axes (README: Methods)", choices=tuple(PRESETS))
+    positions: str | None = option(None, "position policy (README: the design space)", choices=POLICIES)
     k: float = option(0.2, "share of each sample's valid positions supervised (paper: 0.2)", "> 0", "<= 1")
-    signal: str = option("student_entropy", "importance signal u(t) that the scored position policies use")
+    signal: str = option("student_entropy", "importance signal u(t) of the scored position policies",
+                         choices=SIGNALS)
     gls_queue_size: int = option(30_000, "gls: scores queued for the (1 - k) quantile threshold", ">= 1")
     temperature: float = option(1.0, "softmax temperature T of both models in the KL, scaled by T^2", "> 0")
     ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda (paper: 0)", ">= 0", "<= 1")
     top_k_classes: int | None = option(None, "KL over the teacher's top K classes plus a tail bucket", ">= 1")
     class_samples: int | None = option(None, "RS-KD: U classes drawn from the teacher per position", ">= 1")
     ell: float | None = option(None, "share l of training samples distilled (paper: 0.2)", "> 0", "<= 1")
-    sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)")
+    sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)",
+                                choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
     cache_dir: str | None = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
     cache_shard_size: int = option(256, "samples per cache shard", ">= 1")
     cache_any_student: bool = option(False, "reuse a cache whose samples another student chose")
@@ -739,29 +733,20 @@ class Config:
     out_dir: str = option("out", "where the student, its tokenizer, metrics.json and checkpoints go")
 
     def __post_init__(self):
-        if self.method not in PRESETS:
-            raise UsageError(f"--method {self.method!r}: choose one of {', '.join(PRESETS)}")
-        for name, value in {**UNSET, **PRESETS[self.method]}.items():
+        for name, value in {**UNSET, **PRESETS.get(self.method, {})}.items():  # an unknown one: refused below
             explicit_top_k = name == "class_samples" and self.top_k_classes is not None  # class axis given
             if getattr(self, name) is None and not explicit_top_k:
                 setattr(self, name, value)
         if self.method == "sekd3x" and self.cache_dir is None:
             self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
-        for f in dataclasses.fields(self):  # numbers against their fields' rules; None: unset (optional)
-            value, rules = getattr(self, f.name), f.metadata["rules"]
+        for f in dataclasses.fields(self):  # each field against its choices or rules; None: not set
+            value, rules, choices = getattr(self, f.name), f.metadata["rules"], f.metadata["choices"]
+            flag = "--" + f.name.replace("_", "-")
+            if choices and value is not None and value not in choices:
+                raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
             if rules and not (value is None and f.default is None) and not meets(value, rules):
-                raise UsageError(f"--{f.name.replace('_', '-')} must be {' and '.join(rules)}; got {value}")
-        for bad, message in self.problems():
-            if bad:
-                raise UsageError(message)
-
-    def problems(self):
-        """(bad?, message naming the flag and the fix) for every rule."""
-        plain = STUDENT_SIGNALS + TEACHER_SIGNALS
-        return [
-            (self.positions not in POLICIES, f"--positions: choose one of {', '.join(POLICIES)}"),
-            (self.signal not in SIGNALS, f"--signal {self.signal!r}: choose one of {', '.join(SIGNALS)}"),
-            (self.sample_signal not in plain, f"--sample-signal: choose one of {', '.join(plain)}"),
+                raise UsageError(f"{flag} must be {' and '.join(rules)}; got {value}")
+        for bad, message in [  # then the rules between fields, each message naming the flags and the fix
             (self.positions.startswith("pos_rs") and "+" in self.signal, f"--positions {self.positions} draws"
              f" positions in proportion to u(t) >= 0, and --signal {self.signal} is a sum of z-scores"),
             (bool(self.cache_dir) and self.positions in SCORED_POLICIES and uses_teacher(self.signal),
@@ -771,8 +756,9 @@ class Config:
              "choose --top-k-classes or --class-samples, not both"),
             (bool(self.cache_dir) and self.class_samples is None, "a teacher cache (--cache-dir, or --method "
              "sekd3x) stores sampled classes: set --class-samples (e.g. 64), not --top-k-classes"),
-            (self.resume and self.overwrite, "--resume continues OUT_DIR's run, --overwrite replaces it"),
-        ]
+            (self.resume and self.overwrite, "--resume continues OUT_DIR's run, --overwrite replaces it")]:
+            if bad:
+                raise UsageError(message)
 
     @property
     def needs_teacher(self):
@@ -882,8 +868,7 @@ def check_models(cfg, tokenizer):
     return vocab
 
 def choose_samples(cfg, student, teacher, blocks):
-    """Sample axis: indices of the training blocks to distill. One no-grad pass of the initial student
-    scores them; the choice is saved in OUT_DIR and reused by a rerun on the same data and student."""
+    """Sample axis: the training blocks to distill, scored by the initial student, saved for a rerun."""
     if cfg.ell >= 1:
         return torch.arange(len(blocks))
     path = os.path.join(cfg.out_dir, "sample_selection.json")
@@ -901,16 +886,14 @@ def choose_samples(cfg, student, teacher, blocks):
     return kept
 
 def cache_identity(cfg):
-    """What a cache must have been built for besides settings and data: the teacher's weights, and the
-    student and signal that chose its samples (none when every sample is kept)."""
+    """A cache's makers: the teacher's weights, and the student and signal that chose its samples, if any."""
     chosen = cfg.ell < 1
     student = weights_fingerprint(cfg.student) if chosen and not cfg.cache_any_student else None
     return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
             "sample_signal": cfg.sample_signal if chosen else None}
 
 def open_cache(cfg, blocks, vocab):
-    """Open cfg.cache_dir, refuse it unless it was built for this run's data, settings and models, and
-    report its size against the paper's budget."""
+    """Open cfg.cache_dir if it was built for this run's data, settings and models; report its size."""
     cache, keep = TeacherCache(cfg.cache_dir), budget(len(blocks), cfg.ell)
     if len(cache) != keep or max(cache.sample_ids, default=-1) >= len(blocks):
         raise UsageError(f"teacher cache {cfg.cache_dir} holds {len(cache)} samples, but --ell {cfg.ell} "
@@ -973,7 +956,6 @@ class Run:
         self.cache, self.info = None, {}
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.cache, self.info = open_cache(cfg, blocks, vocab)   # reuse: no pre-pass, no teacher
-
         student, self.teacher = load_model(cfg.student, device, torch.float32), None
         if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
             self.teacher = load_teacher(cfg.teacher, self.teacher_device)
@@ -1078,8 +1060,7 @@ def training_order(num_samples, global_batch, seed, first=0):
             pending = pending[global_batch:]
 
 def prefetch(items, load):
-    """Yield load(item) for each item while the next one loads in a background thread: reading the cached
-    targets stays off the training step's critical path."""
+    """Yield load(item) for each item while the next one loads in a background thread."""
     with ThreadPoolExecutor(1) as pool:
         futures = (pool.submit(load, item) for item in items)   # each submitted when the loop asks for it
         pending = next(futures, None)
@@ -1131,10 +1112,8 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
 
 @contextmanager
 def caught_signals():
-    """SIGINT/SIGTERM while training are noted, not raised: the loop ends its step, saves a checkpoint and
-    stops. A second signal stops at once."""
+    """SIGINT/SIGTERM are noted: the loop ends its step, saves and stops. A second one stops at once."""
     caught = []
-
     def note(signum, frame):
         if caught:
             raise KeyboardInterrupt
@@ -1246,8 +1225,7 @@ def finish(run, start_time):
 
 # ==== 9. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
 # Each method makes one pass over the same random blocks with random-init models of its own, built on the
-# device in their training dtypes (speed and memory do not depend on the weights), and its own peak-memory
-# counter: on CUDA reset per method; on CPU a fresh process, whose peak resident size is its own.
+# device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a fresh process).
 
 BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B
     "tiny": dict(name="tiny", family="llama", vocab=32_000, batch=8, seq=256, teacher=(256, 4, 4, 4, 688),
@@ -1283,8 +1261,7 @@ def timed(device, job):
     return time.perf_counter() - start
 
 def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8):
-    """A training step per batch of blocks as train() runs it (cached targets read a step ahead; the dense
-    baselines with their own loss, the same update). Yields (seconds per step, seconds waiting for data)."""
+    """A training step per batch as train() runs it (dense baselines: their own loss) -> (step s, wait s)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     batches = prefetch(torch.arange(len(blocks)).split(batch),
                        lambda i: read_batch(blocks[i], cache, i, device))   # cache row i holds blocks[i]
@@ -1328,7 +1305,6 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     list(bench_steps(warm_up, student, teacher, blocks[kept[:batch]], device, cache, batch))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
     def one_pass():
         nonlocal kept, cache
         if method in ("topsmp", "sekd3x_build"):  # the pre-pass: the student scores every block, keeps 20%
@@ -1350,8 +1326,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     return r
 
 def bench(argv):
-    """One pass of each method over the same blocks (the paper's wall-time table), with its median step and
-    peak memory; each row is printed as it is measured, then one JSON line."""
+    """One pass of each method over the same blocks, its median step and peak memory: rows, then JSON."""
     parser = argparse.ArgumentParser(prog="sekd.py bench", description=bench.__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     parser.add_argument("--shape", choices=list(BENCH_SHAPES), help="default: tiny on CPU, qwen3 on CUDA")
@@ -1403,14 +1378,11 @@ def usage_error(message):
     sys.exit(2)
 
 def parse_config(argv=None):
-    """Build Config from the command line: one flag per field, help from the field's one-line doc; the
-    preset-driven fields say what each --method sets them to."""
+    """Config from the command line: a flag per field; a preset-driven one says what each --method sets."""
     parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " Train: "
                                      "python sekd.py --teacher T --student S --data D --method sekd. "
                                      "Benchmark: python sekd.py bench (see bench --help).")
     parser.error = usage_error  # one line, argparse style, exit status 2
-    choices = dict(method=list(PRESETS), positions=POLICIES, signal=SIGNALS,
-                   sample_signal=STUDENT_SIGNALS + TEACHER_SIGNALS)
     for f in dataclasses.fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         text += f" ({' and '.join(f.metadata['rules'])})" if f.metadata["rules"] else ""
@@ -1426,8 +1398,9 @@ def parse_config(argv=None):
         elif f.default is not None:
             text += f" (default: {f.default})"
         kind = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
-        parser.add_argument(flag, type=kind, default=f.default, help=text, choices=choices.get(f.name),
-                            metavar=None if f.name in choices else f.name.upper())
+        choices = f.metadata["choices"]
+        parser.add_argument(flag, type=kind, default=f.default, help=text, choices=choices,
+                            metavar=None if choices else f.name.upper())
     try:
         return Config(**vars(parser.parse_args(argv)))
     except UsageError as err:
