@@ -203,11 +203,11 @@ SCORED_POLICIES = ("top", "gls", "curriculum", "pos_rs", "pos_rs_unbiased")
 POLICIES = ("all", "random") + SCORED_POLICIES
 
 def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
-    """w [B, T]: each position's weight in its sample's loss sum_t w_t l(t); for the mask policies,
-    w = m_t / sum_t m_t (Eq. 3). scores: u(t) [B, T] (None for all and random)."""
+    """w [B, T]: each position's weight in its sample's loss sum_t w_t l(t); for the mask policies, w = m_t /
+    sum_t m_t (Eq. 3); random is RandomPos. scores: u(t) [B, T] (None for all and random)."""
     if policy in ("pos_rs", "pos_rs_unbiased"):
         return drawn_positions(scores, valid, k, unbiased=policy == "pos_rs_unbiased")
-    masks = {"all": lambda: valid, "top": lambda: select_positions(scores, valid, k),  # random: RandomPos
+    masks = {"all": lambda: valid, "top": lambda: select_positions(scores, valid, k),
              "random": lambda: select_positions(torch.rand(valid.shape, device=valid.device), valid, k),
              "gls": lambda: gls.select(scores, valid, k),
              "curriculum": lambda: curriculum_positions(scores, valid, k, progress)}
@@ -441,7 +441,8 @@ def file_sha256(path):
 
 def weights_fingerprint(model_name, blocks=256):
     """A model's weights by content (a copy elsewhere matches) from ~1 MiB per file: its name and size, the
-    first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets."""
+    first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets.
+    Training further changes every block; one weight edited by hand between the blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     directory, digest = model_name, hashlib.sha256()
     if not os.path.isdir(model_name):
@@ -482,7 +483,8 @@ def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, ba
     """Cache RS-KD targets of every position of input_ids [N, L] (all valid) in the directory path, shard by
     shard, each written atomically; a rerun keeps the finished shards of this build and deletes others. Shard
     s draws from seed * 1_000_003 + s: the cache is byte-identical however interrupted, and under DDP (rank r
-    builds shards r mod world). The manifest, written last by rank 0, marks it complete and is returned."""
+    builds shards r mod world). The manifest, written last by rank 0, marks it complete and is returned;
+    identity: the fields a reuse must match besides settings and data (the models' fingerprints)."""
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
     layout = entry_layout(vocab_size, num_samples)
@@ -597,20 +599,26 @@ class TeacherCache:
 DATA_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def load_documents(data, text_column="text", max_documents=None):
-    """A datasets.Dataset of documents from a local file, a directory of such files, or a hub dataset name."""
+    """A datasets.Dataset of documents from a local file, a directory of files, or a hub dataset name."""
     import datasets
-    kind, is_file = os.path.splitext(data)[1], os.path.isfile(data)
-    if is_file and kind not in DATA_TYPES:
+    kind, files = os.path.splitext(data)[1], [data]
+    if os.path.isdir(data):  # every file, in name order (datasets' own inference splits them by name)
+        files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(tuple(DATA_TYPES)))
+        if not files or len({DATA_TYPES[os.path.splitext(f)[1]] for f in files}) > 1:
+            raise UsageError(f"--data {data}: the directory needs {'/'.join(DATA_TYPES)} files, of one type")
+    elif os.path.isfile(data) and kind not in DATA_TYPES:
         raise UsageError(f"--data {data}: unsupported file type '{kind}'; use .txt (a document per line), "
                          ".json/.jsonl (a record per document) or .parquet")
-    if is_file and os.path.getsize(data) == 0:
+    elif os.path.isfile(data) and os.path.getsize(data) == 0:
         raise UsageError(f"--data {data} is empty: it needs documents to train on")
-    if kind in DATA_TYPES and not is_file:
+    elif kind in DATA_TYPES and not os.path.isfile(data):
         raise UsageError(f"--data {data} does not exist: pass a text/json/jsonl/parquet file, a "
                          "directory of them, or a dataset name on the Hugging Face hub")
-    try:  # a directory's files, or a hub dataset: datasets infers their type
-        documents = (datasets.load_dataset(DATA_TYPES[kind], data_files=[data], split="train") if is_file
-                     else datasets.load_dataset(data, split="train"))
+    elif not os.path.isfile(data):
+        files = None  # a hub dataset name
+    try:
+        builder = DATA_TYPES[os.path.splitext(files[0])[1]] if files else data
+        documents = datasets.load_dataset(builder, data_files=files, split="train")
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
         raise UsageError(f"--data {data}: cannot load it as a local file or directory, nor from the hub "
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
@@ -837,7 +845,8 @@ def read_json(path):
         return json.load(f)
 
 def write_json(path, obj):
-    """Write atomically: a temp file in the same directory, then rename over the target."""
+    """Write atomically: a temp file in the same directory (made if needed), then rename over the target."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
         json.dump(obj, f, indent=2)
     os.replace(f.name, path)
@@ -876,12 +885,10 @@ def choose_samples(cfg, student, teacher, blocks):
            "fingerprint": fingerprint(blocks)}
     if os.path.exists(path) and read_json(path)["key"] == key:
         return torch.tensor(read_json(path)["kept"])
-    student.eval()
-    scores = sample_scores(student, blocks, cfg.sample_signal, teacher, cfg.batch_size, cfg.chunk_size,
+    scores = sample_scores(student.eval(), blocks, cfg.sample_signal, teacher, cfg.batch_size, cfg.chunk_size,
                            cfg.vocab_size)
     kept = select_samples(scores, cfg.ell)
     if rank_world()[0] == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(path, {"key": key, "kept": kept.tolist()})
     return kept
 

@@ -782,10 +782,10 @@ def test_split_documents_holds_out_whole_documents_evenly_spread(tmp_path):
     assert train == [d for i, d in enumerate(DOCS) if i % 10 != 9]
 
 
-def test_a_directory_of_jsonl_files_loads_every_document_in_file_order(tmp_path):
-    (tmp_path / "d").mkdir()
-    for i, part in enumerate((DOCS[:25], DOCS[25:])):
-        (tmp_path / "d" / f"part{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+def test_a_directory_loads_every_file_in_name_order_whatever_the_names_say(tmp_path):
+    (tmp_path / "d").mkdir()   # datasets alone would put the "test" file in another split
+    for name, part in (("a-train.jsonl", DOCS[:25]), ("b-test.jsonl", DOCS[25:])):
+        (tmp_path / "d" / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
     assert list(sekd.load_documents(str(tmp_path / "d"))["text"]) == DOCS
 
 
