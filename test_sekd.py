@@ -1116,12 +1116,13 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
 def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     methods = ["full_dense", "sekd3x_build", "sekd3x_reuse"]
     sekd.main(["bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
-               "--batches", "5", "--methods", ",".join(methods)])
+               "--steps", "5", "--methods", ",".join(methods)])   # --steps: the older name of --batches
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "tiny")
     assert [line.split()[0] for line in lines[2:5]] == methods  # each row before the JSON
-    assert list(report["results"]) == list(report["epoch"]) == methods
+    assert list(report["epoch"]) == methods and list(report["results"]) == methods + ["sekd3x"]
+    assert report["results"]["sekd3x"] == report["results"]["sekd3x_reuse"]   # the step row's older name
     assert all(r["s"] > 0 for r in report["epoch"].values())
     assert report["epoch"]["full_dense"]["over_full_dense"] == 1.0
     assert report["cache"]["build_over_teacher_forward"] > 0 and report["cache"]["read_over_sekd3x_step"] >= 0
