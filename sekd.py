@@ -547,14 +547,15 @@ class TeacherCache:
             raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to rebuild")
         self.num_samples, self.count_bits, self.shard_size, self.sample_ids = (
             m[key] for key in ("num_samples", "count_bits", "shard_size", "sample_ids"))
-        self.positions, self._files, self._offsets = m["seq_len"] - 1, [], []
+        self.positions, self._entries, self._offsets = m["seq_len"] - 1, [], []
         for shard in m["shards"]:
             file = os.path.join(path, shard["file"])
             if not os.path.exists(file) or file_sha256(file) != shard["sha256"]:
                 raise UsageError(f"teacher cache shard {file} is missing or corrupt (its sha256 differs from "
                                  "the manifest): delete the cache directory and rebuild it")
-            self._files.append(safe_open(file, "pt"))  # memory-mapped: entries are read per batch
-            self._offsets.append(self._files[-1].get_tensor("offsets").tolist())             # [S + 1]
+            shard_file = safe_open(file, "pt")  # memory-mapped: entries are sliced per batch, not loaded
+            self._entries.append(shard_file.get_slice("entries"))
+            self._offsets.append(shard_file.get_tensor("offsets").tolist())                  # [S + 1]
 
     def __len__(self):
         return len(self.sample_ids)
@@ -573,7 +574,7 @@ class TeacherCache:
         for i in indices:
             shard, j = divmod(i, self.shard_size)   # every shard but the last holds shard_size samples
             start, end = self._offsets[shard][j:j + 2]
-            entries.append(self._files[shard].get_slice("entries")[start:end])
+            entries.append(self._entries[shard][start:end])
         return torch.cat(entries)
 
     def decode(self, entries, num_samples):
@@ -1308,7 +1309,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
     cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
-    warm_up = {"topsmp": "full", "sekd3x_build": "sekd"}.get(method, BENCH_METHODS[method])  # no cache yet
+    warm_up = "sekd" if method == "sekd3x_build" else BENCH_METHODS[method]  # its cache is not built yet
     list(bench_steps(warm_up, student, teacher, blocks[kept[:batch]], device, cache, batch))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
