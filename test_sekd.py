@@ -1152,6 +1152,13 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
     assert "sekd.py bench" in help_text
 
 
+def test_help_shows_each_numeric_flags_valid_range(capsys):
+    with pytest.raises(SystemExit):
+        sekd.parse_config(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(paper: 0.2) (> 0 and <= 1)" in help_text and "(>= 2)" in help_text   # --k, --seq-len
+
+
 def test_command_line_parses_flags_into_config():
     cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t",
                              "--resume"])
