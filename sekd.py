@@ -1236,9 +1236,9 @@ def finish(run, start_time):
 # device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a fresh process).
 
 BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B
-    "tiny": dict(name="tiny", family="llama", vocab=32_000, batch=8, seq=256, teacher=(256, 4, 4, 4, 688),
+    "tiny": dict(name="tiny", family="llama", vocab=32_000, seq=256, teacher=(256, 4, 4, 4, 688),
                  student=(128, 2, 4, 4, 344)),                      # (hidden, layers, heads, kv heads, ffn)
-    "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, batch=8, seq=512,
+    "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, seq=512,
                   teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
 # What each method trains as, on which samples: topsmp and sekd3x_* on the l = 20% kept by a pre-pass.
 BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "topsmp": "full",
@@ -1338,15 +1338,23 @@ def bench(argv):
     parser = argparse.ArgumentParser(prog="sekd.py bench", description=bench.__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     parser.add_argument("--shape", choices=list(BENCH_SHAPES), help="default: tiny on CPU, qwen3 on CUDA")
-    parser.add_argument("--batch-size", type=int, help="default: the shape's (8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per batch (default: 8)")
     parser.add_argument("--seq-len", type=int, help="default: the shape's (tiny 256, qwen3 512)")
     parser.add_argument("--batches", "--steps", type=int, default=10,
                         help="batches per pass; topsmp and sekd3x train on the kept 20%% of them")
-    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated, in this order")
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="any of these, comma-separated")
+    parser.error = usage_error  # one line, argparse style, exit status 2
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    asked, device = set(args.methods.split(",")), resolve_device(args.device)
+    methods = [method for method in BENCH_METHODS if method in asked]
+    if len(methods) < len(asked) or "sekd3x_reuse" in asked and "sekd3x_build" not in asked:
+        raise UsageError(f"--methods {args.methods}: choose from {','.join(BENCH_METHODS)}; sekd3x_reuse "
+                         "reads the cache that sekd3x_build builds")
     shape = BENCH_SHAPES[args.shape or ("qwen3" if device.type == "cuda" else "tiny")]
-    batch, seq = args.batch_size or shape["batch"], args.seq_len or shape["seq"]
+    batch, seq = args.batch_size, shape["seq"] if args.seq_len is None else args.seq_len
+    if min(args.batches, batch, seq - 1) < 1:
+        raise UsageError(f"--batches and --batch-size must be >= 1, --seq-len >= 2: got {args.batches}, "
+                         f"{batch}, {seq}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     report = dict(device=name, shape=shape["name"], batch_size=batch, seq_len=seq, batches=args.batches,
                   epoch={}, results={}, cache={})
@@ -1355,7 +1363,7 @@ def bench(argv):
           f"{'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}", flush=True)
     results, cache = report["results"], report["cache"]
     with tempfile.TemporaryDirectory(prefix="sekd-bench-") as tmp:
-        for method in args.methods.split(","):
+        for method in methods:
             work = (method, shape, device, batch, seq, args.batches, os.path.join(tmp, "cache"))
             if device.type == "cuda":  # one process: free the last method's memory
                 torch.cuda.empty_cache()
@@ -1417,11 +1425,10 @@ def parse_config(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return bench(argv[1:])
-    cfg = parse_config(argv)  # bad flags fail here, on every rank, before any process group or model
     try:
-        metrics = train(cfg)
+        if argv[:1] == ["bench"]:
+            return bench(argv[1:])
+        metrics = train(parse_config(argv))  # bad flags fail first, on every rank, before any process group
     except UsageError as err:
         usage_error(str(err))
     except RunStopped as err:

@@ -1190,6 +1190,13 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--resume"], "no checkpoint"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "pass --teacher"),
+        (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
+        (["bench", "--methods", "sekd3x_reuse"], "reads the cache that sekd3x_build builds"),
+        (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["bench", "--batches", "0"], "--batches and"),
+        (["bench", "--seq-len", "1"], "--seq-len >= 2"),
+        (["bench", "--device", "tpu"], "--device 'tpu'"),
+        (["bench", "--shape", "huge"], "invalid choice"),
     ]
 
 
