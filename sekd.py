@@ -26,10 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model as load_weights, save_file, save_model as save_weights
 
-
 # ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks from the
 #      models' hidden states and LM heads, so that the heads can later run on the selected rows only
-
 def unwrap(model):
     """The Hugging Face model itself, also when the training loop wrapped it for DDP (section 8)."""
     model = getattr(model, "module", model)                    # DistributedDataParallel
@@ -134,10 +132,8 @@ def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None,
     out = out.view(len(parts), *labels.shape)
     return out[0] if len(parts) == 1 else sum(standardize(part, valid) for part in out)
 
-
 # ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top ceil(k n_i) valid
 #      positions of each sample by u(t); the baselines and alternatives are a few lines each
-
 def budget(n, share):
     """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share is read as
     the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give ceil(7.000000000000001)."""
@@ -216,9 +212,7 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     keep = masks[policy]()                                                     # m_t, bool [B, T]
     return keep / keep.sum(1, keepdim=True).clamp(min=1)
 
-
 # ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
-
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
     """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable)."""
     return ChunkedKL.apply(student_logits, teacher_logits.detach(), temperature, chunk_size)
@@ -235,8 +229,7 @@ class ChunkedKL(torch.autograd.Function):
         for start in range(0, len(out), chunk_size):
             rows = slice(start, start + chunk_size)
             out[rows] = kl_rows(teacher_logits[rows], student_logits[rows], temperature)
-        out *= temperature ** 2
-        return out
+        return out.mul_(temperature ** 2)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -283,10 +276,8 @@ def sparse_kl(student_logits, ids, weights, temperature=1.0):
     log_q = z.gather(-1, ids) - z.logsumexp(-1, keepdim=True)   # never materialises log_softmax [N, V]
     return (torch.xlogy(weights, weights) - weights * log_q).sum(-1) * temperature ** 2
 
-
 # ==== 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a position
 #      signal under the frozen initial student (student entropy: no teacher pass needed)
-
 @torch.no_grad()
 def sample_scores(student, blocks, signal="student_entropy", teacher=None, batch_size=8, chunk_size=1024,
                   vocab_size=None):
@@ -294,16 +285,15 @@ def sample_scores(student, blocks, signal="student_entropy", teacher=None, batch
     Under DDP each rank scores every world-th batch (the same batches as one process) and the ranks sum."""
     (rank, world), device = rank_world(), unwrap(student).device
     scores = torch.zeros(len(blocks), device=device)
-    for i, first in enumerate(range(0, len(blocks), batch_size)):
-        if i % world == rank:
-            ids = blocks[first:first + batch_size].to(device)
-            with autocast(device):
-                h_teacher = teacher_hidden(teacher, ids) if uses_teacher(signal) else None
-                t_head = None if h_teacher is None else lm_head(teacher, vocab_size)
-                h_student = hidden_states(unwrap(student), ids)[:, :-1]
-                u = batch_scores(signal, h_student, lm_head(student, vocab_size), ids[:, 1:], None, h_teacher,
-                                 t_head, chunk_size)
-                scores[first:first + len(ids)] = u.mean(1)
+    for first in range(rank * batch_size, len(blocks), world * batch_size):   # this rank's batches
+        ids = blocks[first:first + batch_size].to(device)
+        with autocast(device):
+            h_teacher = teacher_hidden(teacher, ids) if uses_teacher(signal) else None
+            t_head = None if h_teacher is None else lm_head(teacher, vocab_size)
+            h_student = hidden_states(unwrap(student), ids)[:, :-1]
+            u = batch_scores(signal, h_student, lm_head(student, vocab_size), ids[:, 1:], None, h_teacher,
+                             t_head, chunk_size)
+            scores[first:first + len(ids)] = u.mean(1)
     if world > 1:
         dist.all_reduce(scores)
     return scores.cpu()
@@ -313,15 +303,13 @@ def select_samples(scores, ell):
     keep = budget(len(scores), ell)
     return scores.sort(descending=True, stable=True).indices[:keep].sort().values
 
-
 # ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations)
-
+@torch.no_grad()
 def teacher_hidden(teacher, input_ids, attention_mask=None):
     """The teacher's final hidden states [B, T, H_t] at the positions that predict a token, without grad."""
     device = unwrap(teacher).device
-    with torch.no_grad():
-        mask = None if attention_mask is None else attention_mask.to(device)
-        return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
+    mask = None if attention_mask is None else attention_mask.to(device)
+    return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
 
 @torch.no_grad()
 def logits_at(head, hidden, rows, device):
@@ -349,8 +337,7 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
     attention_mask None: every token is real. targets: cached sparse (ids, weights) [B, T, U], teacher may
     then be None. progress (step / last step) drives the curriculum policy; gls is GLS's queue.
     Reads cfg: positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
-    chunk_size (method "full" presets positions "all": every valid position, whatever k says).
-    """
+    chunk_size (method "full" presets positions "all": every valid position, whatever k says)."""
     if teacher is not None and cfg.vocab_size is None and head_size(teacher) != head_size(student):
         raise ValueError(f"teacher and student heads have different vocabulary sizes ({head_size(teacher)} "
                          f"vs {head_size(student)}): KD needs one shared vocabulary. If they differ only by "
@@ -405,7 +392,6 @@ def dense_full_kd_loss(student, teacher, input_ids):
     return F.kl_div(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
                     log_target=True, reduction="none").sum(-1).mean()
 
-
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every position of the kept samples
 # The *student* picks positions while training, so the cache holds every position's sparse targets and the
 # teacher is not in memory then. Only distinct ids are stored, with no per-position length: a position's
@@ -444,9 +430,8 @@ def weights_fingerprint(model_name, blocks=256):
     first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets.
     Training further changes every block; one weight edited by hand between the blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
-    directory, digest = model_name, hashlib.sha256()
-    if not os.path.isdir(model_name):
-        directory = snapshot_download(model_name, local_files_only=True)
+    digest, local = hashlib.sha256(), os.path.isdir(model_name)
+    directory = model_name if local else snapshot_download(model_name, local_files_only=True)
     for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
         size = os.path.getsize(os.path.join(directory, name))
         digest.update(f"{name}:{size}".encode())
@@ -480,11 +465,10 @@ def shard_key(file):
 def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, batch_size=8, device=None,
                 sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256, chunk_size=1024, seed=0,
                 identity=None):
-    """Cache RS-KD targets of every position of input_ids [N, L] (all valid) in the directory path, shard by
-    shard, each written atomically; a rerun keeps the finished shards of this build and deletes others. Shard
-    s draws from seed * 1_000_003 + s: the cache is byte-identical however interrupted, and under DDP (rank r
-    builds shards r mod world). The manifest, written last by rank 0, marks it complete and is returned;
-    identity: the fields a reuse must match besides settings and data (the models' fingerprints)."""
+    """Cache RS-KD targets of every position of input_ids [N, L] (all valid) in the directory path, shard
+    by shard, each written atomically; a rerun keeps this build's finished shards. Shard s draws from
+    seed * 1_000_003 + s: byte-identical however interrupted, and under DDP (rank r builds shards r mod
+    world). The manifest, written last, marks it complete (returned); identity: the models' fingerprints."""
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
     layout = entry_layout(vocab_size, num_samples)
@@ -594,9 +578,7 @@ class TeacherCache:
             raise IndexError(f"sample {i} is outside the cache's {len(self)} samples")
         return tuple(t[0] for t in self.decode(self.read([i]), 1))
 
-
 # ==== 7. Data: documents -> tokens + EOS -> packed blocks of seq_len tokens (paper: 512)
-
 DATA_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def load_documents(data, text_column="text", max_documents=None):
@@ -662,9 +644,7 @@ def load_blocks(cfg, tokenizer):
                              f"{cfg.seq_len} tokens: lower --seq-len, raise --val-fraction, or add documents")
     return blocks
 
-
 # ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
-
 class UsageError(ValueError):
     """Bad input the user can fix: the command line prints it as one line and exits with status 2."""
 
@@ -702,8 +682,7 @@ class Config:
     method: str = option("sekd", "preset of the three axes (README: Methods)", choices=tuple(PRESETS))
     positions: str | None = option(None, "position policy (README: the design space)", choices=POLICIES)
     k: float = option(0.2, "share of each sample's valid positions supervised (paper: 0.2)", "> 0", "<= 1")
-    signal: str = option("student_entropy", "importance signal u(t) of the scored position policies",
-                         choices=SIGNALS)
+    signal: str = option("student_entropy", "importance signal u(t) of the scored policies", choices=SIGNALS)
     gls_queue_size: int = option(30_000, "gls: scores queued for the (1 - k) quantile threshold", ">= 1")
     temperature: float = option(1.0, "softmax temperature T of both models in the KL, scaled by T^2", "> 0")
     ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda (paper: 0)", ">= 0", "<= 1")
@@ -743,9 +722,8 @@ class Config:
 
     def __post_init__(self):
         for name, value in {**UNSET, **PRESETS.get(self.method, {})}.items():  # an unknown one: refused below
-            explicit_top_k = name == "class_samples" and self.top_k_classes is not None  # class axis given
-            if getattr(self, name) is None and not explicit_top_k:
-                setattr(self, name, value)
+            if getattr(self, name) is None and (name != "class_samples" or self.top_k_classes is None):
+                setattr(self, name, value)  # a preset's class_samples yields to an explicit --top-k-classes
         if self.method == "sekd3x" and self.cache_dir is None:
             self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
         for f in dataclasses.fields(self):  # each field against its choices or rules; None: not set
@@ -821,7 +799,8 @@ def peak_memory_mb(device):
     if os.path.exists("/proc/self/status"):  # this process image's peak (ru_maxrss keeps a forking parent's)
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, but bytes on macOS
+    return peak / (2 ** 20 if sys.platform == "darwin" else 1024)
 
 def pretrained(kind, name, **kwargs):
     """transformers' kind (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory or the hub."""
@@ -886,9 +865,8 @@ def choose_samples(cfg, student, teacher, blocks):
            "fingerprint": fingerprint(blocks)}
     if os.path.exists(path) and read_json(path)["key"] == key:
         return torch.tensor(read_json(path)["kept"])
-    scores = sample_scores(student.eval(), blocks, cfg.sample_signal, teacher, cfg.batch_size, cfg.chunk_size,
-                           cfg.vocab_size)
-    kept = select_samples(scores, cfg.ell)
+    kept = select_samples(sample_scores(student.eval(), blocks, cfg.sample_signal, teacher, cfg.batch_size,
+                                        cfg.chunk_size, cfg.vocab_size), cfg.ell)
     if rank_world()[0] == 0:
         write_json(path, {"key": key, "kept": kept.tolist()})
     return kept
@@ -967,10 +945,9 @@ class Run:
         student, self.teacher = load_model(cfg.student, device, torch.float32), None
         if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
             self.teacher = load_teacher(cfg.teacher, self.teacher_device)
-        # The distilled training blocks (sample axis); cached sample i is kept[i].
         self.kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
-                     torch.tensor(self.cache.sample_ids) if self.cache else
-                     choose_samples(cfg, student, self.teacher, blocks))
+                     torch.tensor(self.cache.sample_ids) if self.cache else   # the distilled training blocks
+                     choose_samples(cfg, student, self.teacher, blocks))      # (cached sample i is kept[i])
         if cfg.cache_dir and self.cache is None:
             start = time.time()
             build_cache(self.teacher, blocks[self.kept], cfg.cache_dir, num_samples=cfg.class_samples,
@@ -1230,7 +1207,6 @@ def finish(run, start_time):
         write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
     return metrics
 
-
 # ==== 9. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
 # Each method makes one pass over the same random blocks with random-init models of its own, built on the
 # device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a fresh process).
@@ -1387,18 +1363,15 @@ def bench(argv):
         print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
     print(json.dumps(report))
 
-
 # ==== 10. Command line
-
 def usage_error(message):
     print(f"sekd.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 def parse_config(argv=None):
     """Config from the command line: a flag per field; a preset-driven one says what each --method sets."""
-    parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " Train: "
-                                     "python sekd.py --teacher T --student S --data D --method sekd. "
-                                     "Benchmark: python sekd.py bench (see bench --help).")
+    commands = "Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py bench."
+    parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " " + commands)
     parser.error = usage_error  # one line, argparse style, exit status 2
     for f in dataclasses.fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
@@ -1437,7 +1410,6 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("val_ppl", "val_kl", "share_supervised", "wall_time_s", "peak_memory_mb")
         print(json.dumps({k: metrics[k] for k in keys}))
-
 
 if __name__ == "__main__":
     main()
