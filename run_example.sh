@@ -89,8 +89,8 @@ teacher_path, student_path, data, out, flags = sys.argv[1], sys.argv[2], sys.arg
 cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *flags])
 device = sekd.resolve_device(cfg.device)
 _, held_out = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", teacher_path))
-teacher = sekd.load_model(teacher_path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-student = sekd.load_model(student_path, device, torch.float32)
+teacher = sekd.load_model(teacher_path, device, frozen=True)
+student = sekd.load_model(student_path, device)
 start = {name: sekd.evaluate(model, None, held_out, cfg, cfg.eval_batches)
          for name, model in (("teacher", teacher), ("student_before", student))}
 # Where the held-out KL(teacher || student) sits before distillation: its share on each sample's top-20%

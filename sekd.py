@@ -555,8 +555,7 @@ class TeacherCache:
     def read(self, indices):
         """Packed entries uint8 [M, bytes] of the cached samples `indices`, in order."""
         entries = []
-        for i in indices:
-            shard, j = divmod(i, self.shard_size)   # every shard but the last holds shard_size samples
+        for shard, j in (divmod(i, self.shard_size) for i in indices):  # all but the last shard are full
             start, end = self._offsets[shard][j:j + 2]
             entries.append(self._entries[shard][start:end])
         return torch.cat(entries)
@@ -663,8 +662,7 @@ PRESETS = {
     "sekd": dict(positions="top"),                                        # SE-KD: top-k% student entropy
     "rskd": dict(positions="all", class_samples=64),                      # RS-KD: U sampled classes
     "topsmp": dict(positions="all", ell=0.2),                             # top-l% samples by student entropy
-    "sekd3x": dict(positions="top", class_samples=64, ell=0.2),           # all three, from the offline cache
-}
+    "sekd3x": dict(positions="top", class_samples=64, ell=0.2)}           # all three, from the offline cache
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)  # a preset-driven field that its preset leaves open
 
 def option(default, help, *rules, choices=None):
@@ -808,17 +806,14 @@ def pretrained(kind, name, **kwargs):
     try:
         return getattr(transformers, kind).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        reason = (str(err) or type(err).__name__).splitlines()[0]
-        raise UsageError(f"cannot load {kind} from '{name}': not a local model directory, and the hub "
-                         f"could not provide it ({reason})") from None
+        raise UsageError(f"cannot load {kind} from '{name}': not a local model directory, and the hub could "
+                         f"not provide it ({(str(err) or type(err).__name__).splitlines()[0]})") from None
 
-def load_model(name, device, dtype):
-    return pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
-
-def load_teacher(name, device):
-    """The teacher, frozen: bf16 on CUDA (paper), float32 on CPU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return load_model(name, device, dtype).eval().requires_grad_(False)
+def load_model(name, device, frozen=False):
+    """A causal LM in float32 on device; frozen (a teacher): eval, no grad, and bf16 on CUDA (paper)."""
+    dtype = torch.bfloat16 if frozen and device.type == "cuda" else torch.float32
+    model = pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
+    return model.eval().requires_grad_(False) if frozen else model
 
 def read_json(path):
     with open(path) as f:
@@ -873,24 +868,21 @@ def choose_samples(cfg, student, teacher, blocks):
 
 def cache_identity(cfg):
     """A cache's makers: the teacher's weights, and the student and signal that chose its samples, if any."""
-    chosen = cfg.ell < 1
-    student = weights_fingerprint(cfg.student) if chosen and not cfg.cache_any_student else None
+    student = weights_fingerprint(cfg.student) if cfg.ell < 1 and not cfg.cache_any_student else None
     return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
-            "sample_signal": cfg.sample_signal if chosen else None}
+            "sample_signal": cfg.sample_signal if cfg.ell < 1 else None}
 
 def open_cache(cfg, blocks, vocab):
     """Open cfg.cache_dir if it was built for this run's data, settings and models; report its size."""
     cache, keep = TeacherCache(cfg.cache_dir), budget(len(blocks), cfg.ell)
     if len(cache) != keep or max(cache.sample_ids, default=-1) >= len(blocks):
-        raise UsageError(f"teacher cache {cfg.cache_dir} holds {len(cache)} samples, but --ell {cfg.ell} "
-                         f"keeps {keep} of this data's {len(blocks)} blocks: delete it to rebuild, or use "
-                         "another --cache-dir")
+        raise UsageError(f"teacher cache {cfg.cache_dir} has {len(cache)} samples, --ell {cfg.ell} keeps "
+                         f"{keep} of {len(blocks)} blocks: delete it to rebuild, or use another --cache-dir")
     cache.check(vocab_size=vocab, num_samples=cfg.class_samples, temperature=cfg.temperature,
                 seq_len=cfg.seq_len, fingerprint=fingerprint(blocks[cache.sample_ids]), **cache_identity(cfg))
-    m, paper = cache.manifest, 3 * cfg.class_samples  # the paper's budget: 3 bytes per drawn class
-    report = dict(
-        cache_bytes_per_position=m["bytes_per_position"], paper_bytes_per_position=paper,
-        cache_bytes_per_token=m["data_bytes"] / blocks.numel(), paper_bytes_per_token=paper * cfg.ell)
+    m, paper, tokens = cache.manifest, 3 * cfg.class_samples, blocks.numel()  # paper: 3 B per drawn class
+    report = dict(cache_bytes_per_position=m["bytes_per_position"], paper_bytes_per_position=paper,
+                  cache_bytes_per_token=m["data_bytes"] / tokens, paper_bytes_per_token=paper * cfg.ell)
     if rank_world()[0] == 0:
         print("teacher cache: " + ", ".join(f"{k} {v:.1f}" for k, v in report.items()), file=sys.stderr)
     return cache, report
@@ -912,9 +904,8 @@ def check_out_dir(cfg):
         if saved["world_size"] != world:  # the data order is cut into global batches of world x batch_size
             raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this "
                              f"one {world}: resume it with torchrun --nproc_per_node {saved['world_size']}")
-        changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]
-        if changed:
+        if changed := [k for k, v in dataclasses.asdict(cfg).items()
+                       if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]:
             raise UsageError(f"--resume: this command changes {', '.join(changed)} from the checkpoint's "
                              "run: resume with its settings, or start a new run in another --out-dir")
         return saved
@@ -927,10 +918,9 @@ class Run:
     """A training run. Set up cheapest first, so that bad input fails before any model loads; then it holds
     what changes between steps (step, optimizer, GLS queue, history), which a checkpoint saves."""
     def __init__(self, cfg):
-        if cfg.student is None or cfg.data is None:
-            raise UsageError("--student and --data are required (and --teacher for every method but ce)")
-        if cfg.needs_teacher and cfg.teacher is None:
-            raise UsageError(f"--method {cfg.method} distills from a teacher: pass --teacher")
+        needed = ("student", "data", "teacher") if cfg.needs_teacher else ("student", "data")
+        if missing := [f"--{name}" for name in needed if getattr(cfg, name) is None]:
+            raise UsageError(f"--method {cfg.method} needs {' and '.join(missing)}")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device = resolve_device(cfg.device, local_rank)
         self.teacher_device = resolve_device(cfg.teacher_device, local_rank) if cfg.teacher_device else device
@@ -938,13 +928,12 @@ class Run:
         self.cfg, self.tokenizer = cfg, pretrained("AutoTokenizer", cfg.teacher or cfg.student)
         vocab = check_models(cfg, self.tokenizer)
         blocks, self.val_blocks = load_blocks(cfg, self.tokenizer)          # [N, seq_len] each
-        self.train_blocks = blocks
-        self.cache, self.info = None, {}
+        self.train_blocks, self.cache, self.info = blocks, None, {}
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.cache, self.info = open_cache(cfg, blocks, vocab)   # reuse: no pre-pass, no teacher
-        student, self.teacher = load_model(cfg.student, device, torch.float32), None
+        student, self.teacher = load_model(cfg.student, device), None
         if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
-            self.teacher = load_teacher(cfg.teacher, self.teacher_device)
+            self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
         self.kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
                      torch.tensor(self.cache.sample_ids) if self.cache else   # the distilled training blocks
                      choose_samples(cfg, student, self.teacher, blocks))      # (cached sample i is kept[i])
@@ -972,7 +961,6 @@ class Run:
 
     @property
     def tokens(self):
-        """Training tokens so far: each step takes grad_accum micro-batches of batch_size blocks per rank."""
         return self.step * rank_world()[1] * self.cfg.grad_accum * self.cfg.batch_size * self.cfg.seq_len
 
 def save_checkpoint(run):
@@ -1049,11 +1037,10 @@ def prefetch(items, load):
     with ThreadPoolExecutor(1) as pool:
         futures = (pool.submit(load, item) for item in items)   # each submitted when the loop asks for it
         pending = next(futures, None)
-        for future in futures:
+        while pending is not None:
+            following = next(futures, None)   # submitted before waiting on pending: one load ahead
             yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
+            pending = following
 
 def read_batch(blocks, cache, indices, device):
     """The CPU side of a micro-batch: token ids and packed cached targets, pinned for async copies on CUDA."""
@@ -1148,8 +1135,7 @@ def train(cfg):
                                      f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
                                      f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
                                      "Lower --lr, or check the data")
-                run.step = step + 1
-                run.train_time += time.time() - began
+                run.step, run.train_time = step + 1, run.train_time + time.time() - began
                 run.history.append(stats)
                 bar.update()
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", sel=f"{stats['share']:.0%}",
@@ -1175,7 +1161,7 @@ def train(cfg):
 def eval_teacher(run):
     """The teacher for held-out KL: the training one, or (training from a cache) loaded once, on first use."""
     if run.teacher is None and run.eval_teacher is None and run.cfg.teacher:
-        run.eval_teacher = load_teacher(run.cfg.teacher, run.teacher_device)
+        run.eval_teacher = load_model(run.cfg.teacher, run.teacher_device, frozen=True)
     return run.teacher if run.teacher is not None else run.eval_teacher
 
 def finish(run, start_time):
@@ -1285,8 +1271,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
     cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
-    warm_up = "sekd" if method == "sekd3x_build" else BENCH_METHODS[method]  # its cache is not built yet
-    list(bench_steps(warm_up, student, teacher, blocks[kept[:batch]], device, cache, batch))
+    list(bench_steps(BENCH_METHODS[method], student, teacher, blocks[kept[:batch]], device, cache, batch))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     def one_pass():
@@ -1341,8 +1326,7 @@ def bench(argv):
     with tempfile.TemporaryDirectory(prefix="sekd-bench-") as tmp:
         for method in methods:
             work = (method, shape, device, batch, seq, args.batches, os.path.join(tmp, "cache"))
-            if device.type == "cuda":  # one process: free the last method's memory
-                torch.cuda.empty_cache()
+            if device.type == "cuda":  # one process; bench_method resets the peak counter
                 r = results[method] = bench_method(*work)
             else:
                 with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak
@@ -1388,9 +1372,7 @@ def parse_config(argv=None):
         elif f.default is not None:
             text += f" (default: {f.default})"
         kind = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
-        choices = f.metadata["choices"]
-        parser.add_argument(flag, type=kind, default=f.default, help=text, choices=choices,
-                            metavar=None if choices else f.name.upper())
+        parser.add_argument(flag, type=kind, default=f.default, help=text, choices=f.metadata["choices"])
     try:
         return Config(**vars(parser.parse_args(argv)))
     except UsageError as err:

@@ -1174,7 +1174,7 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
     return [
-        (["--method", "sekd", "--data", "d"], "--student and --data are required"),
+        (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
         (base + ["--eval-batches", "0"], "--eval-batches must be >= 1"),
         (base + ["--eval-every", "-1"], "--eval-every"),
@@ -1189,7 +1189,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--seq-len", "100000"], "give no block"),
         (base + ["--resume"], "no checkpoint"),
         (base + ["--method", "best"], "invalid choice"),
-        (base[2:] + ["--method", "sekd"], "pass --teacher"),
+        (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
         (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
         (["bench", "--methods", "sekd3x_reuse"], "reads the cache that sekd3x_build builds"),
         (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
