@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -861,6 +862,21 @@ def test_evaluate_matches_dense_perplexity_and_kl():
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
     kl = kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item()
     assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_prefetch_yields_every_load_in_order_with_exactly_the_next_one_under_way():
+    started, got = [], []
+    def load(i):
+        started.append(i)
+        return 10 * i
+    for value in sekd.prefetch(iter(range(4)), load):
+        ahead = min(len(got) + 2, 4)   # this item and the next one, never more
+        deadline = time.time() + 10
+        while len(started) < ahead and time.time() < deadline:
+            time.sleep(0.001)
+        assert started == list(range(ahead))
+        got.append(value)
+    assert got == [0, 10, 20, 30]
 
 
 def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path):
