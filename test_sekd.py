@@ -1140,8 +1140,13 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     assert list(report["epoch"]) == methods and list(report["results"]) == methods + ["sekd3x"]
     assert report["results"]["sekd3x"] == report["results"]["sekd3x_reuse"]   # the step row's older name
     assert all(r["s"] > 0 for r in report["epoch"].values())
-    assert report["epoch"]["full_dense"]["over_full_dense"] == 1.0
-    assert report["cache"]["build_over_teacher_forward"] > 0 and report["cache"]["read_over_sekd3x_step"] >= 0
+    base, results, cache = report["epoch"]["full_dense"]["s"], report["results"], report["cache"]
+    assert all(r["over_full_dense"] == pytest.approx(r["s"] / base) for r in report["epoch"].values())
+    build, forward = cache["cache_build_s"], cache["teacher_forward_s"]
+    assert cache["build_over_teacher_forward"] == pytest.approx(build / forward)
+    assert cache["read_over_sekd3x_step"] == pytest.approx(
+        results["sekd3x_reuse"]["cache_read_ms"] / results["sekd3x_reuse"]["step_ms"])
+    assert cache["build_over_teacher_forward"] > 0 and cache["read_over_sekd3x_step"] >= 0
 
 
 def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_targets(tmp_path):
