@@ -166,16 +166,26 @@ def curriculum_positions(scores, valid, k, progress):
     return (rank >= start) & (rank < start + size[:, None]) & valid
 
 class GlobalThreshold:
-    """GLS: keep every position whose u(t) reaches the (1 - k) quantile of the last `size` valid scores seen
-    before this batch (a FIFO queue kept across steps), so counts vary per sample. Under DDP the queue takes
-    every rank's scores in rank order: it equals one process's queue."""
+    """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile (linear interpolation) of the
+    last `size` valid scores seen before this batch (a FIFO queue kept across steps): counts vary per sample.
+    Scores tied at tau are kept at random, each with the chance that makes the queue's kept share k: a queue
+    of many equal scores would otherwise keep them all. Under DDP the queue takes every rank's scores in rank
+    order: it equals one process's queue."""
     def __init__(self, size=30_000):
         self.size, self.queue = size, torch.empty(0)
 
     def select(self, scores, valid, k):
-        if len(self.queue) == 0:  # nothing seen yet: per-sample top-k
+        if len(self.queue) == 0 or k >= 1:  # nothing seen yet, or k = 1: per-sample top-k
             return select_positions(scores, valid, k)
-        return (scores >= torch.quantile(self.queue.to(scores.device), 1 - k)) & valid
+        queue, h = self.queue, (len(self.queue) - 1) * (1 - k)
+        low, high = (queue.kthvalue(min(i + 1, len(queue))).values for i in (int(h), int(h) + 1))
+        tau = low + (h - int(h)) * (high - low)      # kthvalue: torch.quantile refuses over 2^24 scores
+        above, tied = (queue > tau).float().mean().item(), (queue == tau).float().mean().item()
+        keep = scores > tau.to(scores.device)
+        if tied > 0 and k > above:  # ties kept with chance (k - above) / tied: the kept share is then k
+            draw = torch.rand(scores.shape, device=scores.device) < (k - above) / tied
+            keep |= (scores == tau.to(scores.device)) & draw
+        return keep & valid
 
     def push(self, scores, valid):
         if dist.is_initialized():
@@ -425,13 +435,19 @@ def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
+UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
+
 def weights_fingerprint(model_name, blocks=256):
-    """A model's weights by content (a copy elsewhere matches) from ~1 MiB per file: its name and size, the
-    first 64 KiB (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets.
-    Training further changes every block; one weight edited by hand between the blocks goes unseen."""
+    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping, logit_scale change
+    the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB (safetensors: each tensor's
+    name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training further changes every block; one
+    weight edited by hand between the blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     digest, local = hashlib.sha256(), os.path.isdir(model_name)
     directory = model_name if local else snapshot_download(model_name, local_files_only=True)
+    if os.path.exists(config := os.path.join(directory, "config.json")):
+        used = {k: v for k, v in read_json(config).items() if k not in UNUSED_CONFIG_KEYS}
+        digest.update(json.dumps(used, sort_keys=True).encode())
     for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
         size = os.path.getsize(os.path.join(directory, name))
         digest.update(f"{name}:{size}".encode())
@@ -500,7 +516,7 @@ def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, ba
                                             lm_head(teacher, vocab_size), num_samples, temperature,
                                             batch_size, chunk_size, layout, generator)
             save_file({"entries": entries, "offsets": offsets}, file + ".tmp", {"build_key": build_key})
-            os.replace(file + ".tmp", file)
+            publish(file + ".tmp", file)
     barrier()
     if rank == 0:
         shards = [{"file": name, "first": s * shard_size, "bytes": os.path.getsize(os.path.join(path, name)),
@@ -512,7 +528,8 @@ def build_cache(teacher, input_ids, path, *, num_samples=64, temperature=1.0, ba
     return read_json(manifest_path)
 
 CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
-    "teacher_weights": "other teacher weights than --teacher", "vocab_size": "another vocabulary size",
+    "teacher_weights": "another teacher (weights or config.json) than --teacher",
+    "vocab_size": "another vocabulary size",
     "student_weights": "samples chosen by another --student (--cache-any-student accepts them)",
     "sample_signal": "samples chosen by another --sample-signal", "num_samples": "another --class-samples",
     "temperature": "another --temperature", "seq_len": "another --seq-len",
@@ -819,12 +836,29 @@ def read_json(path):
     with open(path) as f:
         return json.load(f)
 
+def fsync(path):
+    """Flush a file, or a directory's entries, to the disk (not just to the OS's cache)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def publish(tmp, path):
+    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk before the
+    rename, the rename before anything that follows: a power loss never leaves path naming empty files."""
+    for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
+        fsync(os.path.join(tmp, name))
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(os.path.dirname(os.path.abspath(path)))
+
 def write_json(path, obj):
-    """Write atomically: a temp file in the same directory (made if needed), then rename over the target."""
+    """Write atomically: a temp file in the same directory (made if needed), then publish it over path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
         json.dump(obj, f, indent=2)
-    os.replace(f.name, path)
+    publish(f.name, path)
 
 def shared_vocab_size(v_teacher, v_student, tokenizer_len):
     """None when both heads have one size; tokenizer_len when they differ only by padding rows beyond it."""
@@ -857,8 +891,9 @@ def choose_samples(cfg, student, teacher, blocks):
         return torch.arange(len(blocks))
     path = os.path.join(cfg.out_dir, "sample_selection.json")
     key = {"student_weights": weights_fingerprint(cfg.student), "signal": cfg.sample_signal, "ell": cfg.ell,
-           "fingerprint": fingerprint(blocks)}
-    if os.path.exists(path) and read_json(path)["key"] == key:
+           "fingerprint": fingerprint(blocks),    # and the teacher, when the signal uses it
+           "teacher_weights": weights_fingerprint(cfg.teacher) if uses_teacher(cfg.sample_signal) else None}
+    if os.path.exists(path) and read_json(path)["key"] == key:   # saved by this student, data and signal
         return torch.tensor(read_json(path)["kept"])
     kept = select_samples(sample_scores(student.eval(), blocks, cfg.sample_signal, teacher, cfg.batch_size,
                                         cfg.chunk_size, cfg.vocab_size), cfg.ell)
@@ -889,10 +924,10 @@ def open_cache(cfg, blocks, vocab):
 
 OUTPUTS = ("metrics.json", "student", "checkpoint")
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batches", "device",
-                     "teacher_device", "resume", "overwrite", "cache_any_student", "vocab_size"}
+                     "teacher_device", "resume", "overwrite", "cache_any_student"}
 
 def check_out_dir(cfg):
-    """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's state, checked against cfg."""
+    """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise UsageError(f"--out-dir {cfg.out_dir} is a file: choose a directory")
     state = os.path.join(cfg.out_dir, "checkpoint", "checkpoint.json")
@@ -900,19 +935,34 @@ def check_out_dir(cfg):
         if not os.path.exists(state):
             raise UsageError(f"--resume: no checkpoint in {cfg.out_dir}/checkpoint (a run writes one every "
                              "--save-every steps, and when interrupted): drop --resume to start")
-        saved, world = read_json(state), rank_world()[1]
-        if saved["world_size"] != world:  # the data order is cut into global batches of world x batch_size
-            raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this "
-                             f"one {world}: resume it with torchrun --nproc_per_node {saved['world_size']}")
-        if changed := [k for k, v in dataclasses.asdict(cfg).items()
-                       if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]:
-            raise UsageError(f"--resume: this command changes {', '.join(changed)} from the checkpoint's "
-                             "run: resume with its settings, or start a new run in another --out-dir")
-        return saved
+        return read_json(state)
     earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
     if earlier and not cfg.overwrite:
         raise UsageError(f"--out-dir {cfg.out_dir} holds another run's {', '.join(earlier)}: pass --resume "
                          "to continue it, --overwrite to replace it, or choose another --out-dir")
+
+def total_steps(cfg, num_kept):
+    """The run's optimizer steps: --max-steps, else --epochs passes over the num_kept distilled blocks."""
+    per_step = rank_world()[1] * cfg.batch_size * cfg.grad_accum
+    return cfg.max_steps or math.ceil(cfg.epochs * num_kept / per_step)
+
+def check_resume(cfg, saved, num_kept):
+    """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a step
+    budget it has already passed, or (curriculum, whose window follows step / last step) another budget."""
+    if saved["world_size"] != rank_world()[1]:  # the data order is cut into global batches
+        raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this one "
+                         f"{rank_world()[1]}: resume it with torchrun --nproc_per_node {saved['world_size']}")
+    if changed := [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]:
+        raise UsageError(f"--resume: this command changes {', '.join(changed)} from the checkpoint's "
+                         "run: resume with its settings, or start a new run in another --out-dir")
+    total, step = total_steps(cfg, num_kept), saved["step"]
+    if total < step:
+        raise UsageError(f"--resume: the checkpoint is at step {step}, past this command's {total} steps: "
+                         f"raise --max-steps (or --epochs) to at least {step}")
+    if cfg.positions == "curriculum" and total != saved.get("total_steps", total):
+        raise UsageError(f"--resume: --positions curriculum slides its window over the run's "
+                         f"{saved['total_steps']} steps; resume with that budget (this command: {total})")
 
 class Run:
     """A training run. Set up cheapest first, so that bad input fails before any model loads; then it holds
@@ -927,16 +977,23 @@ class Run:
         saved = check_out_dir(cfg)                                     # the checkpoint to resume, if any
         self.cfg, self.tokenizer = cfg, pretrained("AutoTokenizer", cfg.teacher or cfg.student)
         vocab = check_models(cfg, self.tokenizer)
+        state = None
+        if saved:  # the checkpoint's state file, read once, on the CPU
+            state = load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))
+            check_resume(cfg, saved, len(state["kept"]))
         blocks, self.val_blocks = load_blocks(cfg, self.tokenizer)          # [N, seq_len] each
         self.train_blocks, self.cache, self.info = blocks, None, {}
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.cache, self.info = open_cache(cfg, blocks, vocab)   # reuse: no pre-pass, no teacher
+            if saved and state["kept"].tolist() != self.cache.sample_ids:
+                raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples than the "
+                                 "checkpoint's run distilled (rebuilt since?): resume with its cache")
         student, self.teacher = load_model(cfg.student, device), None
         if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
             self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
-        self.kept = (load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))["kept"] if saved else
-                     torch.tensor(self.cache.sample_ids) if self.cache else   # the distilled training blocks
-                     choose_samples(cfg, student, self.teacher, blocks))      # (cached sample i is kept[i])
+        self.kept = (state["kept"] if saved else                          # the distilled training blocks
+                     torch.tensor(self.cache.sample_ids) if self.cache else     # (cached sample i is kept[i])
+                     choose_samples(cfg, student, self.teacher, blocks))
         if cfg.cache_dir and self.cache is None:
             start = time.time()
             build_cache(self.teacher, blocks[self.kept], cfg.cache_dir, num_samples=cfg.class_samples,
@@ -956,8 +1013,9 @@ class Run:
                                            fused=device.type == "cuda")   # fused: 4x faster on an H100
         self.gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
         self.step, self.train_time, self.history, self.evals, self.eval_teacher = 0, 0.0, [], [], None
+        self.total = total_steps(cfg, len(self.kept))
         if saved:
-            load_checkpoint(self, saved)
+            load_checkpoint(self, saved, state)
 
     @property
     def tokens(self):
@@ -965,7 +1023,7 @@ class Run:
 
 def save_checkpoint(run):
     """OUT_DIR/checkpoint: student and optimizer state (safetensors, named by step), then checkpoint.json,
-    replaced atomically last, so that a crash at any moment leaves the previous checkpoint whole."""
+    each published durably, checkpoint.json last: a crash or power loss leaves the previous one whole."""
     directory = os.path.join(run.cfg.out_dir, "checkpoint")
     if rank_world()[0] == 0:
         os.makedirs(directory, exist_ok=True)
@@ -977,26 +1035,27 @@ def save_checkpoint(run):
         save_weights(unwrap(run.student), os.path.join(directory, student_file + ".tmp"))
         save_file(tensors, os.path.join(directory, state_file + ".tmp"))
         for name in (student_file, state_file):
-            os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+            publish(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
         write_json(os.path.join(directory, "checkpoint.json"), {
-            "step": run.step, "student": student_file, "state": state_file, "world_size": rank_world()[1],
+            "step": run.step, "total_steps": run.total, "student": student_file, "state": state_file,
+            "world_size": rank_world()[1],
             "config": dataclasses.asdict(run.cfg), "param_groups": optimizer["param_groups"],
             "train_time_s": run.train_time, "history": run.history, "evals": run.evals, "info": run.info})
         for name in set(os.listdir(directory)) - {student_file, state_file, "checkpoint.json"}:
             os.remove(os.path.join(directory, name))
     barrier()
 
-def load_checkpoint(run, saved):
-    directory = os.path.join(run.cfg.out_dir, "checkpoint")
-    load_weights(unwrap(run.student), os.path.join(directory, saved["student"]))
-    tensors, state = load_file(os.path.join(directory, saved["state"]), device=str(run.device)), {}
+def load_checkpoint(run, saved, tensors):
+    """Restore what save_checkpoint saved; tensors: its state file, on the CPU (AdamW moves its state)."""
+    load_weights(unwrap(run.student), os.path.join(run.cfg.out_dir, "checkpoint", saved["student"]))
+    state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
             _, i, key = name.split(".", 2)
             state.setdefault(int(i), {})[key] = value
     run.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     if run.gls is not None:
-        run.gls.queue = tensors["gls_queue"].cpu()
+        run.gls.queue = tensors["gls_queue"]
     run.step, run.train_time = saved["step"], saved["train_time_s"]
     run.history, run.evals, run.info = saved["history"], saved["evals"], {**saved["info"], **run.info}
 
@@ -1054,32 +1113,33 @@ def to_device(ids, entries, cache, device):
 
 def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=None):
     """One optimizer step over micro-batches [(input_ids, targets or None)]: forward, backward, clip, AdamW.
-    Under DDP a rank's loss is scaled so that the gradient is the global batch's mean over samples (ranks may
-    hold different numbers of samples with a selected position); gradients sync on the last micro-batch.
-    Returns stats summed over ranks, finite False (and no update) for a non-finite loss or gradient norm."""
+    The gradient is the global batch's mean over samples (those with a selected position), however many each
+    micro-batch and rank holds: each backward sums its samples' losses, and the gradient is then divided by
+    the global count, from one all-reduce per step. Under DDP only the last micro-batch syncs gradients (its
+    forward decides that, so forward and backward both run under no_sync). Returns stats summed over ranks,
+    finite False (and no update, on every rank) when any rank's loss or the gradient norm is not finite."""
     world = rank_world()[1]
     totals = torch.zeros(5, dtype=torch.float64)        # loss x samples, samples, selected, valid, finite
     for i, (ids, targets) in enumerate(batches):
-        with autocast(ids.device):
-            loss, stats = distill_loss(student, teacher, ids, None, cfg, targets, progress=progress, gls=gls)
-        scale = 1.0 / len(batches)
-        if world > 1:  # this rank's share of the global mean over samples; DDP then averages over ranks
-            samples = torch.tensor([stats["samples"]], device=ids.device, dtype=torch.float64)
-            dist.all_reduce(samples)
-            scale *= world * stats["samples"] / max(samples.item(), 1)
-        with student.no_sync() if world > 1 and i < len(batches) - 1 else nullcontext():
-            (loss * scale).backward()
+        last = i == len(batches) - 1
+        with nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync():
+            with autocast(ids.device):
+                loss, stats = distill_loss(student, teacher, ids, None, cfg, targets, progress=progress,
+                                           gls=gls)
+            (loss * stats["samples"]).backward()
         totals += torch.tensor([stats["loss"] * stats["samples"], stats["samples"], stats["selected"],
                                 stats["valid"], math.isfinite(stats["loss"])], dtype=torch.float64)
-    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
-    finite = math.isfinite(norm) and totals[4].item() == len(batches)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if world > 1:
         totals = totals.to(ids.device)
         dist.all_reduce(totals)
-    loss, samples, selected, valid, _ = totals.tolist()
+    loss, samples, selected, valid, finite = totals.tolist()
+    grads = [p.grad for p in unwrap(student).parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, world / max(samples, 1))   # DDP averaged over ranks: x world / global samples
+    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
+    finite = math.isfinite(norm) and finite == world * len(batches)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss / max(samples, 1), share=selected / max(valid, 1), grad_norm=norm, finite=finite)
 
 @contextmanager
@@ -1116,8 +1176,7 @@ def train(cfg):
                     shutil.rmtree(path, ignore_errors=True)
                 elif os.path.isfile(path):
                     os.remove(path)
-        global_batch = world * cfg.batch_size
-        total = cfg.max_steps or math.ceil(cfg.epochs * len(run.kept) / (global_batch * cfg.grad_accum))
+        total, global_batch = run.total, world * cfg.batch_size
         order = training_order(len(run.kept), global_batch, cfg.seed, first=run.step * cfg.grad_accum)
         mine = (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in order)
         load = lambda i: read_batch(run.train_blocks[run.kept[i]], run.cache, i, run.device)
@@ -1174,7 +1233,7 @@ def finish(run, start_time):
         unwrap(run.student).save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        publish(tmp, path)
     try:
         final = evaluate(run.student, eval_teacher(run), run.val_blocks, cfg, cfg.eval_batches)
     except Exception as err:

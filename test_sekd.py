@@ -4,6 +4,7 @@ independent reference (torch.distributions, float64, dense logits, exact fractio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,12 +199,37 @@ def test_gls_queue_keeps_the_last_scores_first_in_first_out():
     assert gls.queue.tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
 
 
-# 10 positions, windows of ceil(0.3 * 10) = 3 starting at round((10 - 3) * progress) in ascending-u order
+def test_gls_at_k_1_keeps_every_valid_position():
+    gls = sekd.GlobalThreshold(size=100)
+    gls.queue = torch.arange(100.0)
+    scores, valid = torch.tensor([[-5.0, 50.0, 200.0, 3.0]]), torch.tensor([[True, True, True, False]])
+    assert gls.select(scores, valid, 1.0).tolist() == [[True, True, True, False]]
+
+
+def test_gls_keeps_k_of_a_batch_drawn_like_a_queue_of_tied_scores():
+    torch.manual_seed(0)
+    gls = sekd.GlobalThreshold(size=1000)
+    gls.queue = torch.cat([torch.full((900,), 2.0), torch.linspace(2.5, 3.5, 100)])   # 90% tie at tau = 2
+    scores = gls.queue[torch.randint(0, 1000, (50, 400))]                             # drawn like the queue
+    kept = gls.select(scores, torch.ones_like(scores, dtype=torch.bool), 0.2).float().mean().item()
+    assert kept == pytest.approx(0.2, abs=0.01)   # u >= tau alone keeps every position
+
+
+def test_gls_takes_a_queue_larger_than_torch_quantile_accepts():
+    gls = sekd.GlobalThreshold(size=2 ** 24 + 10)
+    gls.queue = torch.arange(2 ** 24 + 10, dtype=torch.float32)   # torch.quantile refuses over 2^24
+    scores = torch.tensor([[0.79 * 2 ** 24, 0.81 * 2 ** 24]])
+    assert gls.select(scores, torch.ones(1, 2, dtype=torch.bool), 0.2).tolist() == [[False, True]]
+
+
+# 10 valid positions of 13, windows of ceil(0.3 * 10) = 3 starting at round((10 - 3) * progress) in
+# ascending-u order; the padding scores lowest, so that a window that counts padding as positions starts on it
 @pytest.mark.parametrize("progress,want", [(0.0, [0, 1, 2]), (0.5, [4, 5, 6]), (1.0, [7, 8, 9])])
-def test_curriculum_window_slides_from_lowest_to_highest_score(progress, want):
-    scores = torch.tensor([[9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])
-    order = scores[0].argsort().tolist()                      # positions from lowest to highest u
-    got = sekd.curriculum_positions(scores, torch.ones(1, 10, dtype=torch.bool), 0.3, progress)
+def test_curriculum_window_slides_from_lowest_to_highest_valid_score(progress, want):
+    scores = torch.tensor([[9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0, -9.0, -9.0, -9.0]])
+    valid = torch.arange(13)[None] < 10
+    order = scores[0, :10].argsort().tolist()                  # valid positions from lowest to highest u
+    got = sekd.curriculum_positions(scores, valid, 0.3, progress)
     assert sorted(got[0].nonzero().flatten().tolist()) == sorted(order[i] for i in want)
 
 
@@ -237,10 +263,14 @@ def test_pos_rs_unbiased_gradient_averages_to_the_full_kd_gradient():
 
 
 def test_pos_rs_draws_the_budget_from_valid_positions_only():
-    valid = torch.tensor([[True, True, False, True, True, True, True, True, True, True]])
-    weights = sekd.position_weights("pos_rs", torch.rand(1, 10), valid, 0.3)
-    assert weights[0, 2] == 0 and weights.sum().item() == pytest.approx(1.0)
-    assert torch.allclose(weights * 3, (weights * 3).round())    # ceil(0.3 * 9) = 3 draws: counts / 3
+    torch.manual_seed(0)
+    valid = torch.rand(200, 10) < 0.6
+    valid[:, 0] = True
+    scores = torch.where(valid, 1e-3, 1e6)   # padding scores a million times higher: drawn if ever drawable
+    weights = sekd.position_weights("pos_rs", scores, valid, 0.3)
+    assert (weights[~valid] == 0).all() and torch.allclose(weights.sum(1), torch.ones(200))
+    draws = sekd.budget(valid.sum(1), 0.3)[:, None]
+    assert torch.allclose(weights * draws, (weights * draws).round())   # counts / ceil(0.3 n_i)
 
 
 # ============================================================================================
@@ -735,6 +765,16 @@ def test_weights_fingerprint_sees_a_changed_header_but_not_a_byte_between_its_bl
     assert sekd.weights_fingerprint(str(tmp_path)) == before
 
 
+def test_weights_fingerprint_covers_what_the_config_computes_not_where_it_came_from(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    before = sekd.weights_fingerprint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere"}))
+    assert sekd.weights_fingerprint(str(tmp_path)) == before
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))   # other logits
+    assert sekd.weights_fingerprint(str(tmp_path)) != before
+
+
 def test_weights_fingerprint_follows_content_not_path(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "a")
@@ -915,7 +955,7 @@ def test_reusing_a_cache_runs_neither_teacher_nor_pre_pass_and_trains_the_same_s
 @pytest.mark.parametrize("change,match", [
     (dict(temperature=2.0), "another --temperature"), (dict(class_samples=8), "another --class-samples"),
     (dict(ell=0.5), "--ell 0.5 keeps"), (dict(student="other_student"), "another --student"),
-    (dict(teacher="other_student"), "other teacher weights")])
+    (dict(teacher="other_student"), r"another teacher \(weights or config.json\)")])
 def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(
         saved_models, built_cache, tmp_path, change, match):
     change = {k: saved_models.get(v, v) for k, v in change.items()}
@@ -934,8 +974,18 @@ def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
     sekd.Run(run_config(saved_models, tmp_path / "a", **cfg))          # the copied weights match
     for name in ("model.safetensors", "config.json"):  # another model's weights, same directory
         shutil.copy(os.path.join(saved_models["other_student"], name), teacher / name)
-    with pytest.raises(sekd.UsageError, match="other teacher weights"):
+    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
         sekd.Run(run_config(saved_models, tmp_path / "b", **cfg))
+
+
+def test_a_cache_refuses_its_teacher_once_its_config_changes(saved_models, built_cache, tmp_path):
+    import shutil
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "rope_theta": 99.0}))   # same weights
+    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
+        sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
+                            cache_dir=built_cache[0], teacher=str(teacher)))
 
 
 def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
@@ -960,6 +1010,19 @@ def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatc
     assert first["distilled_blocks"] == second["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
 
 
+def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_another_teacher(
+        saved_models, tmp_path, monkeypatch):
+    options = dict(method="topsmp", sample_signal="teacher_entropy", max_steps=1)
+    sekd.train(run_config(saved_models, tmp_path, **options))
+    scored, real = [], sekd.sample_scores
+    monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
+    sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True))    # the same teacher: reused
+    assert scored == []
+    sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True,
+                          teacher=saved_models["other_student"]))
+    assert scored == [1]
+
+
 def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3,
                                     grad_accum=2))
@@ -972,14 +1035,8 @@ def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
     assert metrics["steps"] == 60 and metrics["steps"] * 4 > 2 * metrics["train_blocks"]
 
 
-RESUMABLE = ["ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs"]
-
-
-@pytest.mark.parametrize("method", RESUMABLE)
-def test_a_run_resumed_from_a_checkpoint_trains_the_same_student(saved_models, tmp_path, method, monkeypatch):
-    options = dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method)
-    options.update(class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2)
-    whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options):
+    """A 4-step run with --save-every 2 that crashes in step 3: its checkpoint is at step 2."""
     real, calls = sekd.train_step, []
 
     def crash_at_step_3(*args, **kwargs):
@@ -989,13 +1046,95 @@ def test_a_run_resumed_from_a_checkpoint_trains_the_same_student(saved_models, t
         return real(*args, **kwargs)
     monkeypatch.setattr(sekd, "train_step", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        sekd.train(run_config(saved_models, tmp_path / "split", **options))
+        sekd.train(run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **options}))
     monkeypatch.setattr(sekd, "train_step", real)
+
+
+RESUMABLE = ["ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs",
+             "sekd_accum"]
+
+
+@pytest.mark.parametrize("method", RESUMABLE)
+def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student(
+        saved_models, tmp_path, method, monkeypatch):
+    options = dict(method="sekd", grad_accum=2) if method == "sekd_accum" else (
+        dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method))
+    options.update(class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2)
+    whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
+    real, steps = sekd.train_step, []
+    monkeypatch.setattr(sekd, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
     resumed = sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
+    assert len(steps) == 2 and resumed["steps"] == 4     # a resume that restores nothing trains 4 steps
     a, b = student_weights(tmp_path / "whole" / "run"), student_weights(tmp_path / "split" / "run")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
-    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6) and resumed["steps"] == 4
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
+def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also_when_resumed(
+        saved_models, tmp_path, monkeypatch):
+    real, seen = sekd.position_weights, []
+    def record(policy, *args, **kwargs):
+        if policy == "curriculum":
+            seen.append(kwargs["progress"] if "progress" in kwargs else args[3])
+        return real(policy, *args, **kwargs)
+    monkeypatch.setattr(sekd, "position_weights", record)
+    options = dict(method="sekd", positions="curriculum", max_steps=4, save_every=2)
+    sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+    assert seen == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
+    seen.clear()
+    sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
+    assert seen == pytest.approx([2 / 3, 1])
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(max_steps=1), "at step 2, past this command's 1 steps: raise --max-steps"),
+    (dict(vocab_size=200), "changes vocab_size"),
+    (dict(positions="curriculum", max_steps=6), "curriculum slides its window over the run's 4 steps")])
+def test_resume_refuses_a_budget_it_has_passed_a_moved_curriculum_and_another_vocabulary(
+        saved_models, tmp_path, monkeypatch, change, match):
+    first = dict(positions=change.get("positions", "top"))
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **first)
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.Run(run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **change},
+                            resume=True))
+
+
+def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_samples(
+        saved_models, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    options = dict(method="sekd3x", class_samples=16, max_steps=4, save_every=2)
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options)
+    reads, real = [], sekd.load_file
+    monkeypatch.setattr(sekd, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
+    assert len(reads) == 1
+    state = tmp_path / "run" / "checkpoint" / "state-00000002.safetensors"
+    tensors = load_file(state)
+    save_file({**tensors, "kept": tensors["kept"].flip(0)}, state)   # as if the cache were rebuilt since
+    with pytest.raises(sekd.UsageError, match="holds other samples than the checkpoint's run distilled"):
+        sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
+
+
+def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(saved_models, tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
+    directory = str(tmp_path / "run" / "checkpoint")
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(directory)]
+    assert [os.path.basename(events[i][2]) for i in renames] == [
+        "student-00000001.safetensors", "state-00000001.safetensors", "checkpoint.json"]
+    for i in renames:   # each file synced before its rename, the directory after it, before the next one
+        assert ("fsync", events[i][1]) in events[:i] and events[i + 1] == ("fsync", directory)
 
 
 def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
@@ -1051,6 +1190,74 @@ def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
     state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))  # as if from torchrun
     with pytest.raises(sekd.UsageError, match="had 2 process.*--nproc_per_node 2"):
         sekd.train(run_config(saved_models, tmp_path, resume=True))
+
+
+def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batches():
+    student, cfg, applied = tiny_model("llama"), sekd.Config(method="ce", max_grad_norm=1e9), {}
+    ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
+
+    class Record:  # an optimizer that keeps the gradient it is asked to apply
+        def step(self):
+            applied["grads"] = [p.grad.clone() for p in student.parameters()]
+
+        def zero_grad(self, set_to_none):
+            student.zero_grad(set_to_none=set_to_none)
+    sekd.train_step(student, None, [(ids[:3], None), (ids[3:], None)], cfg, Record())   # 3 samples, then 1
+    loss, _ = sekd.distill_loss(student, None, ids, None, cfg)                       # the mean over all 4
+    for got, want in zip(applied["grads"], torch.autograd.grad(loss, list(student.parameters()))):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def ddp_step_facts(rank):
+    """Under DDP on 2 gloo ranks: gradient all-reduces in a step of 1 and of 4 micro-batches, and whether a
+    step counts as finite when only rank 1's loss is not."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    student, facts = tiny_model("llama"), {}
+    ddp = torch.nn.parallel.DistributedDataParallel(sekd.Backbone(student))
+    calls = []
+    ddp.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
+    optimizer, cfg = torch.optim.AdamW(student.parameters()), sekd.Config(method="ce")
+    ids = torch.randint(0, VOCAB, (8, 10), generator=torch.Generator().manual_seed(rank))
+    for accum in (1, 4):
+        calls.clear()
+        sekd.train_step(ddp, None, [(b, None) for b in ids[:2 * accum].split(2)], cfg, optimizer)
+        facts[f"all_reduces_{accum}"] = len(calls)
+    real = sekd.distill_loss
+    def nan_on_rank_1(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss, {**stats, "loss": math.nan if rank == 1 else stats["loss"]}
+    sekd.distill_loss = nan_on_rank_1
+    facts["finite"] = sekd.train_step(ddp, None, [(ids[:2], None)], cfg, optimizer)["finite"]
+    return facts
+
+
+def in_two_ranks(job, tmp_path):
+    """job(rank) in 2 spawned processes joined by a gloo group -> [rank 0's result, rank 1's]."""
+    context = torch.multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=run_rank, args=(job, rank, str(tmp_path))) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def run_rank(job, rank, tmp):
+    torch.set_num_threads(1)
+    sekd.dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        result = job(rank)
+    finally:
+        sekd.dist.destroy_process_group()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
+    for facts in in_two_ranks(ddp_step_facts, tmp_path):
+        assert facts["all_reduces_4"] == facts["all_reduces_1"] >= 1   # not once per micro-batch
+        assert facts["finite"] is False                                 # rank 0's loss was finite
 
 
 def torchrun(*args):
@@ -1176,8 +1383,13 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
 def test_help_shows_each_numeric_flags_valid_range(capsys):
     with pytest.raises(SystemExit):
         sekd.parse_config(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
-    assert "(paper: 0.2) (> 0 and <= 1)" in help_text and "(>= 2)" in help_text   # --k, --seq-len
+    help_text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]   # past the usage line
+    ranged = [f for f in sekd.dataclasses.fields(sekd.Config) if f.metadata["rules"]]
+    assert len(ranged) >= 20
+    entries = {entry.split()[0]: entry for entry in re.split(r" (?=--[a-z-]+ [A-Z_{])", help_text)}
+    for f in ranged:
+        entry = entries["--" + f.name.replace("_", "-")]
+        assert f"({' and '.join(f.metadata['rules'])})" in entry, entry
 
 
 def test_command_line_parses_flags_into_config():
