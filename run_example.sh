@@ -88,23 +88,24 @@ import sekd
 teacher_path, student_path, data, out, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *flags])
 device = sekd.resolve_device(cfg.device)
-_, held_out = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", teacher_path))
+_, held_out, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", student_path))
 teacher = sekd.load_model(teacher_path, device, frozen=True)
 student = sekd.load_model(student_path, device)
 start = {name: sekd.evaluate(model, None, held_out, cfg, cfg.eval_batches)
          for name, model in (("teacher", teacher), ("student_before", student))}
 # Where the held-out KL(teacher || student) sits before distillation: its share on each sample's top-20%
 # student-entropy positions (what SE-KD supervises; a random 20% holds 20% on average).
-on_top = total = 0.0
+on_top = total = count = 0.0
 with torch.no_grad(), sekd.autocast(device):
-    for batch in held_out.split(cfg.batch_size)[:cfg.eval_batches]:
-        ids = batch.to(device)
+    for first in range(0, len(held_out), cfg.batch_size)[:cfg.eval_batches]:
+        batch = held_out[first:first + cfg.batch_size]
+        ids, valid = batch.input_ids.to(device), sekd.valid_positions(batch.input_ids, None, batch.loss_mask).to(device)
         h = sekd.hidden_states(student, ids)[:, :-1]
         student_logits, teacher_logits = sekd.lm_head(student)(h), sekd.lm_head(teacher)(sekd.teacher_hidden(teacher, ids))
-        kl = sekd.full_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1).to(device)).view(h.shape[:2])
-        top = sekd.select_positions(sekd.token_entropy(h, sekd.lm_head(student)), torch.ones_like(kl, dtype=torch.bool), 0.2)
-        on_top, total = on_top + kl[top].sum().item(), total + kl.sum().item()
-start["student_before"]["val_kl"] = total / held_out[:cfg.eval_batches * cfg.batch_size, 1:].numel()
+        kl = sekd.full_kl(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1).to(device)).view(h.shape[:2]) * valid
+        top = sekd.select_positions(sekd.token_entropy(h, sekd.lm_head(student)), valid, 0.2)
+        on_top, total, count = on_top + kl[top].sum().item(), total + kl.sum().item(), count + valid.sum().item()
+start["student_before"]["val_kl"] = total / count
 start["student_before"]["kl_share_on_top20_entropy"] = on_top / total
 json.dump(start, open(out, "w"))
 EOF

@@ -56,6 +56,14 @@ def padded_batch(batch=3, length=12, vocab=VOCAB, seed=0):
     return ids, mask
 
 
+def prompt_mask(ids, prompt_lengths=(6, 4, 2)):
+    """A loss mask [B, L] whose first prompt_lengths[b] tokens of row b are a prompt (no target)."""
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    for b, n in enumerate(prompt_lengths):
+        loss_mask[b, :n] = False
+    return loss_mask
+
+
 def tiny_tokenizer(texts):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -147,6 +155,31 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
 # ============================================================================================
 # 2. Position axis
 # ============================================================================================
+
+def test_valid_positions_are_pairs_of_real_tokens_whose_second_is_a_target():
+    ids, mask = padded_batch()
+    loss_mask = prompt_mask(ids)
+    got = sekd.valid_positions(ids, mask, loss_mask)
+    want = [[bool(mask[b, t] and mask[b, t + 1] and loss_mask[b, t + 1]) for t in range(11)]
+            for b in range(3)]
+    assert got.tolist() == want and got[2].sum() == 1   # row 2: 3 real tokens, the first 2 a prompt
+    assert sekd.valid_positions(ids).all() and sekd.valid_positions(ids, mask).tolist() == (
+        mask[:, :-1] * mask[:, 1:]).bool().tolist()
+
+
+def test_no_policy_selects_a_prompt_position_however_high_its_score_and_k_counts_valid_ones():
+    ids, mask = padded_batch(length=30)
+    valid = sekd.valid_positions(ids, mask, prompt_mask(ids, (12, 4, 2)))
+    scores = torch.where(valid, torch.rand(valid.shape, generator=torch.Generator().manual_seed(0)), 50.0)
+    gls = sekd.GlobalThreshold()
+    gls.queue = torch.rand(1000)                      # a threshold near 0.8: every prompt score passes it
+    for policy in sekd.POLICIES:
+        torch.manual_seed(0)
+        weights = sekd.position_weights(policy, scores, valid, 0.3, progress=0.5, gls=gls)
+        assert (weights[~valid] == 0).all() and (weights[valid] > 0).any(), policy
+        if policy in ("top", "random", "curriculum"):
+            assert (weights > 0).sum(1).tolist() == sekd.budget(valid.sum(1), 0.3).tolist(), policy
+
 
 def test_budget_is_exact_ceiling():
     assert sekd.budget(25, 0.28) == 7  # float arithmetic gives ceil(7.000000000000001) = 8
@@ -413,11 +446,23 @@ def test_sample_scores_are_the_mean_dense_signal(signal):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_never_kept():
+    student, (ids, mask) = sharpened(tiny_model("llama")), padded_batch()
+    loss_mask = prompt_mask(ids, (6, 4, 3))      # row 2: all 3 real tokens a prompt
+    got = sekd.sample_scores(student, ids, batch_size=2, attention_mask=mask, loss_mask=loss_mask)
+    with torch.no_grad():
+        entropy = Categorical(logits=student(ids, attention_mask=mask).logits[:, :-1].double()).entropy()
+    valid = (mask[:, :-1] * mask[:, 1:] * loss_mask[:, 1:]).bool()
+    want = [entropy[b][valid[b]].mean().item() for b in range(2)]
+    assert got[:2].tolist() == pytest.approx(want, rel=1e-4) and got[2] == -math.inf
+    assert sekd.select_samples(got, 1.0).tolist() == [0, 1]
+
+
 # ============================================================================================
 # 5. The loss
 # ============================================================================================
 
-def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
+def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_mask=None):
     """The same loss from the models' full [B, L, V] logits, one sample at a time, in float64."""
     s_all = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
     with torch.no_grad():
@@ -426,6 +471,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None):
     if cfg.vocab_size is not None:
         s_all, t_all = s_all[..., :cfg.vocab_size], t_all[..., :cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
+    if loss_mask is not None:   # a position counts when its target is one the student learns
+        valid &= loss_mask[:, 1:].bool()
     per_sample = []
     for b in range(ids.shape[0]):
         idx = valid[b].nonzero().flatten().tolist()
@@ -507,6 +554,24 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
     loss, _ = sekd.distill_loss(student, None, ids, mask, cfg, targets=targets)
     want = dense_reference_loss(student, None, ids, mask, cfg, targets)
     assert_same_value_and_gradient(student, loss, want)
+
+
+@pytest.mark.parametrize("case", ["full", "sekd", "cached"])
+def test_loss_with_a_loss_mask_equals_the_dense_loss_over_supervised_positions_only(case):
+    cfg = sekd.Config(method="full" if case == "full" else "sekd", k=0.3,
+                      class_samples=16 if case == "cached" else None)
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    loss_mask, targets = prompt_mask(ids), None
+    if case == "cached":
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits[:, :-1]
+        targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16))
+    loss, stats = sekd.distill_loss(student, None if targets else teacher, ids, mask, cfg, targets,
+                                    loss_mask=loss_mask.int())   # 0/1 as well as bool
+    want = dense_reference_loss(student, teacher, ids, mask, cfg, targets, loss_mask)
+    assert_same_value_and_gradient(student, loss, want)
+    assert stats["valid"] == sekd.valid_positions(ids, mask, loss_mask).sum()
 
 
 def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
@@ -621,6 +686,11 @@ def qwen_teacher():
     return tiny_model("qwen3", vocab=QWEN_VOCAB, hidden=16, layers=1, seed=3)
 
 
+def decode_rows(cache, rows, positions):
+    """Targets of cached rows whose every one of `positions` positions is valid: [rows, positions, U] x 2."""
+    return cache.decode(cache.read(rows), torch.arange(len(rows) * positions), (len(rows), positions))
+
+
 def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
     manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3,
@@ -634,19 +704,50 @@ def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen
         rows = logits[2 * shard:2 * shard + 2].flatten(0, 1)
         want_ids, want_w = sekd.sample_classes(rows, 16, 1.3, generator)
         indices = list(range(2 * shard, min(2 * shard + 2, 3)))
-        got_ids, got_w = cache.decode(cache.read(indices), len(indices))
+        got_ids, got_w = decode_rows(cache, indices, 6)
         n = got_ids.shape[0] * 6
         assert torch.equal(got_ids.flatten(0, 1), want_ids[:n])
         assert torch.equal(got_w.flatten(0, 1), want_w[:n])
-    assert bool((cache.decode(cache.read([0, 1, 2]), 3)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
+    assert bool((decode_rows(cache, [0, 1, 2], 6)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
 
 
 def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
     sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=2)
     cache = sekd.TeacherCache(tmp_path / "c")
-    batch_ids, batch_w = cache.decode(cache.read([2, 0]), 2)
+    batch_ids, batch_w = decode_rows(cache, [2, 0], 4)
     assert torch.equal(batch_ids[0], cache[2][0]) and torch.equal(batch_w[1], cache[0][1])
+
+
+def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(tmp_path):
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch(batch=4, length=14)
+    examples = sekd.Examples(ids, mask.bool(), prompt_mask(ids, (6, 4, 2, 9)))
+    valid = sekd.valid_positions(ids, mask, examples.loss_mask)                       # [4, 13]
+    manifest = sekd.build_cache(teacher, examples, tmp_path / "c", num_samples=8, batch_size=2, shard_size=2,
+                                seed=3)
+    assert manifest["positions"] == valid.sum() < 0.7 * mask[:, 1:].sum()   # the responses' positions only
+    with torch.no_grad():
+        logits = teacher(ids, attention_mask=mask).logits[:, :-1]
+    draws = [sekd.sample_classes(logits[2 * s:2 * s + 2][valid[2 * s:2 * s + 2]], 8, 1.0,
+                                 torch.Generator().manual_seed(3 * 1_000_003 + s)) for s in range(2)]
+    want_ids, want_w = (torch.cat([d[i] for d in draws]) for i in range(2))
+    cache = sekd.TeacherCache(tmp_path / "c")
+    batch = sekd.to_device(sekd.read_batch(examples[0:4], cache, torch.arange(4), torch.device("cpu")), cache,
+                           torch.device("cpu"))
+    got_ids, got_w = batch["targets"]
+    assert torch.equal(got_ids[valid], want_ids) and torch.equal(got_w[valid], want_w)
+    assert (got_w[~valid] == 0).all()
+    cfg = sekd.Config(method="rskd", class_samples=8)
+    cached, _ = sekd.distill_loss(student, None, ids, mask, cfg, batch["targets"],
+                                  loss_mask=examples.loss_mask)
+    sample_classes = sekd.sample_classes
+    sekd.sample_classes = lambda *args, **kwargs: (want_ids, want_w)   # online RS-KD, the same draws
+    try:
+        online, _ = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=examples.loss_mask)
+    finally:
+        sekd.sample_classes = sample_classes
+    assert_same_value_and_gradient(student, cached, online.double())
 
 
 @pytest.fixture
@@ -805,29 +906,127 @@ def write_docs(tmp_path, kind, docs=DOCS):
     return str(path)
 
 
+def data_config(path, **overrides):
+    return sekd.Config(**{**dict(data=str(path), seq_len=16, val_fraction=0.1), **overrides})
+
+
+def runs_of_true(mask):
+    """[(start, end)] of each run of consecutive True in a 1-D bool tensor."""
+    padded = torch.cat([torch.tensor([False]), mask, torch.tensor([False])]).int()
+    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
+    return list(zip(edges[::2], edges[1::2]))
+
+
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
-def test_pack_blocks_equals_concatenated_documents_with_eos(tmp_path, kind):
+def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is_no_target(tmp_path, kind):
     tokenizer = tiny_tokenizer(DOCS)
-    blocks = sekd.pack_blocks(sekd.load_documents(write_docs(tmp_path, kind)), tokenizer, seq_len=16)
-    eos = [tokenizer.eos_token_id]
-    stream = [t for d in DOCS for t in tokenizer(d, add_special_tokens=False)["input_ids"] + eos]
+    train, held, dropped = sekd.load_examples(data_config(write_docs(tmp_path, kind)), tokenizer)
+    eos, stream, first = [tokenizer.eos_token_id], [], []
+    for i, d in enumerate(DOCS):
+        if i % 10 != 9:   # every 10th document held out at --val-fraction 0.1
+            ids = tokenizer(d, add_special_tokens=False)["input_ids"] + eos
+            first += [True] + [False] * (len(ids) - 1)
+            stream += ids
     n = len(stream) // 16
-    assert blocks.shape == (n, 16) and blocks.flatten().tolist() == stream[:n * 16]
+    assert train.input_ids.shape == (n, 16) and train.input_ids.flatten().tolist() == stream[:n * 16]
+    assert train.attention_mask.all() and dropped == 0
+    assert train.loss_mask.flatten().tolist() == [not f for f in first[:n * 16]]   # EOS itself is a target
 
 
-def test_split_documents_holds_out_whole_documents_evenly_spread(tmp_path):
-    documents = sekd.load_documents(write_docs(tmp_path, "jsonl"))
-    train, held = sekd.split_documents(documents, 0.1)
-    train, held = list(train["text"]), list(held["text"])
-    assert held == [DOCS[i] for i in (9, 19, 29, 39)]
-    assert train == [d for i, d in enumerate(DOCS) if i % 10 != 9]
+def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_budget(tmp_path):
+    tokenizer, path = tiny_tokenizer(DOCS), write_docs(tmp_path, "jsonl")
+    held_docs = [DOCS[i] for i in (9, 19, 29, 39)]
+    want = sekd.pack_blocks(sekd.encode_rows({"text": held_docs}, "text", tokenizer, "text"), 8)
+    _, held, _ = sekd.load_examples(data_config(path, seq_len=8), tokenizer)
+    assert torch.equal(held.input_ids, want.input_ids)
+    train, held_early, _ = sekd.load_examples(data_config(path, seq_len=8, max_tokens=20), tokenizer)
+    assert len(train) == 3 and 0 < len(held_early) < len(held)   # reading stopped at document 9
+    assert torch.equal(held_early.input_ids, want.input_ids[:len(held_early)])
 
 
 def test_a_directory_loads_every_file_in_name_order_whatever_the_names_say(tmp_path):
     (tmp_path / "d").mkdir()   # datasets alone would put the "test" file in another split
     for name, part in (("a-train.jsonl", DOCS[:25]), ("b-test.jsonl", DOCS[25:])):
         (tmp_path / "d" / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-    assert list(sekd.load_documents(str(tmp_path / "d"))["text"]) == DOCS
+    assert [row["text"] for row in sekd.load_rows(data_config(tmp_path / "d"))] == DOCS
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Like Qwen3's template: the last assistant turn opens with an empty think block, earlier ones do not
+THINKING = CHATML.replace("\n{{ m['content'] }}", "\n{% if m['role'] == 'assistant' and loop.last %}"
+                          "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}")
+CHATS = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"what is {i} plus {i}?"},
+          {"role": "assistant", "content": f"it is {2 * i}."}, {"role": "user", "content": "and times two?"},
+          {"role": "assistant", "content": f"{4 * i}, I think."}] for i in range(20)]
+
+
+def chat_tokenizer(template):
+    tokenizer = tiny_tokenizer(DOCS + [str(chat) for chat in CHATS])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("template", ["chatml", "thinking"])
+def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_generation_marks(
+        tmp_path, template):
+    tokenizer = chat_tokenizer(CHATML if template == "chatml" else THINKING)
+    path = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    train, held, _ = sekd.load_examples(data_config(path, seq_len=1000), tokenizer)
+    think = "<think>\n\n</think>\n\n" if template == "thinking" else ""
+    rows = [i for i in range(len(CHATS)) if i % 10 != 9]
+    assert len(train) == len(rows) and len(held) == 2
+    for example, i in zip(range(len(train)), rows):
+        ids, targets = train.input_ids[example], train.loss_mask[example] & train.attention_mask[example]
+        turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(targets)]
+        assert turns == [f"it is {2 * i}.<|im_end|>\n", f"{think}{4 * i}, I think.<|im_end|>\n"]
+        length = int(train.attention_mask[example].sum())
+        assert tokenizer.decode(ids[:length]) == tokenizer.apply_chat_template(CHATS[i], tokenize=False)
+
+
+def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"prompt": f"question {i}:", "completion": f" answer {i * 3}"} for i in range(20)]
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    train, _, _ = sekd.load_examples(data_config(path, seq_len=64), tokenizer)
+    for example, i in enumerate(i for i in range(20) if i % 10 != 9):
+        prompt = tokenizer(rows[i]["prompt"])["input_ids"]
+        completion = tokenizer(rows[i]["completion"], add_special_tokens=False)["input_ids"]
+        length = len(prompt) + len(completion) + 1
+        assert train.input_ids[example, :length].tolist() == prompt + completion + [tokenizer.eos_token_id]
+        assert runs_of_true(train.loss_mask[example]) == [(len(prompt), length)]
+        assert train.attention_mask[example].sum() == length
+
+
+def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"prompt": "question " * (1 + 9 * (i % 2)), "completion": " answer"} for i in range(20)]
+    short = len(tokenizer(rows[0]["prompt"] + rows[0]["completion"])["input_ids"]) + 1
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    train, _, dropped = sekd.load_examples(data_config(path, seq_len=short), tokenizer)
+    assert dropped == 10 and len(train) == 9 and train.input_ids.shape[1] == short   # long prompts: no target
+
+
+def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_past_it(tmp_path):
+    tokenizer, rows = tiny_tokenizer(DOCS), [{"text": d} for d in DOCS * 3]
+    budget = lambda path, streaming: data_config(path, seq_len=8, max_tokens=100, streaming=streaming)
+    good = write_rows(tmp_path / "good.jsonl", rows)
+    whole, streamed = (sekd.load_examples(budget(good, streaming), tokenizer) for streaming in (False, True))
+    broken = write_rows(tmp_path / "broken.jsonl", rows + [{"text": "filler " * 20}] * 80_000)   # > 10 MiB
+    with open(broken, "a") as f:   # past the first chunk datasets parses when streaming (10 MiB)
+        f.write("not json\n" * 100)
+    past = sekd.load_examples(budget(broken, True), tokenizer)
+    for got in (streamed, past):
+        for a, b in zip(whole[:2], got[:2]):
+            assert all(map(torch.equal, sekd.dataclasses.astuple(a), sekd.dataclasses.astuple(b)))
+    assert len(whole[0]) == math.ceil(100 / 8)
+    with pytest.raises(sekd.UsageError, match="cannot load it"):   # the whole file does not parse
+        sekd.load_examples(budget(broken, False), tokenizer)
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -838,7 +1037,7 @@ def test_bad_data_files_are_usage_errors_naming_the_problem(tmp_path, name, cont
     if content is not None:
         (tmp_path / name).write_text(content)
     with pytest.raises(sekd.UsageError, match=match):
-        sekd.load_documents(str(tmp_path / name))
+        sekd.load_examples(data_config(tmp_path / name), tiny_tokenizer(DOCS))
 
 
 # ============================================================================================
@@ -885,11 +1084,30 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
     teacher = AutoModelForCausalLM.from_pretrained(saved_models["teacher"])
-    _, val = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", saved_models["teacher"]))
+    _, val, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", saved_models["student"]))
     after, before = sekd.evaluate(trained, teacher, val, cfg), sekd.evaluate(initial, teacher, val, cfg)
     assert after["val_kl"] == pytest.approx(metrics["val_kl"],
                                             rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")]
+
+
+def test_chat_rows_train_and_evaluate_from_the_command_line_and_the_student_keeps_its_own_tokenizer(
+        saved_models, tmp_path, capsys):
+    import shutil
+    from transformers import AutoTokenizer
+    student = shutil.copytree(saved_models["student"], tmp_path / "chat_student")
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.chat_template = CHATML              # the teacher's tokenizer has none
+    tokenizer.save_pretrained(student)
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    sekd.main(["--teacher", saved_models["teacher"], "--student", str(student), "--data", str(data),
+               "--seq-len", "256", "--batch-size", "2", "--max-steps", "2", "--device", "cpu",
+               "--k", "0.5", "--out-dir", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert math.isfinite(metrics["val_ppl"]) and metrics["val_kl"] > 0
+    assert 0.45 < metrics["share_supervised"] < 0.6 and "rendered with the student's" in err
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "student").chat_template == CHATML
 
 
 def test_evaluate_matches_dense_perplexity_and_kl():
@@ -923,10 +1141,10 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_shard_size=3)
     first = sekd.train(cfg)
     manifest = sekd.TeacherCache(cfg.cache_dir).manifest
-    train_blocks, _ = sekd.load_blocks(cfg, sekd.pretrained("AutoTokenizer", saved_models["teacher"]))
+    train, _, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", saved_models["student"]))
     from transformers import AutoModelForCausalLM
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
-    kept = sekd.select_samples(sekd.sample_scores(initial, train_blocks), 0.2)
+    kept = sekd.select_samples(sekd.sample_scores(initial, train.input_ids, loss_mask=train.loss_mask), 0.2)
     assert manifest["sample_ids"] == kept.tolist()
     assert first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"]) and "cache_build_s" in first
     assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples cached
@@ -1202,7 +1420,7 @@ def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batch
 
         def zero_grad(self, set_to_none):
             student.zero_grad(set_to_none=set_to_none)
-    sekd.train_step(student, None, [(ids[:3], None), (ids[3:], None)], cfg, Record())   # 3 samples, then 1
+    sekd.train_step(student, None, [dict(input_ids=ids[:3]), dict(input_ids=ids[3:])], cfg, Record())
     loss, _ = sekd.distill_loss(student, None, ids, None, cfg)                       # the mean over all 4
     for got, want in zip(applied["grads"], torch.autograd.grad(loss, list(student.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
@@ -1220,14 +1438,14 @@ def ddp_step_facts(rank):
     ids = torch.randint(0, VOCAB, (8, 10), generator=torch.Generator().manual_seed(rank))
     for accum in (1, 4):
         calls.clear()
-        sekd.train_step(ddp, None, [(b, None) for b in ids[:2 * accum].split(2)], cfg, optimizer)
+        sekd.train_step(ddp, None, [dict(input_ids=b) for b in ids[:2 * accum].split(2)], cfg, optimizer)
         facts[f"all_reduces_{accum}"] = len(calls)
     real = sekd.distill_loss
     def nan_on_rank_1(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss, {**stats, "loss": math.nan if rank == 1 else stats["loss"]}
     sekd.distill_loss = nan_on_rank_1
-    facts["finite"] = sekd.train_step(ddp, None, [(ids[:2], None)], cfg, optimizer)["finite"]
+    facts["finite"] = sekd.train_step(ddp, None, [dict(input_ids=ids[:2])], cfg, optimizer)["finite"]
     return facts
 
 
@@ -1406,6 +1624,7 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
+    write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     return [
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -1419,6 +1638,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
         (base + ["--data", str(tmp_path / "data.csv")], "unsupported file type '.csv'"),
+        (base + ["--data", str(tmp_path / "chat.jsonl")], "tokenizer has no chat template"),
         (base + ["--seq-len", "100000"], "give no block"),
         (base + ["--resume"], "no checkpoint"),
         (base + ["--method", "best"], "invalid choice"),
