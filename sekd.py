@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model as load_weights, save_file, save_model as save_weights
+from safetensors.torch import load_file, save_file
 
 # ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks from the
 #      models' hidden states and LM heads, so that the heads can later run on the selected rows only
@@ -880,6 +880,7 @@ class Config:
     chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in scores, KL and evaluation", ">= 1")
     batch_size: int = option(8, "blocks or examples per micro-batch, per process", ">= 1")
     grad_accum: int = option(1, "micro-batches per optimizer step", ">= 1")
+    gradient_checkpointing: bool = option(False, "recompute the student's activations in backward")
     lr: float = option(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
     weight_decay: float = option(0.0, "AdamW weight decay", ">= 0")
     max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
@@ -992,6 +993,14 @@ def load_model(name, device, frozen=False):
     model = pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
     return model.eval().requires_grad_(False) if frozen else model
 
+def checkpoint_activations(model):
+    """The model's own activation checkpointing: each decoder layer recomputes its activations in backward
+    (non-reentrant, which DDP and a direct call of the decoder support)."""
+    if hasattr(model, "activation_checkpointing_enable"):   # its name from transformers 5.2x on
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -1013,12 +1022,15 @@ def publish(tmp, path):
     os.replace(tmp, path)
     fsync(os.path.dirname(os.path.abspath(path)))
 
-def write_json(path, obj):
+def write_text(path, text):
     """Write atomically: a temp file in the same directory (made if needed), then publish it over path."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     publish(f.name, path)
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 def shared_vocab_size(v_teacher, v_student, tokenizer_len):
     """None when both heads have one size; tokenizer_len when they differ only by padding rows beyond it."""
@@ -1093,9 +1105,10 @@ def open_cache(cfg, examples, vocab):
         print("teacher cache: " + ", ".join(f"{k} {v:.1f}" for k, v in report.items()), file=sys.stderr)
     return cache, report
 
-OUTPUTS = ("metrics.json", "student", "checkpoint")
+OUTPUTS = ("metrics.json", "student", "checkpoint", "log.jsonl")
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batches", "device",
-                     "teacher_device", "resume", "overwrite", "cache_any_student", "streaming"}
+                     "teacher_device", "resume", "overwrite", "cache_any_student", "streaming",
+                     "gradient_checkpointing"}
 
 def check_out_dir(cfg):
     """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
@@ -1163,7 +1176,10 @@ class Run:
             if saved and state["kept"].tolist() != self.cache.sample_ids:
                 raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples than the "
                                  "checkpoint's run distilled (rebuilt since?): resume with its cache")
-        student, self.teacher = load_model(cfg.student, device), None
+        checkpoint = saved and os.path.join(cfg.out_dir, "checkpoint", saved["student"])
+        student, self.teacher = load_model(checkpoint or cfg.student, device), None   # resumed: the saved one
+        if cfg.gradient_checkpointing:
+            checkpoint_activations(student)
         if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
             self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
         self.kept = (state["kept"] if saved else                          # the distilled training blocks
@@ -1189,38 +1205,52 @@ class Run:
                                            fused=device.type == "cuda")   # fused: 4x faster on an H100
         self.gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
         self.step, self.tokens, self.train_time, self.history, self.evals = 0, 0, 0.0, [], []
-        self.total, self.eval_teacher = total_steps(cfg, len(self.kept)), None
+        self.total, self.eval_teacher, self.log = total_steps(cfg, len(self.kept)), None, None
         if saved:
             load_checkpoint(self, saved, state)
 
+def save_student(run, path):
+    """The student with its tokenizer as save_pretrained writes them (from_pretrained, vLLM and lm-eval load
+    it), in a temp directory published over path: a half-saved model never looks whole."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".student.")
+    unwrap(run.student).save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    publish(tmp, path)
+
 def save_checkpoint(run):
-    """OUT_DIR/checkpoint: student and optimizer state (safetensors, named by step), then checkpoint.json,
-    each published durably, checkpoint.json last: a crash or power loss leaves the previous one whole."""
+    """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the newest) and
+    the optimizer's state (state-N.safetensors), then checkpoint.json, each published durably, checkpoint.json
+    last: a crash or power loss leaves the previous checkpoint whole."""
     directory = os.path.join(run.cfg.out_dir, "checkpoint")
     if rank_world()[0] == 0:
         os.makedirs(directory, exist_ok=True)
-        student_file, state_file = f"student-{run.step:08d}.safetensors", f"state-{run.step:08d}.safetensors"
+        student, state_file = f"student-{run.step:08d}", f"state-{run.step:08d}.safetensors"
         optimizer = run.optimizer.state_dict()
         tensors = {f"optimizer.{i}.{key}": value.contiguous()
                    for i, state in optimizer["state"].items() for key, value in state.items()}
         tensors.update(kept=run.kept, gls_queue=run.gls.queue if run.gls else torch.empty(0))
-        save_weights(unwrap(run.student), os.path.join(directory, student_file + ".tmp"))
+        save_student(run, os.path.join(directory, student))
         save_file(tensors, os.path.join(directory, state_file + ".tmp"))
-        for name in (student_file, state_file):
-            publish(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+        publish(os.path.join(directory, state_file + ".tmp"), os.path.join(directory, state_file))
         write_json(os.path.join(directory, "checkpoint.json"), {
-            "step": run.step, "tokens": run.tokens, "total_steps": run.total, "student": student_file,
-            "state": state_file,
-            "world_size": rank_world()[1],
-            "config": dataclasses.asdict(run.cfg), "param_groups": optimizer["param_groups"],
-            "train_time_s": run.train_time, "history": run.history, "evals": run.evals, "info": run.info})
-        for name in set(os.listdir(directory)) - {student_file, state_file, "checkpoint.json"}:
-            os.remove(os.path.join(directory, name))
+            "step": run.step, "tokens": run.tokens, "total_steps": run.total, "student": student,
+            "state": state_file, "world_size": rank_world()[1], "config": dataclasses.asdict(run.cfg),
+            "param_groups": optimizer["param_groups"], "train_time_s": run.train_time, "history": run.history,
+            "evals": run.evals, "info": run.info})
+        link = os.path.join(directory, "student")
+        if os.path.lexists(link + ".tmp"):
+            os.remove(link + ".tmp")
+        os.symlink(student, link + ".tmp")   # relative: the directory can move
+        os.replace(link + ".tmp", link)
+        for name in set(os.listdir(directory)) - {student, state_file, "checkpoint.json", "student"}:
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     barrier()
 
 def load_checkpoint(run, saved, tensors):
-    """Restore what save_checkpoint saved; tensors: its state file, on the CPU (AdamW moves its state)."""
-    load_weights(unwrap(run.student), os.path.join(run.cfg.out_dir, "checkpoint", saved["student"]))
+    """Restore what save_checkpoint saved but the student (loaded from it); tensors: its state file, on the
+    CPU (AdamW moves its state to its parameters' device)."""
     state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -1362,12 +1392,7 @@ def train(cfg):
     try:
         run = Run(cfg)
         rank, world = rank_world()
-        if cfg.overwrite and rank == 0:  # only now, with every check passed, is the earlier run replaced
-            for path in (os.path.join(cfg.out_dir, name) for name in OUTPUTS):
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                elif os.path.isfile(path):
-                    os.remove(path)
+        run.log = start_outputs(cfg, run.step) if rank == 0 else None
         total, global_batch = run.total, world * cfg.batch_size
         order = training_order(len(run.kept), global_batch, cfg.seed, first=run.step * cfg.grad_accum)
         mine = (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in order)
@@ -1386,16 +1411,19 @@ def train(cfg):
                                      f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
                                      f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
                                      "Lower --lr, or check the data")
-                run.step, run.tokens = step + 1, run.tokens + stats.pop("tokens")
+                run.step, run.tokens = step + 1, run.tokens + stats["tokens"]
                 run.train_time += time.time() - began
-                run.history.append(stats)
+                note(run, dict(step=run.step, loss=stats["loss"], share=stats["share"],
+                               grad_norm=stats["grad_norm"], lr=run.optimizer.param_groups[0]["lr"],
+                               tokens=run.tokens, seconds=run.train_time))
                 bar.update()
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", sel=f"{stats['share']:.0%}",
+                recent = [h["loss"] for h in run.history[-20:]]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", sel=f"{stats['share']:.0%}",
                                 tok_s=f"{run.tokens / max(run.train_time, 1e-9):.0f}")
                 if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < total:
                     held_out = evaluate(run.student, eval_teacher(run), run.val_examples, cfg,
                                         cfg.eval_batches)
-                    run.evals.append({"step": run.step, **held_out})
+                    note(run, {"step": run.step, **held_out})
                 if cfg.save_every and run.step % cfg.save_every == 0:
                     save_checkpoint(run)
                 stop = torch.tensor([float(bool(caught))], device=run.device)
@@ -1411,6 +1439,30 @@ def train(cfg):
         if dist.is_initialized():
             dist.destroy_process_group()
 
+def start_outputs(cfg, step):
+    """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed (--overwrite), and
+    log.jsonl opened for appending, holding the lines of steps up to `step` (a resume continues the log with
+    no step missing or twice)."""
+    for path in (os.path.join(cfg.out_dir, name) for name in OUTPUTS if cfg.overwrite):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    path, lines = os.path.join(cfg.out_dir, "log.jsonl"), []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["step"] <= step]
+    write_text(path, "".join(lines))
+    return open(path, "a")
+
+def note(run, record):
+    """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank 0 as one
+    line of OUT_DIR/log.jsonl, flushed as written."""
+    (run.evals if "val_ppl" in record else run.history).append(record)
+    if run.log is not None:
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
+
 def eval_teacher(run):
     """The teacher for held-out KL: the training one, or (training from a cache) loaded once, on first use."""
     if run.teacher is None and run.eval_teacher is None and run.cfg.teacher:
@@ -1421,19 +1473,16 @@ def finish(run, start_time):
     """Save the student (atomically) first, then evaluate: a failed evaluation never loses a trained one."""
     cfg, (rank, world) = run.cfg, rank_world()
     train_peak_mb, path = peak_memory_mb(run.device), os.path.join(cfg.out_dir, "student")
-    if rank == 0:  # save_pretrained into a temp directory, then rename: a half-saved model never looks whole
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cfg.out_dir, prefix=".student.")
-        unwrap(run.student).save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        publish(tmp, path)
+    if rank == 0:
+        save_student(run, path)
     try:
         final = evaluate(run.student, eval_teacher(run), run.val_examples, cfg, cfg.eval_batches)
     except Exception as err:
         raise RunStopped(f"training finished and the student is saved in {path}, but the final evaluation "
                          f"failed: {type(err).__name__}: {err}") from err
-    run.evals.append({"step": run.step, **final})
+    note(run, {"step": run.step, **final})
+    if run.log is not None:
+        run.log.close()
     last = run.history[-max(1, len(run.history) // 10):]  # the last 10% of steps
     metrics = {
         "config": dataclasses.asdict(cfg), **final, "train_loss": sum(h["loss"] for h in last) / len(last),
@@ -1456,8 +1505,8 @@ BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: 
     "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, seq=512,
                   teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
 # What each method trains as, on which samples: topsmp and sekd3x_* on the l = 20% kept by a pre-pass.
-BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "topsmp": "full",
-                 "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}
+BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "sekd_gc": "sekd",
+                 "topsmp": "full", "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}   # _gc: checkpointing
 
 def bench_model(shape, role, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
@@ -1523,6 +1572,8 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     torch.manual_seed(0)
     blocks, steps = torch.randint(0, shape["vocab"], (num_batches * batch, seq)), []
     student = bench_model(shape, "student", device)
+    if method.endswith("_gc"):
+        checkpoint_activations(student)
     teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
     cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
@@ -1554,8 +1605,8 @@ def bench(argv):
     parser = argparse.ArgumentParser(prog="sekd.py bench", description=bench.__doc__)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
     parser.add_argument("--shape", choices=list(BENCH_SHAPES), help="default: tiny on CPU, qwen3 on CUDA")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per batch (default: 8)")
-    parser.add_argument("--seq-len", type=int, help="default: the shape's (tiny 256, qwen3 512)")
+    add_flag(parser, "batch_size", type=int, default=8, help="blocks per batch (default: 8)")
+    add_flag(parser, "seq_len", type=int, help="default: the shape's (tiny 256, qwen3 512)")
     parser.add_argument("--batches", "--steps", type=int, default=10,
                         help="batches per pass; topsmp and sekd3x train on the kept 20%% of them")
     parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="any of these, comma-separated")
@@ -1607,16 +1658,24 @@ def usage_error(message):
     print(f"sekd.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
+def add_flag(parser, name, *aliases, **options):
+    """--name-with-dashes, shown in --help, and --name_with_underscores (HF Trainer's spelling), hidden."""
+    parser.add_argument("--" + name.replace("_", "-"), *aliases, dest=name, **options)
+    if "_" in name:
+        parser.add_argument("--" + name, dest=name, **{**options, "help": argparse.SUPPRESS,
+                                                       "default": argparse.SUPPRESS})
+
 def parse_config(argv=None):
     """Config from the command line: a flag per field; a preset-driven one says what each --method sets."""
-    commands = "Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py bench."
+    commands = ("Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py bench. "
+                "Every --flag-name is also --flag_name.")
     parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " " + commands)
     parser.error = usage_error  # one line, argparse style, exit status 2
     for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+        text = f.metadata["help"].replace("%", "%%")
         text += f" ({' and '.join(f.metadata['rules'])})" if f.metadata["rules"] else ""
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=text)
+            add_flag(parser, f.name, action="store_true", help=text)
             continue
         if f.name in UNSET or f.name == "positions":
             by_value = {}
@@ -1627,7 +1686,7 @@ def parse_config(argv=None):
         elif f.default is not None:
             text += f" (default: {f.default})"
         kind = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
-        parser.add_argument(flag, type=kind, default=f.default, help=text, choices=f.metadata["choices"])
+        add_flag(parser, f.name, type=kind, default=f.default, help=text, choices=f.metadata["choices"])
     try:
         return Config(**vars(parser.parse_args(argv)))
     except UsageError as err:

@@ -1253,16 +1253,16 @@ def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
     assert metrics["steps"] == 60 and metrics["steps"] * 4 > 2 * metrics["train_blocks"]
 
 
-def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options):
-    """A 4-step run with --save-every 2 that crashes in step 3: its checkpoint is at step 2."""
+def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **options):
+    """A 4-step run with --save-every 2 that crashes in step crash_at: its checkpoint is at step 2."""
     real, calls = sekd.train_step, []
 
-    def crash_at_step_3(*args, **kwargs):
+    def crash(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == crash_at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(sekd, "train_step", crash_at_step_3)
+    monkeypatch.setattr(sekd, "train_step", crash)
     with pytest.raises(KeyboardInterrupt):
         sekd.train(run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **options}))
     monkeypatch.setattr(sekd, "train_step", real)
@@ -1350,8 +1350,8 @@ def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(saved_models, t
     directory = str(tmp_path / "run" / "checkpoint")
     renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(directory)]
     assert [os.path.basename(events[i][2]) for i in renames] == [
-        "student-00000001.safetensors", "state-00000001.safetensors", "checkpoint.json"]
-    for i in renames:   # each file synced before its rename, the directory after it, before the next one
+        "student-00000001", "state-00000001.safetensors", "checkpoint.json", "student"]   # student: a link
+    for i in renames[:3]:   # each file synced before its rename, the directory after it, before the next one
         assert ("fsync", events[i][1]) in events[:i] and events[i + 1] == ("fsync", directory)
 
 
@@ -1408,6 +1408,52 @@ def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
     state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))  # as if from torchrun
     with pytest.raises(sekd.UsageError, match="had 2 process.*--nproc_per_node 2"):
         sekd.train(run_config(saved_models, tmp_path, resume=True))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_fewer_activations():
+    ids, mask = padded_batch()
+    cfg, teacher, results = sekd.Config(method="sekd", k=0.5), tiny_model("llama", hidden=48, seed=1), []
+    for checkpointed in (False, True):
+        student = tiny_model("llama").train()
+        if checkpointed:
+            sekd.checkpoint_activations(student)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
+        loss.backward()
+        results.append((loss, [p.grad for p in student.parameters()], sum(saved)))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    torch.testing.assert_close(ckpt, plain)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert ckpt_saved < 0.5 * plain_saved   # the decoder layers' activations are recomputed, not kept
+
+
+def test_the_step_log_has_every_step_once_across_an_interrupted_and_resumed_run(
+        saved_models, tmp_path, monkeypatch):
+    options = dict(max_steps=4, save_every=2, eval_every=2)
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=4, **options)   # step 3 logged, lost
+    logged = lambda: [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in logged()] == [(1, True), (2, True), (2, False), (3, True)]
+    sekd.train(run_config(saved_models, tmp_path, **options, resume=True))
+    records = logged()
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_ppl" in r] == [2, 4]
+    assert records[-2]["tokens"] == 4 * 4 * 16 and {"share", "grad_norm", "lr", "seconds"} <= set(records[-2])
+
+
+def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_step(
+        saved_models, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sekd.train(run_config(saved_models, tmp_path / "two", max_steps=2))
+    checkpoint_at_step_2(saved_models, tmp_path / "four", monkeypatch)
+    mid_run = tmp_path / "four" / "run" / "checkpoint" / "student"
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    got, want = (AutoModelForCausalLM.from_pretrained(path)(ids).logits
+                 for path in (mid_run, tmp_path / "two" / "run" / "student"))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert AutoTokenizer.from_pretrained(mid_run).get_vocab() == AutoTokenizer.from_pretrained(
+        saved_models["student"]).get_vocab()
 
 
 def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batches():
@@ -1487,7 +1533,8 @@ def torchrun(*args):
 @pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
 def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
         saved_models, tmp_path, method, positions):
-    flags = ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
+    flags = ["--gradient-checkpointing"] if positions == "top" and method == "sekd" else []   # under DDP too
+    flags += ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
              "--student", saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
              "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2"]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
@@ -1608,6 +1655,26 @@ def test_help_shows_each_numeric_flags_valid_range(capsys):
     for f in ranged:
         entry = entries["--" + f.name.replace("_", "-")]
         assert f"({' and '.join(f.metadata['rules'])})" in entry, entry
+
+
+def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_one(capsys):
+    values = {"int": "3", "float": "0.5", "str": "x"}
+    dashes, underscores = [], []
+    for f in sekd.dataclasses.fields(sekd.Config):
+        if f.metadata["choices"]:
+            value = [f.metadata["choices"][0]]
+        else:
+            value = [] if f.type == "bool" else [values[f.type.removesuffix(" | None")]]
+        if f.name not in ("resume", "overwrite", "top_k_classes", "cache_dir", "positions"):  # not together
+            dashes += ["--" + f.name.replace("_", "-"), *value]
+            underscores += ["--" + f.name, *value]
+    assert sekd.parse_config(underscores) == sekd.parse_config(dashes)
+    assert sekd.parse_config(["--out_dir", "o", "--max_steps", "7"]) == sekd.parse_config(
+        ["--out-dir", "o", "--max-steps", "7"])
+    with pytest.raises(SystemExit):
+        sekd.parse_config(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--out_dir" not in help_text and help_text.count("--flag_name") == 1
 
 
 def test_command_line_parses_flags_into_config():
