@@ -7,13 +7,14 @@ Because the score needs no teacher output, both language-model heads run on the 
 
 Read top to bottom: 1 scores u(t), 2 position axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4) are the
 method, and a reader can stop there; 6 offline teacher cache (SE-KD 3X), 7 data, 8 training loop, 9 benchmark,
-10 command line. Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
+10 show (the selected positions on a text), 11 command line. Shapes: B batch, L sequence length, T = L - 1
+positions, H hidden size, V vocabulary, N rows.
 """
 
 from __future__ import annotations
 
 import argparse, dataclasses, json, math, operator, os, sys, time   # the run and its command line
-import hashlib, shutil, tempfile                                    # fingerprints, atomic writes
+import hashlib, html, shutil, tempfile                              # fingerprints, atomic writes, show
 import multiprocessing, resource, signal, threading    # the benchmark's processes, memory, signals
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -1653,7 +1654,121 @@ def bench(argv):
         print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
     print(json.dumps(report))
 
-# ==== 10. Command line
+# ==== 10. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
+def text_and_targets(row, kind, tokenizer, text_column="text"):
+    """A data row as one text and the character spans the student learns: all of a document, a completion,
+    or a conversation's assistant turns."""
+    if kind == "messages":
+        return render_chat(row["messages"], tokenizer)
+    text = row[text_column] if kind == "text" else row["prompt"] + row["completion"]
+    return text, [(0 if kind == "text" else len(row["prompt"]), len(text))]
+
+@torch.no_grad()
+def selected_positions(student, teacher, input_ids, loss_mask, cfg):
+    """One sequence [1, L] scored and selected as a training step would (batch_scores, position_weights) ->
+    scores, selected, valid and KL(teacher || student) (None without a teacher), each [T]."""
+    valid, s_head = valid_positions(input_ids, None, loss_mask), lm_head(student, cfg.vocab_size)
+    h, h_t, t_head, kl = hidden_states(student, input_ids)[:, :-1], None, None, None
+    if teacher is not None:
+        h_t, t_head = teacher_hidden(teacher, input_ids), lm_head(teacher, cfg.vocab_size)
+        kl = full_kl(s_head(h[0]), t_head(h_t[0]).to(h.device))
+    scores = batch_scores(cfg.signal, h, s_head, input_ids[:, 1:], valid, h_t, t_head, cfg.chunk_size)
+    selected = position_weights(cfg.positions, scores, valid, cfg.k, gls=GlobalThreshold())[0] > 0
+    return scores[0], selected, valid[0], kl
+
+def draw(text, offsets, marked, shade, dim, style, titles):
+    """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain (⟦token⟧,
+    nothing else added), ansi (bold underlined, a red background) or html (a <span> per token, escaped)."""
+    out, end = [], 0
+    escape = html.escape if style == "html" else str
+    for j, (start, stop) in enumerate(offsets):
+        start = max(start, end)   # tokens of one character share its span: the first shows it
+        if stop <= start:
+            continue
+        out.append(escape(text[end:start]))
+        piece, end = text[start:stop], stop
+        if style == "plain":
+            out.append(f"⟦{piece}⟧" if marked[j] else piece)
+        elif style == "ansi":
+            g = int(255 - 150 * shade[j])
+            out.append(f"\x1b[{'1;4;' * marked[j]}{'2;' * dim[j]}48;2;255;{g};{g}m{piece}\x1b[0m")
+        else:
+            kind = "t" + " sel" * marked[j] + " dim" * dim[j]
+            out.append(f'<span class="{kind}" style="background:rgba(255,60,60,{shade[j]:.2f})" '
+                       f'title="{escape(titles[j])}">{escape(piece)}</span>')
+    return "".join(out) + escape(text[end:])
+
+SHOW_PAGE = """<!doctype html><meta charset=utf-8><title>SE-KD: selected positions</title><style>
+body{font:14px sans-serif;max-width:60em;margin:2em auto} pre{white-space:pre-wrap;font:14px monospace}
+.sel{font-weight:bold;text-decoration:underline} .dim{opacity:.45}</style>
+<p>{header}<pre>{body}</pre><p>{summary}
+<p>Background: the score u(t) of the position that predicts the token; bold underlined: selected; faded:
+prompt (no target). Hover a token for its score, rank and KL."""
+
+def show(argv):
+    """Draw one text with the positions a training step would supervise, each on the token it predicts."""
+    parser = argparse.ArgumentParser(prog="sekd.py show", description=show.__doc__)
+    parser.error = usage_error
+    for name, kind, default, text in [
+            ("student", str, None, "the student (name or directory)"), ("teacher", str, None, "the teacher"),
+            ("text", str, None, "the text to show"), ("data", str, None, "or a row of a --data file"),
+            ("index", int, 0, "the row of --data"), ("text_column", str, "text", "its plain-text column"),
+            ("k", float, 0.2, "share of the positions selected"), ("signal", str, "student_entropy", "u(t)"),
+            ("positions", str, "top", "position policy"), ("html", str, None, "also write this HTML page"),
+            ("device", str, "auto", "auto, cpu or cuda[:i]")]:
+        add_flag(parser, name, type=kind, default=default, help=text)
+    add_flag(parser, "plain", action="store_true", help="markers (⟦token⟧), not colours, also on a terminal")
+    args = parser.parse_args(argv)
+    cfg = Config(positions=args.positions, k=args.k, signal=args.signal, student=args.student,
+                 teacher=args.teacher, data=args.data, text_column=args.text_column)
+    if not args.student or (args.text is None) == (args.data is None):
+        raise UsageError("show needs --student, and --text or --data (one of them)")
+    if uses_teacher(cfg.signal) and not args.teacher:
+        raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give --teacher")
+    tokenizer, device = pretrained("AutoTokenizer", args.student), resolve_device(args.device)
+    text, spans = args.text, [(0, len(args.text or ""))]
+    if args.data:
+        row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
+        if row is None:
+            raise UsageError(f"--index {args.index} is past the rows of --data {args.data}")
+        text, spans = text_and_targets(row, row_format(list(row), cfg, tokenizer), tokenizer, cfg.text_column)
+    tokens = tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = torch.tensor([tokens["input_ids"]]), tokens["offset_mapping"]
+    targets = torch.tensor([[any(a <= start < b for a, b in spans) for start, _ in offsets]])
+    if valid_positions(ids, None, targets).sum() == 0:
+        raise UsageError("the text has no position to score: it needs 2 tokens or more, and a target")
+    check_models(cfg, tokenizer)
+    student = load_model(args.student, device).eval()
+    teacher = load_model(args.teacher, device, frozen=True) if args.teacher else None
+    ids, targets = ids.to(device), targets.to(device)
+    scores, selected, valid, kl = selected_positions(student, teacher, ids, targets, cfg)
+    print_show(args, cfg, text, offsets, scores.cpu(), selected.cpu(), valid.cpu(), kl)
+
+def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
+    """Print (and with --html write) the drawing: position t's score and mark go on token t + 1."""
+    low, high = scores[valid].min(), scores[valid].max()
+    shade = torch.where(valid, (scores - low) / (high - low).clamp(min=1e-9), 0.0).tolist()
+    rank = (ranks(scores.masked_fill(~valid, -math.inf)[None], True)[0] + 1).tolist()
+    n, chosen = int(valid.sum()), int(selected.sum())
+    titles = ["no position predicts it"] + [
+        f"score {scores[t]:.3f}, rank {rank[t]} of {n}" + (f", KL {kl[t]:.3f}" if kl is not None else "")
+        if valid[t] else "prompt: no target" for t in range(len(scores))]
+    marked, shade, dim = [False] + selected.tolist(), [0.0] + shade, [False] + (~valid).tolist()
+    header = (f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}; a marked "
+              "token is one the student was unsure of, given the text before it")
+    summary = f"{chosen} of {n} positions selected"
+    if kl is not None:
+        share = (kl.cpu()[selected].sum() / kl.cpu()[valid].sum()).item()
+        summary += f"; they hold {share:.0%} of the KL(teacher || student) (random ones: {chosen / n:.0%})"
+    style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
+    legend = "\nbackground: the score; bold underlined: selected; dim: prompt (no target)" * (style == "ansi")
+    print(f"{header}\n{draw(text, offsets, marked, shade, dim, style, titles)}{legend}\n{summary}")
+    if args.html:
+        body = draw(text, offsets, marked, shade, dim, "html", titles)
+        page = SHOW_PAGE.replace("{header}", html.escape(header)).replace("{summary}", html.escape(summary))
+        write_text(args.html, page.replace("{body}", body))
+
+# ==== 11. Command line
 def usage_error(message):
     print(f"sekd.py: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -1668,7 +1783,7 @@ def add_flag(parser, name, *aliases, **options):
 def parse_config(argv=None):
     """Config from the command line: a flag per field; a preset-driven one says what each --method sets."""
     commands = ("Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py bench. "
-                "Every --flag-name is also --flag_name.")
+                "See the selected positions: sekd.py show. Every --flag-name is also --flag_name.")
     parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " " + commands)
     parser.error = usage_error  # one line, argparse style, exit status 2
     for f in dataclasses.fields(Config):
@@ -1695,8 +1810,8 @@ def parse_config(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["bench"]:
-            return bench(argv[1:])
+        if argv[:1] in (["bench"], ["show"]):
+            return (bench if argv[0] == "bench" else show)(argv[1:])
         metrics = train(parse_config(argv))  # bad flags fail first, on every rank, before any process group
     except UsageError as err:
         usage_error(str(err))

@@ -1632,6 +1632,76 @@ def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_ta
 
 
 # ============================================================================================
+# 10. Show
+# ============================================================================================
+
+SHOW_TEXT = "document 3 says hello world number 21 document 4 says hello"
+
+
+def shown(argv, capsys):
+    """sekd.py show --plain: (header, body, summary), the body's lines between the header and the summary."""
+    sekd.main(["show", "--plain", "--device", "cpu", *argv])
+    header, rest = capsys.readouterr().out.split("\n", 1)
+    body, summary, _ = rest.rsplit("\n", 2)
+    return header, body, summary
+
+
+def marked_spans(body):
+    """The plain body's ⟦marked⟧ pieces as character spans of the text without markers, and that text."""
+    spans, text = [], ""
+    for i, part in enumerate(re.split("[⟦⟧]", body)):
+        if i % 2:
+            spans.append((len(text), len(text) + len(part)))
+        text += part
+    return spans, text
+
+
+@pytest.mark.parametrize("signal", ["student_entropy", "kl"])
+def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(saved_models, capsys, signal):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _, body, summary = shown(["--student", saved_models["student"], "--teacher", saved_models["teacher"],
+                              "--text", SHOW_TEXT, "--k", "0.3", "--signal", signal], capsys)
+    spans, text = marked_spans(body)
+    assert text == SHOW_TEXT                                   # nothing but the markers added
+    tokens = AutoTokenizer.from_pretrained(saved_models["student"])(SHOW_TEXT, return_offsets_mapping=True)
+    ids = torch.tensor([tokens["input_ids"]])
+    student, teacher = (AutoModelForCausalLM.from_pretrained(saved_models[m]).eval() for m in ("student", "teacher"))
+    valid = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool)
+    with torch.no_grad():
+        scores = sekd.batch_scores(signal, sekd.hidden_states(student, ids)[:, :-1], sekd.lm_head(student),
+                                   ids[:, 1:], valid, sekd.teacher_hidden(teacher, ids), sekd.lm_head(teacher))
+    picked = (sekd.position_weights("top", scores, valid, 0.3)[0] > 0).nonzero().flatten().tolist()
+    assert spans == [tuple(tokens["offset_mapping"][t + 1]) for t in picked]   # on the token each predicts
+    assert summary.startswith(f"{len(picked)} of {valid.sum()} positions selected; they hold ")
+
+
+def test_show_html_escapes_the_text_and_has_one_element_per_token(saved_models, tmp_path, capsys):
+    import html
+    from transformers import AutoTokenizer
+    text = """if a < b & c: print("it's")"""
+    shown(["--student", saved_models["student"], "--text", text, "--html", str(tmp_path / "p.html")], capsys)
+    page = (tmp_path / "p.html").read_text()
+    body = page[page.index("<pre>") + 5:page.index("</pre>")]
+    offsets = AutoTokenizer.from_pretrained(saved_models["student"])(text, return_offsets_mapping=True)
+    assert body.count("<span ") == sum(b > a for a, b in offsets["offset_mapping"])
+    plain = re.sub(r"<span [^>]*>|</span>", "", body)
+    assert "<" not in plain and '"' not in plain and html.unescape(plain) == text
+    assert "&lt;" in plain and "&amp;" in plain and "&quot;" in plain and "<script" not in page
+
+
+def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp_path, capsys):
+    rows = [{"prompt": "document 1 says hello world number 7 ", "completion": "document 2 says hello"}]
+    data = write_rows(tmp_path / "pc.jsonl", rows * 2)
+    _, body, _ = shown(["--student", saved_models["student"], "--data", str(data), "--index", "1", "--k", "1",
+                        "--html", str(tmp_path / "p.html")], capsys)
+    spans, text = marked_spans(body)
+    prompt = len(rows[0]["prompt"])
+    assert text == rows[0]["prompt"] + rows[0]["completion"] and spans and min(a for a, _ in spans) >= prompt
+    page = (tmp_path / "p.html").read_text()
+    assert ' dim"' in page and "prompt: no target" in page
+
+
+# ============================================================================================
 # 10. Command line
 # ============================================================================================
 
@@ -1717,6 +1787,9 @@ def usage_errors(saved_models, tmp_path):
         (["bench", "--seq-len", "1"], "--seq-len >= 2"),
         (["bench", "--device", "tpu"], "--device 'tpu'"),
         (["bench", "--shape", "huge"], "invalid choice"),
+        (["show", "--student", saved_models["student"], "--text", "a b c", "--signal", "kl"], "give --teacher"),
+        (["show", "--student", saved_models["student"]], "--text or --data"),
+        (["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"], "--k must be"),
     ]
 
 
