@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse, dataclasses, json, math, operator, os, sys, time   # the run and its command line
 import hashlib, html, shutil, tempfile                              # fingerprints, atomic writes, show
-import multiprocessing, resource, signal, threading    # the benchmark's processes, memory, signals
+import multiprocessing, signal, threading              # the benchmark's processes, signals
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from fractions import Fraction
@@ -568,7 +568,7 @@ CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
     "student_weights": "samples chosen by another --student (--cache-any-student accepts them)",
     "sample_signal": "samples chosen by another --sample-signal", "num_samples": "another --class-samples",
     "temperature": "another --temperature", "seq_len": "another --seq-len",
-    "fingerprint": "other data (another --data, tokenizer, --val-fraction or --max-documents)"}
+    "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or --max-tokens)"}
 
 class TeacherCache:
     """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read() slices a
@@ -623,14 +623,6 @@ class TeacherCache:
         out = torch.zeros(size, dtype=torch.long, device=entries.device).index_put_(index, ids)
         weights = torch.zeros(size, device=entries.device).index_put_(index, counts / self.num_samples)
         return out.view(*shape, -1), weights.view(*shape, -1)
-
-    def __getitem__(self, i):
-        """Targets of the i-th cached sample's valid positions, in order: (ids, weights), both [n_i, U]."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} is outside the cache's {len(self)} samples")
-        entries = self.read([i])
-        n = int(unpack_entries(entries, self.count_bits)[1].sum()) // self.num_samples
-        return tuple(t[0] for t in self.decode(entries, torch.arange(n), (1, n)))
 
 # ==== 7. Data: rows -> examples of token ids with an attention mask and a loss mask (the targets the student
 #      learns): documents packed into blocks of seq_len tokens (paper: 512); prompt/completion and chat rows
@@ -973,11 +965,8 @@ def autocast(device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if os.path.exists("/proc/self/status"):  # this process image's peak (ru_maxrss keeps a forking parent's)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, but bytes on macOS
-    return peak / (2 ** 20 if sys.platform == "darwin" else 1024)
+    with open("/proc/self/status") as f:  # this process image's peak (ru_maxrss keeps a forking parent's)
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 def pretrained(kind, name, **kwargs):
     """transformers' kind (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory or the hub."""
@@ -1655,14 +1644,6 @@ def bench(argv):
     print(json.dumps(report))
 
 # ==== 10. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
-def text_and_targets(row, kind, tokenizer, text_column="text"):
-    """A data row as one text and the character spans the student learns: all of a document, a completion,
-    or a conversation's assistant turns."""
-    if kind == "messages":
-        return render_chat(row["messages"], tokenizer)
-    text = row[text_column] if kind == "text" else row["prompt"] + row["completion"]
-    return text, [(0 if kind == "text" else len(row["prompt"]), len(text))]
-
 @torch.no_grad()
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     """One sequence [1, L] scored and selected as a training step would (batch_scores, position_weights) ->
@@ -1731,7 +1712,12 @@ def show(argv):
         row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
         if row is None:
             raise UsageError(f"--index {args.index} is past the rows of --data {args.data}")
-        text, spans = text_and_targets(row, row_format(list(row), cfg, tokenizer), tokenizer, cfg.text_column)
+        kind = row_format(list(row), cfg, tokenizer)
+        if kind == "messages":   # targets: the assistant turns, the completion, or all of a document
+            text, spans = render_chat(row["messages"], tokenizer)
+        else:
+            text = row[cfg.text_column] if kind == "text" else row["prompt"] + row["completion"]
+            spans = [(len(row["prompt"]) if kind == "prompt" else 0, len(text))]
     tokens = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = torch.tensor([tokens["input_ids"]]), tokens["offset_mapping"]
     targets = torch.tensor([[any(a <= start < b for a, b in spans) for start, _ in offsets]])

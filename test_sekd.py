@@ -711,14 +711,6 @@ def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen
     assert bool((decode_rows(cache, [0, 1, 2], 6)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
 
 
-def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
-    ids = torch.randint(0, QWEN_VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
-    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=2)
-    cache = sekd.TeacherCache(tmp_path / "c")
-    batch_ids, batch_w = decode_rows(cache, [2, 0], 4)
-    assert torch.equal(batch_ids[0], cache[2][0]) and torch.equal(batch_w[1], cache[0][1])
-
-
 def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(tmp_path):
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch(batch=4, length=14)
@@ -1516,6 +1508,7 @@ def run_rank(job, rank, tmp):
         sekd.dist.destroy_process_group()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    os._exit(0)   # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
@@ -1665,11 +1658,13 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(saved
     assert text == SHOW_TEXT                                   # nothing but the markers added
     tokens = AutoTokenizer.from_pretrained(saved_models["student"])(SHOW_TEXT, return_offsets_mapping=True)
     ids = torch.tensor([tokens["input_ids"]])
-    student, teacher = (AutoModelForCausalLM.from_pretrained(saved_models[m]).eval() for m in ("student", "teacher"))
+    student, teacher = (AutoModelForCausalLM.from_pretrained(saved_models[name]).eval()
+                        for name in ("student", "teacher"))
     valid = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool)
     with torch.no_grad():
-        scores = sekd.batch_scores(signal, sekd.hidden_states(student, ids)[:, :-1], sekd.lm_head(student),
-                                   ids[:, 1:], valid, sekd.teacher_hidden(teacher, ids), sekd.lm_head(teacher))
+        h_student, h_teacher = sekd.hidden_states(student, ids)[:, :-1], sekd.teacher_hidden(teacher, ids)
+        scores = sekd.batch_scores(signal, h_student, sekd.lm_head(student), ids[:, 1:], valid, h_teacher,
+                                   sekd.lm_head(teacher))
     picked = (sekd.position_weights("top", scores, valid, 0.3)[0] > 0).nonzero().flatten().tolist()
     assert spans == [tuple(tokens["offset_mapping"][t + 1]) for t in picked]   # on the token each predicts
     assert summary.startswith(f"{len(picked)} of {valid.sum()} positions selected; they hold ")
@@ -1787,7 +1782,7 @@ def usage_errors(saved_models, tmp_path):
         (["bench", "--seq-len", "1"], "--seq-len >= 2"),
         (["bench", "--device", "tpu"], "--device 'tpu'"),
         (["bench", "--shape", "huge"], "invalid choice"),
-        (["show", "--student", saved_models["student"], "--text", "a b c", "--signal", "kl"], "give --teacher"),
+        (["show", "--student", saved_models["student"], "--text", "a b", "--signal", "kl"], "give --teacher"),
         (["show", "--student", saved_models["student"]], "--text or --data"),
         (["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"], "--k must be"),
     ]
