@@ -944,7 +944,11 @@ def barrier():
         dist.barrier()
 
 def all_gather(tensor):
-    """An equally shaped tensor from every rank, concatenated in rank order along dim 0."""
+    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with zeros to the
+    widest T (each rank trims its micro-batches to their own longest example)."""
+    width = torch.tensor([tensor.shape[1]], device=tensor.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    tensor = F.pad(tensor, (0, int(width) - tensor.shape[1]))
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)

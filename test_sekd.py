@@ -1465,8 +1465,9 @@ def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batch
 
 
 def ddp_step_facts(rank):
-    """Under DDP on 2 gloo ranks: gradient all-reduces in a step of 1 and of 4 micro-batches, and whether a
-    step counts as finite when only rank 1's loss is not."""
+    """Under DDP on 2 gloo ranks: gradient all-reduces in a step of 1 and of 4 micro-batches, whether GLS's
+    queue takes both ranks' scores from micro-batches of other widths, and whether a step counts as finite
+    when only rank 1's loss is not."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     student, facts = tiny_model("llama"), {}
     ddp = torch.nn.parallel.DistributedDataParallel(sekd.Backbone(student))
@@ -1478,6 +1479,12 @@ def ddp_step_facts(rank):
         calls.clear()
         sekd.train_step(ddp, None, [dict(input_ids=b) for b in ids[:2 * accum].split(2)], cfg, optimizer)
         facts[f"all_reduces_{accum}"] = len(calls)
+    generators = [torch.Generator().manual_seed(r) for r in (0, 1)]
+    scores = [torch.rand(2, width, generator=g) for width, g in zip((5, 7), generators)]   # trimmed widths
+    valid = [torch.rand(2, width, generator=g) < 0.7 for width, g in zip((5, 7), generators)]
+    gls = sekd.GlobalThreshold(size=100)
+    gls.push(scores[rank], valid[rank])
+    facts["gls_queue"] = torch.equal(gls.queue, torch.cat([s[v] for s, v in zip(scores, valid)]))
     real = sekd.distill_loss
     def nan_on_rank_1(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
@@ -1514,6 +1521,7 @@ def run_rank(job, rank, tmp):
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
     for facts in in_two_ranks(ddp_step_facts, tmp_path):
         assert facts["all_reduces_4"] == facts["all_reduces_1"] >= 1   # not once per micro-batch
+        assert facts["gls_queue"]                      # both ranks' valid scores, in rank order
         assert facts["finite"] is False                                 # rank 0's loss was finite
 
 
