@@ -1393,6 +1393,16 @@ def test_resume_refuses_changed_settings(saved_models, tmp_path):
         sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
 
 
+def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    earlier = {k: v for k, v in json.loads(state.read_text()).items() if k not in ("tokens", "total_steps")}
+    state.write_text(json.dumps({**earlier, "student": "student-00000001.safetensors"}))
+    with pytest.raises(sekd.UsageError, match="written by an earlier sekd.py"):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1, resume=True))
+
+
 def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
