@@ -1114,8 +1114,8 @@ def check_out_dir(cfg):
             raise UsageError(f"--resume: no checkpoint in {cfg.out_dir}/checkpoint (a run writes one every "
                              "--save-every steps, and when interrupted): drop --resume to start")
         if "tokens" not in (saved := read_json(state)):   # before save_pretrained checkpoints
-            raise UsageError(f"--resume: {state} was written by an earlier sekd.py, whose checkpoints this one "
-                             "cannot continue: start a new run (--overwrite)")
+            raise UsageError(f"--resume: {state} was written by an earlier sekd.py, whose checkpoints this "
+                             "one cannot continue: start a new run (--overwrite)")
         return saved
     earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
     if earlier and not cfg.overwrite:
