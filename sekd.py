@@ -724,6 +724,12 @@ def render_chat(messages, tokenizer):
         spans.append((len(before), end))
     return text, spans
 
+def in_spans(offsets, spans):
+    """Token targets from character spans: bool [N] for tokens whose first character lies in a span."""
+    starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, :1]                     # [N, 1]
+    spans = np.asarray(spans, np.int64).reshape(-1, 2)                                 # [S, 2]
+    return ((starts >= spans[:, 0]) & (starts < spans[:, 1])).any(1)
+
 def encode_rows(batch, kind, tokenizer, text_column):
     """A batch of rows (columns of equal length) -> [(ids, targets)], numpy int64 and bool per row: targets
     marks the tokens the student learns: a document's tokens after its first (its context would be the
@@ -740,7 +746,7 @@ def encode_rows(batch, kind, tokenizer, text_column):
         rendered = [render_chat(messages, tokenizer) for messages in batch["messages"]]
         tokens = tokenizer([text for text, _ in rendered], add_special_tokens=False,
                            return_offsets_mapping=True)
-        rows = [(ids, [any(a <= start < b for a, b in spans) for start, _ in offsets])
+        rows = [(ids, in_spans(offsets, spans))
                 for (_, spans), ids, offsets in zip(rendered, tokens["input_ids"], tokens["offset_mapping"])]
     return [(np.asarray(ids, np.int64), np.asarray(targets, bool)) for ids, targets in rows]
 
@@ -999,6 +1005,13 @@ def read_json(path):
     with open(path) as f:
         return json.load(f)
 
+def remove(path):
+    """Delete a file, a link or a directory tree, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
 def fsync(path):
     """Flush a file, or a directory's entries, to the disk (not just to the OS's cache)."""
     fd = os.open(path, os.O_RDONLY)
@@ -1212,7 +1225,7 @@ def save_student(run, path):
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".student.")
     unwrap(run.student).save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    remove(path)
     publish(tmp, path)
 
 def save_checkpoint(run):
@@ -1236,13 +1249,11 @@ def save_checkpoint(run):
             "param_groups": optimizer["param_groups"], "train_time_s": run.train_time, "history": run.history,
             "evals": run.evals, "info": run.info})
         link = os.path.join(directory, "student")
-        if os.path.lexists(link + ".tmp"):
-            os.remove(link + ".tmp")
+        remove(link + ".tmp")
         os.symlink(student, link + ".tmp")   # relative: the directory can move
         os.replace(link + ".tmp", link)
         for name in set(os.listdir(directory)) - {student, state_file, "checkpoint.json", "student"}:
-            path = os.path.join(directory, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            remove(os.path.join(directory, name))
     barrier()
 
 def load_checkpoint(run, saved, tensors):
@@ -1352,8 +1363,9 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
         dist.all_reduce(totals)
     loss, samples, selected, valid, tokens, finite = totals.tolist()
     grads = [p.grad for p in unwrap(student).parameters() if p.grad is not None]
-    torch._foreach_mul_(grads, world / max(samples, 1))   # DDP averaged over ranks: x world / global samples
-    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
+    scale = world / max(samples, 1)   # the backwards summed over samples, DDP averaged over ranks
+    norm = torch.nn.utils.get_total_norm(grads).item() * scale
+    torch._foreach_mul_(grads, scale * min(1.0, cfg.max_grad_norm / (norm + 1e-6)))   # scale, clip: one pass
     finite = math.isfinite(norm) and finite == world * len(batches)
     if finite:
         optimizer.step()
@@ -1440,11 +1452,8 @@ def start_outputs(cfg, step):
     """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed (--overwrite), and
     log.jsonl opened for appending, holding the lines of steps up to `step` (a resume continues the log with
     no step missing or twice)."""
-    for path in (os.path.join(cfg.out_dir, name) for name in OUTPUTS if cfg.overwrite):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    for name in OUTPUTS if cfg.overwrite else ():
+        remove(os.path.join(cfg.out_dir, name))
     path, lines = os.path.join(cfg.out_dir, "log.jsonl"), []
     if step and os.path.exists(path):
         with open(path) as f:
@@ -1727,7 +1736,7 @@ def show(argv):
             spans = [(len(row["prompt"]) if kind == "prompt" else 0, len(text))]
     tokens = tokenizer(text, return_offsets_mapping=True)
     ids, offsets = torch.tensor([tokens["input_ids"]]), tokens["offset_mapping"]
-    targets = torch.tensor([[any(a <= start < b for a, b in spans) for start, _ in offsets]])
+    targets = torch.from_numpy(in_spans(offsets, spans))[None]
     if valid_positions(ids, None, targets).sum() == 0:
         raise UsageError("the text has no position to score: it needs 2 tokens or more, and a target")
     check_models(cfg, tokenizer)
