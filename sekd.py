@@ -1363,9 +1363,8 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
         dist.all_reduce(totals)
     loss, samples, selected, valid, tokens, finite = totals.tolist()
     grads = [p.grad for p in unwrap(student).parameters() if p.grad is not None]
-    scale = world / max(samples, 1)   # the backwards summed over samples, DDP averaged over ranks
-    norm = torch.nn.utils.get_total_norm(grads).item() * scale
-    torch._foreach_mul_(grads, scale * min(1.0, cfg.max_grad_norm / (norm + 1e-6)))   # scale, clip: one pass
+    torch._foreach_mul_(grads, world / max(samples, 1))   # DDP averaged over ranks: x world / global samples
+    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
     finite = math.isfinite(norm) and finite == world * len(batches)
     if finite:
         optimizer.step()
