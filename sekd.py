@@ -39,7 +39,8 @@ def hidden_states(model, input_ids, attention_mask=None):
     means every token is real: attention can take its causal kernel (on an H100: fwd + bwd 14% faster)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model(input_ids, attention_mask)                # DDP syncs gradients only through its forward
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    decoder = model.get_decoder()   # no KV cache: a forward over whole sequences reuses none
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered rows it
@@ -423,6 +424,37 @@ def dense_full_kd_loss(student, teacher, input_ids):
     return F.kl_div(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
                     log_target=True, reduction="none").sum(-1).mean()
 
+# On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student samples
+# itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its own sample wavered.
+def prompt_lengths(loss_mask):
+    """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] -> [B]."""
+    targets = loss_mask.bool()
+    starts = targets & ~F.pad(targets[:, :-1], (1, 0))                         # a run's first target
+    return (starts * torch.arange(targets.shape[1], device=targets.device)).amax(1)
+
+@torch.no_grad()
+def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
+    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt: it draws
+    up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV cache, until its EOS.
+    input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids, attention_mask, loss_mask
+    [B, L'], right-padded with eos_id: the prompt, then the response, its tokens (EOS too) the targets."""
+    lengths = prompt_lengths(loss_mask)
+    width = int(lengths.max())
+    at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # left-padded: [B, P]
+    prompt_mask = at >= 0
+    prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), eos_id)
+    was_training = model.training
+    out = model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long(), do_sample=True,
+                                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_id, pad_token_id=eos_id)     # [B, P + G]
+    model.train(was_training)
+    eos = out[:, width:] == eos_id
+    response = eos.cumsum(1) - eos.long() == 0                         # up to the first EOS, included
+    real = torch.cat([prompt_mask, response], 1)
+    order = (~real).long().argsort(dim=1, stable=True)[:, :int(real.sum(1).max())]   # real tokens first
+    targets = torch.cat([torch.zeros_like(prompt_mask), response], 1)
+    return torch.where(real, out, eos_id).gather(1, order), real.gather(1, order), targets.gather(1, order)
+
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the kept samples
 # The *student* picks positions while training, so the cache holds every valid position's sparse targets (a
 # response's, not its prompt's) and the teacher is not in memory then. Only distinct ids are stored, with no
@@ -770,11 +802,12 @@ def pad_examples(rows, pad_id):
     return out
 
 def load_examples(cfg, tokenizer):
-    """Training and held-out Examples of cfg.data, and how many examples were dropped (no target within
-    --seq-len). Row i is held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the
-    same rows for any budget, and no held-out block shares a document with training (blocks straddle
-    documents). Rows are read in order until --max-documents rows, or until the training examples hold
-    --max-tokens tokens and a held-out row has come: reading stops there (streamed, the rest never comes)."""
+    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt or messages) and
+    how many examples were dropped (no target within --seq-len). Row i is held out when floor((i + 1) f) >
+    floor(i f), f = --val-fraction: evenly spread, the same rows for any budget, and no held-out block shares
+    a document with training (blocks straddle documents). Rows are read in order until --max-documents rows,
+    or until the training examples hold --max-tokens tokens and a held-out row has come: reading stops there
+    (streamed, the rest never comes)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its eos_token")
     share, parts, kind = Fraction(repr(float(cfg.val_fraction))), ([], []), None   # parts: training, held out
@@ -813,7 +846,7 @@ def load_examples(cfg, tokenizer):
             raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of --seq-len "
                              f"{cfg.seq_len} tokens with a target: lower --seq-len, raise --val-fraction, or "
                              "add rows")
-    return train, held, dropped
+    return train, held, {"data_format": kind, "dropped_examples": dropped}
 
 # ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
 class UsageError(ValueError):
@@ -861,6 +894,10 @@ class Config:
     ell: float | None = option(None, "share l of training samples distilled (paper: 0.2)", "> 0", "<= 1")
     sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)",
                                 choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
+    on_policy_fraction: float = option(0.0, "share of steps distilled on the student's own responses (TRL: "
+                                       "lmbda)", ">= 0", "<= 1")
+    max_new_tokens: int = option(128, "on-policy: most tokens the student generates per response", ">= 1")
+    gen_temperature: float = option(1.0, "on-policy: the student's sampling temperature", "> 0")
     cache_dir: str | None = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
     cache_shard_size: int = option(256, "samples per cache shard", ">= 1")
     cache_any_student: bool = option(False, "reuse a cache whose samples another student chose")
@@ -918,6 +955,11 @@ class Config:
              "choose --top-k-classes or --class-samples, not both"),
             (bool(self.cache_dir) and self.class_samples is None, "a teacher cache (--cache-dir, or --method "
              "sekd3x) stores sampled classes: set --class-samples (e.g. 64), not --top-k-classes"),
+            (self.on_policy_fraction > 0 and bool(self.cache_dir), "--on-policy-fraction distills on "
+             "responses the student generates, and a teacher cache (--cache-dir, or --method sekd3x) holds "
+             "targets for the data's own text: use the teacher online (e.g. --method sekd)"),
+            (self.on_policy_fraction > 0 and self.ce_weight >= 1, "--on-policy-fraction needs the teacher to "
+             "grade the generated tokens, and --ce-weight 1 (--method ce) uses none: lower --ce-weight"),
             (self.resume and self.overwrite, "--resume continues OUT_DIR's run, --overwrite replaces it")]:
             if bad:
                 raise UsageError(message)
@@ -1175,11 +1217,16 @@ class Run:
         if saved:  # the checkpoint's state file, read once, on the CPU
             state = load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))
             check_resume(cfg, saved, len(state["kept"]))
-        examples, self.val_examples, dropped = load_examples(cfg, self.tokenizer)
-        self.examples, self.cache, self.info = examples, None, {"dropped_examples": dropped}
+        examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
+        self.examples, self.cache, dropped = examples, None, self.info["dropped_examples"]
         if dropped and rank_world()[0] == 0:
             print(f"data: dropped {dropped} example(s) with no target within --seq-len {cfg.seq_len}",
                   file=sys.stderr)
+        if cfg.on_policy_fraction and (self.info["data_format"] == "text" or
+                                       prompt_lengths(examples.loss_mask).min() == 0):
+            raise UsageError(f"--on-policy-fraction: the student answers the data's prompts, and --data "
+                             f"{cfg.data} has rows without one (plain text): use prompt/completion or chat "
+                             "rows")
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.cache, info = open_cache(cfg, examples, vocab)   # reuse: no pre-pass, no teacher
             self.info.update(info)
@@ -1370,7 +1417,7 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss / max(samples, 1), share=selected / max(valid, 1), grad_norm=norm,
-                tokens=int(tokens), finite=finite)
+                tokens=int(tokens), valid=int(valid), finite=finite)
 
 @contextmanager
 def caught_signals():
@@ -1412,6 +1459,9 @@ def train(cfg):
                 began = time.time()
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)   # the step is the RNG state
                 micro = [to_device(next(batches), run.cache, run.device) for _ in range(cfg.grad_accum)]
+                on_policy = on_policy_step(cfg, step)
+                eos_id = run.tokenizer.eos_token_id
+                micro = [responses(run.student, b, cfg, eos_id) for b in micro] if on_policy else micro
                 stats = train_step(run.student, run.teacher, micro, cfg, run.optimizer,
                                    progress=step / max(total - 1, 1), gls=run.gls)
                 if not stats["finite"]:
@@ -1421,9 +1471,11 @@ def train(cfg):
                                      "Lower --lr, or check the data")
                 run.step, run.tokens = step + 1, run.tokens + stats["tokens"]
                 run.train_time += time.time() - began
+                gen_len = stats["valid"] / (world * cfg.batch_size * cfg.grad_accum) if on_policy else None
                 note(run, dict(step=run.step, loss=stats["loss"], share=stats["share"],
                                grad_norm=stats["grad_norm"], lr=run.optimizer.param_groups[0]["lr"],
-                               tokens=run.tokens, seconds=run.train_time))
+                               tokens=run.tokens, seconds=run.train_time, on_policy=on_policy,
+                               gen_len=gen_len))
                 bar.update()
                 recent = [h["loss"] for h in run.history[-20:]]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", sel=f"{stats['share']:.0%}",
@@ -1446,6 +1498,19 @@ def train(cfg):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+def on_policy_step(cfg, step):
+    """Whether step distills on the student's own responses: a draw of its own per step, the same on every
+    rank, that leaves the step's random state alone (--on-policy-fraction 0: never, as before)."""
+    draw = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+    return bool(draw < cfg.on_policy_fraction)
+
+def responses(student, batch, cfg, eos_id):
+    """An on-policy micro-batch: batch's prompts with the student's responses, supervised on those alone."""
+    with autocast(batch["input_ids"].device):   # generate() on the model itself: DDP's wrapper has none
+        ids, mask, targets = student_responses(unwrap(student), batch["input_ids"], batch["loss_mask"],
+                                               eos_id, cfg.max_new_tokens, cfg.gen_temperature)
+    return dict(input_ids=ids, attention_mask=real_mask(mask), loss_mask=targets, targets=None)
 
 def start_outputs(cfg, step):
     """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed (--overwrite), and
@@ -1511,7 +1576,9 @@ BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: 
                   teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
 # What each method trains as, on which samples: topsmp and sekd3x_* on the l = 20% kept by a pre-pass.
 BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "sekd_gc": "sekd",
-                 "topsmp": "full", "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}   # _gc: checkpointing
+                 "sekd_onpolicy": "sekd", "topsmp": "full", "sekd3x_build": "sekd3x",
+                 "sekd3x_reuse": "sekd3x"}
+# _gc: activation checkpointing; _onpolicy: the student writes the second half of each block, then learns it
 
 def bench_model(shape, role, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
@@ -1537,7 +1604,7 @@ def timed(device, job):
     synchronize(device)
     return time.perf_counter() - start
 
-def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8):
+def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, on_policy=False):
     """A training step per batch as train() runs it (dense baselines: their own loss) -> (step s, wait s)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     examples = as_examples(blocks)
@@ -1557,6 +1624,10 @@ def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         else:
+            if on_policy:   # responses as long as the blocks' second halves (an EOS, id 0, is rare)
+                half = ids.shape[1] // 2
+                micro["loss_mask"] = (torch.arange(ids.shape[1], device=device) >= half).expand_as(ids)
+                micro = responses(student, micro, Config(max_new_tokens=ids.shape[1] - half), eos_id=0)
             train_step(student, teacher, [micro], Config(method=method), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
@@ -1582,7 +1653,9 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
     cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
-    list(bench_steps(BENCH_METHODS[method], student, teacher, blocks[kept[:batch]], device, cache, batch))
+    on_policy = method.endswith("_onpolicy")
+    list(bench_steps(BENCH_METHODS[method], student, teacher, blocks[kept[:batch]], device, cache, batch,
+                     on_policy))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     def one_pass():
@@ -1593,7 +1666,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
             build_cache(teacher, blocks[kept], cache_dir, batch_size=batch, device=device, sample_ids=kept)
             cache = TeacherCache(cache_dir)
         steps.extend(bench_steps(BENCH_METHODS[method], student, None if cache else teacher, blocks[kept],
-                                 device, cache, batch))
+                                 device, cache, batch, on_policy))
     r = {"s": timed(device, one_pass), "peak_mb": peak_memory_mb(device)}
     step_s, waited_s = (float(np.median(column)) for column in zip(*steps))
     r.update(step_ms=1000 * step_s, tokens_per_s=batch * seq / step_s)

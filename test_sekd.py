@@ -658,6 +658,65 @@ def test_loss_refuses_a_batch_without_valid_positions():
         sekd.distill_loss(tiny_model("llama"), None, ids, torch.ones_like(ids), sekd.Config(method="ce"))
 
 
+def prompts_and_eos(student, batch=4, length=10, seed=0):
+    """Token ids [B, L] with prompts of 1..B tokens (a two-turn target mask in the last row), and as EOS the
+    token the student most often samples: some responses end early, some run to max_new_tokens."""
+    ids = torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    loss_mask = prompt_mask(ids, range(1, batch + 1))
+    loss_mask[-1, batch + 2:batch + 4] = False   # the prompt of the last row runs to its last target run
+    with torch.no_grad():
+        eos = int(student(ids).logits.softmax(-1).sum((0, 1)).argmax())
+    return ids, loss_mask, eos
+
+
+def test_student_responses_keep_the_prompt_and_supervise_the_response_through_its_first_eos_only():
+    student = sharpened(tiny_model("llama")).train()
+    ids, loss_mask, eos = prompts_and_eos(student)
+    prompts = [ids[0, :1], ids[1, :2], ids[2, :3], ids[3, :8]]   # row 3: before its last run of targets
+    torch.manual_seed(1)
+    got_ids, got_mask, got_targets = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
+    assert student.training   # back in training mode
+    left = torch.stack([torch.cat([torch.full((8 - len(p),), eos), p]) for p in prompts])   # independent:
+    real = torch.arange(8) >= 8 - torch.tensor([len(p) for p in prompts])[:, None]         # HF's generate
+    torch.manual_seed(1)
+    out = student.eval().generate(input_ids=left, attention_mask=real.long(), do_sample=True, top_k=0,
+                                  max_new_tokens=12, eos_token_id=eos, pad_token_id=eos)[:, 8:].tolist()
+    lengths = []
+    for b, (prompt, new) in enumerate(zip(prompts, out)):
+        response = new[:new.index(eos) + 1] if eos in new else new
+        n, p = len(prompt) + len(response), len(prompt)
+        lengths.append(len(response))
+        assert got_ids[b, :n].tolist() == prompt.tolist() + response and (got_ids[b, n:] == eos).all()
+        assert got_mask[b].tolist() == [True] * n + [False] * (got_ids.shape[1] - n)
+        assert got_targets[b].tolist() == [False] * p + [True] * len(response) + [False] * (
+            got_ids.shape[1] - n)
+    assert lengths == [1, 12, 4, 5]   # the draw covers an EOS at once, an early one, and a response cut at 12
+
+
+def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_untruncated():
+    student = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(20_000, -1)
+    loss_mask = prompt_mask(ids, [4] * len(ids))
+    with torch.no_grad():
+        want = (student(ids[:1, :4]).logits[0, -1].double() / 0.7).softmax(-1)
+    torch.manual_seed(0)
+    got, _, _ = sekd.student_responses(student, ids, loss_mask, eos_id=0, max_new_tokens=1, temperature=0.7)
+    frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
+    assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
+
+
+def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, loss_mask, eos = prompts_and_eos(student)
+    torch.manual_seed(0)
+    ids, mask, targets = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
+    cfg = sekd.Config(method="sekd", k=0.3)
+    loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=targets)
+    want = dense_reference_loss(student, teacher, ids, mask.long(), cfg, loss_mask=targets)
+    assert_same_value_and_gradient(student, loss, want)
+    assert stats["valid"] == targets.sum()   # every generated token is a target, and only those
+
+
 # ============================================================================================
 # 6. Offline teacher cache
 # ============================================================================================
@@ -912,7 +971,7 @@ def runs_of_true(mask):
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
 def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is_no_target(tmp_path, kind):
     tokenizer = tiny_tokenizer(DOCS)
-    train, held, dropped = sekd.load_examples(data_config(write_docs(tmp_path, kind)), tokenizer)
+    train, held, info = sekd.load_examples(data_config(write_docs(tmp_path, kind)), tokenizer)
     eos, stream, first = [tokenizer.eos_token_id], [], []
     for i, d in enumerate(DOCS):
         if i % 10 != 9:   # every 10th document held out at --val-fraction 0.1
@@ -921,7 +980,7 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
             stream += ids
     n = len(stream) // 16
     assert train.input_ids.shape == (n, 16) and train.input_ids.flatten().tolist() == stream[:n * 16]
-    assert train.attention_mask.all() and dropped == 0
+    assert train.attention_mask.all() and info == {"data_format": "text", "dropped_examples": 0}
     assert train.loss_mask.flatten().tolist() == [not f for f in first[:n * 16]]   # EOS itself is a target
 
 
@@ -1000,8 +1059,9 @@ def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target
     rows = [{"prompt": "question " * (1 + 9 * (i % 2)), "completion": " answer"} for i in range(20)]
     short = len(tokenizer(rows[0]["prompt"] + rows[0]["completion"])["input_ids"]) + 1
     path = write_rows(tmp_path / "pc.jsonl", rows)
-    train, _, dropped = sekd.load_examples(data_config(path, seq_len=short), tokenizer)
-    assert dropped == 10 and len(train) == 9 and train.input_ids.shape[1] == short   # long prompts: no target
+    train, _, info = sekd.load_examples(data_config(path, seq_len=short), tokenizer)
+    assert info["dropped_examples"] == 10   # long prompts: no target
+    assert len(train) == 9 and train.input_ids.shape[1] == short
 
 
 def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_past_it(tmp_path):
@@ -1048,6 +1108,8 @@ def saved_models(tmp_path_factory):
         paths[name] = str(root / name)
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 3))
     paths["data"] = str(root / "docs.jsonl")
+    rows = [{"prompt": f"document {i} says", "completion": f" hello world {i * 7}"} for i in range(40)]
+    paths["prompts"] = str(write_rows(root / "prompts.jsonl", rows))
     return paths
 
 
@@ -1261,7 +1323,8 @@ def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **opti
 
 
 RESUMABLE = ["ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs",
-             "sekd_accum"]
+             "sekd_accum", "on_policy"]
+ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6)   # seed 0: steps 1 and 4 of 4, one after step 2
 
 
 @pytest.mark.parametrize("method", RESUMABLE)
@@ -1269,6 +1332,8 @@ def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student
         saved_models, tmp_path, method, monkeypatch):
     options = dict(method="sekd", grad_accum=2) if method == "sekd_accum" else (
         dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method))
+    if method == "on_policy":
+        options = dict(ON_POLICY, method="random", data=saved_models["prompts"])   # random: the RNG state too
     options.update(class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2)
     whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
     checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
@@ -1280,6 +1345,71 @@ def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
+def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
+    """A run on prompt/completion rows -> (metrics, [(input_ids, attention_mask, loss_mask)] that distill_loss
+    got in each training step, the logged steps)."""
+    real, seen = sekd.distill_loss, []
+    def record(student, teacher, ids, mask, cfg, targets=None, **kwargs):
+        if student.training:
+            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            seen.append((ids, mask, kwargs["loss_mask"].bool()))
+        return real(student, teacher, ids, mask, cfg, targets, **kwargs)
+    monkeypatch.setattr(sekd, "distill_loss", record)
+    cfg = run_config(saved_models, tmp_path, **{**ON_POLICY, "data": saved_models["prompts"], **options})
+    metrics = sekd.train(cfg)
+    monkeypatch.setattr(sekd, "distill_loss", real)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    return metrics, seen, [record for record in log if "loss" in record]
+
+
+def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_generated(
+        saved_models, tmp_path, monkeypatch):
+    _, seen, log = on_policy_run(saved_models, tmp_path, monkeypatch, on_policy_fraction=1.0)
+    tokenizer = sekd.pretrained("AutoTokenizer", saved_models["student"])
+    prompts = {tuple(tokenizer(f"document {i} says")["input_ids"]) for i in range(40)}
+    eos, generated = tokenizer.eos_token_id, []
+    for ids, mask, loss_mask in seen:
+        for row, real, targets in zip(ids.tolist(), mask.tolist(), loss_mask.tolist()):
+            p, n = targets.index(True), sum(real)
+            assert tuple(row[:p]) in prompts and not any(targets[:p])   # a data prompt, never supervised
+            assert real == [True] * n + [False] * (len(row) - n)
+            assert all(targets[p:n]) and not any(targets[n:])
+            response = row[p:n]                                 # generated up to its first EOS, then padding
+            assert len(response) <= 6 and eos not in response[:-1]
+            assert eos == response[-1] or len(response) == 6
+            generated.append(len(response))
+    assert [r["on_policy"] for r in log] == [True] * 4 and max(generated) == 6
+    assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)   # its mean per step
+
+
+def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit(
+        saved_models, tmp_path, monkeypatch):
+    off, seen_off, log = on_policy_run(saved_models, tmp_path / "off", monkeypatch, on_policy_fraction=0.0,
+                                       method="random")
+    none, _, _ = on_policy_run(saved_models, tmp_path / "never", monkeypatch, method="random",
+                                       on_policy_fraction=1e-9)   # draws every step, never on-policy
+    tokenizer = sekd.pretrained("AutoTokenizer", saved_models["student"])
+    train, _, _ = sekd.load_examples(run_config(saved_models, tmp_path, data=saved_models["prompts"]),
+                                     tokenizer)
+    rows = {tuple(row[:n]) for row, n in zip(train.input_ids.tolist(), train.attention_mask.sum(1).tolist())}
+    assert all(tuple(row[:int(m.sum())].tolist()) in rows   # the data's own rows, unchanged
+               for ids, mask, _ in seen_off for row, m in zip(ids, mask))
+    assert not any(r["on_policy"] for r in log) and all(r["gen_len"] is None for r in log)
+    a, b = student_weights(tmp_path / "off" / "run"), student_weights(tmp_path / "never" / "run")
+    assert all(torch.equal(a[name], b[name]) for name in a) and off["train_loss"] == none["train_loss"]
+
+
+def test_on_policy_runs_with_one_seed_train_the_same_student(saved_models, tmp_path, monkeypatch):
+    runs = [on_policy_run(saved_models, tmp_path / name, monkeypatch, seed=seed)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    (_, a, _), (_, b, _), (_, c, _) = runs
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b)) and not all(
+        x[0].shape == y[0].shape and torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    w = [student_weights(tmp_path / name / "run") for name in "abc"]
+    assert all(torch.equal(w[0][n], w[1][n]) for n in w[0]) and not all(torch.equal(w[0][n], w[2][n])
+                                                                        for n in w[0])
 
 
 def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also_when_resumed(
@@ -1566,6 +1696,19 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
             assert one.read_bytes() == two_.read_bytes(), name
 
 
+def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_for_both(
+        saved_models, tmp_path):
+    done = torchrun("--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
+                    saved_models["prompts"], "--seq-len", "16", "--max-steps", "4", "--device", "cpu",
+                    "--on-policy-fraction", "0.5", "--max-new-tokens", "6", "--batch-size", "2",
+                    "--out-dir", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]   # generate() through the DDP wrapper: an error
+    log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")][:4]
+    drawn = [sekd.on_policy_step(sekd.Config(on_policy_fraction=0.5), step) for step in range(4)]
+    assert [r["on_policy"] for r in log] == drawn == [True, False, False, True]
+    assert all(0 < r["gen_len"] <= 6 for r in log if r["on_policy"])
+
+
 def test_config_presets_set_the_three_axes():
     three = sekd.Config(method="sekd3x", out_dir="o")
     axes = (three.positions, three.k, three.class_samples, three.ell, three.cache_dir)
@@ -1640,6 +1783,16 @@ def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_ta
     assert built["cache_build_s"] > 0 and built["teacher_forward_s"] > 0
     assert set(reused) == {"s", "step_ms", "peak_mb", "tokens_per_s", "cache_read_ms"}
     assert reused["step_ms"] > reused["cache_read_ms"] >= 0 and reused["peak_mb"] > 0
+
+
+def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_student_wrote_it(monkeypatch):
+    student, teacher, seen = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1), []
+    monkeypatch.setattr(sekd, "train_step", lambda student, teacher, micro, *a: seen.extend(micro))
+    blocks = torch.randint(1, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    list(sekd.bench_steps("sekd", student, teacher, blocks, torch.device("cpu"), batch=2, on_policy=True))
+    ids, targets = torch.cat([m["input_ids"] for m in seen]), torch.cat([m["loss_mask"] for m in seen])
+    assert torch.equal(ids[:, :8], blocks[:, :8]) and not torch.equal(ids[:, 8:], blocks[:, 8:])
+    assert not targets[:, :8].any() and targets[:, 8].all()   # the prompt, then the response
 
 
 # ============================================================================================
@@ -1791,6 +1944,10 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--data", str(tmp_path / "chat.jsonl")], "tokenizer has no chat template"),
         (base + ["--seq-len", "100000"], "give no block"),
         (base + ["--resume"], "no checkpoint"),
+        (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
+        (base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"], "targets for the data's own text"),
+        (base + ["--on-policy-fraction", "0.5", "--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
+        (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text)"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
         (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
