@@ -5,10 +5,10 @@ Distill a teacher p into a student q on the positions where the student is most 
 position by the student's entropy H(q_t), keep the top k% of each sample, and compute the KD loss there only.
 Because the score needs no teacher output, both language-model heads run on the selected rows alone.
 
-Read top to bottom: 1 scores u(t), 2 position axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4) are the
-method, and a reader can stop there; 6 offline teacher cache (SE-KD 3X), 7 data, 8 training loop, 9 benchmark,
-10 show (the selected positions on a text), 11 command line. Shapes: B batch, L sequence length, T = L - 1
-positions, H hidden size, V vocabulary, N rows.
+Read top to bottom: 1 scores u(t), 2 position axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on
+the student's own responses: on-policy) are the method, and a reader can stop there; 6 offline teacher cache
+(SE-KD 3X), 7 data, 8 training loop, 9 benchmark, 10 show (the selected positions on a text), 11 command line.
+Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def select_samples(scores, ell):
     keep = min(budget(len(scores), ell), int(torch.isfinite(scores).sum()))
     return scores.sort(descending=True, stable=True).indices[:keep].sort().values
 
-# ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations)
+# ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations); on-policy responses
 @torch.no_grad()
 def teacher_hidden(teacher, input_ids, attention_mask=None):
     """The teacher's final hidden states [B, T, H_t] at the positions that predict a token, without grad."""
@@ -1188,8 +1188,9 @@ def check_resume(cfg, saved, num_kept):
     if saved["world_size"] != rank_world()[1]:  # the data order is cut into global batches
         raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this one "
                          f"{rank_world()[1]}: resume it with torchrun --nproc_per_node {saved['world_size']}")
+    before = {f.name: f.default for f in dataclasses.fields(cfg)} | saved["config"]   # newer fields: defaults
     if changed := [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RESUME_MAY_CHANGE and saved["config"][k] != v]:
+                   if k not in RESUME_MAY_CHANGE and before[k] != v]:
         raise UsageError(f"--resume: this command changes {', '.join(changed)} from the checkpoint's "
                          "run: resume with its settings, or start a new run in another --out-dir")
     total, step = total_steps(cfg, num_kept), saved["step"]
@@ -1454,13 +1455,13 @@ def train(cfg):
         load = lambda i: read_batch(run.examples[run.kept[i]], run.cache, i, run.device)
         batches = prefetch(mine, load)                                 # reads one micro-batch ahead
         bar = tqdm(total=total, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=rank != 0)
+        eos_id = run.tokenizer.eos_token_id                          # ends the student's on-policy responses
         with caught_signals() as caught:
             for step in range(run.step, total):
                 began = time.time()
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)   # the step is the RNG state
                 micro = [to_device(next(batches), run.cache, run.device) for _ in range(cfg.grad_accum)]
                 on_policy = on_policy_step(cfg, step)
-                eos_id = run.tokenizer.eos_token_id
                 micro = [responses(run.student, b, cfg, eos_id) for b in micro] if on_policy else micro
                 stats = train_step(run.student, run.teacher, micro, cfg, run.optimizer,
                                    progress=step / max(total - 1, 1), gls=run.gls)

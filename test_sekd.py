@@ -1533,6 +1533,20 @@ def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_mode
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1, resume=True))
 
 
+def test_resume_continues_a_checkpoint_from_before_on_policy_whose_config_lacks_its_fields(
+        saved_models, tmp_path, monkeypatch):
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    saved = json.loads(state.read_text())
+    for name in ("on_policy_fraction", "max_new_tokens", "gen_temperature"):
+        del saved["config"][name]
+    state.write_text(json.dumps(saved))
+    resumed = sekd.train(run_config(saved_models, tmp_path, max_steps=4, save_every=2, resume=True))
+    assert resumed["steps"] == 4
+    with pytest.raises(sekd.UsageError, match="changes on_policy_fraction"):
+        sekd.train(run_config(saved_models, tmp_path, max_steps=5, resume=True, on_policy_fraction=0.5))
+
+
 def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
