@@ -1226,8 +1226,8 @@ class Run:
         if cfg.on_policy_fraction and (self.info["data_format"] == "text" or
                                        prompt_lengths(examples.loss_mask).min() == 0):
             raise UsageError(f"--on-policy-fraction: the student answers the data's prompts, and --data "
-                             f"{cfg.data} has rows without one (plain text): use prompt/completion or chat "
-                             "rows")
+                             f"{cfg.data} has rows without one (plain text, or an empty prompt): use "
+                             "prompt/completion or chat rows")
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.cache, info = open_cache(cfg, examples, vocab)   # reuse: no pre-pass, no teacher
             self.info.update(info)

@@ -1942,6 +1942,7 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
     write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    no_prompt = write_rows(tmp_path / "no_prompt.jsonl", [{"prompt": "", "completion": "a b"}] * 20)
     return [
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -1961,7 +1962,8 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
         (base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"], "targets for the data's own text"),
         (base + ["--on-policy-fraction", "0.5", "--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
-        (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text)"),
+        (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text"),
+        (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "has rows without one (plain text"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
         (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
