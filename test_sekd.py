@@ -1353,8 +1353,8 @@ def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
     real, seen = sekd.distill_loss, []
     def record(student, teacher, ids, mask, cfg, targets=None, **kwargs):
         if student.training:
-            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            seen.append((ids, mask, kwargs["loss_mask"].bool()))
+            real_tokens = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            seen.append((ids, real_tokens, kwargs["loss_mask"].bool()))
         return real(student, teacher, ids, mask, cfg, targets, **kwargs)
     monkeypatch.setattr(sekd, "distill_loss", record)
     cfg = run_config(saved_models, tmp_path, **{**ON_POLICY, "data": saved_models["prompts"], **options})
@@ -1389,7 +1389,7 @@ def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit
     off, seen_off, log = on_policy_run(saved_models, tmp_path / "off", monkeypatch, on_policy_fraction=0.0,
                                        method="random")
     none, _, _ = on_policy_run(saved_models, tmp_path / "never", monkeypatch, method="random",
-                                       on_policy_fraction=1e-9)   # draws every step, never on-policy
+                               on_policy_fraction=1e-9)   # draws every step, never on-policy
     tokenizer = sekd.pretrained("AutoTokenizer", saved_models["student"])
     train, _, _ = sekd.load_examples(run_config(saved_models, tmp_path, data=saved_models["prompts"]),
                                      tokenizer)
