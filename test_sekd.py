@@ -1963,7 +1963,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"], "targets for the data's own text"),
         (base + ["--on-policy-fraction", "0.5", "--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
         (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text"),
-        (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "has rows without one (plain text"),
+        (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "or an empty prompt"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
         (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
