@@ -300,6 +300,18 @@ def sparse_kl(student_logits, ids, weights, temperature=1.0):
 # ==== 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a position
 #      signal under the frozen initial student (student entropy: no teacher pass needed)
 @torch.no_grad()
+def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None, vocab_size=None,
+                 chunk_size=1024):
+    """u(t) [B, T] of a batch under the models as they are, without grad: their backbones, then batch_scores
+    (the teacher's only for a teacher signal). valid [B, T]: the positions a sum standardises over."""
+    with autocast(unwrap(student).device):
+        h_teacher = teacher_hidden(teacher, input_ids, attention_mask) if uses_teacher(signal) else None
+        t_head = None if h_teacher is None else lm_head(teacher, vocab_size)
+        h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]
+        return batch_scores(signal, h_student, lm_head(student, vocab_size), input_ids[:, 1:], valid,
+                            h_teacher, t_head, chunk_size)
+
+@torch.no_grad()
 def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8, chunk_size=1024,
                   vocab_size=None, *, attention_mask=None, loss_mask=None):
     """U_i = mean of u(t) over the valid positions of each sample of input_ids [N, L] -> float32 [N]; -inf for
@@ -313,12 +325,7 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
         width = input_ids.shape[1] if mask is None else int(mask.sum(1).max())   # no padding-only columns
         ids, mask = input_ids[rows, :width].to(device), None if mask is None else mask[:, :width].to(device)
         valid = valid_positions(ids, mask, None if loss_mask is None else loss_mask[rows, :width].to(device))
-        with autocast(device):
-            h_teacher = teacher_hidden(teacher, ids, mask) if uses_teacher(signal) else None
-            t_head = None if h_teacher is None else lm_head(teacher, vocab_size)
-            h_student = hidden_states(unwrap(student), ids, mask)[:, :-1]
-            u = batch_scores(signal, h_student, lm_head(student, vocab_size), ids[:, 1:], valid, h_teacher,
-                             t_head, chunk_size)
+        u = model_scores(signal, student, ids, mask, valid, teacher, vocab_size, chunk_size)
         n = valid.sum(1)
         scores[rows] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
     if world > 1:
@@ -1737,14 +1744,12 @@ def bench(argv):
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     """One sequence [1, L] scored and selected as a training step would (batch_scores, position_weights) ->
     scores, selected, valid and KL(teacher || student) (None without a teacher), each [T]."""
-    valid, s_head = valid_positions(input_ids, None, loss_mask), lm_head(student, cfg.vocab_size)
-    h, h_t, t_head, kl = hidden_states(student, input_ids)[:, :-1], None, None, None
-    if teacher is not None:
-        h_t, t_head = teacher_hidden(teacher, input_ids), lm_head(teacher, cfg.vocab_size)
-        kl = full_kl(s_head(h[0]), t_head(h_t[0]).to(h.device))
-    scores = batch_scores(cfg.signal, h, s_head, input_ids[:, 1:], valid, h_t, t_head, cfg.chunk_size)
-    selected = position_weights(cfg.positions, scores, valid, cfg.k, gls=GlobalThreshold())[0] > 0
-    return scores[0], selected, valid[0], kl
+    valid = valid_positions(input_ids, None, loss_mask)
+    score = lambda signal: model_scores(signal, student, input_ids, None, valid, teacher, cfg.vocab_size,
+                                        cfg.chunk_size)[0]
+    scores, kl = score(cfg.signal), None if teacher is None else score("kl")
+    selected = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())[0] > 0
+    return scores, selected, valid[0], kl
 
 def draw(text, offsets, marked, shade, dim, style, titles):
     """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain (⟦token⟧,

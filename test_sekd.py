@@ -1882,7 +1882,7 @@ def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp
 
 
 # ============================================================================================
-# 10. Command line
+# 11. Command line
 # ============================================================================================
 
 def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
