@@ -15,7 +15,8 @@
 # Point it at real models and data instead (these need the hub or local copies):
 #   TEACHER=Qwen/Qwen3-1.7B STUDENT=Qwen/Qwen3-0.6B DATA=path/to/text.jsonl SEQ_LEN=512 LR=1e-5 bash run_example.sh
 # Other settings: WORK (output folder), STEPS, TEACHER_STEPS, STUDENT_STEPS, KD_DOCUMENTS, BATCH_SIZE, METHODS,
-# DEVICE, PRETRAIN_LR (the CE pre-training's rate). Held-out documents are the same every 20th document for pre-training and distillation runs.
+# DEVICE, PRETRAIN_LR (the CE pre-training's rate). Held-out documents are the same every 20th document for
+# pre-training and distillation runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
