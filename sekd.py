@@ -450,11 +450,19 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # left-padded: [B, P]
     prompt_mask = at >= 0
     prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), eos_id)
-    was_training = model.training
-    out = model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long(), do_sample=True,
-                                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos_id, pad_token_id=eos_id)     # [B, P + G]
-    model.train(was_training)
+    from transformers import GenerationConfig
+    # A fresh generation config: generate() would otherwise fill every field left unset from the
+    # checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...),
+    # and the responses would no longer be draws from softmax(z / T).
+    sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
+    was_training, checkpoint_config = model.training, model.generation_config
+    model.generation_config = sampling
+    try:
+        out = model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long())   # [B, P + G]
+    finally:
+        model.generation_config = checkpoint_config
+        model.train(was_training)
     eos = out[:, width:] == eos_id
     response = eos.cumsum(1) - eos.long() == 0                         # up to the first EOS, included
     real = torch.cat([prompt_mask, response], 1)
@@ -635,6 +643,16 @@ class TeacherCache:
     def __len__(self):
         return len(self.sample_ids)
 
+    def __getitem__(self, i):
+        """Targets of the i-th cached sample's valid positions, in order: (ids, weights), both [n_i, U] in
+        sample_classes' layout ([L - 1, U] for a sample of L tokens, all valid)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} is outside the cache's {len(self)} samples")
+        entries = self.read([i])
+        n = int(unpack_entries(entries, self.count_bits)[1].sum()) // self.num_samples
+        ids, weights = self.decode(entries, torch.arange(n), (1, n))
+        return ids[0], weights[0]
+
     def check(self, **wanted):
         """Refuse a cache built for other settings, data or models, naming what differs and the fix."""
         for key, value in wanted.items():
@@ -728,40 +746,72 @@ def load_rows(cfg):
         raise UsageError(f"--data {data}: cannot load it as a local file or directory, nor from the hub "
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
-def row_format(columns, cfg, tokenizer):
-    """What the rows are, from their columns, as TRL reads them: messages, prompt + completion, or text."""
+def row_format(batch, cfg, tokenizer):
+    """What the rows are, from a batch's columns, as TRL reads them: messages; prompt + completion, strings
+    ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or plain text."""
+    columns = list(batch)
     if "messages" in columns:
-        if not tokenizer.chat_template:
-            raise UsageError(f"--data {cfg.data} has 'messages' rows, and the student's tokenizer has no "
-                             "chat template to render them: give it one, or use prompt/completion rows")
-        return "messages"
-    if {"prompt", "completion"} <= set(columns):
-        return "prompt"
-    if cfg.text_column in columns:
+        data_format = "messages"
+    elif {"prompt", "completion"} <= set(columns):
+        conversational = isinstance(batch["prompt"][0], list)
+        data_format = "prompt_messages" if conversational else "prompt"
+    elif cfg.text_column in columns:
         return "text"
-    raise UsageError(f"--data {cfg.data}: no '{cfg.text_column}' in {list(columns)} (see --text-column), nor "
-                     "'prompt' + 'completion', nor 'messages'")
+    else:
+        raise UsageError(f"--data {cfg.data}: no '{cfg.text_column}' in {columns} (see --text-column), "
+                         "nor 'prompt' + 'completion', nor 'messages'")
+    if data_format != "prompt" and not tokenizer.chat_template:
+        raise UsageError(f"--data {cfg.data} has conversational rows, and the student's tokenizer has no "
+                         "chat template to render them: give it one, or use prompt/completion strings")
+    return data_format
+
+def chat_text(tokenizer, messages, generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+def end_of_turn(tokenizer, context):
+    """The text a chat template puts after an assistant turn (<|im_end|>\\n, <|eot_id|>): what two
+    one-letter replies to context end with."""
+    one, other = (chat_text(tokenizer, context + [{"role": "assistant", "content": letter}])
+                  for letter in "AB")
+    shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
+    return one[len(one) - shared:]
 
 def render_chat(messages, tokenizer):
-    """A conversation -> (text, [(start, end)] character spans of its assistant turns). Most chat templates
-    mark no {% generation %} span, so each turn is found by rendering prefixes: it starts where messages[:i]
-    with a generation prompt ends and ends where messages[:i + 1] does, its content and end-of-turn text
-    found again in the whole text when a template renders a last turn otherwise (Qwen3's empty think)."""
-    render = lambda part, prompt=False: tokenizer.apply_chat_template(part, tokenize=False,
-                                                                      add_generation_prompt=prompt)
-    text, spans = render(messages), []
+    """A conversation -> (text, [(start, end)] character spans of its assistant turns, each as the template
+    renders it: tool calls, reasoning and end-of-turn text included). Most chat templates mark no
+    {% generation %} span, so each turn is found by rendering prefixes: it starts where messages[:i] with a
+    generation prompt ends and ends where messages[:i + 1] ends; where a template renders a last turn
+    otherwise (Qwen3 adds a think block), it ends at the template's first end-of-turn text after its start.
+    A first message has no prompt before it: an assistant turn there is context."""
+    text, spans = chat_text(tokenizer, messages), []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if i == 0 or message.get("role") != "assistant":
             continue
-        before, through, content = render(messages[:i], True), render(messages[:i + 1]), message["content"]
-        tail = through[through.rfind(content) + len(content):]            # the end-of-turn text
-        at = text.find(content, len(before))
-        if not text.startswith(before) or at < 0 or not text.startswith(tail, at + len(content)):
-            raise UsageError("the chat template renders a conversation's turns otherwise when they come "
-                             f"first or last, so its assistant turns cannot be found: {str(messages)[:80]}")
-        end = len(through) if text.startswith(through) else at + len(content) + len(tail)
-        spans.append((len(before), end))
+        before = chat_text(tokenizer, messages[:i], generation_prompt=True)
+        through = chat_text(tokenizer, messages[:i + 1])
+        if not text.startswith(before):
+            raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
+                             "whole conversation, so where that turn starts is unknown")
+        if text.startswith(through):
+            spans.append((len(before), len(through)))
+            continue
+        eot = end_of_turn(tokenizer, messages[:i])
+        end = text.find(eot, len(before)) if eot else -1
+        if end < 0:
+            raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
+                             "conversation, and ends its turns with no text of its own to find it by")
+        spans.append((len(before), end + len(eot)))
     return text, spans
+
+def render_prompt_completion(prompt, completion, tokenizer):
+    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages rendered with a
+    generation prompt are context, the completion's messages rendered after them the target."""
+    before = chat_text(tokenizer, prompt, generation_prompt=True)
+    text = chat_text(tokenizer, prompt + completion)
+    if not text.startswith(before):
+        raise ValueError("the chat template renders the prompt's messages otherwise when a completion "
+                         "follows them, so where the completion starts is unknown")
+    return text, [(len(before), len(text))]
 
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N] for tokens whose first character lies in a span."""
@@ -769,25 +819,73 @@ def in_spans(offsets, spans):
     spans = np.asarray(spans, np.int64).reshape(-1, 2)                                 # [S, 2]
     return ((starts >= spans[:, 0]) & (starts < spans[:, 1])).any(1)
 
-def encode_rows(batch, kind, tokenizer, text_column):
+def column_strings(batch, column, first_row):
+    """A batch's column, refused (one line naming the row) where a value is not a string."""
+    values = batch[column]
+    for j, value in enumerate(values):
+        if not isinstance(value, str):
+            raise UsageError(f"--data row {first_row + j}: its '{column}' is {type(value).__name__}, "
+                             "not a string")
+    return values
+
+def rendered_rows(batch, data_format, tokenizer, first_row):
+    """Each conversational row of a batch rendered by the chat template -> [(text, spans)]; a row the
+    template cannot render, or cannot split into turns, is refused in one line naming it."""
+    if data_format == "messages":
+        conversations = [(messages,) for messages in batch["messages"]]
+    else:
+        conversations = list(zip(batch["prompt"], batch["completion"]))
+    rendered = []
+    for j, conversation in enumerate(conversations):
+        try:
+            if data_format == "messages":
+                rendered.append(render_chat(*conversation, tokenizer))
+            else:
+                rendered.append(render_prompt_completion(*conversation, tokenizer))
+        except Exception as err:   # the template's own errors (jinja2) included
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} ({reason})"
+                             ) from None
+    return rendered
+
+def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_offsets=False):
     """A batch of rows (columns of equal length) -> [(ids, targets)], numpy int64 and bool per row: targets
     marks the tokens the student learns: a document's tokens after its first (its context would be the
-    previous document) and its EOS; a completion and its EOS; a conversation's assistant turns."""
+    previous document) and its EOS; a completion and its EOS; a conversation's assistant turns, or a
+    conversational completion. with_offsets: [(ids, targets, text, offsets)], each token's character span
+    in text (show draws them). first_row: the batch's first row, for messages that name a row."""
     eos = tokenizer.eos_token_id
-    if kind == "text":
-        rows = [(x + [eos], [0] + [1] * len(x))
-                for x in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]
-    elif kind == "prompt":   # the prompt with the tokenizer's BOS, if it adds one
-        prompts = tokenizer(batch["prompt"])["input_ids"]
-        completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-        rows = [(p + c + [eos], [0] * len(p) + [1] * (len(c) + 1)) for p, c in zip(prompts, completions)]
+    if data_format == "text":
+        texts = column_strings(batch, text_column, first_row)
+        tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
+        ids = [x + [eos] for x in tokens["input_ids"]]
+        targets = [[0] + [1] * len(x) for x in tokens["input_ids"]]
+        if with_offsets:   # the EOS has no characters
+            offsets = [o + [(len(t), len(t))] for o, t in zip(tokens["offset_mapping"], texts)]
+    elif data_format == "prompt":   # the prompt with the tokenizer's BOS, if it adds one
+        prompts = column_strings(batch, "prompt", first_row)
+        completions = column_strings(batch, "completion", first_row)
+        prompt_tokens = tokenizer(prompts, return_offsets_mapping=with_offsets)
+        completion_tokens = tokenizer(completions, add_special_tokens=False,
+                                      return_offsets_mapping=with_offsets)
+        pairs = list(zip(prompt_tokens["input_ids"], completion_tokens["input_ids"]))
+        ids = [p + c + [eos] for p, c in pairs]
+        targets = [[0] * len(p) + [1] * (len(c) + 1) for p, c in pairs]
+        texts = [p + c for p, c in zip(prompts, completions)]
+        if with_offsets:
+            offsets = [p + [(start + len(prompt), end + len(prompt)) for start, end in c] + [(len(t), len(t))]
+                       for p, c, prompt, t in zip(prompt_tokens["offset_mapping"],
+                                                  completion_tokens["offset_mapping"], prompts, texts)]
     else:
-        rendered = [render_chat(messages, tokenizer) for messages in batch["messages"]]
-        tokens = tokenizer([text for text, _ in rendered], add_special_tokens=False,
-                           return_offsets_mapping=True)
-        rows = [(ids, in_spans(offsets, spans))
-                for (_, spans), ids, offsets in zip(rendered, tokens["input_ids"], tokens["offset_mapping"])]
-    return [(np.asarray(ids, np.int64), np.asarray(targets, bool)) for ids, targets in rows]
+        rendered = rendered_rows(batch, data_format, tokenizer, first_row)
+        texts = [text for text, _ in rendered]
+        tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
+        targets = [in_spans(o, spans) for o, (_, spans) in zip(offsets, rendered)]
+    rows = [(np.asarray(i, np.int64), np.asarray(t, bool)) for i, t in zip(ids, targets)]
+    if with_offsets:
+        return [(*row, text, o) for row, text, o in zip(rows, texts, offsets)]
+    return rows
 
 def pack_blocks(rows, seq_len):
     """Documents [(ids, targets)] -> Examples of consecutive seq_len-token blocks of their concatenation,
@@ -817,22 +915,26 @@ def load_examples(cfg, tokenizer):
     (streamed, the rest never comes)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its eos_token")
-    share, parts, kind = Fraction(repr(float(cfg.val_fraction))), ([], []), None   # parts: training, held out
-    read = tokens = dropped = 0
+    share, parts, data_format = Fraction(repr(float(cfg.val_fraction))), ([], []), None
+    read = tokens = dropped = 0   # parts: training, held out
     blocks = cfg.max_tokens and math.ceil(cfg.max_tokens / cfg.seq_len)    # text: whole blocks of the budget
-    full = lambda: cfg.max_tokens and tokens >= (blocks * cfg.seq_len if kind == "text" else cfg.max_tokens)
+    def full():   # the training examples hold the token budget (text: its whole blocks)
+        if not cfg.max_tokens:
+            return False
+        return tokens >= (blocks * cfg.seq_len if data_format == "text" else cfg.max_tokens)
     enough = lambda: full() and parts[1] or read == cfg.max_documents
     for batch in load_rows(cfg).iter(batch_size=256):
-        kind = kind or row_format(list(batch), cfg, tokenizer)
-        for ids, targets in encode_rows(batch, kind, tokenizer, cfg.text_column):
+        if cfg.max_documents:   # no row past the N-th is read, nor refused
+            batch = {name: column[:cfg.max_documents - read] for name, column in batch.items()}
+        data_format = data_format or row_format(batch, cfg, tokenizer)
+        for ids, targets in encode_rows(batch, data_format, tokenizer, cfg.text_column, read):
             held = math.floor((read + 1) * share) > math.floor(read * share)
             read += 1
-            if kind != "text":   # an example is truncated to --seq-len, and dropped without a target
+            if data_format != "text":   # an example is truncated to --seq-len
                 ids, targets = ids[:cfg.seq_len], targets[:cfg.seq_len]
-                if not targets[1:].any():
-                    dropped += 1
-                    continue
-            if held or not full():   # past the budget, only held-out rows are kept
+            if data_format != "text" and not targets[1:].any():   # and dropped without a target
+                dropped += 1
+            elif held or not full():   # past the budget, only held-out rows are kept
                 parts[held].append((ids, targets))
                 tokens += 0 if held else len(ids)
             if enough():
@@ -843,17 +945,18 @@ def load_examples(cfg, tokenizer):
         raise UsageError(f"--data {cfg.data} holds {read} document(s); training and evaluation need 2+")
     if not parts[1] and parts[0]:   # no row hit the rule: hold out the last
         parts[1].append(parts[0].pop())
-    pack = (lambda rows: pack_blocks(rows, cfg.seq_len)) if kind == "text" else (
-        lambda rows: pad_examples(rows, tokenizer.eos_token_id))
-    train, held = pack(parts[0]), pack(parts[1])
-    if cfg.max_tokens and kind == "text":
+    if data_format == "text":
+        train, held = (pack_blocks(rows, cfg.seq_len) for rows in parts)
+    else:
+        train, held = (pad_examples(rows, tokenizer.eos_token_id) for rows in parts)
+    if cfg.max_tokens and data_format == "text":
         train = train[:blocks]
     for part, what in ((train, "training"), (held, "held-out")):
         if len(part) == 0:
             raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of --seq-len "
                              f"{cfg.seq_len} tokens with a target: lower --seq-len, raise --val-fraction, or "
                              "add rows")
-    return train, held, {"data_format": kind, "dropped_examples": dropped}
+    return train, held, {"data_format": data_format, "dropped_examples": dropped}
 
 # ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
 class UsageError(ValueError):
@@ -1226,6 +1329,11 @@ class Run:
             state = load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))
             check_resume(cfg, saved, len(state["kept"]))
         examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
+        self.data_fingerprint = fingerprint(examples)   # a checkpoint's kept rows name these examples
+        if saved and saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise UsageError(f"--resume: --data {cfg.data} now gives other training examples than the "
+                             "checkpoint's run trained on (the data, its tokenizer or chat template "
+                             "changed): resume with the same data, or start a new run in another --out-dir")
         self.examples, self.cache, dropped = examples, None, self.info["dropped_examples"]
         if dropped and rank_world()[0] == 0:
             print(f"data: dropped {dropped} example(s) with no target within --seq-len {cfg.seq_len}",
@@ -1302,7 +1410,7 @@ def save_checkpoint(run):
             "step": run.step, "tokens": run.tokens, "total_steps": run.total, "student": student,
             "state": state_file, "world_size": rank_world()[1], "config": dataclasses.asdict(run.cfg),
             "param_groups": optimizer["param_groups"], "train_time_s": run.train_time, "history": run.history,
-            "evals": run.evals, "info": run.info})
+            "evals": run.evals, "info": run.info, "data_fingerprint": run.data_fingerprint})
         link = os.path.join(directory, "student")
         remove(link + ".tmp")
         os.symlink(student, link + ".tmp")   # relative: the directory can move
@@ -1529,9 +1637,16 @@ def start_outputs(cfg, step):
     path, lines = os.path.join(cfg.out_dir, "log.jsonl"), []
     if step and os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)["step"] <= step]
+            lines = [line.rstrip("\n") + "\n" for line in f if logged_step(line) <= step]
     write_text(path, "".join(lines))
     return open(path, "a")
+
+def logged_step(line):
+    """The step of a log.jsonl line; infinite for a line that does not parse (torn by a hard kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 def note(run, record):
     """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank 0 as one
@@ -1751,27 +1866,41 @@ def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     selected = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())[0] > 0
     return scores, selected, valid[0], kl
 
+def token_pieces(offsets):
+    """The drawn pieces of a text: [(start, stop, tokens)], tokens that share characters (the byte-level
+    tokens of one emoji or CJK character) in one piece; tokens without characters (BOS, EOS) in none."""
+    pieces = []
+    for j, (start, stop) in enumerate(offsets):
+        if pieces and start < pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0], max(stop, pieces[-1][1]), pieces[-1][2] + [j])
+        elif stop > start:
+            pieces.append((start, stop, [j]))
+    return pieces
+
 def draw(text, offsets, marked, shade, dim, style, titles):
     """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain (⟦token⟧,
-    nothing else added), ansi (bold underlined, a red background) or html (a <span> per token, escaped)."""
-    out, end = [], 0
+    nothing else added), ansi (bold underlined, a red background) or html (a <span> per token, escaped).
+    A piece of tokens that share characters is marked when any of them is -> (drawing, marks drawn)."""
+    out, end, marks = [], 0, 0
     escape = html.escape if style == "html" else str
-    for j, (start, stop) in enumerate(offsets):
-        start = max(start, end)   # tokens of one character share its span: the first shows it
-        if stop <= start:
-            continue
+    for start, stop, tokens in token_pieces(offsets):
         out.append(escape(text[end:start]))
         piece, end = text[start:stop], stop
+        is_marked = any(marked[j] for j in tokens)
+        is_dim = all(dim[j] for j in tokens)
+        strength = max(shade[j] for j in tokens)
+        marks += is_marked
         if style == "plain":
-            out.append(f"⟦{piece}⟧" if marked[j] else piece)
+            out.append(f"⟦{piece}⟧" if is_marked else piece)
         elif style == "ansi":
-            g = int(255 - 150 * shade[j])
-            out.append(f"\x1b[{'1;4;' * marked[j]}{'2;' * dim[j]}48;2;255;{g};{g}m{piece}\x1b[0m")
+            g = int(255 - 150 * strength)
+            out.append(f"\x1b[{'1;4;' * is_marked}{'2;' * is_dim}48;2;255;{g};{g}m{piece}\x1b[0m")
         else:
-            kind = "t" + " sel" * marked[j] + " dim" * dim[j]
-            out.append(f'<span class="{kind}" style="background:rgba(255,60,60,{shade[j]:.2f})" '
-                       f'title="{escape(titles[j])}">{escape(piece)}</span>')
-    return "".join(out) + escape(text[end:])
+            classes = "t" + " sel" * is_marked + " dim" * is_dim
+            title = "; ".join(titles[j] for j in tokens)
+            out.append(f'<span class="{classes}" style="background:rgba(255,60,60,{strength:.2f})" '
+                       f'title="{escape(title)}">{escape(piece)}</span>')
+    return "".join(out) + escape(text[end:]), marks
 
 SHOW_PAGE = """<!doctype html><meta charset=utf-8><title>SE-KD: selected positions</title><style>
 body{font:14px sans-serif;max-width:60em;margin:2em auto} pre{white-space:pre-wrap;font:14px monospace}
@@ -1788,6 +1917,7 @@ def show(argv):
             ("student", str, None, "the student (name or directory)"), ("teacher", str, None, "the teacher"),
             ("text", str, None, "the text to show"), ("data", str, None, "or a row of a --data file"),
             ("index", int, 0, "the row of --data"), ("text_column", str, "text", "its plain-text column"),
+            ("seq_len", int, 512, "tokens of a prompt/completion or chat row kept, as in training"),
             ("k", float, 0.2, "share of the positions selected"), ("signal", str, "student_entropy", "u(t)"),
             ("positions", str, "top", "position policy"), ("html", str, None, "also write this HTML page"),
             ("device", str, "auto", "auto, cpu or cuda[:i]")]:
@@ -1795,26 +1925,14 @@ def show(argv):
     add_flag(parser, "plain", action="store_true", help="markers (⟦token⟧), not colours, also on a terminal")
     args = parser.parse_args(argv)
     cfg = Config(positions=args.positions, k=args.k, signal=args.signal, student=args.student,
-                 teacher=args.teacher, data=args.data, text_column=args.text_column)
+                 teacher=args.teacher, data=args.data, text_column=args.text_column, seq_len=args.seq_len)
     if not args.student or (args.text is None) == (args.data is None):
         raise UsageError("show needs --student, and --text or --data (one of them)")
     if uses_teacher(cfg.signal) and not args.teacher:
         raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give --teacher")
     tokenizer, device = pretrained("AutoTokenizer", args.student), resolve_device(args.device)
-    text, spans = args.text, [(0, len(args.text or ""))]
-    if args.data:
-        row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
-        if row is None:
-            raise UsageError(f"--index {args.index} is past the rows of --data {args.data}")
-        kind = row_format(list(row), cfg, tokenizer)
-        if kind == "messages":   # targets: the assistant turns, the completion, or all of a document
-            text, spans = render_chat(row["messages"], tokenizer)
-        else:
-            text = row[cfg.text_column] if kind == "text" else row["prompt"] + row["completion"]
-            spans = [(len(row["prompt"]) if kind == "prompt" else 0, len(text))]
-    tokens = tokenizer(text, return_offsets_mapping=True)
-    ids, offsets = torch.tensor([tokens["input_ids"]]), tokens["offset_mapping"]
-    targets = torch.from_numpy(in_spans(offsets, spans))[None]
+    ids, targets, text, offsets = show_row(args, cfg, tokenizer)
+    ids, targets = torch.from_numpy(ids)[None], torch.from_numpy(targets)[None]
     if valid_positions(ids, None, targets).sum() == 0:
         raise UsageError("the text has no position to score: it needs 2 tokens or more, and a target")
     check_models(cfg, tokenizer)
@@ -1823,6 +1941,23 @@ def show(argv):
     ids, targets = ids.to(device), targets.to(device)
     scores, selected, valid, kl = selected_positions(student, teacher, ids, targets, cfg)
     print_show(args, cfg, text, offsets, scores.cpu(), selected.cpu(), valid.cpu(), kl)
+
+def show_row(args, cfg, tokenizer):
+    """The row to show, encoded exactly as training encodes it (encode_rows, truncated to --seq-len): ids,
+    targets, its text and each token's character span in it. --text is a document (a text row)."""
+    if args.data:
+        row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
+        if row is None:
+            raise UsageError(f"--index {args.index} is past the rows of --data {args.data}")
+        batch = {name: [value] for name, value in row.items()}
+    else:
+        batch = {cfg.text_column: [args.text]}
+    data_format = row_format(batch, cfg, tokenizer)
+    ids, targets, text, offsets = encode_rows(batch, data_format, tokenizer, cfg.text_column, args.index,
+                                              with_offsets=True)[0]
+    if data_format != "text":
+        ids, targets, offsets = ids[:cfg.seq_len], targets[:cfg.seq_len], offsets[:cfg.seq_len]
+    return ids, targets, text, offsets
 
 def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     """Print (and with --html write) the drawing: position t's score and mark go on token t + 1."""
@@ -1836,15 +1971,16 @@ def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     marked, shade, dim = [False] + selected.tolist(), [0.0] + shade, [False] + (~valid).tolist()
     header = (f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}; a marked "
               "token is one the student was unsure of, given the text before it")
-    summary = f"{chosen} of {n} positions selected"
+    style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
+    drawing, marks = draw(text, offsets, marked, shade, dim, style, titles)
+    summary = f"{chosen} of {n} positions selected, {marks} marks drawn"
     if kl is not None:
         share = (kl.cpu()[selected].sum() / kl.cpu()[valid].sum()).item()
         summary += f"; they hold {share:.0%} of the KL(teacher || student) (random ones: {chosen / n:.0%})"
-    style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
     legend = "\nbackground: the score; bold underlined: selected; dim: prompt (no target)" * (style == "ansi")
-    print(f"{header}\n{draw(text, offsets, marked, shade, dim, style, titles)}{legend}\n{summary}")
+    print(f"{header}\n{drawing}{legend}\n{summary}")
     if args.html:
-        body = draw(text, offsets, marked, shade, dim, "html", titles)
+        body, _ = draw(text, offsets, marked, shade, dim, "html", titles)
         page = SHOW_PAGE.replace("{header}", html.escape(header)).replace("{summary}", html.escape(summary))
         write_text(args.html, page.replace("{body}", body))
 

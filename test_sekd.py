@@ -1,6 +1,7 @@
 """Tests for sekd.py, section by section in the same order. Each formula is checked against an
 independent reference (torch.distributions, float64, dense logits, exact fractions, Monte Carlo)."""
 
+import html
 import json
 import math
 import os
@@ -705,6 +706,23 @@ def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_un
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
 
 
+def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_config():
+    from transformers import GenerationConfig
+    student = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(20_000, -1)
+    with torch.no_grad():
+        want = student(ids[:1, :4]).logits[0, -1].double().softmax(-1)
+    top = int(want.argmax())
+    student.generation_config = GenerationConfig(   # as instruct checkpoints ship them, and stronger
+        repetition_penalty=3.0, no_repeat_ngram_size=1, suppress_tokens=[top], min_new_tokens=2, top_k=5)
+    torch.manual_seed(0)
+    got, _, _ = sekd.student_responses(student, ids, prompt_mask(ids, [4] * len(ids)), eos_id=0,
+                                       max_new_tokens=1)
+    frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
+    assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
+    assert student.generation_config.suppress_tokens == [top]   # the checkpoint's config is left as it was
+
+
 def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     ids, loss_mask, eos = prompts_and_eos(student)
@@ -768,6 +786,17 @@ def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen
         assert torch.equal(got_ids.flatten(0, 1), want_ids[:n])
         assert torch.equal(got_w.flatten(0, 1), want_w[:n])
     assert bool((decode_rows(cache, [0, 1, 2], 6)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
+
+
+def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=2)
+    cache = sekd.TeacherCache(tmp_path / "c")
+    batch_ids, batch_weights = decode_rows(cache, [2, 0], 4)
+    assert cache[2][0].shape == (4, 8) and torch.equal(batch_ids[0], cache[2][0])
+    assert torch.equal(batch_weights[1], cache[0][1])
+    with pytest.raises(IndexError):
+        cache[3]
 
 
 def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(tmp_path):
@@ -1040,6 +1069,127 @@ def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_g
         assert tokenizer.decode(ids[:length]) == tokenizer.apply_chat_template(CHATS[i], tokenize=False)
 
 
+# Short templates that behave as real ones do. Like Qwen3's: the reasoning of a turn after the last user
+# query is rendered in a think block (the last turn's even when empty), stripped from earlier turns;
+# tool calls follow the content; messages[0] is read, so an empty conversation does not render.
+QWEN_LIKE = (
+    "{% if messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% set content = m.content if m.content is string else '' %}"
+    "{% if m.role == 'user' or m.role == 'tool' %}<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' %}{% set reasoning = m.reasoning_content or '' %}"
+    "{% if '</think>' in content %}{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}<|im_start|>assistant\n"
+    "{% if loop.index0 > ns.last and (loop.last or reasoning) %}<think>{{ reasoning }}</think>\n\n"
+    "{% endif %}{{ content }}{% for call in m.tool_calls or [] %}<tool_call>{{ call.function.name }}"
+    "</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Like Llama 3's: a BOS in the text, each content trimmed.
+LLAMA_LIKE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+              "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+
+
+def supervised_turns(tokenizer, messages):
+    """The decoded runs of targets of one conversation as load_examples builds it."""
+    ids, targets = sekd.encode_rows({"messages": [messages]}, "messages", tokenizer, "text")[0]
+    return [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(torch.from_numpy(targets))]
+
+
+@pytest.mark.parametrize("content", ["", None])
+def test_a_tool_call_turn_is_supervised_as_the_template_renders_it(content):
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": content, "tool_calls": CALL},
+            {"role": "tool", "content": "2"}, {"role": "assistant", "content": "it is 2."}]
+    assert supervised_turns(tokenizer, chat) == [
+        "<tool_call>add</tool_call><|im_end|>\n", "<think></think>\n\nit is 2.<|im_end|>\n"]
+
+
+def test_turns_whose_reasoning_the_template_rewrites_are_supervised_as_rendered():
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>r1</think>\n\na one"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a two", "reasoning_content": "r2"}]
+    assert supervised_turns(tokenizer, chat) == ["a one<|im_end|>\n", "<think>r2</think>\n\na two<|im_end|>\n"]
+
+
+def test_turns_the_template_trims_are_supervised_as_rendered():
+    tokenizer = chat_tokenizer(LLAMA_LIKE)
+    tokenizer.bos_token = "<eos>"
+    chat = [{"role": "user", "content": "q1 "}, {"role": "assistant", "content": "a one\n"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": " a two"}]
+    assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
+
+
+def test_a_later_turn_repeating_an_earlier_ones_content_is_found_at_its_own_place():
+    tokenizer = chat_tokenizer(THINKING)   # the first turn is rendered otherwise when last: found by its end
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]
+    assert supervised_turns(tokenizer, chat) == ["ok.<|im_end|>\n"] * 2 + [
+        "<think>\n\n</think>\n\nok.<|im_end|>\n"]
+
+
+def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
+    tokenizer = chat_tokenizer(QWEN_LIKE)   # renders no empty conversation
+    chat = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
+    assert supervised_turns(tokenizer, chat) == ["<think></think>\n\na<|im_end|>\n"]
+
+
+def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_rendered(tmp_path):
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    rows = [{"prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}],
+             "completion": [{"role": "assistant", "content": f"it is {2 * i}."}]} for i in range(20)]
+    train, _, info = sekd.load_examples(data_config(write_rows(tmp_path / "c.jsonl", rows), seq_len=99),
+                                        tokenizer)
+    assert info["data_format"] == "prompt_messages" and len(train) == 18
+    for example, i in enumerate(i for i in range(20) if i % 10 != 9):
+        ids, targets = train.input_ids[example], train.loss_mask[example] & train.attention_mask[example]
+        (start, end), = runs_of_true(targets)
+        assert tokenizer.decode(ids[start:end]) == f"<think></think>\n\nit is {2 * i}.<|im_end|>\n"
+        prompt = tokenizer.apply_chat_template(rows[i]["prompt"], tokenize=False,
+                                               add_generation_prompt=True)
+        assert tokenizer.decode(ids[:start]) == prompt
+
+
+@pytest.mark.parametrize("row", [{"text": None}, {"prompt": "q", "completion": None},
+                                 {"messages": []}])
+def test_a_row_that_cannot_be_read_is_one_line_naming_it(tmp_path, row):
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    good = {"text": "a b c d"} if "text" in row else (
+        {"prompt": "q", "completion": "a"} if "prompt" in row else {"messages": CHATS[0]})
+    path = write_rows(tmp_path / "rows.jsonl", [good] * 3 + [row] + [good] * 3)
+    with pytest.raises(sekd.UsageError, match=r"^--data row 3: ") as refused:
+        sekd.load_examples(data_config(path, seq_len=200), tokenizer)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("max_documents,examples", [(4, 4), (5, 4), (6, 5)])
+def test_max_documents_stops_after_n_rows_counting_a_dropped_one(tmp_path, max_documents, examples):
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"prompt": "question " * (30 if i == 4 else 1), "completion": f" answer {i}"} for i in range(40)]
+    rows[max_documents] = {"prompt": None, "completion": None}   # a row past the N-th is never read
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    train, held, info = sekd.load_examples(data_config(path, seq_len=16, max_documents=max_documents),
+                                           tokenizer)
+    assert len(train) + len(held) == examples and info["dropped_examples"] == int(max_documents > 4)
+
+
+def test_a_token_budget_on_prompt_completion_rows_stops_at_the_first_row_that_reaches_it(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"prompt": f"question {i}:", "completion": f" answer {i * 3}"} for i in range(40)]
+    lengths = [len(ids) for ids, _ in sekd.encode_rows(
+        {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]},
+        "prompt", tokenizer, "text")]
+    train_lengths = [n for i, n in enumerate(lengths) if i % 10 != 9]
+    want = next(i + 1 for i in range(len(train_lengths)) if sum(train_lengths[:i + 1]) >= 50)
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    train, _, _ = sekd.load_examples(data_config(path, seq_len=64, max_tokens=50), tokenizer)
+    assert len(train) == want and int(train.attention_mask.sum()) >= 50
+
+
 def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     rows = [{"prompt": f"question {i}:", "completion": f" answer {i * 3}"} for i in range(20)]
@@ -1173,6 +1323,22 @@ def test_evaluate_matches_dense_perplexity_and_kl():
     ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten()).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
     kl = kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item()
+    assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_evaluate_counts_the_supervised_positions_only():
+    student, teacher = tiny_model("gpt2"), tiny_model("gpt2", hidden=48, seed=1)
+    ids, mask = padded_batch(batch=3, length=10)
+    loss_mask = prompt_mask(ids, (6, 4, 2))
+    examples = sekd.Examples(ids, mask.bool(), loss_mask)
+    got = sekd.evaluate(student, teacher, examples, sekd.Config(batch_size=2))
+    with torch.no_grad():
+        s, t = student(ids, attention_mask=mask).logits[:, :-1].double(), teacher(
+            ids, attention_mask=mask).logits[:, :-1].double()
+    valid = mask[:, :-1].bool() & mask[:, 1:].bool() & loss_mask[:, 1:]
+    ce = F.cross_entropy(s[valid], ids[:, 1:][valid]).item()
+    assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
+    kl = kl_divergence(Categorical(logits=t[valid]), Categorical(logits=s[valid])).mean().item()
     assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
 
 
@@ -1523,6 +1689,25 @@ def test_resume_refuses_changed_settings(saved_models, tmp_path):
         sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
 
 
+def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(saved_models, tmp_path,
+                                                                           monkeypatch):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(open(saved_models["data"]).read())
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, data=str(data))
+    data.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in DOCS * 3))   # regenerated
+    with pytest.raises(sekd.UsageError, match="--resume: --data .* other training examples"):
+        sekd.train(run_config(saved_models, tmp_path, data=str(data), max_steps=4, resume=True))
+
+
+def test_resume_drops_a_torn_last_line_of_the_step_log(saved_models, tmp_path, monkeypatch):
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')   # a hard kill mid-write
+    sekd.train(run_config(saved_models, tmp_path, max_steps=4, resume=True))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
@@ -1679,10 +1864,25 @@ def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_n
         assert facts["finite"] is False                                 # rank 0's loss was finite
 
 
-def torchrun(*args):
+def torchrun(*args, script=sekd.__file__):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               sekd.__file__, *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               str(script), *args]
+    path = os.pathsep.join([os.path.dirname(sekd.__file__), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+# sekd.py's command line, each rank writing the steps (from 0) at which it generated responses
+RECORD_GENERATION = """import json, os, sys
+import sekd
+steps, generated = [], []
+train_step, student_responses = sekd.train_step, sekd.student_responses
+sekd.train_step = lambda *args, **kwargs: steps.append(1) or train_step(*args, **kwargs)
+sekd.student_responses = lambda *a, **k: generated.append(len(steps)) or student_responses(*a, **k)
+sekd.main()
+with open(os.path.join(os.path.dirname(__file__), f"generated{os.environ['RANK']}.json"), "w") as f:
+    json.dump(sorted(set(generated)), f)
+"""
 
 
 @pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
@@ -1712,14 +1912,17 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
 
 def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_for_both(
         saved_models, tmp_path):
+    (tmp_path / "record.py").write_text(RECORD_GENERATION)
     done = torchrun("--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
                     saved_models["prompts"], "--seq-len", "16", "--max-steps", "4", "--device", "cpu",
                     "--on-policy-fraction", "0.5", "--max-new-tokens", "6", "--batch-size", "2",
-                    "--out-dir", str(tmp_path / "two"))
+                    "--out-dir", str(tmp_path / "two"), script=tmp_path / "record.py")
     assert done.returncode == 0, done.stderr[-3000:]   # generate() through the DDP wrapper: an error
     log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")][:4]
     drawn = [sekd.on_policy_step(sekd.Config(on_policy_fraction=0.5), step) for step in range(4)]
     assert [r["on_policy"] for r in log] == drawn == [True, False, False, True]
+    for rank in (0, 1):   # each rank generated on exactly the drawn steps
+        assert json.loads((tmp_path / f"generated{rank}.json").read_text()) == [0, 3]
     assert all(0 < r["gen_len"] <= 6 for r in log if r["on_policy"])
 
 
@@ -1841,8 +2044,9 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(saved
                               "--text", SHOW_TEXT, "--k", "0.3", "--signal", signal], capsys)
     spans, text = marked_spans(body)
     assert text == SHOW_TEXT                                   # nothing but the markers added
-    tokens = AutoTokenizer.from_pretrained(saved_models["student"])(SHOW_TEXT, return_offsets_mapping=True)
-    ids = torch.tensor([tokens["input_ids"]])
+    tokenizer = AutoTokenizer.from_pretrained(saved_models["student"])
+    tokens = tokenizer(SHOW_TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor([tokens["input_ids"] + [tokenizer.eos_token_id]])   # a document, as in training
     student, teacher = (AutoModelForCausalLM.from_pretrained(saved_models[name]).eval()
                         for name in ("student", "teacher"))
     valid = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool)
@@ -1851,8 +2055,10 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(saved
         scores = sekd.batch_scores(signal, h_student, sekd.lm_head(student), ids[:, 1:], valid, h_teacher,
                                    sekd.lm_head(teacher))
     picked = (sekd.position_weights("top", scores, valid, 0.3)[0] > 0).nonzero().flatten().tolist()
-    assert spans == [tuple(tokens["offset_mapping"][t + 1]) for t in picked]   # on the token each predicts
-    assert summary.startswith(f"{len(picked)} of {valid.sum()} positions selected; they hold ")
+    drawn = [tuple(tokens["offset_mapping"][t + 1]) for t in picked if t + 2 < ids.shape[1]]   # EOS: none
+    assert spans == drawn   # each on the token it predicts
+    marks = f"{len(picked)} of {valid.sum()} positions selected, {len(drawn)} marks drawn; they hold "
+    assert summary.startswith(marks)
 
 
 def test_show_html_escapes_the_text_and_has_one_element_per_token(saved_models, tmp_path, capsys):
@@ -1867,6 +2073,83 @@ def test_show_html_escapes_the_text_and_has_one_element_per_token(saved_models, 
     plain = re.sub(r"<span [^>]*>|</span>", "", body)
     assert "<" not in plain and '"' not in plain and html.unescape(plain) == text
     assert "&lt;" in plain and "&amp;" in plain and "&quot;" in plain and "<script" not in page
+
+
+def student_with_template(saved_models, tmp_path, template, bos=False):
+    """A copy of the student whose tokenizer has the chat template (and, bos, adds a BOS as Llama's do)."""
+    import shutil
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+    student = shutil.copytree(saved_models["student"], tmp_path / "templated_student")
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.chat_template = template
+    if bos:
+        tokenizer.bos_token = "<eos>"
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<eos> $A", special_tokens=[("<eos>", tokenizer.eos_token_id)])
+    tokenizer.save_pretrained(student)
+    return str(student)
+
+
+@pytest.mark.parametrize("row", ["prompt", "chat"])
+def test_show_scores_exactly_the_ids_and_masks_training_builds_for_a_row(saved_models, tmp_path, capsys,
+                                                                         monkeypatch, row):
+    student = student_with_template(saved_models, tmp_path, LLAMA_LIKE, bos=True)
+    if row == "prompt":   # a prompt ending in a space: tokenized apart from its completion
+        rows = [{"prompt": "document 1 says hello world ", "completion": "document 2 says hello"}] * 2
+    else:
+        rows = [{"messages": CHATS[1][:3]}] * 2
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    seen, real = [], sekd.selected_positions
+    monkeypatch.setattr(sekd, "selected_positions", lambda student, teacher, ids, loss_mask, cfg: (
+        seen.append((ids, loss_mask)) or real(student, teacher, ids, loss_mask, cfg)))
+    shown(["--student", student, "--data", str(data), "--index", "1"], capsys)
+    train, _, _ = sekd.load_examples(data_config(data, seq_len=512, val_fraction=0.5),
+                                     sekd.pretrained("AutoTokenizer", student))
+    assert train.attention_mask.all()
+    assert torch.equal(seen[0][0][0], train.input_ids[0]) and torch.equal(seen[0][1][0], train.loss_mask[0])
+
+
+def html_pieces(page):
+    """The drawn pieces of a show page: [(classes, text)]."""
+    body = page[page.index("<pre>") + 5:page.index("</pre>")]
+    return [(classes, html.unescape(text))
+            for classes, text in re.findall(r'<span class="([^"]*)"[^>]*>([^<]*)</span>', body)]
+
+
+def test_show_dims_exactly_the_prompt_of_a_data_row(saved_models, tmp_path, capsys):
+    rows = [{"prompt": "document 1 says hello world number 7", "completion": " document 2 says hello"}]
+    data = write_rows(tmp_path / "pc.jsonl", rows * 2)
+    shown(["--student", saved_models["student"], "--data", str(data), "--index", "1",
+           "--html", str(tmp_path / "p.html")], capsys)
+    pieces, at = html_pieces((tmp_path / "p.html").read_text()), 0
+    for i, (classes, text) in enumerate(pieces):
+        in_prompt = at < len(rows[0]["prompt"])
+        assert ("dim" in classes.split()) == (in_prompt and i > 0), (i, text)   # the first: no position
+        at += len(text)
+
+
+def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models, capsys):
+    text = "hello 世界 🙂 world"   # byte-level tokens: several per character
+    _, body, summary = shown(["--student", saved_models["student"], "--text", text, "--k", "1"], capsys)
+    spans, plain = marked_spans(body)
+    assert plain == text
+    assert "".join(text[a:b] for a, b in spans) == text[spans[0][0]:]   # every character after the first
+    assert re.search(rf", {len(spans)} marks drawn$", summary)
+
+
+def test_show_on_a_chat_row_marks_exactly_its_assistant_turns(saved_models, tmp_path, capsys):
+    student = student_with_template(saved_models, tmp_path, CHATML)
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS[:2]])
+    _, body, _ = shown(["--student", student, "--data", str(data), "--index", "1", "--k", "1"], capsys)
+    spans, text = marked_spans(body)
+    marked = "".join("x" if any(a <= c < b for a, b in spans) else "." for c in range(len(text)))
+    turns = ["it is 2.<|im_end|>\n", "4, I think.<|im_end|>\n"]
+    want = ["." * len(text)]
+    for turn in turns:
+        at = text.index("assistant\n" + turn) + len("assistant\n")
+        want[0] = want[0][:at] + "x" * len(turn) + want[0][at + len(turn):]
+    assert marked == want[0]
 
 
 def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp_path, capsys):
