@@ -1,164 +1,270 @@
 """SE-KD: selective knowledge distillation guided by the student's entropy, in one file.
 
-Implements "Rethinking Selective Knowledge Distillation" (Tavor, Ebenspanger, Cnaan, Geva; arXiv 2602.01395).
-Distill a teacher p into a student q on the positions where the student is most uncertain: score every
-position by the student's entropy H(q_t), keep the top k% of each sample, and compute the KD loss there only.
-Because the score needs no teacher output, both language-model heads run on the selected rows alone.
+Implements "Rethinking Selective Knowledge Distillation" (Tavor, Ebenspanger, Cnaan, Geva; arXiv
+2602.01395). Distill a teacher p into a student q on the positions where the student is most
+uncertain: score every position by the student's entropy H(q_t), keep the top k% of each sample, and
+compute the KD loss there only. Because the score needs no teacher output, both language-model heads
+run on the selected rows alone.
 
-Read top to bottom: 1 scores u(t), 2 position axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on
-the student's own responses: on-policy) are the method, and a reader can stop there; 6 offline teacher cache
-(SE-KD 3X), 7 data, 8 training loop, 9 benchmark, 10 show (the selected positions on a text), 11 command line.
+Read top to bottom. The method, sections 1-5, runs when copied alone: 1 scores u(t), 2 position axis,
+3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on the student's own responses: on-policy).
+A reader can stop there. Then the training path: 6 offline teacher cache (SE-KD 3X), 7 data, 8 the
+run and its loop. Then the plumbing a reader of the method can skip: 9 checks, fingerprints and
+durable writes, 10 benchmark, 11 show (the selected positions on a text), 12 command line.
 Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
 """
 
 from __future__ import annotations
 
-import argparse, dataclasses, json, math, operator, os, sys, time   # the run and its command line
-import hashlib, html, shutil, tempfile                              # fingerprints, atomic writes, show
-import multiprocessing, signal, threading              # the benchmark's processes, signals
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+import math
+from contextlib import nullcontext
 from fractions import Fraction
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# The training path and the plumbing (sections 6-12) use these too.
+import argparse
+import dataclasses
+import hashlib
+import html
+import json
+import multiprocessing
+import operator
+import os
+import shutil
+import signal as os_signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-# ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks from the
-#      models' hidden states and LM heads, so that the heads can later run on the selected rows only
+
+# ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks
+#      from the models' hidden states and LM heads, so that the heads can later run on the selected
+#      rows only
 def unwrap(model):
-    """The Hugging Face model itself, also when the training loop wrapped it for DDP (section 8)."""
+    """The Hugging Face model itself, also when a training loop wrapped it for DDP."""
     model = getattr(model, "module", model)                    # DistributedDataParallel
-    return getattr(model, "causal_lm", model)                  # Backbone
+    return getattr(model, "causal_lm", model)                  # Backbone (section 8)
+
 
 def hidden_states(model, input_ids, attention_mask=None):
-    """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head). No mask
-    means every token is real: attention can take its causal kernel (on an H100: fwd + bwd 14% faster)."""
+    """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head).
+    No mask means every token is real: attention can take its causal kernel."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model(input_ids, attention_mask)                # DDP syncs gradients only through its forward
-    decoder = model.get_decoder()   # no KV cache: a forward over whole sequences reuses none
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return model(input_ids, attention_mask)   # DDP syncs gradients only through its forward
+    decoder = model.get_decoder()
+    # No KV cache: a forward over whole sequences reuses none.
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return output.last_hidden_state
+
 
 def lm_head(model, vocab_size=None):
-    """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered rows it
-    equals the model's own logits there, post-head steps included (Cohere's logit_scale, Gemma 2's cap)."""
+    """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered
+    rows it equals the model's own logits there, post-head steps included (Cohere's logit_scale,
+    Gemma 2's soft cap)."""
     model = unwrap(model)
     head = model.get_output_embeddings()
-    weight, bias = head.weight[:vocab_size], None if head.bias is None else head.bias[:vocab_size]
-    if torch.is_autocast_enabled(weight.device.type):  # cast the fp32 head once, not once per chunk
+    weight = head.weight[:vocab_size]
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    if torch.is_autocast_enabled(weight.device.type):   # cast the fp32 head once, not per chunk
         dtype = torch.get_autocast_dtype(weight.device.type)
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    scale, cap = (getattr(model.config, name, None) for name in ("logit_scale", "final_logit_softcapping"))
+        weight = weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    scale = getattr(model.config, "logit_scale", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
     def logits(hidden):
         z = F.linear(hidden, weight, bias)
-        z = z * scale if scale else z
-        return torch.tanh(z / cap) * cap if cap else z
+        if scale:
+            z = z * scale
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z
     return logits
+
 
 def head_size(model):
     return unwrap(model).get_output_embeddings().weight.shape[0]
 
+
+def rank_world():
+    """(this process's rank, the number of processes): (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(tensor):
+    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with zeros
+    to the widest T (each rank trims its micro-batches to their own longest example)."""
+    width = torch.tensor([tensor.shape[1]], device=tensor.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    tensor = F.pad(tensor, (0, int(width) - tensor.shape[1]))
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (paper: bf16); full precision on CPU, where bf16 matmuls are slow."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def log_softmax_t(logits, temperature):
     """log softmax(logits / T) in float32, straight from bf16 logits (no upcast copy) when T = 1."""
-    return (logits if temperature == 1 else logits.float() / temperature).log_softmax(-1, dtype=torch.float32)
+    if temperature != 1:
+        logits = logits.float() / temperature
+    return logits.log_softmax(-1, dtype=torch.float32)
+
 
 def softmax_t(logits, temperature):
-    return (logits if temperature == 1 else logits.float() / temperature).softmax(-1, dtype=torch.float32)
+    if temperature != 1:
+        logits = logits.float() / temperature
+    return logits.softmax(-1, dtype=torch.float32)
+
 
 def entropy(logits):
     """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N]."""
     return torch.special.entr(softmax_t(logits, 1)).sum(-1)
 
+
 def cross_entropy(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
+
 def kl_rows(p_logits, q_logits, temperature=1.0):
-    """KL(p_T || q_T) per row, never negative (rounding can dip below 0 where p = q): [N, V] x 2 -> [N]."""
-    log_p, log_q = log_softmax_t(p_logits, temperature), log_softmax_t(q_logits, temperature)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).clamp(min=0)
+    """KL(p_T || q_T) per row, never negative (rounding can dip below 0 where p = q):
+    [N, V] x 2 -> [N]."""
+    log_p = log_softmax_t(p_logits, temperature)
+    log_q = log_softmax_t(q_logits, temperature)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    return kl.clamp(min=0)
+
 
 def standardize(scores, valid=None):
-    """z-scores over the last axis's valid entries (population sd); a constant row gives 0, as do invalid."""
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    """z-scores over the last axis's valid entries (population sd); a constant row gives 0, as do
+    invalid entries."""
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
     n = valid.sum(-1, keepdim=True).clamp(min=1)
     mean = (scores * valid).sum(-1, keepdim=True) / n
     sd = (((scores - mean) * valid) ** 2).sum(-1, keepdim=True).div(n).sqrt()
-    return torch.where(sd > 1e-6, (scores - mean) / sd.clamp(min=1e-6), 0.0) * valid
+    z = torch.where(sd > 1e-6, (scores - mean) / sd.clamp(min=1e-6), 0.0)
+    return z * valid
+
 
 STUDENT_SIGNALS = ("student_entropy", "student_ce")
 TEACHER_SIGNALS = ("teacher_entropy", "teacher_ce", "kl", "reverse_kl", "ce_ratio")
 SIGNALS = STUDENT_SIGNALS + TEACHER_SIGNALS + ("kl+student_entropy", "ce_ratio+student_entropy")
 CE_FLOOR = 1e-6  # ce_ratio's denominator floor: a float32 CE closer to 0 (a sure, right teacher) is noise
 
+
 def uses_teacher(signal):
     return any(part in TEACHER_SIGNALS for part in signal.split("+"))
 
+
 def position_scores(signal, student_logits, teacher_logits=None, labels=None):
-    """u(t) of paper Table 1 at T = 1 on one sample's [N, V] logit rows -> float32 [N]. A sum adds its parts'
-    z-scores over the rows (as the authors' code does); ce_ratio floors the teacher's CE at CE_FLOOR."""
+    """u(t) of paper Table 1 at T = 1 on one sample's [N, V] logit rows -> float32 [N]. A sum adds
+    its parts' z-scores over the rows (as the authors' code does)."""
     s, t, y = student_logits, teacher_logits, labels
     if "+" in signal:
         return sum(standardize(position_scores(part, s, t, y)) for part in signal.split("+"))
-    plain = {"student_entropy": lambda: entropy(s), "teacher_entropy": lambda: entropy(t),
-             "student_ce": lambda: cross_entropy(s, y), "teacher_ce": lambda: cross_entropy(t, y),
-             "kl": lambda: kl_rows(t, s), "reverse_kl": lambda: kl_rows(s, t),
-             "ce_ratio": lambda: cross_entropy(s, y) / cross_entropy(t, y).clamp(min=CE_FLOOR)}
-    if signal not in plain:
-        raise ValueError(f"unknown signal {signal!r}: choose one of {', '.join(SIGNALS)}")
-    return plain[signal]()
+    if signal == "student_entropy":
+        return entropy(s)
+    if signal == "teacher_entropy":
+        return entropy(t)
+    if signal == "student_ce":
+        return cross_entropy(s, y)
+    if signal == "teacher_ce":
+        return cross_entropy(t, y)
+    if signal == "kl":
+        return kl_rows(t, s)
+    if signal == "reverse_kl":
+        return kl_rows(s, t)
+    if signal == "ce_ratio":
+        return cross_entropy(s, y) / cross_entropy(t, y).clamp(min=CE_FLOOR)
+    raise ValueError(f"unknown signal {signal!r}: choose one of {', '.join(SIGNALS)}")
+
 
 @torch.no_grad()
 def token_entropy(hidden, lm_head, chunk_size=1024):
-    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...]. The head runs on
-    chunk_size rows at a time: the [B, L, V] logit tensor of the dense flow never exists."""
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    chunks = [entropy(lm_head(rows[i:i + chunk_size])) for i in range(0, len(rows), chunk_size)]
-    return torch.cat(chunks).reshape(hidden.shape[:-1]) if chunks else rows.new_zeros(hidden.shape[:-1])
+    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...]. The head
+    runs on chunk_size rows at a time: the [B, L, V] logit tensor of the dense flow never exists."""
+    flat = hidden.reshape(-1, hidden.shape[-1])                          # [N, H]
+    if len(flat) == 0:
+        return flat.new_zeros(hidden.shape[:-1])
+    chunks = [entropy(lm_head(flat[i:i + chunk_size])) for i in range(0, len(flat), chunk_size)]
+    return torch.cat(chunks).reshape(hidden.shape[:-1])
+
 
 @torch.no_grad()
 def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
                  chunk_size=1024):
-    """u(t) at every position of a batch -> [B, T], the heads running chunk_size rows at a time; a sum's parts
-    are standardised per sample over its valid positions. h_teacher [B, T, H_t]: for teacher signals only."""
-    parts, y, h_s = signal.split("+"), labels.flatten(), h_student.flatten(0, 1)
+    """u(t) at every position of a batch -> [B, T], the heads running chunk_size rows at a time; a
+    sum's parts are standardised per sample over its valid positions. h_teacher [B, T, H_t]: for
+    teacher signals only."""
+    parts = signal.split("+")
+    y = labels.flatten()                                                  # [B T]
+    h_s = h_student.flatten(0, 1)                                         # [B T, H]
     h_t = None if h_teacher is None else h_teacher.flatten(0, 1).to(h_s.device)
-    out = torch.empty(len(parts), len(y), device=y.device)                    # [parts, B T]
-    for i in range(0, len(y), chunk_size):
-        rows = slice(i, i + chunk_size)
-        s, t = student_head(h_s[rows]), None if h_t is None else teacher_head(h_t[rows]).to(h_s.device)
+    out = torch.empty(len(parts), len(y), device=y.device)                # [parts, B T]
+    for start in range(0, len(y), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        s = student_head(h_s[chunk])
+        t = None if h_t is None else teacher_head(h_t[chunk]).to(h_s.device)
         for j, part in enumerate(parts):
-            out[j, rows] = position_scores(part, s, t, y[rows])
-    out = out.view(len(parts), *labels.shape)
-    return out[0] if len(parts) == 1 else sum(standardize(part, valid) for part in out)
+            out[j, chunk] = position_scores(part, s, t, y[chunk])
+    out = out.view(len(parts), *labels.shape)                             # [parts, B, T]
+    if len(parts) == 1:
+        return out[0]
+    return sum(standardize(part, valid) for part in out)
 
-# ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top ceil(k n_i) valid
-#      positions of each sample by u(t); the baselines and alternatives are a few lines each
+
+# ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top
+#      ceil(k n_i) valid positions of each sample by u(t); the baselines and alternatives are a few
+#      lines each
 def valid_positions(input_ids, attention_mask=None, loss_mask=None):
-    """The positions a loss may supervise, bool [B, T]: t is valid when tokens t and t + 1 are real (attention
-    mask) and token t + 1 is a target the student learns (loss mask: a response token, not the prompt). None:
-    every token is real, or a target. k and every policy count valid positions only."""
+    """The positions a loss may supervise, bool [B, T]: t is valid when tokens t and t + 1 are real
+    (attention mask) and token t + 1 is a target the student learns (loss mask: a response token, not
+    the prompt). None: every token is real, or a target. k and every policy count valid positions."""
     valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
-        valid = valid & attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    return valid if loss_mask is None else valid & loss_mask[:, 1:].bool()
+        real = attention_mask.bool()
+        valid = valid & real[:, :-1] & real[:, 1:]
+    if loss_mask is not None:
+        valid = valid & loss_mask[:, 1:].bool()
+    return valid
+
 
 def budget(n, share):
-    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share is read as
-    the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give ceil(7.000000000000001)."""
-    frac = Fraction(repr(float(share))).limit_denominator(1_000_000)
-    kept = -((-n * frac.numerator) // frac.denominator)  # ceil division on integers
+    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share is
+    read as the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give
+    ceil(7.000000000000001)."""
+    fraction = Fraction(repr(float(share))).limit_denominator(1_000_000)
+    kept = -((-n * fraction.numerator) // fraction.denominator)  # ceil division on integers
     if isinstance(n, torch.Tensor):
         return torch.where(n > 0, kept.clamp(min=1), 0)
     return max(kept, 1) if n > 0 else 0
 
+
 def ranks(scores, descending):
-    """Each position's place in its row's sorted order, ties to the earlier position: [B, T] -> [B, T]."""
+    """Each position's place in its row's sorted order, ties to the earlier position:
+    [B, T] -> [B, T]."""
     order = scores.sort(dim=1, descending=descending, stable=True).indices
     places = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, places)
+
 
 def select_positions(scores, valid, k):
     """SE-KD's top-k: the top ceil(k n_i) valid positions of each sample, ties to the earlier one.
@@ -168,192 +274,280 @@ def select_positions(scores, valid, k):
     rank = ranks(scores.float().masked_fill(~valid, -math.inf), descending=True)
     return (rank < budget(valid.sum(1), k)[:, None]) & valid
 
+
 def curriculum_positions(scores, valid, k, progress):
-    """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order that starts at the
-    lowest u at progress 0 (the first step) and slides linearly to the highest u at progress 1 (the last)."""
+    """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order that starts at
+    the lowest u at progress 0 (the first step) and slides linearly to the highest u at progress 1
+    (the last)."""
     rank = ranks(scores.float().masked_fill(~valid, math.inf), descending=False)
-    n, size = valid.sum(1), budget(valid.sum(1), k)
+    n = valid.sum(1)
+    size = budget(n, k)
     start = torch.floor((n - size) * progress + 0.5)[:, None]
     return (rank >= start) & (rank < start + size[:, None]) & valid
 
+
+def interpolated_quantile(values, q):
+    """torch.quantile(values, q) (linear interpolation) from two kthvalue calls: torch.quantile
+    refuses more than 2^24 values, and a GLS queue holds 30,000 or millions."""
+    h = (len(values) - 1) * q
+    low = values.kthvalue(int(h) + 1).values
+    high = values.kthvalue(min(int(h) + 2, len(values))).values
+    return low + (h - int(h)) * (high - low)
+
+
 class GlobalThreshold:
-    """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile (linear interpolation) of the
-    last `size` valid scores seen before this batch (a FIFO queue kept across steps): counts vary per sample.
-    Scores tied at tau are kept at random, each with the chance that makes the queue's kept share k: a queue
-    of many equal scores would otherwise keep them all. Under DDP the queue takes every rank's scores in rank
-    order: it equals one process's queue."""
+    """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile of the last `size` valid
+    scores seen before this batch (a FIFO queue kept across steps): counts vary per sample. Scores
+    tied at tau are kept at random, each with the chance that makes the queue's kept share k: a queue
+    of many equal scores would otherwise keep them all. Under DDP the queue takes every rank's scores
+    in rank order: it equals one process's queue."""
+
     def __init__(self, size=30_000):
-        self.size, self.queue = size, torch.empty(0)
+        self.size = size
+        self.queue = torch.empty(0)
 
     def select(self, scores, valid, k):
         if len(self.queue) == 0 or k >= 1:  # nothing seen yet, or k = 1: per-sample top-k
             return select_positions(scores, valid, k)
-        queue, h = self.queue, (len(self.queue) - 1) * (1 - k)
-        low, high = (queue.kthvalue(min(i + 1, len(queue))).values for i in (int(h), int(h) + 1))
-        tau = low + (h - int(h)) * (high - low)      # kthvalue: torch.quantile refuses over 2^24 scores
-        above, tied = (queue > tau).float().mean().item(), (queue == tau).float().mean().item()
-        keep = scores > tau.to(scores.device)
-        if tied > 0 and k > above:  # ties kept with chance (k - above) / tied: the kept share is then k
-            draw = torch.rand(scores.shape, device=scores.device) < (k - above) / tied
-            keep |= (scores == tau.to(scores.device)) & draw
+        tau = interpolated_quantile(self.queue, 1 - k)
+        above = (self.queue > tau).float().mean().item()
+        tied = (self.queue == tau).float().mean().item()
+        tau = tau.to(scores.device)
+        keep = scores > tau
+        if tied > 0 and k > above:  # ties kept with chance (k - above) / tied: the kept share is k
+            coin = torch.rand(scores.shape, device=scores.device) < (k - above) / tied
+            keep |= (scores == tau) & coin
         return keep & valid
 
     def push(self, scores, valid):
         if dist.is_initialized():
-            scores, valid = all_gather(scores.float()), all_gather(valid.to(torch.uint8)).bool()
+            scores = all_gather(scores.float())
+            valid = all_gather(valid.to(torch.uint8)).bool()
         self.queue = torch.cat([self.queue, scores[valid].float().cpu()])[-self.size:]
 
+
 def drawn_positions(scores, valid, k, unbiased):
-    """Pos RS-KD: ceil(k n_i) draws with replacement from q(t) = u(t) / sum_j u(j) over the valid positions.
-    Weights count / draws give the expected loss sum_t q(t) l(t) (Weighted KD); unbiased, count / (draws n_i
-    q(t)) gives Full KD's (1 / n_i) sum_t l(t) (Pos RS-KD*). All-zero scores draw uniformly."""
-    u = scores.float().clamp(min=0) * valid                                  # [B, T]
+    """Pos RS-KD: ceil(k n_i) draws with replacement from q(t) = u(t) / sum_j u(j) over the valid
+    positions. Weights count / draws give the expected loss sum_t q(t) l(t) (Weighted KD); unbiased,
+    count / (draws n_i q(t)) gives Full KD's (1 / n_i) sum_t l(t) (Pos RS-KD*). All-zero scores draw
+    uniformly."""
+    u = scores.float().clamp(min=0) * valid                                       # [B, T]
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.float())
     q = u / u.sum(1, keepdim=True).clamp(min=1e-30)
-    n, draws, most = valid.sum(1), budget(valid.sum(1), k), budget(valid.shape[1], k)   # most: no host sync
-    picked = torch.multinomial(torch.where(n[:, None] > 0, q, 1.0), most, replacement=True)   # [B, most]
-    real = torch.arange(most, device=q.device) < draws[:, None]
-    weights = torch.zeros_like(q).scatter_add_(1, picked, real.float()) / draws[:, None].clamp(min=1)
-    return weights / (n[:, None] * q).clamp(min=1e-30) if unbiased else weights
+    n = valid.sum(1)
+    draws = budget(n, k)                                                          # [B]
+    most = budget(valid.shape[1], k)                      # the widest budget, known without a sync
+    picked = torch.multinomial(torch.where(n[:, None] > 0, q, 1.0), most, replacement=True)
+    real = torch.arange(most, device=q.device) < draws[:, None]                   # [B, most]
+    counts = torch.zeros_like(q).scatter_add_(1, picked, real.float())
+    weights = counts / draws[:, None].clamp(min=1)
+    if unbiased:
+        return weights / (n[:, None] * q).clamp(min=1e-30)
+    return weights
+
 
 SCORED_POLICIES = ("top", "gls", "curriculum", "pos_rs", "pos_rs_unbiased")
 POLICIES = ("all", "random") + SCORED_POLICIES
 
+
 def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
-    """w [B, T]: each position's weight in its sample's loss sum_t w_t l(t); for the mask policies, w = m_t /
-    sum_t m_t (Eq. 3); random is RandomPos. scores: u(t) [B, T] (None for all and random)."""
-    if policy in ("pos_rs", "pos_rs_unbiased"):
-        return drawn_positions(scores, valid, k, unbiased=policy == "pos_rs_unbiased")
-    masks = {"all": lambda: valid, "top": lambda: select_positions(scores, valid, k),
-             "random": lambda: select_positions(torch.rand(valid.shape, device=valid.device), valid, k),
-             "gls": lambda: gls.select(scores, valid, k),
-             "curriculum": lambda: curriculum_positions(scores, valid, k, progress)}
-    if policy not in masks:
+    """w [B, T]: each position's weight in its sample's loss sum_t w_t l(t); for the mask policies,
+    w = m_t / sum_t m_t (Eq. 3). scores: u(t) [B, T] (None for all and random)."""
+    if policy == "pos_rs":
+        return drawn_positions(scores, valid, k, unbiased=False)
+    if policy == "pos_rs_unbiased":
+        return drawn_positions(scores, valid, k, unbiased=True)
+    if policy == "all":
+        keep = valid
+    elif policy == "top":
+        keep = select_positions(scores, valid, k)
+    elif policy == "random":   # RandomPos
+        keep = select_positions(torch.rand(valid.shape, device=valid.device), valid, k)
+    elif policy == "gls":
+        keep = gls.select(scores, valid, k)
+    elif policy == "curriculum":
+        keep = curriculum_positions(scores, valid, k, progress)
+    else:
         raise ValueError(f"unknown position policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    keep = masks[policy]()                                                     # m_t, bool [B, T]
-    return keep / keep.sum(1, keepdim=True).clamp(min=1)
+    return keep / keep.sum(1, keepdim=True).clamp(min=1)                          # m_t [B, T]
+
 
 # ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
-    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients comparable)."""
+    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients
+    comparable across T)."""
     return ChunkedKL.apply(student_logits, teacher_logits.detach(), temperature, chunk_size)
+
 
 class ChunkedKL(torch.autograd.Function):
     """full_kl with its gradient written out, d KL(p_T || q_T) T^2 / d student_logits = T (q_T - p_T):
-    autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit tensors
-    only and walks both passes chunk_size rows at a time."""
+    autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit
+    tensors only and walks both passes chunk_size rows at a time."""
+
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, temperature, chunk_size):
         ctx.save_for_backward(student_logits, teacher_logits)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
         out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
         for start in range(0, len(out), chunk_size):
-            rows = slice(start, start + chunk_size)
-            out[rows] = kl_rows(teacher_logits[rows], student_logits[rows], temperature)
+            chunk = slice(start, start + chunk_size)
+            out[chunk] = kl_rows(teacher_logits[chunk], student_logits[chunk], temperature)
         return out.mul_(temperature ** 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         student_logits, teacher_logits = ctx.saved_tensors
-        temperature, grad = ctx.temperature, torch.empty_like(student_logits)
+        temperature = ctx.temperature
+        grad = torch.empty_like(student_logits)
         for start in range(0, len(grad), ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            q, p = softmax_t(student_logits[rows], temperature), softmax_t(teacher_logits[rows], temperature)
-            grad[rows] = q.sub_(p).mul_(temperature * grad_out[rows, None])
+            chunk = slice(start, start + ctx.chunk_size)
+            q = softmax_t(student_logits[chunk], temperature)
+            p = softmax_t(teacher_logits[chunk], temperature)
+            grad[chunk] = q.sub_(p).mul_(temperature * grad_out[chunk, None])
         return grad, None, None, None
 
+
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
-    """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest: [N]. The
-    bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the tail is biased."""
-    kept = teacher_logits.topk(top_k, dim=-1).indices                          # [N, K]
+    """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest:
+    [N]. The bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the
+    tail would be biased."""
+    kept = teacher_logits.topk(top_k, dim=-1).indices                             # [N, K]
+
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
         log_probs = log_softmax_t(logits, temperature)
-        # A very negative finite fill (not -inf) keeps the tail finite and its gradient defined at K = V.
-        rest = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
-        return torch.cat([log_probs.gather(-1, kept), rest], -1)
-    log_p, log_q = coarsen(teacher_logits), coarsen(student_logits)
+        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at K = V.
+        others = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min)
+        tail = others.logsumexp(-1, keepdim=True)
+        return torch.cat([log_probs.gather(-1, kept), tail], -1)
+    log_p = coarsen(teacher_logits)
+    log_q = coarsen(student_logits)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
 
-def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None):
-    """RS-KD targets: U = num_samples class ids drawn i.i.d. from p_T -> (ids, weights), both [N, U]: each
-    distinct id at the slot of its first draw (draws sorted by id), weight count / U, so E[weight of v] =
-    p_T(v); the other slots hold id 0, weight 0."""
-    cdf = softmax_t(teacher_logits, temperature).cumsum_(-1)                   # [N, V]
-    uniform = torch.rand(len(cdf), num_samples, device=cdf.device, generator=generator).sort(-1).values
-    # Inverse CDF at sorted uniforms gives sorted draws, so equal ids are adjacent: no sort, no host sync
-    # (H100: 1.7x faster than torch.multinomial + sort).
-    draws = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+
+def inverse_cdf_draws(probs, num_samples, generator=None):
+    """num_samples class ids per row drawn i.i.d. from probs [N, V] -> [N, U], sorted: the inverse
+    CDF at sorted uniforms. Reference: torch.multinomial(probs, U, replacement=True).sort(-1).
+    probs is consumed: its CDF is built in place (one [N, V] tensor, not two)."""
+    cdf = probs.cumsum_(-1)                                                       # [N, V]
+    uniform = torch.rand(len(cdf), num_samples, device=cdf.device, generator=generator)
+    draws = torch.searchsorted(cdf, uniform.sort(-1).values * cdf[:, -1:], right=True)
+    return draws.clamp_(max=cdf.shape[-1] - 1)
+
+
+def run_counts(draws):
+    """Sorted draws [N, U] -> (first, counts): first marks each run's first slot, counts holds the
+    run's length there (0 elsewhere). Reference: torch.unique_consecutive(row, return_counts=True)
+    per row, without a Python loop or a host sync."""
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    run = first.cumsum(-1) - 1                                              # which distinct id each draw is
-    counts = torch.zeros_like(draws).scatter_add_(1, run, torch.ones_like(draws)).gather(1, run) * first
+    run = first.cumsum(-1) - 1                                        # which run each draw is in
+    lengths = torch.zeros_like(draws).scatter_add_(1, run, torch.ones_like(draws))
+    return first, lengths.gather(1, run) * first
+
+
+def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None):
+    """RS-KD targets: U = num_samples class ids drawn i.i.d. from p_T -> (ids, weights), both [N, U]:
+    each distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
+    E[weight of v] = p_T(v); the other slots hold id 0, weight 0."""
+    draws = inverse_cdf_draws(softmax_t(teacher_logits, temperature), num_samples, generator)
+    first, counts = run_counts(draws)
     return draws * first, counts / num_samples
 
+
 def sparse_kl(student_logits, ids, weights, temperature=1.0):
-    """KL from sparse targets, sum over drawn ids of w (log w - log q_T(id)) T^2: [N, V], [N, U] x 2 -> [N].
-    log q_T is over the FULL vocabulary (no renormalising over the drawn ids): the gradient (q_T - w) T then
-    has the full-KL gradient (q_T - p_T) T as expectation."""
-    z = student_logits.float() if temperature == 1 else student_logits.float() / temperature
-    log_q = z.gather(-1, ids) - z.logsumexp(-1, keepdim=True)   # never materialises log_softmax [N, V]
+    """KL from sparse targets, sum over drawn ids of w (log w - log q_T(id)) T^2:
+    [N, V], [N, U] x 2 -> [N]. log q_T is over the FULL vocabulary (no renormalising over the drawn
+    ids): the gradient (q_T - w) T then has the full-KL gradient (q_T - p_T) T as expectation."""
+    z = student_logits.float()
+    if temperature != 1:
+        z = z / temperature
+    log_q = z.gather(-1, ids) - z.logsumexp(-1, keepdim=True)   # no log_softmax [N, V] kept
     return (torch.xlogy(weights, weights) - weights * log_q).sum(-1) * temperature ** 2
 
-# ==== 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a position
-#      signal under the frozen initial student (student entropy: no teacher pass needed)
+
+# ==== 4. Sample axis (paper Eq. 4: s_i, TopSmp): keep the top ceil(l N) samples by the mean of a
+#      position signal under the frozen initial student (student entropy: no teacher pass needed)
 @torch.no_grad()
 def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None, vocab_size=None,
                  chunk_size=1024):
-    """u(t) [B, T] of a batch under the models as they are, without grad: their backbones, then batch_scores
-    (the teacher's only for a teacher signal). valid [B, T]: the positions a sum standardises over."""
+    """u(t) [B, T] of a batch under the models as they are, without grad: their backbones, then
+    batch_scores (the teacher's only for a teacher signal). valid [B, T]: the positions a sum
+    standardises over."""
     with autocast(unwrap(student).device):
-        h_teacher = teacher_hidden(teacher, input_ids, attention_mask) if uses_teacher(signal) else None
-        t_head = None if h_teacher is None else lm_head(teacher, vocab_size)
-        h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]
+        h_teacher = teacher_head = None
+        if uses_teacher(signal):
+            h_teacher = teacher_hidden(teacher, input_ids, attention_mask)        # [B, T, H_t]
+            teacher_head = lm_head(teacher, vocab_size)
+        h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]   # [B, T, H]
         return batch_scores(signal, h_student, lm_head(student, vocab_size), input_ids[:, 1:], valid,
-                            h_teacher, t_head, chunk_size)
+                            h_teacher, teacher_head, chunk_size)
+
 
 @torch.no_grad()
-def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8, chunk_size=1024,
-                  vocab_size=None, *, attention_mask=None, loss_mask=None):
-    """U_i = mean of u(t) over the valid positions of each sample of input_ids [N, L] -> float32 [N]; -inf for
-    a sample without any (never kept). Masks [N, L] as in distill_loss. Under DDP each rank scores every
-    world-th batch (the same batches as one process) and the ranks sum."""
-    (rank, world), device = rank_world(), unwrap(student).device
+def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8,
+                  chunk_size=1024, vocab_size=None, *, attention_mask=None, loss_mask=None):
+    """U_i = mean of u(t) over the valid positions of each sample of input_ids [N, L] -> float32 [N];
+    -inf for a sample without any (never kept). Masks [N, L] as in distill_loss. Under DDP each rank
+    scores every world-th batch (the same batches as one process) and the ranks sum."""
+    rank, world = rank_world()
+    device = unwrap(student).device
     scores = torch.zeros(len(input_ids), device=device)
-    for first in range(rank * batch_size, len(input_ids), world * batch_size):   # this rank's batches
-        rows = slice(first, first + batch_size)
-        mask = None if attention_mask is None else attention_mask[rows]
-        width = input_ids.shape[1] if mask is None else int(mask.sum(1).max())   # no padding-only columns
-        ids, mask = input_ids[rows, :width].to(device), None if mask is None else mask[:, :width].to(device)
-        valid = valid_positions(ids, mask, None if loss_mask is None else loss_mask[rows, :width].to(device))
+    for first in range(rank * batch_size, len(input_ids), world * batch_size):   # this rank's
+        batch = slice(first, first + batch_size)
+        ids, mask, targets = input_ids[batch], None, None
+        if attention_mask is not None:   # no padding-only columns
+            mask = attention_mask[batch]
+            width = int(mask.sum(1).max())
+            ids = ids[:, :width]
+            mask = mask[:, :width].to(device)
+        if loss_mask is not None:
+            targets = loss_mask[batch, :ids.shape[1]].to(device)
+        ids = ids.to(device)
+        valid = valid_positions(ids, mask, targets)
         u = model_scores(signal, student, ids, mask, valid, teacher, vocab_size, chunk_size)
         n = valid.sum(1)
-        scores[rows] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
+        scores[batch] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
     if world > 1:
         dist.all_reduce(scores)
     return scores.cpu()
 
+
 def select_samples(scores, ell):
-    """Indices of the top ceil(ell * N) samples by score, ascending; ties go to the lower index; a sample
-    scored -inf (no valid position) is never kept."""
+    """Indices of the top ceil(ell * N) samples by score, ascending; ties go to the lower index; a
+    sample scored -inf (no valid position) is never kept."""
     keep = min(budget(len(scores), ell), int(torch.isfinite(scores).sum()))
     return scores.sort(descending=True, stable=True).indices[:keep].sort().values
 
-# ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations); on-policy responses
+
+# ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations), in three
+#      steps: which positions (Eq. 3), the loss at each (Eq. 2), the means over positions and samples
+#      (Eq. 3-4); then the same loss on the student's own responses (on-policy)
 @torch.no_grad()
 def teacher_hidden(teacher, input_ids, attention_mask=None):
-    """The teacher's final hidden states [B, T, H_t] at the positions that predict a token, without grad."""
+    """The teacher's final hidden states [B, T, H_t] at the positions that predict a token."""
     device = unwrap(teacher).device
     mask = None if attention_mask is None else attention_mask.to(device)
     return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
 
-@torch.no_grad()
-def logits_at(head, hidden, rows, device):
-    """head(hidden[rows]) without grad: the logits [N, V] of the selected rows only, moved to device."""
-    return head(hidden[tuple(r.to(hidden.device) for r in rows)]).to(device)
+
+def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
+                     progress=0.0, gls=None):
+    """Which positions (Eq. 3, Table 1): weights w [B, T] of the policy cfg.positions on the scores
+    u(t) of cfg.signal. SE-KD: u(t) = H(q_t), the student's own uncertainty, picks the positions."""
+    scores = None
+    if cfg.positions in SCORED_POLICIES:
+        scores = batch_scores(cfg.signal, h_student, student_head, labels, valid, h_teacher,
+                              teacher_head, cfg.chunk_size)                       # [B, T]
+    weights = position_weights(cfg.positions, scores, valid, cfg.k, progress, gls)
+    if gls is not None:   # the threshold of later steps sees this batch's scores
+        gls.push(scores, valid)
+    return weights
+
 
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
-    """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes plus a
-    tail bucket, or U classes sampled from the teacher (online, or read from the offline cache)."""
+    """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes plus
+    a tail bucket, or U classes sampled from the teacher (online, or read from the offline cache)."""
     if targets is not None:  # SE-KD 3X: sparse teacher targets from the cache
         return sparse_kl(student_logits, *targets, cfg.temperature)
     if cfg.class_samples is not None:  # RS-KD, sampled online
@@ -363,112 +557,163 @@ def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
         return topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
     return full_kl(student_logits, teacher_logits, cfg.temperature, cfg.chunk_size)
 
+
+def position_losses(cfg, student_logits, labels, teacher_logits=None, targets=None):
+    """Eq. 2 on the N selected rows: l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(next token)
+    -> ([N], the mean of each term, detached)."""
+    losses, terms = 0.0, {}
+    if cfg.ce_weight < 1:
+        kl = class_kl(student_logits, cfg, teacher_logits, targets)
+        losses = losses + (1 - cfg.ce_weight) * kl
+        terms["kl"] = kl.detach().mean()
+    if cfg.ce_weight > 0:
+        ce = cross_entropy(student_logits, labels)
+        losses = losses + cfg.ce_weight * ce
+        terms["ce"] = ce.detach().mean()
+    return losses, terms
+
+
+def mean_over_samples(losses, weights, selected):
+    """Eq. 3-4: each sample's weighted mean of its selected positions' losses, then the mean over the
+    samples with any -> (scalar loss, the number of those samples)."""
+    weighted = losses.float() * weights[selected]                                 # [N]
+    per_sample = weights.new_zeros(len(weights)).index_add_(0, selected[0], weighted)   # [B]
+    samples = (weights > 0).any(1).sum()
+    return per_sample.sum() / samples.clamp(min=1), samples
+
+
 def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
                  progress=0.0, gls=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
 
-    Per position l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(next token); a sample's loss is the weighted
-    mean of l over its selected positions (Eq. 3), the batch's the mean over samples with any (Eq. 4). Each
-    backbone runs once; the LM heads run on the selected rows only (the teacher's without grad).
-    attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the student learns,
-    e.g. a response's; position t is supervised only when loss_mask[:, t + 1] is true (None: every target).
-    targets: cached sparse (ids, weights) [B, T, U], teacher may then be None. progress (step / last step)
-    drives the curriculum policy; gls is GLS's queue.
-    Reads cfg: positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
-    chunk_size (method "full" presets positions "all": every valid position, whatever k says)."""
-    if teacher is not None and cfg.vocab_size is None and head_size(teacher) != head_size(student):
-        raise ValueError(f"teacher and student heads have different vocabulary sizes ({head_size(teacher)} "
-                         f"vs {head_size(student)}): KD needs one shared vocabulary. If they differ only by "
-                         "padding rows, set Config.vocab_size to the tokenizer's length.")
-    if cfg.ce_weight < 1 and teacher is None and targets is None:
-        raise ValueError("KD needs a teacher or cached targets; only ce_weight = 1 trains without either")
-    labels = input_ids[:, 1:]                                                  # [B, T]
-    valid = valid_positions(input_ids, attention_mask, loss_mask)   # [B, T]: both tokens real, target learnt
-    h_student = hidden_states(student, input_ids, attention_mask)[:, :-1]     # [B, T, H]
-    student_head, h_teacher, teacher_head = lm_head(student, cfg.vocab_size), None, None
-    scored, online = cfg.positions in SCORED_POLICIES, cfg.ce_weight < 1 and targets is None
-    if online or (scored and uses_teacher(cfg.signal)):
-        h_teacher = teacher_hidden(teacher, input_ids, attention_mask)        # [B, T, H_t]
+    Each backbone runs once; the LM heads run on the selected rows only (the teacher's without grad).
+    attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the student
+    learns, e.g. a response's; position t is supervised only when loss_mask[:, t + 1] is true (None:
+    every target). targets: cached sparse (ids, weights) [B, T, U], teacher may then be None.
+    progress (step / last step) drives the curriculum policy; gls is GLS's queue.
+    Reads cfg: positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
+    vocab_size, chunk_size (method "full" presets positions "all": every valid position)."""
+    check_inputs(student, teacher, cfg, targets)
+    labels = input_ids[:, 1:]                                                     # [B, T]
+    valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
+    h_student = hidden_states(student, input_ids, attention_mask)[:, :-1]         # [B, T, H]
+    student_head = lm_head(student, cfg.vocab_size)
+    online = cfg.ce_weight < 1 and targets is None
+    h_teacher = teacher_head = None
+    if online or (cfg.positions in SCORED_POLICIES and uses_teacher(cfg.signal)):
+        h_teacher = teacher_hidden(teacher, input_ids, attention_mask)            # [B, T, H_t]
         teacher_head = lm_head(teacher, cfg.vocab_size)
 
-    # Eq. 3, the mask m_t; SE-KD: u(t) = H(q_t), the student's own uncertainty, picks the positions.
-    scores = batch_scores(cfg.signal, h_student, student_head, labels, valid, h_teacher, teacher_head,
-                          cfg.chunk_size) if scored else None
-    weights = position_weights(cfg.positions, scores, valid, cfg.k, progress, gls)   # [B, T]
-    if gls is not None:
-        gls.push(scores, valid)
-    rows = weights.nonzero(as_tuple=True)                                      # N selected (sample, position)
-    student_logits = student_head(h_student[rows])                            # [N, V]
+    # Which positions (Eq. 3): the heads below run on those rows alone.
+    weights = chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher,
+                               teacher_head, progress, gls)                       # [B, T]
+    selected = weights.nonzero(as_tuple=True)              # (sample, position) of the N selected
+    student_logits = student_head(h_student[selected])                            # [N, V]
+    teacher_logits = cached = None
+    if online:
+        with torch.no_grad():
+            teacher_rows = h_teacher[tuple(i.to(h_teacher.device) for i in selected)]
+            teacher_logits = teacher_head(teacher_rows).to(h_student.device)      # [N, V]
+    elif targets is not None:
+        cached = tuple(t[selected] for t in targets)                              # [N, U] each
 
-    per_position, stats = 0.0, {}  # Eq. 2: l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(t)
-    if cfg.ce_weight < 1:
-        teacher_logits = logits_at(teacher_head, h_teacher, rows, h_student.device) if online else None
-        cached = None if targets is None else tuple(t[rows] for t in targets)           # [N, U] each
-        kl = class_kl(student_logits, cfg, teacher_logits, cached)
-        per_position, stats["kl"] = (1 - cfg.ce_weight) * kl, kl.detach().mean()
-    if cfg.ce_weight > 0:
-        ce = cross_entropy(student_logits, labels[rows])
-        per_position, stats["ce"] = per_position + cfg.ce_weight * ce, ce.detach().mean()
+    # The loss at each selected position (Eq. 2), then the means (Eq. 3-4).
+    losses, terms = position_losses(cfg, student_logits, labels[selected], teacher_logits, cached)
+    loss, samples = mean_over_samples(losses, weights, selected)
+    return loss, batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
 
-    # Eq. 3-4: each sample's weighted mean over its selected positions, then the mean over samples with any.
-    per_sample = weights.new_zeros(len(weights)).index_add_(0, rows[0], per_position.float() * weights[rows])
-    samples = (weights > 0).any(1).sum()
-    loss = per_sample.sum() / samples.clamp(min=1)
-    tokens = torch.tensor(input_ids.numel()) if attention_mask is None else attention_mask.sum()   # real
-    numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(), valid=valid.sum(),
-                   tokens=tokens)
-    stats = {name: value.item() for name, value in {**numbers, **stats}.items()}   # one host sync per batch
+
+def check_inputs(student, teacher, cfg, targets):
+    """Refuse a batch the loss cannot distill: two vocabularies, or KD without a teacher."""
+    if teacher is not None and cfg.vocab_size is None and head_size(teacher) != head_size(student):
+        raise ValueError(f"teacher and student heads have different vocabulary sizes "
+                         f"({head_size(teacher)} vs {head_size(student)}): KD needs one shared "
+                         "vocabulary. If they differ only by padding rows, set Config.vocab_size "
+                         "to the tokenizer's length.")
+    if cfg.ce_weight < 1 and teacher is None and targets is None:
+        raise ValueError("KD needs a teacher or cached targets; only ce_weight = 1 trains without")
+
+
+def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms):
+    """The batch's numbers as plain floats, in one host sync: loss, samples, selected and valid
+    positions, real tokens, the terms' means and the selected share."""
+    if attention_mask is None:
+        tokens = torch.tensor(input_ids.numel())
+    else:
+        tokens = attention_mask.sum()
+    numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(),
+                   valid=valid.sum(), tokens=tokens, **terms)
+    stats = {name: value.item() for name, value in numbers.items()}
     if stats["valid"] == 0:
-        raise ValueError("no sample in the batch has a valid position (two consecutive real tokens, the "
-                         "second a target): sequences need at least 2 tokens and a target after the first")
-    return loss, {**stats, "share": stats["selected"] / stats["valid"]}
+        raise ValueError("no sample in the batch has a valid position (two consecutive real tokens, "
+                         "the second a target): sequences need at least 2 tokens and a target "
+                         "after the first")
+    stats["share"] = stats["selected"] / stats["valid"]
+    return stats
+
 
 def dense_full_kd_loss(student, teacher, input_ids):
     """The contrast: Full KD as usually first written, from both models' full [B, L, V] logits."""
     student_logits = student(input_ids=input_ids).logits[:, :-1]
     with torch.no_grad():
         teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
-    return F.kl_div(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
-                    log_target=True, reduction="none").sum(-1).mean()
+    log_q = student_logits.float().log_softmax(-1)
+    log_p = teacher_logits.float().log_softmax(-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
-# On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student samples
-# itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its own sample wavered.
+
+# On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student
+# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its own
+# sample wavered.
 def prompt_lengths(loss_mask):
     """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] -> [B]."""
-    targets = loss_mask.bool()
-    starts = targets & ~F.pad(targets[:, :-1], (1, 0))                         # a run's first target
-    return (starts * torch.arange(targets.shape[1], device=targets.device)).amax(1)
+    is_target = loss_mask.bool()
+    run_starts = is_target & ~F.pad(is_target[:, :-1], (1, 0))
+    places = torch.arange(is_target.shape[1], device=is_target.device)
+    return (run_starts * places).amax(1)
+
 
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt: it draws
-    up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV cache, until its EOS.
-    input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids, attention_mask, loss_mask
-    [B, L'], right-padded with eos_id: the prompt, then the response, its tokens (EOS too) the targets."""
+    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt: it
+    draws up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV cache,
+    until its EOS. input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids,
+    attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the response, its
+    tokens (EOS too) the targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
-    at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # left-padded: [B, P]
-    prompt_mask = at >= 0
+    at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
+    prompt_mask = at >= 0                                                         # left-padded
     prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), eos_id)
+    out = sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature)
+    eos = out[:, width:] == eos_id                                                # [B, G]
+    response = eos.cumsum(1) - eos.long() == 0                  # up to the first EOS, included
+    real = torch.cat([prompt_mask, response], 1)                                  # [B, P + G]
+    is_target = torch.cat([torch.zeros_like(prompt_mask), response], 1)
+    # Right-pad again: each row's real tokens first, in order.
+    order = (~real).long().argsort(dim=1, stable=True)[:, :int(real.sum(1).max())]
+    ids = torch.where(real, out, eos_id).gather(1, order)
+    return ids, real.gather(1, order), is_target.gather(1, order)
+
+
+def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature):
+    """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
     from transformers import GenerationConfig
     # A fresh generation config: generate() would otherwise fill every field left unset from the
-    # checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...),
-    # and the responses would no longer be draws from softmax(z / T).
+    # checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size,
+    # suppress_tokens, ...), and the responses would no longer be draws from softmax(z / T).
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
-    was_training, checkpoint_config = model.training, model.generation_config
+                                max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                                pad_token_id=eos_id)
+    was_training = model.training
+    checkpoint_config = model.generation_config
     model.generation_config = sampling
     try:
-        out = model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long())   # [B, P + G]
+        return model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long())
     finally:
         model.generation_config = checkpoint_config
         model.train(was_training)
-    eos = out[:, width:] == eos_id
-    response = eos.cumsum(1) - eos.long() == 0                         # up to the first EOS, included
-    real = torch.cat([prompt_mask, response], 1)
-    order = (~real).long().argsort(dim=1, stable=True)[:, :int(real.sum(1).max())]   # real tokens first
-    targets = torch.cat([torch.zeros_like(prompt_mask), response], 1)
-    return torch.where(real, out, eos_id).gather(1, order), real.gather(1, order), targets.gather(1, order)
+
 
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the kept samples
 # The *student* picks positions while training, so the cache holds every valid position's sparse targets (a
@@ -1094,22 +1339,9 @@ def resolve_device(name, local_rank=0):
                              "CUDA devices): use --device cpu, or a smaller index")
     return device
 
-def rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-def all_gather(tensor):
-    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with zeros to the
-    widest T (each rank trims its micro-batches to their own longest example)."""
-    width = torch.tensor([tensor.shape[1]], device=tensor.device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    tensor = F.pad(tensor, (0, int(width) - tensor.shape[1]))
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 class Backbone(torch.nn.Module):
     """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows outside it."""
@@ -1119,10 +1351,6 @@ class Backbone(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return hidden_states(self.causal_lm, input_ids, attention_mask)
-
-def autocast(device):
-    """bf16 autocast on CUDA (paper: bf16); full precision on CPU, where bf16 matmuls are slow."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -1544,12 +1772,12 @@ def caught_signals():
             raise KeyboardInterrupt
         caught.append(signum)
     main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    previous = {s: os_signal.signal(s, note) for s in (os_signal.SIGINT, os_signal.SIGTERM)} if main else {}
     try:
         yield caught
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            os_signal.signal(s, handler)
 
 def train(cfg):
     """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics also written to metrics.json."""

@@ -735,6 +735,52 @@ def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequen
     assert stats["valid"] == targets.sum()   # every generated token is a target, and only those
 
 
+# The method alone: sekd.py's text above section 6, saved as a module of its own, trains a student.
+METHOD_ALONE = """import json, sys, types
+import torch, transformers
+import method
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64)
+torch.manual_seed(0)
+student = transformers.AutoModelForCausalLM.from_config(config)
+teacher = transformers.AutoModelForCausalLM.from_config(config)
+cfg = types.SimpleNamespace(positions="top", k=0.5, signal="student_entropy", temperature=1.0,
+                            ce_weight=0.0, top_k_classes=None, class_samples=None, vocab_size=None,
+                            chunk_size=1024)
+ids = torch.randint(1, 64, (4, 12))
+loss_mask = torch.arange(12).expand(4, 12) >= 6
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+losses = []
+for step in range(15):
+    loss, stats = method.distill_loss(student, teacher, ids, None, cfg, loss_mask=loss_mask)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(loss.item())
+scores = method.sample_scores(student, ids, loss_mask=loss_mask)
+kept = method.select_samples(scores, 0.5)
+responses = method.student_responses(student, ids, loss_mask, eos_id=0, max_new_tokens=3)
+print(json.dumps(dict(losses=losses, share=stats["share"], scores=scores.tolist(),
+                      kept=kept.tolist(), shapes=[list(t.shape) for t in responses],
+                      targets=responses[2].sum(1).tolist())))
+"""
+
+
+def test_the_method_copied_alone_trains_a_student_scores_samples_and_samples_responses(tmp_path):
+    source = open(sekd.__file__).read()
+    (tmp_path / "method.py").write_text(source[:source.index("# ==== 6.")])
+    (tmp_path / "alone.py").write_text(METHOD_ALONE)
+    done = subprocess.run([sys.executable, str(tmp_path / "alone.py")], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["losses"][-1] < 0.5 * got["losses"][0] and got["share"] == 0.5
+    assert len(got["scores"]) == 4 and all(math.isfinite(u) for u in got["scores"])
+    assert len(got["kept"]) == 2 and got["shapes"][0][0] == 4
+    assert all(1 <= n <= 3 for n in got["targets"])   # a response of 1 to 3 tokens, each a target
+
+
 # ============================================================================================
 # 6. Offline teacher cache
 # ============================================================================================
