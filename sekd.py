@@ -715,182 +715,197 @@ def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temp
         model.train(was_training)
 
 
-# ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the kept samples
-# The *student* picks positions while training, so the cache holds every valid position's sparse targets (a
-# response's, not its prompt's) and the teacher is not in memory then. Only distinct ids are stored, with no
-# per-position length: a position's counts sum to exactly U, so the running sum of counts says where each
-# position ends.
+# ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the
+#      kept samples
+# The *student* picks positions while training, so the cache holds every valid position's sparse
+# targets (a response's, not its prompt's) and the teacher is not in memory then. Only distinct ids
+# are stored, with no per-position length: a position's counts sum to exactly U, so the running sum
+# of counts says where each position ends.
+class UsageError(ValueError):
+    """Bad input the user can fix: the command line prints it as one line and exits with status 2."""
 
-CACHE_FORMAT, CACHE_VERSION = "sekd-teacher-cache", 3
+
+CACHE_FORMAT = "sekd-teacher-cache"
+CACHE_VERSION = 3
+
 
 def entry_layout(vocab_size, num_samples):
     """(id bits, count bits, bytes per stored class): the id in ceil(log2 V) bits and count - 1 in
     ceil(log2 U), in the fewest whole bytes (Qwen3: 18 + 6 bits = 3 bytes at U = 64)."""
-    id_bits, count_bits = max(1, (vocab_size - 1).bit_length()), (num_samples - 1).bit_length()
+    id_bits = max(1, (vocab_size - 1).bit_length())
+    count_bits = (num_samples - 1).bit_length()
     return id_bits, count_bits, (id_bits + count_bits + 7) // 8
+
 
 def pack_entries(ids, counts, count_bits, num_bytes):
     """ids, counts [M] -> little-endian uint8 [M, num_bytes] holding id << count_bits | (count - 1)."""
     value = (ids.long() << count_bits) | (counts.long() - 1)
-    return ((value[:, None] >> (8 * torch.arange(num_bytes, device=value.device))) & 255).to(torch.uint8)
+    shifts = 8 * torch.arange(num_bytes, device=value.device)
+    return ((value[:, None] >> shifts) & 255).to(torch.uint8)
+
 
 def unpack_entries(entries, count_bits):
     """uint8 [M, num_bytes] -> (ids [M], counts [M]), the inverse of pack_entries."""
-    value = (entries.long() << (8 * torch.arange(entries.shape[1], device=entries.device))).sum(-1)
+    shifts = 8 * torch.arange(entries.shape[1], device=entries.device)
+    value = (entries.long() << shifts).sum(-1)
     return value >> count_bits, (value & ((1 << count_bits) - 1)) + 1
 
-def fingerprint(examples):
-    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give another."""
-    examples = as_examples(examples)
-    digest = hashlib.sha256(str(tuple(examples.input_ids.shape)).encode())
-    digest.update(examples.input_ids.to(torch.int64).contiguous().numpy().tobytes())
-    for mask in (examples.attention_mask, examples.loss_mask):
-        digest.update(mask.to(torch.uint8).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
-
-def weights_fingerprint(model_name, blocks=256):
-    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping, logit_scale change
-    the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB (safetensors: each tensor's
-    name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training further changes every block; one
-    weight edited by hand between the blocks goes unseen."""
-    from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
-    digest, local = hashlib.sha256(), os.path.isdir(model_name)
-    directory = model_name if local else snapshot_download(model_name, local_files_only=True)
-    if os.path.exists(config := os.path.join(directory, "config.json")):
-        used = {k: v for k, v in read_json(config).items() if k not in UNUSED_CONFIG_KEYS}
-        digest.update(json.dumps(used, sort_keys=True).encode())
-    for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
-        size = os.path.getsize(os.path.join(directory, name))
-        digest.update(f"{name}:{size}".encode())
-        with open(os.path.join(directory, name), "rb") as f:
-            digest.update(f.read(1 << 16))
-            for i in range(blocks):
-                f.seek(size * i // blocks)
-                digest.update(f.read(4096))
-    return digest.hexdigest()
 
 @torch.no_grad()
 def encode_shard(teacher, examples, head, num_samples, temperature, batch_size, chunk_size, layout,
                  generator):
-    """RS-KD draws at every valid position of examples (S samples) -> (entries uint8 [M, bytes], offsets
-    [S + 1]). Draws stay on the device until the shard is done: one host sync per shard, none per chunk."""
+    """RS-KD draws at every valid position of examples (S samples) -> (entries uint8 [M, bytes],
+    offsets [S + 1]). Draws stay on the device until the shard is done: one host sync per shard."""
     drawn, counts, positions = [], [], []
+    device = generator.device
     for first in range(0, len(examples), batch_size):
         batch = examples[first:first + batch_size]
-        valid = batch.valid()                                                                  # [B, T]
-        rows = valid.flatten().nonzero().flatten().to(generator.device)     # found on the CPU: no sync
+        valid = batch.valid()                                                     # [B, T]
+        flat_valid = valid.flatten().nonzero().flatten().to(device)   # found on the CPU: no sync
         mask = real_mask(batch.attention_mask)
-        with autocast(generator.device):
-            hidden = teacher_hidden(teacher, batch.input_ids.to(generator.device), mask).flatten(0, 1)[rows]
+        with autocast(device):
+            hidden = teacher_hidden(teacher, batch.input_ids.to(device), mask)    # [B, T, H_t]
+            hidden = hidden.flatten(0, 1)[flat_valid]                            # [P, H_t]
             for part in hidden.split(chunk_size):
-                ids, weights = sample_classes(head(part), num_samples, temperature, generator)   # [rows, U]
-                drawn.append(ids)
+                ids, weights = sample_classes(head(part), num_samples, temperature, generator)
+                drawn.append(ids)                                                 # [rows, U]
                 counts.append((weights * num_samples).round_().long())
         positions.append(valid.sum(1))
-    drawn, counts = torch.cat(drawn), torch.cat(counts)                                  # [P, U]
+    drawn = torch.cat(drawn)                                                      # [P, U]
+    counts = torch.cat(counts)
     real = counts > 0
-    entries = pack_entries(drawn[real], counts[real], *layout[1:])              # position after position
-    ends = F.pad(real.sum(1).cumsum(0), (1, 0)).cpu()             # entries before each valid position
+    entries = pack_entries(drawn[real], counts[real], *layout[1:])   # position after position
+    ends = F.pad(real.sum(1).cumsum(0), (1, 0)).cpu()         # entries before each valid position
     return entries.cpu(), ends[F.pad(torch.cat(positions).cumsum(0), (1, 0))]
 
+
 def shard_key(file):
-    return safe_open(file, "pt").metadata().get("build_key") if os.path.exists(file) else None
+    if not os.path.exists(file):
+        return None
+    return safe_open(file, "pt").metadata().get("build_key")
+
 
 @torch.no_grad()
-def build_cache(teacher, examples, path, *, num_samples=64, temperature=1.0, batch_size=8, device=None,
-                sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256, chunk_size=1024, seed=0,
-                identity=None):
-    """Cache RS-KD targets of every valid position of examples (Examples, or token ids [N, L] all valid) in
-    the directory path, shard by shard, each written atomically; a rerun keeps this build's finished shards.
-    Shard s draws from seed * 1_000_003 + s: byte-identical however interrupted, and under DDP (rank r builds
-    shards r mod world). The manifest, written last, marks it complete (returned); identity: the models'
-    fingerprints and settings recorded in it."""
+def build_cache(teacher, examples, path, *, num_samples=64, temperature=1.0, batch_size=8,
+                device=None, sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256,
+                chunk_size=1024, seed=0, identity=None):
+    """Cache RS-KD targets of every valid position of examples (Examples, or token ids [N, L] all
+    valid) in the directory path, shard by shard, each written atomically; a rerun keeps this build's
+    finished shards. Shard s draws from seed * 1_000_003 + s: byte-identical however interrupted,
+    and under DDP (rank r builds shards r mod world). The manifest, written last, marks it complete
+    (returned); identity: the models' fingerprints and settings recorded in it."""
     examples = as_examples(examples)
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
-    layout = entry_layout(vocab_size, num_samples)
-    header = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "seq_len": examples.input_ids.shape[1],
-              **(identity or {}), "teacher": teacher_name or unwrap(teacher).name_or_path,
-              "vocab_size": vocab_size, "num_samples": num_samples, "temperature": temperature,
-              "id_bits": layout[0], "count_bits": layout[1], "bytes_per_class": layout[2],
-              "shard_size": shard_size, "seed": seed, "fingerprint": fingerprint(examples),
-              "sample_ids": [int(i) for i in (range(len(examples)) if sample_ids is None else sample_ids)]}
+    header = cache_header(examples, teacher, num_samples, temperature, sample_ids, teacher_name,
+                          vocab_size, shard_size, seed, identity)
     manifest_path = os.path.join(path, "manifest.json")
     if os.path.exists(manifest_path):  # complete: this build's, or another's
-        if {key: read_json(manifest_path).get(key) for key in header} != header:
-            raise UsageError(f"{path} holds another teacher cache: delete it, or use another --cache-dir")
-        return read_json(manifest_path)
+        manifest = read_json(manifest_path)
+        if {key: manifest.get(key) for key in header} != header:
+            raise UsageError(f"{path} holds another teacher cache: delete it, or use another "
+                             "--cache-dir")
+        return manifest
     rank, world = rank_world()
     build_key = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-    names = [f"shard_{s:05d}.safetensors" for s in range(math.ceil(len(examples) / shard_size))]
-    if rank == 0:  # a rebuild keeps no shard of another build (and nothing else: the user's files stay)
-        os.makedirs(path, exist_ok=True)
-        for name in [n for n in os.listdir(path) if n.startswith("shard_")]:
-            if name not in names or shard_key(os.path.join(path, name)) != build_key:
-                os.remove(os.path.join(path, name))
+    shard_count = math.ceil(len(examples) / shard_size)
+    names = [f"shard_{s:05d}.safetensors" for s in range(shard_count)]
+    if rank == 0:
+        remove_stale_shards(path, names, build_key)
     barrier()
+    head = lm_head(teacher, vocab_size)
+    layout = entry_layout(vocab_size, num_samples)
     for s, name in enumerate(names):
         file = os.path.join(path, name)
-        if s % world == rank and shard_key(file) != build_key:
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + s)
-            entries, offsets = encode_shard(teacher, examples[s * shard_size:(s + 1) * shard_size],
-                                            lm_head(teacher, vocab_size), num_samples, temperature,
-                                            batch_size, chunk_size, layout, generator)
-            save_file({"entries": entries, "offsets": offsets}, file + ".tmp", {"build_key": build_key})
-            publish(file + ".tmp", file)
+        if s % world != rank or shard_key(file) == build_key:   # another rank's, or done
+            continue
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + s)
+        shard = examples[s * shard_size:(s + 1) * shard_size]
+        entries, offsets = encode_shard(teacher, shard, head, num_samples, temperature, batch_size,
+                                        chunk_size, layout, generator)
+        tensors = {"entries": entries, "offsets": offsets}
+        save_file(tensors, file + ".tmp", {"build_key": build_key})
+        durable_replace(file + ".tmp", file)
     barrier()
     if rank == 0:
-        shards = [{"file": name, "first": s * shard_size, "bytes": os.path.getsize(os.path.join(path, name)),
-                   "sha256": file_sha256(os.path.join(path, name))} for s, name in enumerate(names)]
-        data_bytes, positions = sum(s["bytes"] for s in shards), int(examples.valid().sum())
-        write_json(manifest_path, {**header, "shards": shards, "positions": positions,
-                                   "data_bytes": data_bytes, "bytes_per_position": data_bytes / positions})
+        write_manifest(path, header, names, int(examples.valid().sum()))
     barrier()
     return read_json(manifest_path)
 
-CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
-    "teacher_weights": "another teacher (weights or config.json) than --teacher",
-    "vocab_size": "another vocabulary size",
-    "student_weights": "samples chosen by another --student (--cache-any-student accepts them)",
-    "sample_signal": "samples chosen by another --sample-signal", "num_samples": "another --class-samples",
-    "temperature": "another --temperature", "seq_len": "another --seq-len",
-    "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or --max-tokens)"}
+
+def cache_header(examples, teacher, num_samples, temperature, sample_ids, teacher_name, vocab_size,
+                 shard_size, seed, identity):
+    """What a cache was built from and how: a reused cache must match it key for key."""
+    id_bits, count_bits, bytes_per_class = entry_layout(vocab_size, num_samples)
+    if sample_ids is None:
+        sample_ids = range(len(examples))
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "seq_len": examples.input_ids.shape[1],
+            **(identity or {}), "teacher": teacher_name or unwrap(teacher).name_or_path,
+            "vocab_size": vocab_size, "num_samples": num_samples, "temperature": temperature,
+            "id_bits": id_bits, "count_bits": count_bits, "bytes_per_class": bytes_per_class,
+            "shard_size": shard_size, "seed": seed, "fingerprint": fingerprint(examples),
+            "sample_ids": [int(i) for i in sample_ids]}
+
+
+def remove_stale_shards(path, names, build_key):
+    """A rebuild keeps no shard of another build (and nothing else: the user's files stay)."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if not name.startswith("shard_"):
+            continue
+        if name not in names or shard_key(os.path.join(path, name)) != build_key:
+            os.remove(os.path.join(path, name))
+
+
+def write_manifest(path, header, names, positions):
+    """The manifest, written last: the header, each shard's size and sha256, the bytes per position."""
+    shards = []
+    for s, name in enumerate(names):
+        file = os.path.join(path, name)
+        shards.append({"file": name, "first": s * header["shard_size"],
+                       "bytes": os.path.getsize(file), "sha256": file_sha256(file)})
+    data_bytes = sum(shard["bytes"] for shard in shards)
+    write_json(os.path.join(path, "manifest.json"), {
+        **header, "shards": shards, "positions": positions, "data_bytes": data_bytes,
+        "bytes_per_position": data_bytes / positions})
+
 
 class TeacherCache:
-    """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read() slices a
-    batch's packed entries on the CPU (a step ahead, in a thread); decode() expands them on the device."""
+    """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read()
+    slices a batch's packed entries on the CPU (a step ahead, in a thread); decode() expands them on
+    the device."""
+
     def __init__(self, path):
-        self.path, manifest_path = path, os.path.join(path, "manifest.json")
+        self.path = path
+        manifest_path = os.path.join(path, "manifest.json")
         if not os.path.exists(manifest_path):
-            raise UsageError(f"{path} is not a complete teacher cache (no manifest.json): an interrupted "
-                             "build leaves none; rerun the same command to resume it")
-        self.manifest = m = read_json(manifest_path)
-        if (m.get("format"), m.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
+            raise UsageError(f"{path} is not a complete teacher cache (no manifest.json): an "
+                             "interrupted build leaves none; rerun the same command to resume it")
+        self.manifest = read_json(manifest_path)
+        version = (self.manifest.get("format"), self.manifest.get("version"))
+        if version != (CACHE_FORMAT, CACHE_VERSION):
             raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to rebuild")
-        self.num_samples, self.count_bits, self.shard_size, self.sample_ids = (
-            m[key] for key in ("num_samples", "count_bits", "shard_size", "sample_ids"))
+        self.num_samples = self.manifest["num_samples"]
+        self.count_bits = self.manifest["count_bits"]
+        self.shard_size = self.manifest["shard_size"]
+        self.sample_ids = self.manifest["sample_ids"]
         self._entries, self._offsets = [], []
-        for shard in m["shards"]:
+        for shard in self.manifest["shards"]:
             file = os.path.join(path, shard["file"])
             if not os.path.exists(file) or file_sha256(file) != shard["sha256"]:
-                raise UsageError(f"teacher cache shard {file} is missing or corrupt (its sha256 differs from "
-                                 "the manifest): delete the cache directory and rebuild it")
-            shard_file = safe_open(file, "pt")  # memory-mapped: entries are sliced per batch, not loaded
+                raise UsageError(f"teacher cache shard {file} is missing or corrupt (its sha256 "
+                                 "differs from the manifest): delete the cache directory and "
+                                 "rebuild it")
+            shard_file = safe_open(file, "pt")  # memory-mapped: entries sliced per batch, not loaded
             self._entries.append(shard_file.get_slice("entries"))
-            self._offsets.append(shard_file.get_tensor("offsets").tolist())                  # [S + 1]
+            self._offsets.append(shard_file.get_tensor("offsets").tolist())          # [S + 1]
 
     def __len__(self):
         return len(self.sample_ids)
 
     def __getitem__(self, i):
-        """Targets of the i-th cached sample's valid positions, in order: (ids, weights), both [n_i, U] in
-        sample_classes' layout ([L - 1, U] for a sample of L tokens, all valid)."""
+        """Targets of the i-th cached sample's valid positions, in order: (ids, weights), both
+        [n_i, U] in sample_classes' layout ([L - 1, U] for a sample of L tokens, all valid)."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} is outside the cache's {len(self)} samples")
         entries = self.read([i])
@@ -902,39 +917,44 @@ class TeacherCache:
         """Refuse a cache built for other settings, data or models, naming what differs and the fix."""
         for key, value in wanted.items():
             if value is not None and self.manifest.get(key) != value:
-                raise UsageError(f"teacher cache {self.path} was built with {CACHE_KEYS.get(key, key)} "
-                                 f"({self.manifest.get(key)!r}; this run: {value!r}): delete it to rebuild, "
-                                 "or use another --cache-dir")
+                raise UsageError(f"teacher cache {self.path} was built with "
+                                 f"{CACHE_KEYS.get(key, key)} ({self.manifest.get(key)!r}; this run: "
+                                 f"{value!r}): delete it to rebuild, or use another --cache-dir")
 
     def read(self, indices):
         """Packed entries uint8 [M, bytes] of the cached samples `indices`, in order."""
         entries = []
-        for shard, j in (divmod(i, self.shard_size) for i in indices):  # all but the last shard are full
+        for i in indices:
+            shard, j = divmod(i, self.shard_size)   # all but the last shard are full
             start, end = self._offsets[shard][j:j + 2]
             entries.append(self._entries[shard][start:end])
         return torch.cat(entries)
 
     def decode(self, entries, positions, shape):
-        """read()'s entries -> (ids, weights), both [B, T, U] for shape (B, T), in sample_classes' layout: the
-        k-th cached position's targets at flat index positions[k] of the batch (its valid positions, in
-        order), zeros elsewhere. Tensor ops on the entries' device, no host sync."""
-        ids, counts = unpack_entries(entries, self.count_bits)                          # [M]
-        start = counts.cumsum(0) - counts          # draws before each entry: its position and first slot
+        """read()'s entries -> (ids, weights), both [B, T, U] for shape (B, T), in sample_classes'
+        layout: the k-th cached position's targets at flat index positions[k] of the batch (its
+        valid positions, in order), zeros elsewhere. Tensor ops on the entries' device, no sync."""
+        ids, counts = unpack_entries(entries, self.count_bits)                    # [M]
+        start = counts.cumsum(0) - counts      # draws before each entry: its position and first slot
         index = (positions[start // self.num_samples], start % self.num_samples)
         size = (shape[0] * shape[1], self.num_samples)
         out = torch.zeros(size, dtype=torch.long, device=entries.device).index_put_(index, ids)
-        weights = torch.zeros(size, device=entries.device).index_put_(index, counts / self.num_samples)
+        weights = torch.zeros(size, device=entries.device)
+        weights.index_put_(index, counts / self.num_samples)
         return out.view(*shape, -1), weights.view(*shape, -1)
 
-# ==== 7. Data: rows -> examples of token ids with an attention mask and a loss mask (the targets the student
-#      learns): documents packed into blocks of seq_len tokens (paper: 512); prompt/completion and chat rows
-#      one example each, the response supervised
-DATA_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# ==== 7. Data: rows -> examples of token ids with an attention mask and a loss mask (the targets
+#      the student learns): documents packed into blocks of seq_len tokens (paper: 512);
+#      prompt/completion and chat rows one example each, the response supervised
+FILE_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
+              ".parquet": "parquet"}
+
 
 @dataclasses.dataclass
 class Examples:
-    """Right-padded token ids [N, L], attention_mask [N, L] (true: a real token) and loss_mask [N, L] (true: a
-    target the student learns), a row per packed block or per example."""
+    """Right-padded token ids [N, L], attention_mask [N, L] (true: a real token) and loss_mask [N, L]
+    (true: a target the student learns), a row per packed block or per example."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
@@ -942,14 +962,16 @@ class Examples:
     def __len__(self):
         return len(self.input_ids)
 
-    def __getitem__(self, rows):
-        """The examples `rows` (a slice or indices), without the padding columns that none of them needs."""
-        mask = self.attention_mask[rows]
+    def __getitem__(self, index):
+        """The examples at index (a slice or indices), without the padding columns none of them needs."""
+        mask = self.attention_mask[index]
         width = int(mask.sum(1).max()) if len(mask) else 0
-        return Examples(self.input_ids[rows][:, :width], mask[:, :width], self.loss_mask[rows][:, :width])
+        ids = self.input_ids[index][:, :width]
+        return Examples(ids, mask[:, :width], self.loss_mask[index][:, :width])
 
     def valid(self):
-        return valid_positions(self.input_ids, self.attention_mask, self.loss_mask)     # [N, L - 1]
+        return valid_positions(self.input_ids, self.attention_mask, self.loss_mask)   # [N, L - 1]
+
 
 def as_examples(data):
     """Examples as they are; token ids [N, L] as examples whose every token is real and a target."""
@@ -958,42 +980,60 @@ def as_examples(data):
     ones = torch.ones_like(data, dtype=torch.bool)
     return Examples(data, ones, ones)
 
+
 def real_mask(attention_mask):
-    """The attention mask for a model, None when every token is real (attention then takes its causal kernel:
-    on an H100, forward + backward 14% faster)."""
+    """The attention mask for a model, None when every token is real (attention then takes its
+    causal kernel)."""
     return None if attention_mask.all() else attention_mask
 
-def load_rows(cfg):
-    """The rows of cfg.data, in order, as a datasets (Iterable)Dataset: a local file, a directory of files, or
-    a hub dataset (its configuration cfg.data_config), split cfg.split, streamed when cfg.streaming."""
-    import datasets
-    data = cfg.data
-    kind, files = os.path.splitext(data)[1], [data]
-    if os.path.isdir(data):  # every file, in name order (datasets' own inference splits them by name)
-        files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(tuple(DATA_TYPES)))
-        if not files or len({DATA_TYPES[os.path.splitext(f)[1]] for f in files}) > 1:
-            raise UsageError(f"--data {data}: the directory needs {'/'.join(DATA_TYPES)} files, of one type")
-    elif os.path.isfile(data) and kind not in DATA_TYPES:
-        raise UsageError(f"--data {data}: unsupported file type '{kind}'; use .txt (a document per line), "
-                         ".json/.jsonl (a record per row) or .parquet")
-    elif os.path.isfile(data) and os.path.getsize(data) == 0:
+
+def data_files(data):
+    """The local files of --data (a file, or a directory's files of one type in name order), or None
+    for a hub dataset name."""
+    suffix = os.path.splitext(data)[1]
+    if os.path.isdir(data):  # datasets' own inference would split the files by their names
+        names = sorted(f for f in os.listdir(data) if f.endswith(tuple(FILE_TYPES)))
+        types = {FILE_TYPES[os.path.splitext(name)[1]] for name in names}
+        if not names or len(types) > 1:
+            raise UsageError(f"--data {data}: the directory needs {'/'.join(FILE_TYPES)} files, "
+                             "of one type")
+        return [os.path.join(data, name) for name in names]
+    if os.path.isfile(data) and suffix not in FILE_TYPES:
+        raise UsageError(f"--data {data}: unsupported file type '{suffix}'; use .txt (a document "
+                         "per line), .json/.jsonl (a record per row) or .parquet")
+    if os.path.isfile(data) and os.path.getsize(data) == 0:
         raise UsageError(f"--data {data} is empty: it needs documents to train on")
-    elif kind in DATA_TYPES and not os.path.isfile(data):
+    if suffix in FILE_TYPES and not os.path.isfile(data):
         raise UsageError(f"--data {data} does not exist: pass a text/json/jsonl/parquet file, a "
                          "directory of them, or a dataset name on the Hugging Face hub")
-    elif not os.path.isfile(data):
-        files = None  # a hub dataset name
+    return [data] if os.path.isfile(data) else None
+
+
+def load_rows(cfg):
+    """The rows of cfg.data, in order, as a datasets (Iterable)Dataset: a local file, a directory of
+    files, or a hub dataset (its configuration cfg.data_config), split cfg.split, streamed when
+    cfg.streaming."""
+    import datasets
+    files = data_files(cfg.data)
+    builder = FILE_TYPES[os.path.splitext(files[0])[1]] if files else cfg.data
+    split_files = {cfg.split: files} if files else None
     try:
-        builder = DATA_TYPES[os.path.splitext(files[0])[1]] if files else data
-        return datasets.load_dataset(builder, cfg.data_config, data_files=files and {cfg.split: files},
+        return datasets.load_dataset(builder, cfg.data_config, data_files=split_files,
                                      split=cfg.split, streaming=cfg.streaming)
-    except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise UsageError(f"--data {data}: cannot load it as a local file or directory, nor from the hub "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    except (ConnectionError, OSError, ValueError,
+            datasets.exceptions.DatasetGenerationError) as err:
+        raise UsageError(f"--data {cfg.data}: cannot load it as a local file or directory, nor "
+                         f"from the hub ({first_line(err)})") from None
+
+
+def first_line(err):
+    """An exception's first line of text, or its type's name when it has none."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
 
 def row_format(batch, cfg, tokenizer):
-    """What the rows are, from a batch's columns, as TRL reads them: messages; prompt + completion, strings
-    ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or plain text."""
+    """What the rows are, from a batch's columns, as TRL reads them: messages; prompt + completion,
+    strings ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or text."""
     columns = list(batch)
     if "messages" in columns:
         data_format = "messages"
@@ -1003,40 +1043,47 @@ def row_format(batch, cfg, tokenizer):
     elif cfg.text_column in columns:
         return "text"
     else:
-        raise UsageError(f"--data {cfg.data}: no '{cfg.text_column}' in {columns} (see --text-column), "
-                         "nor 'prompt' + 'completion', nor 'messages'")
+        raise UsageError(f"--data {cfg.data}: no '{cfg.text_column}' in {columns} (see "
+                         "--text-column), nor 'prompt' + 'completion', nor 'messages'")
     if data_format != "prompt" and not tokenizer.chat_template:
-        raise UsageError(f"--data {cfg.data} has conversational rows, and the student's tokenizer has no "
-                         "chat template to render them: give it one, or use prompt/completion strings")
+        raise UsageError(f"--data {cfg.data} has conversational rows, and the student's tokenizer "
+                         "has no chat template to render them: give it one, or use prompt/completion "
+                         "strings")
     return data_format
 
+
 def chat_text(tokenizer, messages, generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
 
 def end_of_turn(tokenizer, context):
-    """The text a chat template puts after an assistant turn (<|im_end|>\\n, <|eot_id|>): what two
-    one-letter replies to context end with."""
-    one, other = (chat_text(tokenizer, context + [{"role": "assistant", "content": letter}])
-                  for letter in "AB")
+    """The text a chat template puts after an assistant turn (<|im_end|> and a newline, <|eot_id|>):
+    what two one-letter replies to context end with."""
+    one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}])
+    other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}])
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
 
+
 def render_chat(messages, tokenizer):
-    """A conversation -> (text, [(start, end)] character spans of its assistant turns, each as the template
-    renders it: tool calls, reasoning and end-of-turn text included). Most chat templates mark no
-    {% generation %} span, so each turn is found by rendering prefixes: it starts where messages[:i] with a
-    generation prompt ends and ends where messages[:i + 1] ends; where a template renders a last turn
-    otherwise (Qwen3 adds a think block), it ends at the template's first end-of-turn text after its start.
-    A first message has no prompt before it: an assistant turn there is context."""
-    text, spans = chat_text(tokenizer, messages), []
+    """A conversation -> (text, [(start, end)] character spans of its assistant turns, each as the
+    template renders it: tool calls, reasoning and end-of-turn text included). Most chat templates
+    mark no {% generation %} span, so each turn is found by rendering prefixes: it starts where
+    messages[:i] with a generation prompt ends and ends where messages[:i + 1] ends; where a template
+    renders a last turn otherwise (Qwen3 adds a think block), it ends at the template's first
+    end-of-turn text after its start. A first message has no prompt: an assistant turn there is
+    context."""
+    text = chat_text(tokenizer, messages)
+    spans = []
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
         before = chat_text(tokenizer, messages[:i], generation_prompt=True)
         through = chat_text(tokenizer, messages[:i + 1])
         if not text.startswith(before):
-            raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
-                             "whole conversation, so where that turn starts is unknown")
+            raise ValueError(f"the chat template renders the turns before message {i} otherwise in "
+                             "the whole conversation, so where that turn starts is unknown")
         if text.startswith(through):
             spans.append((len(before), len(through)))
             continue
@@ -1048,165 +1095,227 @@ def render_chat(messages, tokenizer):
         spans.append((len(before), end + len(eot)))
     return text, spans
 
+
 def render_prompt_completion(prompt, completion, tokenizer):
-    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages rendered with a
-    generation prompt are context, the completion's messages rendered after them the target."""
+    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages rendered with
+    a generation prompt are context, the completion's messages rendered after them the target."""
     before = chat_text(tokenizer, prompt, generation_prompt=True)
     text = chat_text(tokenizer, prompt + completion)
     if not text.startswith(before):
-        raise ValueError("the chat template renders the prompt's messages otherwise when a completion "
-                         "follows them, so where the completion starts is unknown")
+        raise ValueError("the chat template renders the prompt's messages otherwise when a "
+                         "completion follows them, so where the completion starts is unknown")
     return text, [(len(before), len(text))]
 
+
 def in_spans(offsets, spans):
-    """Token targets from character spans: bool [N] for tokens whose first character lies in a span."""
-    starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, :1]                     # [N, 1]
-    spans = np.asarray(spans, np.int64).reshape(-1, 2)                                 # [S, 2]
+    """Token targets from character spans: bool [N] for tokens whose first character is in a span."""
+    starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, :1]                  # [N, 1]
+    spans = np.asarray(spans, np.int64).reshape(-1, 2)                            # [S, 2]
     return ((starts >= spans[:, 0]) & (starts < spans[:, 1])).any(1)
+
 
 def column_strings(batch, column, first_row):
     """A batch's column, refused (one line naming the row) where a value is not a string."""
     values = batch[column]
     for j, value in enumerate(values):
         if not isinstance(value, str):
-            raise UsageError(f"--data row {first_row + j}: its '{column}' is {type(value).__name__}, "
-                             "not a string")
+            raise UsageError(f"--data row {first_row + j}: its '{column}' is "
+                             f"{type(value).__name__}, not a string")
     return values
+
 
 def rendered_rows(batch, data_format, tokenizer, first_row):
     """Each conversational row of a batch rendered by the chat template -> [(text, spans)]; a row the
     template cannot render, or cannot split into turns, is refused in one line naming it."""
-    if data_format == "messages":
-        conversations = [(messages,) for messages in batch["messages"]]
-    else:
-        conversations = list(zip(batch["prompt"], batch["completion"]))
     rendered = []
-    for j, conversation in enumerate(conversations):
+    for j in range(len(batch[list(batch)[0]])):
         try:
             if data_format == "messages":
-                rendered.append(render_chat(*conversation, tokenizer))
+                rendered.append(render_chat(batch["messages"][j], tokenizer))
             else:
-                rendered.append(render_prompt_completion(*conversation, tokenizer))
-        except Exception as err:   # the template's own errors (jinja2) included
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} ({reason})"
-                             ) from None
+                prompt, completion = batch["prompt"][j], batch["completion"][j]
+                rendered.append(render_prompt_completion(prompt, completion, tokenizer))
+        except Exception as err:   # the template's own errors (jinja2's) too
+            raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
+                             f"({first_line(err)})") from None
     return rendered
 
+
 def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_offsets=False):
-    """A batch of rows (columns of equal length) -> [(ids, targets)], numpy int64 and bool per row: targets
-    marks the tokens the student learns: a document's tokens after its first (its context would be the
-    previous document) and its EOS; a completion and its EOS; a conversation's assistant turns, or a
-    conversational completion. with_offsets: [(ids, targets, text, offsets)], each token's character span
-    in text (show draws them). first_row: the batch's first row, for messages that name a row."""
-    eos = tokenizer.eos_token_id
+    """A batch of rows (columns of equal length) -> [(ids, is_target)], numpy int64 and bool per row.
+    is_target marks the tokens the student learns: a document's tokens after its first (its context
+    would be the previous document) and its EOS; a completion and its EOS; a conversation's
+    assistant turns, or a conversational completion. with_offsets: [(ids, is_target, text,
+    offsets)], each token's character span in text (show draws them). first_row: the batch's first
+    row, for messages that name a row."""
     if data_format == "text":
-        texts = column_strings(batch, text_column, first_row)
-        tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
-        ids = [x + [eos] for x in tokens["input_ids"]]
-        targets = [[0] + [1] * len(x) for x in tokens["input_ids"]]
-        if with_offsets:   # the EOS has no characters
-            offsets = [o + [(len(t), len(t))] for o, t in zip(tokens["offset_mapping"], texts)]
-    elif data_format == "prompt":   # the prompt with the tokenizer's BOS, if it adds one
-        prompts = column_strings(batch, "prompt", first_row)
-        completions = column_strings(batch, "completion", first_row)
-        prompt_tokens = tokenizer(prompts, return_offsets_mapping=with_offsets)
-        completion_tokens = tokenizer(completions, add_special_tokens=False,
-                                      return_offsets_mapping=with_offsets)
-        pairs = list(zip(prompt_tokens["input_ids"], completion_tokens["input_ids"]))
-        ids = [p + c + [eos] for p, c in pairs]
-        targets = [[0] * len(p) + [1] * (len(c) + 1) for p, c in pairs]
-        texts = [p + c for p, c in zip(prompts, completions)]
-        if with_offsets:
-            offsets = [p + [(start + len(prompt), end + len(prompt)) for start, end in c] + [(len(t), len(t))]
-                       for p, c, prompt, t in zip(prompt_tokens["offset_mapping"],
-                                                  completion_tokens["offset_mapping"], prompts, texts)]
+        encoded = encode_documents(batch, tokenizer, text_column, first_row, with_offsets)
+    elif data_format == "prompt":
+        encoded = encode_prompts(batch, tokenizer, first_row, with_offsets)
     else:
         rendered = rendered_rows(batch, data_format, tokenizer, first_row)
         texts = [text for text, _ in rendered]
         tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
-        targets = [in_spans(o, spans) for o, (_, spans) in zip(offsets, rendered)]
-    rows = [(np.asarray(i, np.int64), np.asarray(t, bool)) for i, t in zip(ids, targets)]
-    if with_offsets:
-        return [(*row, text, o) for row, text, o in zip(rows, texts, offsets)]
+        offsets = tokens["offset_mapping"]
+        is_target = [in_spans(o, spans) for o, (_, spans) in zip(offsets, rendered)]
+        encoded = list(zip(tokens["input_ids"], is_target, texts, offsets))
+    rows = []
+    for ids, is_target, text, offsets in encoded:
+        row = (np.asarray(ids, np.int64), np.asarray(is_target, bool))
+        rows.append((*row, text, offsets) if with_offsets else row)
     return rows
 
-def pack_blocks(rows, seq_len):
-    """Documents [(ids, targets)] -> Examples of consecutive seq_len-token blocks of their concatenation,
-    the last partial block dropped: every token real."""
-    ids, targets = (np.concatenate([row[i] for row in rows] + [np.zeros(0, dtype)])
-                    for i, dtype in ((0, np.int64), (1, bool)))
-    n = len(ids) // seq_len
-    ids, targets = (torch.from_numpy(x[:n * seq_len].reshape(n, seq_len)) for x in (ids, targets))
-    return Examples(ids, torch.ones_like(ids, dtype=torch.bool), targets)
 
-def pad_examples(rows, pad_id):
-    """Examples [(ids, targets)] -> Examples right-padded to the longest."""
-    width = max((len(ids) for ids, _ in rows), default=0)
-    masks = torch.zeros(2, len(rows), width, dtype=torch.bool)
-    out = Examples(torch.full((len(rows), width), pad_id), masks[0], masks[1])
-    for i, (ids, targets) in enumerate(rows):
+def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
+    """Text rows -> [(ids, is_target, text, offsets)]: the document and an EOS, every token but the
+    first a target; offsets None unless with_offsets (the EOS has no characters)."""
+    texts = column_strings(batch, text_column, first_row)
+    tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
+    encoded = []
+    for j, (text, ids) in enumerate(zip(texts, tokens["input_ids"])):
+        offsets = None
+        if with_offsets:
+            offsets = tokens["offset_mapping"][j] + [(len(text), len(text))]
+        encoded.append((ids + [tokenizer.eos_token_id], [0] + [1] * len(ids), text, offsets))
+    return encoded
+
+
+def encode_prompts(batch, tokenizer, first_row, with_offsets):
+    """Prompt/completion rows -> [(ids, is_target, text, offsets)]: the prompt (with the tokenizer's
+    BOS, if it adds one) as context, then the completion and an EOS, tokenized apart, as targets."""
+    prompts = column_strings(batch, "prompt", first_row)
+    completions = column_strings(batch, "completion", first_row)
+    prompt_tokens = tokenizer(prompts, return_offsets_mapping=with_offsets)
+    completion_tokens = tokenizer(completions, add_special_tokens=False,
+                                  return_offsets_mapping=with_offsets)
+    encoded = []
+    for j, (prompt, completion) in enumerate(zip(prompts, completions)):
+        p = prompt_tokens["input_ids"][j]
+        c = completion_tokens["input_ids"][j]
+        ids = p + c + [tokenizer.eos_token_id]
+        is_target = [0] * len(p) + [1] * (len(c) + 1)
+        text = prompt + completion
+        offsets = None
+        if with_offsets:   # the completion's spans shifted past the prompt; the EOS has none
+            shifted = [(a + len(prompt), b + len(prompt))
+                       for a, b in completion_tokens["offset_mapping"][j]]
+            offsets = prompt_tokens["offset_mapping"][j] + shifted + [(len(text), len(text))]
+        encoded.append((ids, is_target, text, offsets))
+    return encoded
+
+
+def pack_blocks(documents, seq_len):
+    """Documents [(ids, is_target)] -> Examples of consecutive seq_len-token blocks of their
+    concatenation, the last partial block dropped: every token real."""
+    ids = np.concatenate([d[0] for d in documents] + [np.zeros(0, np.int64)])
+    is_target = np.concatenate([d[1] for d in documents] + [np.zeros(0, bool)])
+    n = len(ids) // seq_len
+    ids = torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len))
+    is_target = torch.from_numpy(is_target[:n * seq_len].reshape(n, seq_len))
+    return Examples(ids, torch.ones_like(ids, dtype=torch.bool), is_target)
+
+
+def pad_examples(encoded, pad_id):
+    """Examples [(ids, is_target)] -> Examples right-padded to the longest."""
+    width = max((len(ids) for ids, _ in encoded), default=0)
+    out = Examples(torch.full((len(encoded), width), pad_id),
+                   torch.zeros(len(encoded), width, dtype=torch.bool),
+                   torch.zeros(len(encoded), width, dtype=torch.bool))
+    for i, (ids, is_target) in enumerate(encoded):
         out.input_ids[i, :len(ids)] = torch.from_numpy(ids)
-        out.loss_mask[i, :len(ids)], out.attention_mask[i, :len(ids)] = torch.from_numpy(targets), True
+        out.loss_mask[i, :len(ids)] = torch.from_numpy(is_target)
+        out.attention_mask[i, :len(ids)] = True
     return out
 
+
 def load_examples(cfg, tokenizer):
-    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt or messages) and
-    how many examples were dropped (no target within --seq-len). Row i is held out when floor((i + 1) f) >
-    floor(i f), f = --val-fraction: evenly spread, the same rows for any budget, and no held-out block shares
-    a document with training (blocks straddle documents). Rows are read in order until --max-documents rows,
-    or until the training examples hold --max-tokens tokens and a held-out row has come: reading stops there
-    (streamed, the rest never comes)."""
+    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt, messages or
+    prompt_messages) and how many examples were dropped (no target within --seq-len). Row i is held
+    out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows for any
+    budget, and no held-out block shares a document with training (blocks straddle documents). Rows
+    are read in order until --max-documents rows, or until the training examples hold --max-tokens
+    tokens and a held-out row has come: reading stops there (streamed, the rest never comes)."""
     if tokenizer.eos_token_id is None:
-        raise UsageError("the student's tokenizer has no EOS token to end documents: set its eos_token")
-    share, parts, data_format = Fraction(repr(float(cfg.val_fraction))), ([], []), None
-    read = tokens = dropped = 0   # parts: training, held out
-    blocks = cfg.max_tokens and math.ceil(cfg.max_tokens / cfg.seq_len)    # text: whole blocks of the budget
-    def full():   # the training examples hold the token budget (text: its whole blocks)
-        if not cfg.max_tokens:
-            return False
-        return tokens >= (blocks * cfg.seq_len if data_format == "text" else cfg.max_tokens)
-    enough = lambda: full() and parts[1] or read == cfg.max_documents
+        raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
+                         "eos_token")
+    reader = RowReader(cfg)
     for batch in load_rows(cfg).iter(batch_size=256):
-        if cfg.max_documents:   # no row past the N-th is read, nor refused
-            batch = {name: column[:cfg.max_documents - read] for name, column in batch.items()}
-        data_format = data_format or row_format(batch, cfg, tokenizer)
-        for ids, targets in encode_rows(batch, data_format, tokenizer, cfg.text_column, read):
-            held = math.floor((read + 1) * share) > math.floor(read * share)
-            read += 1
-            if data_format != "text":   # an example is truncated to --seq-len
-                ids, targets = ids[:cfg.seq_len], targets[:cfg.seq_len]
-            if data_format != "text" and not targets[1:].any():   # and dropped without a target
-                dropped += 1
-            elif held or not full():   # past the budget, only held-out rows are kept
-                parts[held].append((ids, targets))
-                tokens += 0 if held else len(ids)
-            if enough():
-                break
-        if enough():
+        if reader.add_batch(batch, tokenizer):
             break
-    if read < 2:
-        raise UsageError(f"--data {cfg.data} holds {read} document(s); training and evaluation need 2+")
-    if not parts[1] and parts[0]:   # no row hit the rule: hold out the last
-        parts[1].append(parts[0].pop())
-    if data_format == "text":
-        train, held = (pack_blocks(rows, cfg.seq_len) for rows in parts)
-    else:
-        train, held = (pad_examples(rows, tokenizer.eos_token_id) for rows in parts)
-    if cfg.max_tokens and data_format == "text":
-        train = train[:blocks]
+    if reader.read < 2:
+        raise UsageError(f"--data {cfg.data} holds {reader.read} document(s); training and "
+                         "evaluation need 2+")
+    train, held = reader.examples(tokenizer.eos_token_id)
     for part, what in ((train, "training"), (held, "held-out")):
         if len(part) == 0:
-            raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of --seq-len "
-                             f"{cfg.seq_len} tokens with a target: lower --seq-len, raise --val-fraction, or "
-                             "add rows")
-    return train, held, {"data_format": data_format, "dropped_examples": dropped}
+            raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of "
+                             f"--seq-len {cfg.seq_len} tokens with a target: lower --seq-len, raise "
+                             "--val-fraction, or add rows")
+    return train, held, {"data_format": reader.data_format, "dropped_examples": reader.dropped}
+
+
+class RowReader:
+    """The rows read so far, split into training and held-out ones, with the budgets that say when
+    reading stops."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.share = Fraction(repr(float(cfg.val_fraction)))
+        self.parts = ([], [])                                           # training, held out
+        self.data_format = None
+        self.read = 0
+        self.tokens = 0                                         # in the training examples kept
+        self.dropped = 0
+
+    def budget_full(self):
+        """The training examples hold --max-tokens (text: its whole blocks)."""
+        if not self.cfg.max_tokens:
+            return False
+        if self.data_format == "text":
+            return self.tokens >= math.ceil(self.cfg.max_tokens / self.cfg.seq_len) * self.cfg.seq_len
+        return self.tokens >= self.cfg.max_tokens
+
+    def done(self):
+        budget_met = self.budget_full() and len(self.parts[1]) > 0
+        return budget_met or self.read == self.cfg.max_documents
+
+    def add_batch(self, batch, tokenizer):
+        """Read a batch of rows in order, up to where reading stops -> whether it has stopped."""
+        cfg = self.cfg
+        if cfg.max_documents:   # no row past the N-th is read, nor refused
+            batch = {name: column[:cfg.max_documents - self.read] for name, column in batch.items()}
+        self.data_format = self.data_format or row_format(batch, cfg, tokenizer)
+        for ids, is_target in encode_rows(batch, self.data_format, tokenizer, cfg.text_column,
+                                          self.read):
+            held = math.floor((self.read + 1) * self.share) > math.floor(self.read * self.share)
+            self.read += 1
+            if self.data_format != "text":   # an example is truncated to --seq-len
+                ids = ids[:cfg.seq_len]
+                is_target = is_target[:cfg.seq_len]
+            if self.data_format != "text" and not is_target[1:].any():   # and dropped untargeted
+                self.dropped += 1
+            elif held or not self.budget_full():   # past the budget, only held-out rows are kept
+                self.parts[held].append((ids, is_target))
+                self.tokens += 0 if held else len(ids)
+            if self.done():
+                return True
+        return False
+
+    def examples(self, pad_id):
+        """(training, held-out) Examples: text packed into blocks (the budget's whole blocks), other
+        rows padded; when no row was held out by the rule, the last training one is."""
+        train, held = self.parts
+        if not held and train:
+            held.append(train.pop())
+        if self.data_format != "text":
+            return pad_examples(train, pad_id), pad_examples(held, pad_id)
+        train_blocks = pack_blocks(train, self.cfg.seq_len)
+        if self.cfg.max_tokens:
+            train_blocks = train_blocks[:math.ceil(self.cfg.max_tokens / self.cfg.seq_len)]
+        return train_blocks, pack_blocks(held, self.cfg.seq_len)
+
 
 # ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
-class UsageError(ValueError):
-    """Bad input the user can fix: the command line prints it as one line and exits with status 2."""
-
 class RunStopped(RuntimeError):
     """A run stopped before its end (interrupted, non-finite, failed evaluation), with its exit status."""
     def __init__(self, message, exit_status=1):
@@ -1400,7 +1509,7 @@ def fsync(path):
     finally:
         os.close(fd)
 
-def publish(tmp, path):
+def durable_replace(tmp, path):
     """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk before the
     rename, the rename before anything that follows: a power loss never leaves path naming empty files."""
     for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
@@ -1414,7 +1523,7 @@ def write_text(path, text):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
         f.write(text)
-    publish(f.name, path)
+    durable_replace(f.name, path)
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
@@ -1491,6 +1600,50 @@ def open_cache(cfg, examples, vocab):
     if rank_world()[0] == 0:
         print("teacher cache: " + ", ".join(f"{k} {v:.1f}" for k, v in report.items()), file=sys.stderr)
     return cache, report
+
+def fingerprint(examples):
+    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give another."""
+    examples = as_examples(examples)
+    digest = hashlib.sha256(str(tuple(examples.input_ids.shape)).encode())
+    digest.update(examples.input_ids.to(torch.int64).contiguous().numpy().tobytes())
+    for mask in (examples.attention_mask, examples.loss_mask):
+        digest.update(mask.to(torch.uint8).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
+
+def weights_fingerprint(model_name, blocks=256):
+    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping, logit_scale change
+    the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB (safetensors: each tensor's
+    name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training further changes every block; one
+    weight edited by hand between the blocks goes unseen."""
+    from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
+    digest, local = hashlib.sha256(), os.path.isdir(model_name)
+    directory = model_name if local else snapshot_download(model_name, local_files_only=True)
+    if os.path.exists(config := os.path.join(directory, "config.json")):
+        used = {k: v for k, v in read_json(config).items() if k not in UNUSED_CONFIG_KEYS}
+        digest.update(json.dumps(used, sort_keys=True).encode())
+    for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
+        size = os.path.getsize(os.path.join(directory, name))
+        digest.update(f"{name}:{size}".encode())
+        with open(os.path.join(directory, name), "rb") as f:
+            digest.update(f.read(1 << 16))
+            for i in range(blocks):
+                f.seek(size * i // blocks)
+                digest.update(f.read(4096))
+    return digest.hexdigest()
+
+CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
+    "teacher_weights": "another teacher (weights or config.json) than --teacher",
+    "vocab_size": "another vocabulary size",
+    "student_weights": "samples chosen by another --student (--cache-any-student accepts them)",
+    "sample_signal": "samples chosen by another --sample-signal", "num_samples": "another --class-samples",
+    "temperature": "another --temperature", "seq_len": "another --seq-len",
+    "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or --max-tokens)"}
 
 OUTPUTS = ("metrics.json", "student", "checkpoint", "log.jsonl")
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batches", "device",
@@ -1617,7 +1770,7 @@ def save_student(run, path):
     unwrap(run.student).save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
     remove(path)
-    publish(tmp, path)
+    durable_replace(tmp, path)
 
 def save_checkpoint(run):
     """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the newest) and
@@ -1633,7 +1786,7 @@ def save_checkpoint(run):
         tensors.update(kept=run.kept, gls_queue=run.gls.queue if run.gls else torch.empty(0))
         save_student(run, os.path.join(directory, student))
         save_file(tensors, os.path.join(directory, state_file + ".tmp"))
-        publish(os.path.join(directory, state_file + ".tmp"), os.path.join(directory, state_file))
+        durable_replace(os.path.join(directory, state_file + ".tmp"), os.path.join(directory, state_file))
         write_json(os.path.join(directory, "checkpoint.json"), {
             "step": run.step, "tokens": run.tokens, "total_steps": run.total, "student": student,
             "state": state_file, "world_size": rank_world()[1], "config": dataclasses.asdict(run.cfg),
