@@ -1315,145 +1315,186 @@ class RowReader:
         return train_blocks, pack_blocks(held, self.cfg.seq_len)
 
 
-# ==== 8. Training loop (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs)
+# ==== 8. The run (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs): its Config,
+#      the setup (data, models, the sample axis and the cache), one optimizer step, and the loop
 class RunStopped(RuntimeError):
-    """A run stopped before its end (interrupted, non-finite, failed evaluation), with its exit status."""
+    """A run stopped before its end (interrupted, non-finite, failed evaluation), with its exit
+    status."""
+
     def __init__(self, message, exit_status=1):
         super().__init__(message)
         self.exit_status = exit_status
 
-# Each method is a preset of the three axes; flags given explicitly override it, so the paper's ablations
-# are one command (SE-KD + TopSmp: --method sekd --ell 0.2).
+
+# Each method is a preset of the three axes; flags given explicitly override it, so the paper's
+# ablations are one command (SE-KD + TopSmp: --method sekd --ell 0.2).
 PRESETS = {
-    "ce": dict(positions="all", ce_weight=1.0),                          # no teacher in the loss
-    "full": dict(positions="all"),                                        # Full KD
-    "random": dict(positions="random"),                                   # RandomPos k%
-    "sekd": dict(positions="top"),                                        # SE-KD: top-k% student entropy
-    "rskd": dict(positions="all", class_samples=64),                      # RS-KD: U sampled classes
-    "topsmp": dict(positions="all", ell=0.2),                             # top-l% samples by student entropy
-    "sekd3x": dict(positions="top", class_samples=64, ell=0.2)}           # all three, from the offline cache
-UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)  # a preset-driven field that its preset leaves open
+    "ce": dict(positions="all", ce_weight=1.0),                 # no teacher in the loss
+    "full": dict(positions="all"),                              # Full KD
+    "random": dict(positions="random"),                         # RandomPos k%
+    "sekd": dict(positions="top"),                              # SE-KD: top-k% student entropy
+    "rskd": dict(positions="all", class_samples=64),            # RS-KD: U sampled classes
+    "topsmp": dict(positions="all", ell=0.2),                   # top-l% samples by student entropy
+    "sekd3x": dict(positions="top", class_samples=64, ell=0.2)}  # all three, from the offline cache
+# A preset-driven field's value where its preset leaves it open.
+UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)
 
-def option(default, help, *rules, choices=None):
-    """A Config field: its default, a one-line help and the rules a number meets ("> 0") or its choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "rules": rules, "choices": choices})
 
-def meets(value, rules):
+def config_field(default, help, *rules, choices=None):
+    """A Config field: its default, a one-line help and the rules a number meets ("> 0") or its
+    choices."""
+    metadata = {"help": help, "rules": rules, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def satisfies(value, rules):
+    """Whether a finite number meets every rule ("> 0", "<= 1")."""
     compare = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
-    return isinstance(value, (int, float)) and math.isfinite(value) and all(
-        compare[op](value, float(bound)) for op, bound in (rule.split() for rule in rules))
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return all(compare[op](value, float(bound)) for op, bound in (r.split() for r in rules))
+
 
 @dataclasses.dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction (UsageError)."""
-    method: str = option("sekd", "preset of the three axes (README: Methods)", choices=tuple(PRESETS))
-    positions: str | None = option(None, "position policy (README: the design space)", choices=POLICIES)
-    k: float = option(0.2, "share of each sample's valid positions supervised (paper: 0.2)", "> 0", "<= 1")
-    signal: str = option("student_entropy", "importance signal u(t) of the scored policies", choices=SIGNALS)
-    gls_queue_size: int = option(30_000, "gls: scores queued for the (1 - k) quantile threshold", ">= 1")
-    temperature: float = option(1.0, "softmax temperature T of both models in the KL, scaled by T^2", "> 0")
-    ce_weight: float | None = option(None, "weight of next-token CE, 1 - lambda (paper: 0)", ">= 0", "<= 1")
-    top_k_classes: int | None = option(None, "KL over the teacher's top K classes plus a tail bucket", ">= 1")
-    class_samples: int | None = option(None, "RS-KD: U classes drawn from the teacher per position", ">= 1")
-    ell: float | None = option(None, "share l of training samples distilled (paper: 0.2)", "> 0", "<= 1")
-    sample_signal: str = option("student_entropy", "signal whose mean ranks samples when ell < 1 (TopSmp)",
-                                choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
-    on_policy_fraction: float = option(0.0, "share of steps distilled on the student's own responses (TRL: "
-                                       "lmbda)", ">= 0", "<= 1")
-    max_new_tokens: int = option(128, "on-policy: most tokens the student generates per response", ">= 1")
-    gen_temperature: float = option(1.0, "on-policy: the student's sampling temperature", "> 0")
-    cache_dir: str | None = option(None, "offline teacher cache, built when absent (sekd3x: OUT_DIR/...)")
-    cache_shard_size: int = option(256, "samples per cache shard", ">= 1")
-    cache_any_student: bool = option(False, "reuse a cache whose samples another student chose")
-    teacher: str | None = option(None, "teacher: a Hugging Face causal-LM name or local directory")
-    student: str | None = option(None, "student: a Hugging Face causal-LM name or local directory")
-    data: str | None = option(None, "training data: .txt/.json/.jsonl/.parquet file, directory, hub name")
-    data_config: str | None = option(None, "the hub dataset's configuration (FineWeb-Edu: sample-10BT)")
-    split: str = option("train", "the dataset split to read")
-    streaming: bool = option(False, "read rows as they come, without downloading the whole dataset first")
-    max_tokens: int | None = option(None, "stop reading once the training examples hold N tokens", ">= 1")
-    text_column: str = option("text", "column holding plain documents' text (rows without prompt/messages)")
-    max_documents: int | None = option(None, "use only the first N rows", ">= 1")
-    seq_len: int = option(512, "tokens per packed block, at most per example (paper: 512)", ">= 2")
-    val_fraction: float = option(0.05, "share of documents held out for evaluation", "> 0", "< 1")
-    vocab_size: int | None = option(None, "distill over the first V ids (heads that differ by padding)")
-    chunk_size: int = option(1024, "rows per [rows, V] chunk of logits in scores, KL and evaluation", ">= 1")
-    batch_size: int = option(8, "blocks or examples per micro-batch, per process", ">= 1")
-    grad_accum: int = option(1, "micro-batches per optimizer step", ">= 1")
-    gradient_checkpointing: bool = option(False, "recompute the student's activations in backward")
-    lr: float = option(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
-    weight_decay: float = option(0.0, "AdamW weight decay", ">= 0")
-    max_grad_norm: float = option(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
-    epochs: int = option(1, "passes over the distilled blocks (paper: 1); --max-steps wins", ">= 1")
-    max_steps: int | None = option(None, "optimizer steps; the data order cycles as needed", ">= 1")
-    seed: int = option(0, "seeds the data order, random positions and RS-KD draws (not the weights)")
-    eval_every: int = option(0, "evaluate every N steps as well as at the end (0: only at the end)", ">= 0")
-    eval_batches: int | None = option(None, "evaluate on at most this many held-out batches", ">= 1")
-    save_every: int = option(0, "write OUT_DIR/checkpoint every N steps (0: only when interrupted)", ">= 0")
-    resume: bool = option(False, "continue the run in OUT_DIR from its checkpoint")
-    overwrite: bool = option(False, "replace another run's outputs in OUT_DIR")
-    device: str = option("auto", "auto (CUDA when present), cpu or cuda[:i] (under torchrun: + LOCAL_RANK)")
-    teacher_device: str | None = option(None, "the teacher's own device, e.g. cuda:1 (torchrun: + RANK)")
-    out_dir: str = option("out", "where the student, its tokenizer, metrics.json and checkpoints go")
+    method: str = config_field("sekd", "preset of the three axes (README: Methods)",
+                               choices=tuple(PRESETS))
+    positions: str | None = config_field(None, "position policy (README: the design space)",
+                                         choices=POLICIES)
+    k: float = config_field(0.2, "share of each sample's valid positions supervised (paper: 0.2)",
+                            "> 0", "<= 1")
+    signal: str = config_field("student_entropy", "importance signal u(t) of the scored policies",
+                               choices=SIGNALS)
+    gls_queue_size: int = config_field(30_000, "gls: scores queued for the (1 - k) quantile", ">= 1")
+    temperature: float = config_field(1.0, "softmax temperature T of both models, the KL x T^2",
+                                      "> 0")
+    ce_weight: float | None = config_field(None, "weight of next-token CE, 1 - lambda (paper: 0)",
+                                           ">= 0", "<= 1")
+    top_k_classes: int | None = config_field(None, "KL over the teacher's top K classes + a tail",
+                                             ">= 1")
+    class_samples: int | None = config_field(None, "RS-KD: U classes drawn from the teacher",
+                                             ">= 1")
+    ell: float | None = config_field(None, "share l of training samples distilled (paper: 0.2)",
+                                     "> 0", "<= 1")
+    sample_signal: str = config_field("student_entropy", "signal whose mean ranks samples (TopSmp)",
+                                      choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
+    on_policy_fraction: float = config_field(0.0, "share of steps on the student's own responses "
+                                             "(TRL: lmbda)", ">= 0", "<= 1")
+    max_new_tokens: int = config_field(128, "on-policy: most tokens generated per response", ">= 1")
+    gen_temperature: float = config_field(1.0, "on-policy: the student's sampling temperature",
+                                          "> 0")
+    cache_dir: str | None = config_field(None, "offline teacher cache, built when absent (sekd3x: "
+                                         "OUT_DIR/teacher_cache)")
+    cache_shard_size: int = config_field(256, "samples per cache shard", ">= 1")
+    cache_any_student: bool = config_field(False, "reuse a cache whose samples another student chose")
+    teacher: str | None = config_field(None, "teacher: a Hugging Face causal-LM name or directory")
+    student: str | None = config_field(None, "student: a Hugging Face causal-LM name or directory")
+    data: str | None = config_field(None, "training data: a .txt/.json/.jsonl/.parquet file, a "
+                                    "directory, or a hub name")
+    data_config: str | None = config_field(None, "the hub dataset's configuration (FineWeb-Edu: "
+                                           "sample-10BT)")
+    split: str = config_field("train", "the dataset split to read")
+    streaming: bool = config_field(False, "read rows as they come, without downloading them all")
+    max_tokens: int | None = config_field(None, "stop reading once training holds N tokens", ">= 1")
+    text_column: str = config_field("text", "column of plain documents' text")
+    max_documents: int | None = config_field(None, "use only the first N rows", ">= 1")
+    seq_len: int = config_field(512, "tokens per packed block, at most per example (paper: 512)",
+                                ">= 2")
+    val_fraction: float = config_field(0.05, "share of documents held out for evaluation", "> 0",
+                                       "< 1")
+    vocab_size: int | None = config_field(None, "distill over the first V ids (padded heads)")
+    chunk_size: int = config_field(1024, "rows per [rows, V] chunk of logits", ">= 1")
+    batch_size: int = config_field(8, "blocks or examples per micro-batch, per process", ">= 1")
+    grad_accum: int = config_field(1, "micro-batches per optimizer step", ">= 1")
+    gradient_checkpointing: bool = config_field(False, "recompute the student's activations in "
+                                                "backward")
+    lr: float = config_field(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
+    weight_decay: float = config_field(0.0, "AdamW weight decay", ">= 0")
+    max_grad_norm: float = config_field(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
+    epochs: int = config_field(1, "passes over the distilled blocks (paper: 1); --max-steps wins",
+                               ">= 1")
+    max_steps: int | None = config_field(None, "optimizer steps; the data order cycles as needed",
+                                         ">= 1")
+    seed: int = config_field(0, "seeds the data order, random positions and RS-KD draws")
+    eval_every: int = config_field(0, "evaluate every N steps and at the end (0: at the end)",
+                                   ">= 0")
+    eval_batches: int | None = config_field(None, "evaluate on at most N held-out batches", ">= 1")
+    save_every: int = config_field(0, "write OUT_DIR/checkpoint every N steps (0: when "
+                                   "interrupted)", ">= 0")
+    resume: bool = config_field(False, "continue the run in OUT_DIR from its checkpoint")
+    overwrite: bool = config_field(False, "replace another run's outputs in OUT_DIR")
+    device: str = config_field("auto", "auto (CUDA when present), cpu or cuda[:i] (torchrun: + "
+                               "LOCAL_RANK)")
+    teacher_device: str | None = config_field(None, "the teacher's own device, e.g. cuda:1")
+    out_dir: str = config_field("out", "where the student, metrics.json and checkpoints go")
 
     def __post_init__(self):
-        for name, value in {**UNSET, **PRESETS.get(self.method, {})}.items():  # an unknown one: refused below
-            if getattr(self, name) is None and (name != "class_samples" or self.top_k_classes is None):
-                setattr(self, name, value)  # a preset's class_samples yields to an explicit --top-k-classes
+        self.apply_preset()
+        for f in dataclasses.fields(self):  # each field against its choices or rules; None: unset
+            check_field(f, getattr(self, f.name))
+        check_combination(self)
+
+    def apply_preset(self):
+        """Fill the fields the command left unset from the method's preset (an unknown method is
+        refused by check_field)."""
+        for name, value in {**UNSET, **PRESETS.get(self.method, {})}.items():
+            if getattr(self, name) is not None:
+                continue
+            if name == "class_samples" and self.top_k_classes is not None:
+                continue   # a preset's class samples yield to an explicit --top-k-classes
+            setattr(self, name, value)
         if self.method == "sekd3x" and self.cache_dir is None:
             self.cache_dir = os.path.join(self.out_dir, "teacher_cache")
-        for f in dataclasses.fields(self):  # each field against its choices or rules; None: not set
-            value, rules, choices = getattr(self, f.name), f.metadata["rules"], f.metadata["choices"]
-            flag = "--" + f.name.replace("_", "-")
-            if choices and value is not None and value not in choices:
-                raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-            if rules and not (value is None and f.default is None) and not meets(value, rules):
-                raise UsageError(f"{flag} must be {' and '.join(rules)}; got {value}")
-        for bad, message in [  # then the rules between fields, each message naming the flags and the fix
-            (self.positions.startswith("pos_rs") and "+" in self.signal, f"--positions {self.positions} draws"
-             f" positions in proportion to u(t) >= 0, and --signal {self.signal} is a sum of z-scores"),
-            (bool(self.cache_dir) and self.positions in SCORED_POLICIES and uses_teacher(self.signal),
-             f"--signal {self.signal} needs the teacher's logits while training, and with a teacher cache "
-             "the teacher is not there: use a student signal, or no cache"),
-            (self.top_k_classes is not None and self.class_samples is not None,
-             "choose --top-k-classes or --class-samples, not both"),
-            (bool(self.cache_dir) and self.class_samples is None, "a teacher cache (--cache-dir, or --method "
-             "sekd3x) stores sampled classes: set --class-samples (e.g. 64), not --top-k-classes"),
-            (self.on_policy_fraction > 0 and bool(self.cache_dir), "--on-policy-fraction distills on "
-             "responses the student generates, and a teacher cache (--cache-dir, or --method sekd3x) holds "
-             "targets for the data's own text: use the teacher online (e.g. --method sekd)"),
-            (self.on_policy_fraction > 0 and self.ce_weight >= 1, "--on-policy-fraction needs the teacher to "
-             "grade the generated tokens, and --ce-weight 1 (--method ce) uses none: lower --ce-weight"),
-            (self.resume and self.overwrite, "--resume continues OUT_DIR's run, --overwrite replaces it")]:
-            if bad:
-                raise UsageError(message)
 
     @property
     def needs_teacher(self):
-        """A teacher in the run: for KD, teacher-based scores of positions or samples, or to build a cache."""
-        return (self.ce_weight < 1 or bool(self.cache_dir) or self.positions in SCORED_POLICIES
-                and uses_teacher(self.signal) or self.ell < 1 and uses_teacher(self.sample_signal))
+        """A teacher in the run: for KD, teacher-based scores of positions or samples, or a cache."""
+        scores_need_it = self.positions in SCORED_POLICIES and uses_teacher(self.signal)
+        samples_need_it = self.ell < 1 and uses_teacher(self.sample_signal)
+        return self.ce_weight < 1 or bool(self.cache_dir) or scores_need_it or samples_need_it
 
 
-def resolve_device(name, local_rank=0):
-    """auto, cpu, cuda or cuda:i; under torchrun cuda:i is cuda:(i + LOCAL_RANK), one GPU per process."""
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:i") from None
-    if device.type == "cuda":
-        device = torch.device("cuda", (device.index or 0) + local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {device} does not exist on this machine ({torch.cuda.device_count()} "
-                             "CUDA devices): use --device cpu, or a smaller index")
-    return device
+def check_field(f, value):
+    """A Config field's value against its choices or its rules, naming the flag."""
+    flag = "--" + f.name.replace("_", "-")
+    choices = f.metadata["choices"]
+    rules = f.metadata["rules"]
+    if choices and value is not None and value not in choices:
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    unset = value is None and f.default is None
+    if rules and not unset and not satisfies(value, rules):
+        raise UsageError(f"{flag} must be {' and '.join(rules)}; got {value}")
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+
+def check_combination(cfg):
+    """The rules between fields, each message naming the flags and the fix."""
+    if cfg.positions.startswith("pos_rs") and "+" in cfg.signal:
+        raise UsageError(f"--positions {cfg.positions} draws positions in proportion to u(t) >= 0, "
+                         f"and --signal {cfg.signal} is a sum of z-scores")
+    if cfg.cache_dir and cfg.positions in SCORED_POLICIES and uses_teacher(cfg.signal):
+        raise UsageError(f"--signal {cfg.signal} needs the teacher's logits while training, and with "
+                         "a teacher cache the teacher is not there: use a student signal, or no cache")
+    if cfg.top_k_classes is not None and cfg.class_samples is not None:
+        raise UsageError("choose --top-k-classes or --class-samples, not both")
+    if cfg.cache_dir and cfg.class_samples is None:
+        raise UsageError("a teacher cache (--cache-dir, or --method sekd3x) stores sampled classes: "
+                         "set --class-samples (e.g. 64), not --top-k-classes")
+    if cfg.on_policy_fraction > 0 and cfg.cache_dir:
+        raise UsageError("--on-policy-fraction distills on responses the student generates, and a "
+                         "teacher cache (--cache-dir, or --method sekd3x) holds targets for the "
+                         "data's own text: use the teacher online (e.g. --method sekd)")
+    if cfg.on_policy_fraction > 0 and cfg.ce_weight >= 1:
+        raise UsageError("--on-policy-fraction needs the teacher to grade the generated tokens, and "
+                         "--ce-weight 1 (--method ce) uses none: lower --ce-weight")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues OUT_DIR's run, --overwrite replaces it")
+
 
 class Backbone(torch.nn.Module):
-    """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows outside it."""
+    """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows
+    outside it."""
+
     def __init__(self, causal_lm):
         super().__init__()
         self.causal_lm = causal_lm
@@ -1461,45 +1502,542 @@ class Backbone(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None):
         return hidden_states(self.causal_lm, input_ids, attention_mask)
 
+
+class Run:
+    """A training run. Set up cheapest first, so that bad input fails before any model loads; then
+    it holds what changes between steps (step, optimizer, GLS queue, history), which a checkpoint
+    saves."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        check_flags_present(cfg)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(cfg.device, local_rank)
+        self.teacher_device = self.device
+        if cfg.teacher_device:
+            self.teacher_device = resolve_device(cfg.teacher_device, local_rank)
+        saved = check_out_dir(cfg)                                # the checkpoint to resume, if any
+        self.tokenizer = load_pretrained("AutoTokenizer", cfg.student)   # saved with the student
+        self.vocab = check_models(cfg, self.tokenizer)
+        state = None
+        if saved:  # the checkpoint's state file, read once, on the CPU
+            state = load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))
+            check_resume(cfg, saved, len(state["kept"]))
+        self.load_data(saved)
+        self.cache = None
+        if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
+            self.open_cache()                                    # reuse: no pre-pass, no teacher
+            if saved and state["kept"].tolist() != self.cache.sample_ids:
+                raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples than "
+                                 "the checkpoint's run distilled (rebuilt since?): resume with its "
+                                 "cache")
+        student = self.load_models(saved)
+        self.choose_samples(student, state)
+        if cfg.cache_dir and self.cache is None:
+            self.build_cache()
+        self.prepare_training(student)
+        if saved:
+            load_checkpoint(self, saved, state)
+
+    def load_data(self, saved):
+        """The training and held-out examples, refused where on-policy steps need prompts or a
+        resume finds other data than its checkpoint's."""
+        cfg = self.cfg
+        self.examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
+        self.data_fingerprint = fingerprint(self.examples)   # a checkpoint's kept rows name these
+        if saved and saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise UsageError(f"--resume: --data {cfg.data} now gives other training examples than "
+                             "the checkpoint's run trained on (the data, its tokenizer or chat "
+                             "template changed): resume with the same data, or start a new run in "
+                             "another --out-dir")
+        dropped = self.info["dropped_examples"]
+        if dropped and rank_world()[0] == 0:
+            print(f"data: dropped {dropped} example(s) with no target within --seq-len "
+                  f"{cfg.seq_len}", file=sys.stderr)
+        no_prompt = self.info["data_format"] == "text"
+        no_prompt = no_prompt or prompt_lengths(self.examples.loss_mask).min() == 0
+        if cfg.on_policy_fraction and no_prompt:
+            raise UsageError(f"--on-policy-fraction: the student answers the data's prompts, and "
+                             f"--data {cfg.data} has rows without one (plain text, or an empty "
+                             "prompt): use prompt/completion or chat rows")
+
+    def load_models(self, saved):
+        """The student (resumed: the checkpoint's) and, where training needs one, the teacher."""
+        cfg = self.cfg
+        name = cfg.student
+        if saved:
+            name = os.path.join(cfg.out_dir, "checkpoint", saved["student"])
+        student = load_model(name, self.device)
+        if cfg.gradient_checkpointing:
+            checkpoint_activations(student)
+        self.teacher = None   # none when training needs none (ce, or from a cache)
+        if cfg.needs_teacher and self.cache is None:
+            self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
+        return student
+
+    def choose_samples(self, student, state):
+        """The sample axis: the training examples distilled (cached sample i is kept[i])."""
+        if state is not None:
+            self.kept = state["kept"]
+        elif self.cache is not None:
+            self.kept = torch.tensor(self.cache.sample_ids)
+        else:
+            self.kept = choose_samples(self.cfg, student, self.teacher, self.examples)
+
+    def open_cache(self):
+        self.cache, report = open_cache(self.cfg, self.examples, self.vocab)
+        self.info.update(report)
+
+    def build_cache(self):
+        """SE-KD 3X: the teacher's targets for the kept samples, cached once; training then runs
+        without the teacher."""
+        cfg = self.cfg
+        start = time.time()
+        build_cache(self.teacher, self.examples[self.kept], cfg.cache_dir,
+                    num_samples=cfg.class_samples, temperature=cfg.temperature,
+                    batch_size=cfg.batch_size, sample_ids=self.kept, teacher_name=cfg.teacher,
+                    vocab_size=self.vocab, shard_size=cfg.cache_shard_size,
+                    chunk_size=cfg.chunk_size, seed=cfg.seed, identity=cache_identity(cfg))
+        self.open_cache()
+        self.info["cache_build_s"] = time.time() - start
+        self.teacher = None
+
+    def prepare_training(self, student):
+        """The student in training mode (under torchrun: DDP around its Backbone), AdamW, the GLS
+        queue, and a fresh history."""
+        cfg = self.cfg
+        if self.device.type == "cuda":  # the peak memory then reports training, not building
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.student = student.train()
+        if dist.is_initialized():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = torch.nn.parallel.DistributedDataParallel(Backbone(student),
+                                                                     device_ids=device_ids)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, fused=fused)
+        self.gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
+        self.step = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.history = []
+        self.evals = []
+        self.total = total_steps(cfg, len(self.kept))
+        self.eval_teacher = None
+        self.log = None
+
+
+def check_flags_present(cfg):
+    needed = ["student", "data"] + (["teacher"] if cfg.needs_teacher else [])
+    missing = [f"--{name}" for name in needed if getattr(cfg, name) is None]
+    if missing:
+        raise UsageError(f"--method {cfg.method} needs {' and '.join(missing)}")
+
+
+def choose_samples(cfg, student, teacher, examples):
+    """Sample axis: the training examples to distill, scored by the initial student, saved for a
+    rerun."""
+    if cfg.ell >= 1:
+        return torch.arange(len(examples))
+    path = os.path.join(cfg.out_dir, "sample_selection.json")
+    teacher_weights = None   # the teacher too, when the signal uses it
+    if uses_teacher(cfg.sample_signal):
+        teacher_weights = weights_fingerprint(cfg.teacher)
+    key = {"student_weights": weights_fingerprint(cfg.student), "signal": cfg.sample_signal,
+           "ell": cfg.ell, "fingerprint": fingerprint(examples), "teacher_weights": teacher_weights}
+    if os.path.exists(path) and read_json(path)["key"] == key:   # this student's, data's, signal's
+        return torch.tensor(read_json(path)["kept"])
+    scores = sample_scores(student.eval(), examples.input_ids, cfg.sample_signal, teacher,
+                           cfg.batch_size, cfg.chunk_size, cfg.vocab_size,
+                           attention_mask=real_mask(examples.attention_mask),
+                           loss_mask=examples.loss_mask)
+    kept = select_samples(scores, cfg.ell)
+    if rank_world()[0] == 0:
+        write_json(path, {"key": key, "kept": kept.tolist()})
+    return kept
+
+
+def total_steps(cfg, num_kept):
+    """The run's optimizer steps: --max-steps, else --epochs passes over the num_kept blocks."""
+    per_step = rank_world()[1] * cfg.batch_size * cfg.grad_accum
+    return cfg.max_steps or math.ceil(cfg.epochs * num_kept / per_step)
+
+
+def training_order(num_samples, global_batch, seed, first=0):
+    """Global micro-batches of sample indices from micro-batch `first` on: one shuffle per epoch,
+    epochs back to back (a batch may straddle two), so that every micro-batch is full and a resumed
+    run continues it."""
+    generator = torch.Generator().manual_seed(seed)
+    skip = first * global_batch
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        order = torch.randperm(num_samples, generator=generator)
+        pending = torch.cat([pending, order[min(skip, num_samples):]])
+        skip = max(0, skip - num_samples)
+        while len(pending) >= global_batch:
+            yield pending[:global_batch]
+            pending = pending[global_batch:]
+
+
+def prefetch(items, load):
+    """Yield load(item) for each item while the next one loads in a background thread."""
+    with ThreadPoolExecutor(1) as pool:
+        futures = (pool.submit(load, item) for item in items)   # submitted as the loop asks
+        pending = next(futures, None)
+        while pending is not None:
+            following = next(futures, None)   # submitted before waiting on pending: one ahead
+            yield pending.result()
+            pending = following
+
+
+def read_batch(examples, cache, cache_rows, device):
+    """The CPU side of a micro-batch of examples: a dict of their tensors (attention_mask None when
+    every token is real) and, with a cache, the packed targets of its rows cache_rows and the flat
+    indices of the batch's valid positions they go to; pinned for async copies on CUDA."""
+    batch = dict(input_ids=examples.input_ids, attention_mask=real_mask(examples.attention_mask),
+                 loss_mask=examples.loss_mask)
+    if cache is not None:
+        positions = examples.valid().flatten().nonzero()[:, 0]
+        batch.update(entries=cache.read(cache_rows.tolist()), positions=positions)
+    if device.type != "cuda":
+        return batch
+    return {name: t if t is None else t.pin_memory() for name, t in batch.items()}
+
+
+def to_device(batch, cache, device):
+    """The device side: copy, and decode cached targets there (tensor ops, no host sync) -> the
+    inputs of distill_loss: input_ids, attention_mask, loss_mask and targets (None without a
+    cache)."""
+    batch = {name: t if t is None else t.to(device, non_blocking=True) for name, t in batch.items()}
+    entries = batch.pop("entries", None)
+    positions = batch.pop("positions", None)
+    ids = batch["input_ids"]
+    batch["targets"] = None
+    if cache is not None:
+        batch["targets"] = cache.decode(entries, positions, (len(ids), ids.shape[1] - 1))
+    return batch
+
+
+def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=None):
+    """One optimizer step over micro-batches (dicts of distill_loss's input_ids, and optionally
+    attention_mask, loss_mask and targets): forward, backward, clip, AdamW.
+    The gradient is the global batch's mean over samples (those with a selected position), however
+    many each micro-batch and rank holds: each backward sums its samples' losses, and the gradient
+    is then divided by the global count, from one all-reduce per step. Under DDP only the last
+    micro-batch syncs gradients (its forward decides that, so forward and backward both run under
+    no_sync). Returns stats summed over ranks, finite False (and no update, on every rank) when any
+    rank's loss or the gradient norm is not finite."""
+    world = rank_world()[1]
+    # loss x samples, samples, selected, valid, tokens, finite
+    totals = torch.zeros(6, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        device = batch["input_ids"].device
+        syncs = i == len(batches) - 1 or not hasattr(student, "no_sync")
+        with nullcontext() if syncs else student.no_sync():
+            with autocast(device):
+                loss, stats = distill_loss(student, teacher, batch["input_ids"],
+                                           batch.get("attention_mask"), cfg, batch.get("targets"),
+                                           loss_mask=batch.get("loss_mask"), progress=progress,
+                                           gls=gls)
+            (loss * stats["samples"]).backward()
+        totals += torch.tensor([stats["loss"] * stats["samples"], stats["samples"],
+                                stats["selected"], stats["valid"], stats["tokens"],
+                                math.isfinite(stats["loss"])], dtype=torch.float64)
+    if world > 1:
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+    loss, samples, selected, valid, tokens, finite = totals.tolist()
+    grads = [p.grad for p in unwrap(student).parameters() if p.grad is not None]
+    # DDP averaged the gradients over ranks: x world / the global batch's samples.
+    torch._foreach_mul_(grads, world / max(samples, 1))
+    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
+    finite = math.isfinite(norm) and finite == world * len(batches)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss / max(samples, 1), share=selected / max(valid, 1), grad_norm=norm,
+                tokens=int(tokens), valid=int(valid), finite=finite)
+
+
+def on_policy_step(cfg, step):
+    """Whether step distills on the student's own responses: a draw of its own per step, the same on
+    every rank, that leaves the step's random state alone (--on-policy-fraction 0: never)."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return bool(torch.rand(1, generator=generator) < cfg.on_policy_fraction)
+
+
+def on_policy_batch(student, batch, cfg, eos_id):
+    """An on-policy micro-batch: batch's prompts with the student's responses, supervised on those
+    alone. generate() runs on the model itself: DDP's wrapper has none."""
+    with autocast(batch["input_ids"].device):
+        ids, mask, is_target = student_responses(unwrap(student), batch["input_ids"],
+                                                  batch["loss_mask"], eos_id, cfg.max_new_tokens,
+                                                  cfg.gen_temperature)
+    return dict(input_ids=ids, attention_mask=real_mask(mask), loss_mask=is_target, targets=None)
+
+
+@torch.no_grad()
+def evaluate(student, teacher, examples, cfg, max_batches=None):
+    """Held-out perplexity of the student and KL(teacher || student) at T = 1 over every valid
+    position of examples (Examples, or token ids [N, L]): the loss's own terms (Full KD and CE) on
+    held-out data. Under DDP each rank takes every world-th batch."""
+    student = unwrap(student)
+    rank, world = rank_world()
+    was_training = student.training
+    probe = Config(method="full", ce_weight=1.0 if teacher is None else 0.5,
+                   vocab_size=cfg.vocab_size, chunk_size=cfg.chunk_size)
+    examples = as_examples(examples)
+    sums = torch.zeros(3, dtype=torch.float64)                    # CE, KL, positions
+    student.eval()
+    for first in range(0, len(examples), cfg.batch_size)[:max_batches][rank::world]:
+        batch = read_batch(examples[first:first + cfg.batch_size], None, None, student.device)
+        batch = to_device(batch, None, student.device)
+        with autocast(student.device):
+            _, stats = distill_loss(student, teacher, batch["input_ids"], batch["attention_mask"],
+                                    probe, loss_mask=batch["loss_mask"])
+        terms = [stats["ce"], stats.get("kl", 0.0), 1.0]
+        sums += torch.tensor(terms, dtype=torch.float64) * stats["valid"]
+    if world > 1:
+        sums = sums.to(student.device)
+        dist.all_reduce(sums)
+    student.train(was_training)
+    ce, kl, count = sums.tolist()
+    return {"val_ppl": math.exp(ce / count), "val_kl": kl / count if teacher is not None else None}
+
+
+def train(cfg):
+    """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics written to
+    metrics.json."""
+    from tqdm import tqdm
+    start_time = time.time()
+    with process_group(cfg):
+        run = Run(cfg)
+        rank = rank_world()[0]
+        run.log = start_outputs(cfg, run.step) if rank == 0 else None
+        batches = micro_batches(run)
+        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, dynamic_ncols=True,
+                   disable=rank != 0)
+        with caught_signals() as caught:
+            train_loop(run, batches, bar, caught)
+        bar.close()
+        return save_and_evaluate(run, start_time)
+
+
+def train_loop(run, batches, bar, caught):
+    """The steps from the checkpoint's (or the first) to the last, a comment per phase."""
+    cfg = run.cfg
+    rank = rank_world()[0]
+    for step in range(run.step, run.total):
+        began = time.time()
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)   # the step's RNG state
+        # batch: this rank's micro-batches, or the student's responses to their prompts
+        micro = [to_device(next(batches), run.cache, run.device) for _ in range(cfg.grad_accum)]
+        on_policy = on_policy_step(cfg, step)
+        if on_policy:
+            eos_id = run.tokenizer.eos_token_id
+            micro = [on_policy_batch(run.student, b, cfg, eos_id) for b in micro]
+        # step: forward, backward, clip, AdamW
+        progress = step / max(run.total - 1, 1)
+        stats = train_step(run.student, run.teacher, micro, cfg, run.optimizer,
+                           progress=progress, gls=run.gls)
+        check_finite(stats, step, cfg)
+        # log
+        log_step(run, stats, on_policy, time.time() - began)
+        show_progress(bar, run, stats)
+        # evaluate
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total:
+            held_out = evaluate(run.student, eval_teacher(run), run.val_examples, cfg,
+                                cfg.eval_batches)
+            log_record(run, {"step": run.step, **held_out})
+        # save
+        if cfg.save_every and run.step % cfg.save_every == 0:
+            save_checkpoint(run)
+        # stop: on a signal, every rank at the same step
+        if stop_requested(caught, run.device):
+            save_checkpoint(run)
+            raise RunStopped(f"interrupted at step {run.step} of {run.total}: checkpoint saved "
+                             f"in {cfg.out_dir}/checkpoint; continue it with --resume", 130)
+
+
+def micro_batches(run):
+    """This rank's share of each global micro-batch, from the checkpoint's step on, read one ahead."""
+    cfg = run.cfg
+    rank, world = rank_world()
+    order = training_order(len(run.kept), world * cfg.batch_size, cfg.seed,
+                           first=run.step * cfg.grad_accum)
+    mine = (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in order)
+    return prefetch(mine, lambda i: read_batch(run.examples[run.kept[i]], run.cache, i, run.device))
+
+
+def check_finite(stats, step, cfg):
+    if not stats["finite"]:
+        raise RunStopped(f"step {step + 1}: the loss or gradient norm is not finite "
+                         f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
+                         f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
+                         "Lower --lr, or check the data")
+
+
+def log_step(run, stats, on_policy, seconds):
+    """Count the step in the run and log its numbers (gen_len: the mean response length)."""
+    cfg = run.cfg
+    run.step += 1
+    run.tokens += stats["tokens"]
+    run.train_time += seconds
+    gen_len = None
+    if on_policy:
+        gen_len = stats["valid"] / (rank_world()[1] * cfg.batch_size * cfg.grad_accum)
+    log_record(run, dict(step=run.step, loss=stats["loss"], share=stats["share"],
+                         grad_norm=stats["grad_norm"], lr=run.optimizer.param_groups[0]["lr"],
+                         tokens=run.tokens, seconds=run.train_time, on_policy=on_policy,
+                         gen_len=gen_len))
+
+
+def show_progress(bar, run, stats):
+    bar.update()
+    recent = [h["loss"] for h in run.history[-20:]]
+    bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", sel=f"{stats['share']:.0%}",
+                    tok_s=f"{run.tokens / max(run.train_time, 1e-9):.0f}")
+
+
+def log_record(run, record):
+    """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank
+    0 as one line of OUT_DIR/log.jsonl, flushed as written."""
+    (run.evals if "val_ppl" in record else run.history).append(record)
+    if run.log is not None:
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
+
+
+def eval_teacher(run):
+    """The teacher for held-out KL: the training one, or (training from a cache) loaded once."""
+    if run.teacher is not None:
+        return run.teacher
+    if run.eval_teacher is None and run.cfg.teacher:
+        run.eval_teacher = load_model(run.cfg.teacher, run.teacher_device, frozen=True)
+    return run.eval_teacher
+
+
+def save_and_evaluate(run, start_time):
+    """Save the student (atomically) first, then evaluate: a failed evaluation never loses a trained
+    one. -> the metrics, also written to metrics.json."""
+    cfg = run.cfg
+    rank, world = rank_world()
+    train_peak_mb = peak_memory_mb(run.device)
+    path = os.path.join(cfg.out_dir, "student")
+    if rank == 0:
+        save_student(run, path)
+    try:
+        final = evaluate(run.student, eval_teacher(run), run.val_examples, cfg, cfg.eval_batches)
+    except Exception as err:
+        raise RunStopped(f"training finished and the student is saved in {path}, but the final "
+                         f"evaluation failed: {type(err).__name__}: {err}") from err
+    log_record(run, {"step": run.step, **final})
+    if run.log is not None:
+        run.log.close()
+    last = run.history[-max(1, len(run.history) // 10):]  # the last 10% of steps
+    metrics = {
+        "config": dataclasses.asdict(cfg), **final,
+        "train_loss": sum(h["loss"] for h in last) / len(last),
+        "share_supervised": sum(h["share"] for h in run.history) / len(run.history),
+        "steps": run.step, "train_tokens": run.tokens, "train_blocks": len(run.examples),
+        "val_blocks": len(run.val_examples), "distilled_blocks": len(run.kept), **run.info,
+        "tokens_per_s": run.tokens / max(run.train_time, 1e-9), "train_time_s": run.train_time,
+        "wall_time_s": time.time() - start_time, "world_size": world,
+        "peak_memory_mb": train_peak_mb, "device": str(run.device), "evals": run.evals}
+    if rank == 0:
+        write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+# ==== 9. Plumbing: devices and models, durable writes, fingerprints, cache and resume checks, out-dir
+#      rules, checkpoints, signals. A reader of the method can skip from here to the end.
+def resolve_device(name, local_rank=0):
+    """auto, cpu, cuda or cuda:i; under torchrun cuda:i is cuda:(i + LOCAL_RANK), a GPU per process."""
+    try:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:i") from None
+    if device.type == "cuda":
+        device = torch.device("cuda", (device.index or 0) + local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device} does not exist on this machine "
+                             f"({torch.cuda.device_count()} CUDA devices): use --device cpu, or a "
+                             "smaller index")
+    return device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def process_group(cfg):
+    """Under torchrun, one process group for the run (NCCL on CUDA, gloo on the CPU), destroyed at
+    its end."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    with open("/proc/self/status") as f:  # this process image's peak (ru_maxrss keeps a forking parent's)
+    # This process image's peak (ru_maxrss keeps a forking parent's).
+    with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
-def pretrained(kind, name, **kwargs):
-    """transformers' kind (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory or the hub."""
+
+def load_pretrained(auto_class, name, **kwargs):
+    """transformers' auto_class (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory or
+    the hub."""
     import transformers
     try:
-        return getattr(transformers, kind).from_pretrained(name, **kwargs)
+        return getattr(transformers, auto_class).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load {kind} from '{name}': not a local model directory, and the hub could "
-                         f"not provide it ({(str(err) or type(err).__name__).splitlines()[0]})") from None
+        raise UsageError(f"cannot load {auto_class} from '{name}': not a local model directory, and "
+                         f"the hub could not provide it ({first_line(err)})") from None
+
 
 def load_model(name, device, frozen=False):
-    """A causal LM in float32 on device; frozen (a teacher): eval, no grad, and bf16 on CUDA (paper)."""
+    """A causal LM in float32 on device; frozen (a teacher): eval, no grad, and bf16 on CUDA
+    (paper)."""
     dtype = torch.bfloat16 if frozen and device.type == "cuda" else torch.float32
-    model = pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
+    model = load_pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
     return model.eval().requires_grad_(False) if frozen else model
 
+
 def checkpoint_activations(model):
-    """The model's own activation checkpointing: each decoder layer recomputes its activations in backward
-    (non-reentrant, which DDP and a direct call of the decoder support)."""
+    """The model's own activation checkpointing: each decoder layer recomputes its activations in
+    backward (non-reentrant, which DDP and a direct call of the decoder support)."""
     if hasattr(model, "activation_checkpointing_enable"):   # its name from transformers 5.2x on
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
 
-def remove(path):
+
+def remove_path(path):
     """Delete a file, a link or a directory tree, if there."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
 
 def fsync(path):
     """Flush a file, or a directory's entries, to the disk (not just to the OS's cache)."""
@@ -1509,100 +2047,35 @@ def fsync(path):
     finally:
         os.close(fd)
 
+
 def durable_replace(tmp, path):
-    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk before the
-    rename, the rename before anything that follows: a power loss never leaves path naming empty files."""
-    for name in os.listdir(tmp) if os.path.isdir(tmp) else []:
-        fsync(os.path.join(tmp, name))
+    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk before
+    the rename, the rename before anything that follows: a power loss never leaves path naming empty
+    files."""
+    if os.path.isdir(tmp):
+        for name in os.listdir(tmp):
+            fsync(os.path.join(tmp, name))
     fsync(tmp)
     os.replace(tmp, path)
     fsync(os.path.dirname(os.path.abspath(path)))
 
+
 def write_text(path, text):
-    """Write atomically: a temp file in the same directory (made if needed), then publish it over path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
+    """Write atomically: a temp file in the same directory (made if needed), durably renamed."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
         f.write(text)
     durable_replace(f.name, path)
+
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
 
-def shared_vocab_size(v_teacher, v_student, tokenizer_len):
-    """None when both heads have one size; tokenizer_len when they differ only by padding rows beyond it."""
-    if v_teacher == v_student:
-        return None
-    if min(v_teacher, v_student) >= tokenizer_len:
-        return tokenizer_len
-    raise UsageError(f"teacher vocabulary {v_teacher} and student vocabulary {v_student} differ beyond "
-                     f"padding (tokenizer: {tokenizer_len} ids): KD needs models of one tokenizer family")
-
-def check_models(cfg, tokenizer):
-    """From the configs alone (no weights): one shared vocabulary, and class settings that fit it. tokenizer:
-    the student's, which renders the data and is saved with it; a teacher's other EOS or template is said."""
-    heads = [pretrained("AutoConfig", name).get_text_config().vocab_size
-             for name in (cfg.student, cfg.teacher) if name]
-    theirs = cfg.teacher and pretrained("AutoTokenizer", cfg.teacher)
-    if theirs and theirs.get_vocab() != tokenizer.get_vocab():
-        raise UsageError(f"teacher '{cfg.teacher}' and student '{cfg.student}' use different tokenizers: KD "
-                         "compares distributions over one shared vocabulary")
-    if theirs and rank_world()[0] == 0 and (theirs.eos_token, theirs.chat_template) != (
-            tokenizer.eos_token, tokenizer.chat_template):
-        print(f"sekd.py: note: the teacher's tokenizer has another EOS ({theirs.eos_token!r}, the student's "
-              f"{tokenizer.eos_token!r}) or chat template; the data is rendered with the student's",
-              file=sys.stderr)
-    if cfg.vocab_size is None and len(heads) == 2:
-        cfg.vocab_size = shared_vocab_size(heads[1], heads[0], len(tokenizer))
-    if cfg.vocab_size is not None and cfg.vocab_size > min(heads):
-        raise UsageError(f"--vocab-size {cfg.vocab_size} is beyond a model's head ({min(heads)} rows)")
-    vocab = cfg.vocab_size or min(heads)
-    if cfg.top_k_classes is not None and cfg.top_k_classes > vocab:
-        raise UsageError(f"--top-k-classes {cfg.top_k_classes} is above the vocabulary ({vocab} classes)")
-    return vocab
-
-def choose_samples(cfg, student, teacher, examples):
-    """Sample axis: the training examples to distill, scored by the initial student, saved for a rerun."""
-    if cfg.ell >= 1:
-        return torch.arange(len(examples))
-    path = os.path.join(cfg.out_dir, "sample_selection.json")
-    key = {"student_weights": weights_fingerprint(cfg.student), "signal": cfg.sample_signal, "ell": cfg.ell,
-           "fingerprint": fingerprint(examples),    # and the teacher, when the signal uses it
-           "teacher_weights": weights_fingerprint(cfg.teacher) if uses_teacher(cfg.sample_signal) else None}
-    if os.path.exists(path) and read_json(path)["key"] == key:   # saved by this student, data and signal
-        return torch.tensor(read_json(path)["kept"])
-    scores = sample_scores(student.eval(), examples.input_ids, cfg.sample_signal, teacher, cfg.batch_size,
-                           cfg.chunk_size, cfg.vocab_size, attention_mask=real_mask(examples.attention_mask),
-                           loss_mask=examples.loss_mask)
-    kept = select_samples(scores, cfg.ell)
-    if rank_world()[0] == 0:
-        write_json(path, {"key": key, "kept": kept.tolist()})
-    return kept
-
-def cache_identity(cfg):
-    """A cache's makers: the teacher's weights, and the student and signal that chose its samples, if any."""
-    student = weights_fingerprint(cfg.student) if cfg.ell < 1 and not cfg.cache_any_student else None
-    return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
-            "sample_signal": cfg.sample_signal if cfg.ell < 1 else None, "seq_len": cfg.seq_len}
-
-def open_cache(cfg, examples, vocab):
-    """Open cfg.cache_dir if it was built for this run's data, settings and models; report its size."""
-    cache, keep = TeacherCache(cfg.cache_dir), budget(len(examples), cfg.ell)
-    if len(cache) != keep or max(cache.sample_ids, default=-1) >= len(examples):
-        raise UsageError(f"teacher cache {cfg.cache_dir} has {len(cache)} samples, --ell {cfg.ell} keeps "
-                         f"{keep} of {len(examples)} examples: delete it to rebuild, or use another "
-                         "--cache-dir")
-    cache.check(vocab_size=vocab, num_samples=cfg.class_samples, temperature=cfg.temperature,
-                fingerprint=fingerprint(examples[cache.sample_ids]), **cache_identity(cfg))
-    m, paper = cache.manifest, 3 * cfg.class_samples                        # paper: 3 B per drawn class
-    tokens = int(examples.attention_mask.sum())
-    report = dict(cache_bytes_per_position=m["bytes_per_position"], paper_bytes_per_position=paper,
-                  cache_bytes_per_token=m["data_bytes"] / tokens, paper_bytes_per_token=paper * cfg.ell)
-    if rank_world()[0] == 0:
-        print("teacher cache: " + ", ".join(f"{k} {v:.1f}" for k, v in report.items()), file=sys.stderr)
-    return cache, report
 
 def fingerprint(examples):
-    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give another."""
+    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give
+    another."""
     examples = as_examples(examples)
     digest = hashlib.sha256(str(tuple(examples.input_ids.shape)).encode())
     digest.update(examples.input_ids.to(torch.int64).contiguous().numpy().tobytes())
@@ -1610,24 +2083,31 @@ def fingerprint(examples):
         digest.update(mask.to(torch.uint8).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
+
 UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
 
+
 def weights_fingerprint(model_name, blocks=256):
-    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping, logit_scale change
-    the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB (safetensors: each tensor's
-    name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training further changes every block; one
-    weight edited by hand between the blocks goes unseen."""
+    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping,
+    logit_scale change the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB
+    (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training
+    further changes every block; one weight edited by hand between the blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
-    digest, local = hashlib.sha256(), os.path.isdir(model_name)
-    directory = model_name if local else snapshot_download(model_name, local_files_only=True)
-    if os.path.exists(config := os.path.join(directory, "config.json")):
+    directory = model_name
+    if not os.path.isdir(model_name):
+        directory = snapshot_download(model_name, local_files_only=True)
+    digest = hashlib.sha256()
+    config = os.path.join(directory, "config.json")
+    if os.path.exists(config):
         used = {k: v for k, v in read_json(config).items() if k not in UNUSED_CONFIG_KEYS}
         digest.update(json.dumps(used, sort_keys=True).encode())
-    for name in sorted(f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))):
+    weight_files = [f for f in os.listdir(directory) if f.endswith((".safetensors", ".bin", ".pt"))]
+    for name in sorted(weight_files):
         size = os.path.getsize(os.path.join(directory, name))
         digest.update(f"{name}:{size}".encode())
         with open(os.path.join(directory, name), "rb") as f:
@@ -1637,18 +2117,100 @@ def weights_fingerprint(model_name, blocks=256):
                 digest.update(f.read(4096))
     return digest.hexdigest()
 
-CACHE_KEYS = {  # what a mismatch means, for the message that refuses a cache
+
+def shared_vocab_size(v_teacher, v_student, tokenizer_len):
+    """None when both heads have one size; tokenizer_len when they differ only by padding rows
+    beyond it."""
+    if v_teacher == v_student:
+        return None
+    if min(v_teacher, v_student) >= tokenizer_len:
+        return tokenizer_len
+    raise UsageError(f"teacher vocabulary {v_teacher} and student vocabulary {v_student} differ "
+                     f"beyond padding (tokenizer: {tokenizer_len} ids): KD needs models of one "
+                     "tokenizer family")
+
+
+def check_models(cfg, tokenizer):
+    """From the configs alone (no weights): one shared vocabulary, and class settings that fit it.
+    tokenizer: the student's, which renders the data and is saved with it; a teacher's other EOS or
+    template is said."""
+    names = [name for name in (cfg.student, cfg.teacher) if name]
+    heads = [load_pretrained("AutoConfig", name).get_text_config().vocab_size for name in names]
+    if cfg.teacher:
+        theirs = load_pretrained("AutoTokenizer", cfg.teacher)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise UsageError(f"teacher '{cfg.teacher}' and student '{cfg.student}' use different "
+                             "tokenizers: KD compares distributions over one shared vocabulary")
+        same_rendering = (theirs.eos_token, theirs.chat_template) == (tokenizer.eos_token,
+                                                                      tokenizer.chat_template)
+        if not same_rendering and rank_world()[0] == 0:
+            print(f"sekd.py: note: the teacher's tokenizer has another EOS ({theirs.eos_token!r}, "
+                  f"the student's {tokenizer.eos_token!r}) or chat template; the data is rendered "
+                  "with the student's", file=sys.stderr)
+    if cfg.vocab_size is None and len(heads) == 2:
+        cfg.vocab_size = shared_vocab_size(heads[1], heads[0], len(tokenizer))
+    if cfg.vocab_size is not None and cfg.vocab_size > min(heads):
+        raise UsageError(f"--vocab-size {cfg.vocab_size} is beyond a model's head ({min(heads)} "
+                         "rows)")
+    vocab = cfg.vocab_size or min(heads)
+    if cfg.top_k_classes is not None and cfg.top_k_classes > vocab:
+        raise UsageError(f"--top-k-classes {cfg.top_k_classes} is above the vocabulary ({vocab} "
+                         "classes)")
+    return vocab
+
+
+# What a cache key's mismatch means, for the message that refuses a cache.
+CACHE_KEYS = {
     "teacher_weights": "another teacher (weights or config.json) than --teacher",
     "vocab_size": "another vocabulary size",
     "student_weights": "samples chosen by another --student (--cache-any-student accepts them)",
-    "sample_signal": "samples chosen by another --sample-signal", "num_samples": "another --class-samples",
-    "temperature": "another --temperature", "seq_len": "another --seq-len",
-    "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or --max-tokens)"}
+    "sample_signal": "samples chosen by another --sample-signal",
+    "num_samples": "another --class-samples",
+    "temperature": "another --temperature",
+    "seq_len": "another --seq-len",
+    "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or "
+                   "--max-tokens)"}
+
+
+def cache_identity(cfg):
+    """A cache's makers: the teacher's weights, and the student and signal that chose its samples,
+    if any."""
+    chosen = cfg.ell < 1
+    student = None
+    if chosen and not cfg.cache_any_student:
+        student = weights_fingerprint(cfg.student)
+    return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
+            "sample_signal": cfg.sample_signal if chosen else None, "seq_len": cfg.seq_len}
+
+
+def open_cache(cfg, examples, vocab):
+    """Open cfg.cache_dir if it was built for this run's data, settings and models; report its
+    size."""
+    cache = TeacherCache(cfg.cache_dir)
+    keep = budget(len(examples), cfg.ell)
+    if len(cache) != keep or max(cache.sample_ids, default=-1) >= len(examples):
+        raise UsageError(f"teacher cache {cfg.cache_dir} has {len(cache)} samples, --ell {cfg.ell} "
+                         f"keeps {keep} of {len(examples)} examples: delete it to rebuild, or use "
+                         "another --cache-dir")
+    cache.check(vocab_size=vocab, num_samples=cfg.class_samples, temperature=cfg.temperature,
+                fingerprint=fingerprint(examples[cache.sample_ids]), **cache_identity(cfg))
+    paper = 3 * cfg.class_samples                                   # paper: 3 B per drawn class
+    tokens = int(examples.attention_mask.sum())
+    report = dict(cache_bytes_per_position=cache.manifest["bytes_per_position"],
+                  paper_bytes_per_position=paper,
+                  cache_bytes_per_token=cache.manifest["data_bytes"] / tokens,
+                  paper_bytes_per_token=paper * cfg.ell)
+    if rank_world()[0] == 0:
+        sizes = ", ".join(f"{k} {v:.1f}" for k, v in report.items())
+        print(f"teacher cache: {sizes}", file=sys.stderr)
+    return cache, report
+
 
 OUTPUTS = ("metrics.json", "student", "checkpoint", "log.jsonl")
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batches", "device",
                      "teacher_device", "resume", "overwrite", "cache_any_student", "streaming",
                      "gradient_checkpointing"}
+
 
 def check_out_dir(cfg):
     """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
@@ -1657,152 +2219,95 @@ def check_out_dir(cfg):
     state = os.path.join(cfg.out_dir, "checkpoint", "checkpoint.json")
     if cfg.resume:
         if not os.path.exists(state):
-            raise UsageError(f"--resume: no checkpoint in {cfg.out_dir}/checkpoint (a run writes one every "
-                             "--save-every steps, and when interrupted): drop --resume to start")
-        if "tokens" not in (saved := read_json(state)):   # before save_pretrained checkpoints
-            raise UsageError(f"--resume: {state} was written by an earlier sekd.py, whose checkpoints this "
-                             "one cannot continue: start a new run (--overwrite)")
+            raise UsageError(f"--resume: no checkpoint in {cfg.out_dir}/checkpoint (a run writes "
+                             "one every --save-every steps, and when interrupted): drop --resume "
+                             "to start")
+        saved = read_json(state)
+        if "tokens" not in saved:   # before save_pretrained checkpoints
+            raise UsageError(f"--resume: {state} was written by an earlier sekd.py, whose "
+                             "checkpoints this one cannot continue: start a new run (--overwrite)")
         return saved
     earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
     if earlier and not cfg.overwrite:
-        raise UsageError(f"--out-dir {cfg.out_dir} holds another run's {', '.join(earlier)}: pass --resume "
-                         "to continue it, --overwrite to replace it, or choose another --out-dir")
+        raise UsageError(f"--out-dir {cfg.out_dir} holds another run's {', '.join(earlier)}: pass "
+                         "--resume to continue it, --overwrite to replace it, or choose another "
+                         "--out-dir")
 
-def total_steps(cfg, num_kept):
-    """The run's optimizer steps: --max-steps, else --epochs passes over the num_kept distilled blocks."""
-    per_step = rank_world()[1] * cfg.batch_size * cfg.grad_accum
-    return cfg.max_steps or math.ceil(cfg.epochs * num_kept / per_step)
 
 def check_resume(cfg, saved, num_kept):
-    """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a step
-    budget it has already passed, or (curriculum, whose window follows step / last step) another budget."""
-    if saved["world_size"] != rank_world()[1]:  # the data order is cut into global batches
-        raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), this one "
-                         f"{rank_world()[1]}: resume it with torchrun --nproc_per_node {saved['world_size']}")
-    before = {f.name: f.default for f in dataclasses.fields(cfg)} | saved["config"]   # newer fields: defaults
-    if changed := [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RESUME_MAY_CHANGE and before[k] != v]:
-        raise UsageError(f"--resume: this command changes {', '.join(changed)} from the checkpoint's "
-                         "run: resume with its settings, or start a new run in another --out-dir")
-    total, step = total_steps(cfg, num_kept), saved["step"]
+    """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a
+    step budget it has already passed, or (curriculum, whose window follows step / last step)
+    another budget."""
+    world = rank_world()[1]
+    if saved["world_size"] != world:  # the data order is cut into global batches
+        raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), "
+                         f"this one {world}: resume it with torchrun --nproc_per_node "
+                         f"{saved['world_size']}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    before = defaults | saved["config"]   # fields added since the checkpoint: their defaults
+    now = dataclasses.asdict(cfg)
+    changed = [k for k, v in now.items() if k not in RESUME_MAY_CHANGE and before[k] != v]
+    if changed:
+        raise UsageError(f"--resume: this command changes {', '.join(changed)} from the "
+                         "checkpoint's run: resume with its settings, or start a new run in another "
+                         "--out-dir")
+    total = total_steps(cfg, num_kept)
+    step = saved["step"]
     if total < step:
-        raise UsageError(f"--resume: the checkpoint is at step {step}, past this command's {total} steps: "
-                         f"raise --max-steps (or --epochs) to at least {step}")
+        raise UsageError(f"--resume: the checkpoint is at step {step}, past this command's {total} "
+                         f"steps: raise --max-steps (or --epochs) to at least {step}")
     if cfg.positions == "curriculum" and total != saved.get("total_steps", total):
         raise UsageError(f"--resume: --positions curriculum slides its window over the run's "
-                         f"{saved['total_steps']} steps; resume with that budget (this command: {total})")
+                         f"{saved['total_steps']} steps; resume with that budget (this command: "
+                         f"{total})")
 
-class Run:
-    """A training run. Set up cheapest first, so that bad input fails before any model loads; then it holds
-    what changes between steps (step, optimizer, GLS queue, history), which a checkpoint saves."""
-    def __init__(self, cfg):
-        needed = ("student", "data", "teacher") if cfg.needs_teacher else ("student", "data")
-        if missing := [f"--{name}" for name in needed if getattr(cfg, name) is None]:
-            raise UsageError(f"--method {cfg.method} needs {' and '.join(missing)}")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = device = resolve_device(cfg.device, local_rank)
-        self.teacher_device = resolve_device(cfg.teacher_device, local_rank) if cfg.teacher_device else device
-        saved = check_out_dir(cfg)                                     # the checkpoint to resume, if any
-        self.cfg, self.tokenizer = cfg, pretrained("AutoTokenizer", cfg.student)   # saved with the student
-        vocab = check_models(cfg, self.tokenizer)
-        state = None
-        if saved:  # the checkpoint's state file, read once, on the CPU
-            state = load_file(os.path.join(cfg.out_dir, "checkpoint", saved["state"]))
-            check_resume(cfg, saved, len(state["kept"]))
-        examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
-        self.data_fingerprint = fingerprint(examples)   # a checkpoint's kept rows name these examples
-        if saved and saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
-            raise UsageError(f"--resume: --data {cfg.data} now gives other training examples than the "
-                             "checkpoint's run trained on (the data, its tokenizer or chat template "
-                             "changed): resume with the same data, or start a new run in another --out-dir")
-        self.examples, self.cache, dropped = examples, None, self.info["dropped_examples"]
-        if dropped and rank_world()[0] == 0:
-            print(f"data: dropped {dropped} example(s) with no target within --seq-len {cfg.seq_len}",
-                  file=sys.stderr)
-        if cfg.on_policy_fraction and (self.info["data_format"] == "text" or
-                                       prompt_lengths(examples.loss_mask).min() == 0):
-            raise UsageError(f"--on-policy-fraction: the student answers the data's prompts, and --data "
-                             f"{cfg.data} has rows without one (plain text, or an empty prompt): use "
-                             "prompt/completion or chat rows")
-        if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
-            self.cache, info = open_cache(cfg, examples, vocab)   # reuse: no pre-pass, no teacher
-            self.info.update(info)
-            if saved and state["kept"].tolist() != self.cache.sample_ids:
-                raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples than the "
-                                 "checkpoint's run distilled (rebuilt since?): resume with its cache")
-        checkpoint = saved and os.path.join(cfg.out_dir, "checkpoint", saved["student"])
-        student, self.teacher = load_model(checkpoint or cfg.student, device), None   # resumed: the saved one
-        if cfg.gradient_checkpointing:
-            checkpoint_activations(student)
-        if cfg.needs_teacher and self.cache is None:   # None when training needs none (ce, or from a cache)
-            self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
-        self.kept = (state["kept"] if saved else                          # the distilled training blocks
-                     torch.tensor(self.cache.sample_ids) if self.cache else     # (cached sample i is kept[i])
-                     choose_samples(cfg, student, self.teacher, examples))
-        if cfg.cache_dir and self.cache is None:
-            start = time.time()
-            build_cache(self.teacher, examples[self.kept], cfg.cache_dir, num_samples=cfg.class_samples,
-                        temperature=cfg.temperature, batch_size=cfg.batch_size, sample_ids=self.kept,
-                        teacher_name=cfg.teacher, vocab_size=vocab, shard_size=cfg.cache_shard_size,
-                        chunk_size=cfg.chunk_size, seed=cfg.seed, identity=cache_identity(cfg))
-            self.cache, info = open_cache(cfg, examples, vocab)
-            self.info.update(info, cache_build_s=time.time() - start)
-            self.teacher = None                                                  # trains without it
-        if device.type == "cuda":  # the peak memory then reports training, not building
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        self.student = student.train()                 # under torchrun: DDP(Backbone(student))
-        if dist.is_initialized():
-            self.student = torch.nn.parallel.DistributedDataParallel(
-                Backbone(student), device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=device.type == "cuda")   # fused: 4x faster on an H100
-        self.gls = GlobalThreshold(cfg.gls_queue_size) if cfg.positions == "gls" else None
-        self.step, self.tokens, self.train_time, self.history, self.evals = 0, 0, 0.0, [], []
-        self.total, self.eval_teacher, self.log = total_steps(cfg, len(self.kept)), None, None
-        if saved:
-            load_checkpoint(self, saved, state)
 
 def save_student(run, path):
-    """The student with its tokenizer as save_pretrained writes them (from_pretrained, vLLM and lm-eval load
-    it), in a temp directory published over path: a half-saved model never looks whole."""
+    """The student with its tokenizer as save_pretrained writes them (from_pretrained, vLLM and
+    lm-eval load it), in a temp directory renamed over path: a half-saved model never looks whole."""
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".student.")
     unwrap(run.student).save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
-    remove(path)
+    remove_path(path)
     durable_replace(tmp, path)
 
+
 def save_checkpoint(run):
-    """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the newest) and
-    the optimizer's state (state-N.safetensors), then checkpoint.json, each published durably, checkpoint.json
-    last: a crash or power loss leaves the previous checkpoint whole."""
+    """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the
+    newest) and the optimizer's state (state-N.safetensors), then checkpoint.json, each written
+    durably, checkpoint.json last: a crash or power loss leaves the previous checkpoint whole."""
     directory = os.path.join(run.cfg.out_dir, "checkpoint")
     if rank_world()[0] == 0:
         os.makedirs(directory, exist_ok=True)
-        student, state_file = f"student-{run.step:08d}", f"state-{run.step:08d}.safetensors"
+        student = f"student-{run.step:08d}"
+        state_file = f"state-{run.step:08d}.safetensors"
         optimizer = run.optimizer.state_dict()
         tensors = {f"optimizer.{i}.{key}": value.contiguous()
                    for i, state in optimizer["state"].items() for key, value in state.items()}
-        tensors.update(kept=run.kept, gls_queue=run.gls.queue if run.gls else torch.empty(0))
+        tensors["kept"] = run.kept
+        tensors["gls_queue"] = run.gls.queue if run.gls else torch.empty(0)
         save_student(run, os.path.join(directory, student))
-        save_file(tensors, os.path.join(directory, state_file + ".tmp"))
-        durable_replace(os.path.join(directory, state_file + ".tmp"), os.path.join(directory, state_file))
+        state_path = os.path.join(directory, state_file)
+        save_file(tensors, state_path + ".tmp")
+        durable_replace(state_path + ".tmp", state_path)
         write_json(os.path.join(directory, "checkpoint.json"), {
             "step": run.step, "tokens": run.tokens, "total_steps": run.total, "student": student,
-            "state": state_file, "world_size": rank_world()[1], "config": dataclasses.asdict(run.cfg),
-            "param_groups": optimizer["param_groups"], "train_time_s": run.train_time, "history": run.history,
-            "evals": run.evals, "info": run.info, "data_fingerprint": run.data_fingerprint})
+            "state": state_file, "world_size": rank_world()[1],
+            "config": dataclasses.asdict(run.cfg), "param_groups": optimizer["param_groups"],
+            "train_time_s": run.train_time, "history": run.history, "evals": run.evals,
+            "info": run.info, "data_fingerprint": run.data_fingerprint})
         link = os.path.join(directory, "student")
-        remove(link + ".tmp")
+        remove_path(link + ".tmp")
         os.symlink(student, link + ".tmp")   # relative: the directory can move
         os.replace(link + ".tmp", link)
         for name in set(os.listdir(directory)) - {student, state_file, "checkpoint.json", "student"}:
-            remove(os.path.join(directory, name))
+            remove_path(os.path.join(directory, name))
     barrier()
 
+
 def load_checkpoint(run, saved, tensors):
-    """Restore what save_checkpoint saved but the student (loaded from it); tensors: its state file, on the
-    CPU (AdamW moves its state to its parameters' device)."""
+    """Restore what save_checkpoint saved but the student (loaded from it); tensors: its state file,
+    on the CPU (AdamW moves its state to its parameters' device)."""
     state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -1811,265 +2316,68 @@ def load_checkpoint(run, saved, tensors):
     run.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     if run.gls is not None:
         run.gls.queue = tensors["gls_queue"]
-    run.step, run.tokens, run.train_time = saved["step"], saved["tokens"], saved["train_time_s"]
-    run.history, run.evals, run.info = saved["history"], saved["evals"], {**saved["info"], **run.info}
+    run.step = saved["step"]
+    run.tokens = saved["tokens"]
+    run.train_time = saved["train_time_s"]
+    run.history = saved["history"]
+    run.evals = saved["evals"]
+    run.info = {**saved["info"], **run.info}
 
-@torch.no_grad()
-def evaluate(student, teacher, examples, cfg, max_batches=None):
-    """Held-out perplexity of the student and KL(teacher || student) at T = 1 over every valid position of
-    examples (Examples, or token ids [N, L]): the loss's own terms (Full KD and CE) on held-out data. Under
-    DDP each rank takes every world-th batch."""
-    student, (rank, world), was_training = unwrap(student), rank_world(), unwrap(student).training
-    probe = Config(method="full", ce_weight=1.0 if teacher is None else 0.5, vocab_size=cfg.vocab_size,
-                   chunk_size=cfg.chunk_size)
-    examples, sums = as_examples(examples), torch.zeros(3, dtype=torch.float64)   # CE, KL, positions
-    student.eval()
-    for first in range(0, len(examples), cfg.batch_size)[:max_batches][rank::world]:
-        batch = read_batch(examples[first:first + cfg.batch_size], None, None, student.device)
-        batch = to_device(batch, None, student.device)
-        with autocast(student.device):
-            _, stats = distill_loss(student, teacher, batch["input_ids"], batch["attention_mask"], probe,
-                                    loss_mask=batch["loss_mask"])
-        sums += torch.tensor([stats["ce"], stats.get("kl", 0.0), 1.0], dtype=torch.float64) * stats["valid"]
-    if world > 1:
-        sums = sums.to(student.device)
-        dist.all_reduce(sums)
-    student.train(was_training)
-    ce, kl, count = sums.tolist()
-    return {"val_ppl": math.exp(ce / count), "val_kl": kl / count if teacher is not None else None}
-
-def training_order(num_samples, global_batch, seed, first=0):
-    """Global micro-batches of sample indices from micro-batch `first` on: one shuffle per epoch, epochs back
-    to back (a batch may straddle two), so that every micro-batch is full and a resumed run continues it."""
-    generator, skip = torch.Generator().manual_seed(seed), first * global_batch
-    pending = torch.empty(0, dtype=torch.long)
-    while True:
-        order = torch.randperm(num_samples, generator=generator)
-        pending, skip = torch.cat([pending, order[min(skip, num_samples):]]), max(0, skip - num_samples)
-        while len(pending) >= global_batch:
-            yield pending[:global_batch]
-            pending = pending[global_batch:]
-
-def prefetch(items, load):
-    """Yield load(item) for each item while the next one loads in a background thread."""
-    with ThreadPoolExecutor(1) as pool:
-        futures = (pool.submit(load, item) for item in items)   # each submitted when the loop asks for it
-        pending = next(futures, None)
-        while pending is not None:
-            following = next(futures, None)   # submitted before waiting on pending: one load ahead
-            yield pending.result()
-            pending = following
-
-def read_batch(examples, cache, cache_rows, device):
-    """The CPU side of a micro-batch of examples: a dict of their tensors (attention_mask None when every
-    token is real) and, with a cache, the packed targets of its rows cache_rows and the flat indices of the
-    batch's valid positions they go to; pinned for async copies on CUDA."""
-    batch = dict(input_ids=examples.input_ids, attention_mask=real_mask(examples.attention_mask),
-                 loss_mask=examples.loss_mask)
-    if cache is not None:
-        positions = examples.valid().flatten().nonzero()[:, 0]
-        batch.update(entries=cache.read(cache_rows.tolist()), positions=positions)
-    pin = device.type == "cuda"
-    return {name: t.pin_memory() if pin and t is not None else t for name, t in batch.items()}
-
-def to_device(batch, cache, device):
-    """The device side: copy, and decode cached targets there (tensor ops, no host sync) -> the inputs of
-    distill_loss: input_ids, attention_mask, loss_mask and targets (None without a cache)."""
-    batch = {name: t if t is None else t.to(device, non_blocking=True) for name, t in batch.items()}
-    entries, positions, ids = batch.pop("entries", None), batch.pop("positions", None), batch["input_ids"]
-    shape = (len(ids), ids.shape[1] - 1)
-    batch["targets"] = None if cache is None else cache.decode(entries, positions, shape)
-    return batch
-
-def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=None):
-    """One optimizer step over micro-batches (dicts of distill_loss's input_ids, and optionally
-    attention_mask, loss_mask and targets): forward, backward, clip, AdamW.
-    The gradient is the global batch's mean over samples (those with a selected position), however many each
-    micro-batch and rank holds: each backward sums its samples' losses, and the gradient is then divided by
-    the global count, from one all-reduce per step. Under DDP only the last micro-batch syncs gradients (its
-    forward decides that, so forward and backward both run under no_sync). Returns stats summed over ranks,
-    finite False (and no update, on every rank) when any rank's loss or the gradient norm is not finite."""
-    world = rank_world()[1]
-    totals = torch.zeros(6, dtype=torch.float64)   # loss x samples, samples, selected, valid, tokens, finite
-    for i, batch in enumerate(batches):
-        last, device = i == len(batches) - 1, batch["input_ids"].device
-        with nullcontext() if last or not hasattr(student, "no_sync") else student.no_sync():
-            with autocast(device):
-                loss, stats = distill_loss(student, teacher, batch["input_ids"], batch.get("attention_mask"),
-                                           cfg, batch.get("targets"), loss_mask=batch.get("loss_mask"),
-                                           progress=progress, gls=gls)
-            (loss * stats["samples"]).backward()
-        totals += torch.tensor([stats["loss"] * stats["samples"], stats["samples"], stats["selected"],
-                                stats["valid"], stats["tokens"], math.isfinite(stats["loss"])],
-                               dtype=torch.float64)
-    if world > 1:
-        totals = totals.to(device)
-        dist.all_reduce(totals)
-    loss, samples, selected, valid, tokens, finite = totals.tolist()
-    grads = [p.grad for p in unwrap(student).parameters() if p.grad is not None]
-    torch._foreach_mul_(grads, world / max(samples, 1))   # DDP averaged over ranks: x world / global samples
-    norm = torch.nn.utils.clip_grad_norm_(unwrap(student).parameters(), cfg.max_grad_norm).item()
-    finite = math.isfinite(norm) and finite == world * len(batches)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss / max(samples, 1), share=selected / max(valid, 1), grad_norm=norm,
-                tokens=int(tokens), valid=int(valid), finite=finite)
-
-@contextmanager
-def caught_signals():
-    """SIGINT/SIGTERM are noted: the loop ends its step, saves and stops. A second one stops at once."""
-    caught = []
-    def note(signum, frame):
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = {s: os_signal.signal(s, note) for s in (os_signal.SIGINT, os_signal.SIGTERM)} if main else {}
-    try:
-        yield caught
-    finally:
-        for s, handler in previous.items():
-            os_signal.signal(s, handler)
-
-def train(cfg):
-    """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics also written to metrics.json."""
-    from tqdm import tqdm
-    start_time = time.time()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # under torchrun
-        device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        run = Run(cfg)
-        rank, world = rank_world()
-        run.log = start_outputs(cfg, run.step) if rank == 0 else None
-        total, global_batch = run.total, world * cfg.batch_size
-        order = training_order(len(run.kept), global_batch, cfg.seed, first=run.step * cfg.grad_accum)
-        mine = (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in order)
-        load = lambda i: read_batch(run.examples[run.kept[i]], run.cache, i, run.device)
-        batches = prefetch(mine, load)                                 # reads one micro-batch ahead
-        bar = tqdm(total=total, initial=run.step, desc=cfg.method, dynamic_ncols=True, disable=rank != 0)
-        eos_id = run.tokenizer.eos_token_id                          # ends the student's on-policy responses
-        with caught_signals() as caught:
-            for step in range(run.step, total):
-                began = time.time()
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1024 + rank)   # the step is the RNG state
-                micro = [to_device(next(batches), run.cache, run.device) for _ in range(cfg.grad_accum)]
-                on_policy = on_policy_step(cfg, step)
-                micro = [responses(run.student, b, cfg, eos_id) for b in micro] if on_policy else micro
-                stats = train_step(run.student, run.teacher, micro, cfg, run.optimizer,
-                                   progress=step / max(total - 1, 1), gls=run.gls)
-                if not stats["finite"]:
-                    raise RunStopped(f"step {step + 1}: the loss or gradient norm is not finite "
-                                     f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
-                                     f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
-                                     "Lower --lr, or check the data")
-                run.step, run.tokens = step + 1, run.tokens + stats["tokens"]
-                run.train_time += time.time() - began
-                gen_len = stats["valid"] / (world * cfg.batch_size * cfg.grad_accum) if on_policy else None
-                note(run, dict(step=run.step, loss=stats["loss"], share=stats["share"],
-                               grad_norm=stats["grad_norm"], lr=run.optimizer.param_groups[0]["lr"],
-                               tokens=run.tokens, seconds=run.train_time, on_policy=on_policy,
-                               gen_len=gen_len))
-                bar.update()
-                recent = [h["loss"] for h in run.history[-20:]]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", sel=f"{stats['share']:.0%}",
-                                tok_s=f"{run.tokens / max(run.train_time, 1e-9):.0f}")
-                if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < total:
-                    held_out = evaluate(run.student, eval_teacher(run), run.val_examples, cfg,
-                                        cfg.eval_batches)
-                    note(run, {"step": run.step, **held_out})
-                if cfg.save_every and run.step % cfg.save_every == 0:
-                    save_checkpoint(run)
-                stop = torch.tensor([float(bool(caught))], device=run.device)
-                if dist.is_initialized():  # every rank stops at the same step
-                    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-                if stop.item():
-                    save_checkpoint(run)
-                    raise RunStopped(f"interrupted at step {run.step} of {total}: checkpoint saved in "
-                                     f"{cfg.out_dir}/checkpoint; continue it with --resume", 130)
-        bar.close()
-        return finish(run, start_time)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-def on_policy_step(cfg, step):
-    """Whether step distills on the student's own responses: a draw of its own per step, the same on every
-    rank, that leaves the step's random state alone (--on-policy-fraction 0: never, as before)."""
-    draw = torch.rand(1, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-    return bool(draw < cfg.on_policy_fraction)
-
-def responses(student, batch, cfg, eos_id):
-    """An on-policy micro-batch: batch's prompts with the student's responses, supervised on those alone."""
-    with autocast(batch["input_ids"].device):   # generate() on the model itself: DDP's wrapper has none
-        ids, mask, targets = student_responses(unwrap(student), batch["input_ids"], batch["loss_mask"],
-                                               eos_id, cfg.max_new_tokens, cfg.gen_temperature)
-    return dict(input_ids=ids, attention_mask=real_mask(mask), loss_mask=targets, targets=None)
 
 def start_outputs(cfg, step):
-    """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed (--overwrite), and
-    log.jsonl opened for appending, holding the lines of steps up to `step` (a resume continues the log with
-    no step missing or twice)."""
-    for name in OUTPUTS if cfg.overwrite else ():
-        remove(os.path.join(cfg.out_dir, name))
-    path, lines = os.path.join(cfg.out_dir, "log.jsonl"), []
+    """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed
+    (--overwrite), and log.jsonl opened for appending, holding the lines of steps up to `step` (a
+    resume continues the log with no step missing or twice; a line torn by a hard kill is dropped)."""
+    if cfg.overwrite:
+        for name in OUTPUTS:
+            remove_path(os.path.join(cfg.out_dir, name))
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    lines = []
     if step and os.path.exists(path):
         with open(path) as f:
             lines = [line.rstrip("\n") + "\n" for line in f if logged_step(line) <= step]
     write_text(path, "".join(lines))
     return open(path, "a")
 
+
 def logged_step(line):
-    """The step of a log.jsonl line; infinite for a line that does not parse (torn by a hard kill)."""
+    """The step of a log.jsonl line; infinite for a line that does not parse."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
 
-def note(run, record):
-    """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank 0 as one
-    line of OUT_DIR/log.jsonl, flushed as written."""
-    (run.evals if "val_ppl" in record else run.history).append(record)
-    if run.log is not None:
-        run.log.write(json.dumps(record) + "\n")
-        run.log.flush()
 
-def eval_teacher(run):
-    """The teacher for held-out KL: the training one, or (training from a cache) loaded once, on first use."""
-    if run.teacher is None and run.eval_teacher is None and run.cfg.teacher:
-        run.eval_teacher = load_model(run.cfg.teacher, run.teacher_device, frozen=True)
-    return run.teacher if run.teacher is not None else run.eval_teacher
+@contextmanager
+def caught_signals():
+    """SIGINT/SIGTERM are noted: the loop ends its step, saves and stops. A second one stops at
+    once."""
+    caught = []
 
-def finish(run, start_time):
-    """Save the student (atomically) first, then evaluate: a failed evaluation never loses a trained one."""
-    cfg, (rank, world) = run.cfg, rank_world()
-    train_peak_mb, path = peak_memory_mb(run.device), os.path.join(cfg.out_dir, "student")
-    if rank == 0:
-        save_student(run, path)
+    def remember(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():   # only it may set handlers
+        for signum in (os_signal.SIGINT, os_signal.SIGTERM):
+            previous[signum] = os_signal.signal(signum, remember)
     try:
-        final = evaluate(run.student, eval_teacher(run), run.val_examples, cfg, cfg.eval_batches)
-    except Exception as err:
-        raise RunStopped(f"training finished and the student is saved in {path}, but the final evaluation "
-                         f"failed: {type(err).__name__}: {err}") from err
-    note(run, {"step": run.step, **final})
-    if run.log is not None:
-        run.log.close()
-    last = run.history[-max(1, len(run.history) // 10):]  # the last 10% of steps
-    metrics = {
-        "config": dataclasses.asdict(cfg), **final, "train_loss": sum(h["loss"] for h in last) / len(last),
-        "share_supervised": sum(h["share"] for h in run.history) / len(run.history), "steps": run.step,
-        "train_tokens": run.tokens, "train_blocks": len(run.examples), "val_blocks": len(run.val_examples),
-        "distilled_blocks": len(run.kept), **run.info, "tokens_per_s": run.tokens / max(run.train_time, 1e-9),
-        "train_time_s": run.train_time, "wall_time_s": time.time() - start_time, "world_size": world,
-        "peak_memory_mb": train_peak_mb, "device": str(run.device), "evals": run.evals}
-    if rank == 0:
-        write_json(os.path.join(cfg.out_dir, "metrics.json"), metrics)
-    return metrics
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            os_signal.signal(signum, handler)
 
-# ==== 9. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
+
+def stop_requested(caught, device):
+    """Whether a signal came, on any rank: every rank then stops at the same step."""
+    stop = torch.tensor([float(bool(caught))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
+
+
+# ==== 10. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
 # Each method makes one pass over the same random blocks with random-init models of its own, built on the
 # device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a fresh process).
 
@@ -2131,7 +2439,7 @@ def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, o
             if on_policy:   # responses as long as the blocks' second halves (an EOS, id 0, is rare)
                 half = ids.shape[1] // 2
                 micro["loss_mask"] = (torch.arange(ids.shape[1], device=device) >= half).expand_as(ids)
-                micro = responses(student, micro, Config(max_new_tokens=ids.shape[1] - half), eos_id=0)
+                micro = on_policy_batch(student, micro, Config(max_new_tokens=ids.shape[1] - half), eos_id=0)
             train_step(student, teacher, [micro], Config(method=method), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
@@ -2235,7 +2543,7 @@ def bench(argv):
         print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
     print(json.dumps(report))
 
-# ==== 10. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
+# ==== 11. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
 @torch.no_grad()
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     """One sequence [1, L] scored and selected as a training step would (batch_scores, position_weights) ->
@@ -2311,7 +2619,7 @@ def show(argv):
         raise UsageError("show needs --student, and --text or --data (one of them)")
     if uses_teacher(cfg.signal) and not args.teacher:
         raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give --teacher")
-    tokenizer, device = pretrained("AutoTokenizer", args.student), resolve_device(args.device)
+    tokenizer, device = load_pretrained("AutoTokenizer", args.student), resolve_device(args.device)
     ids, targets, text, offsets = show_row(args, cfg, tokenizer)
     ids, targets = torch.from_numpy(ids)[None], torch.from_numpy(targets)[None]
     if valid_positions(ids, None, targets).sum() == 0:
@@ -2365,7 +2673,7 @@ def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
         page = SHOW_PAGE.replace("{header}", html.escape(header)).replace("{summary}", html.escape(summary))
         write_text(args.html, page.replace("{body}", body))
 
-# ==== 11. Command line
+# ==== 12. Command line
 def usage_error(message):
     print(f"sekd.py: error: {message}", file=sys.stderr)
     sys.exit(2)

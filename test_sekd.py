@@ -1334,7 +1334,7 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
     teacher = AutoModelForCausalLM.from_pretrained(saved_models["teacher"])
-    _, val, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", saved_models["student"]))
+    _, val, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"]))
     after, before = sekd.evaluate(trained, teacher, val, cfg), sekd.evaluate(initial, teacher, val, cfg)
     assert after["val_kl"] == pytest.approx(metrics["val_kl"],
                                             rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
@@ -1407,7 +1407,7 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_shard_size=3)
     first = sekd.train(cfg)
     manifest = sekd.TeacherCache(cfg.cache_dir).manifest
-    train, _, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", saved_models["student"]))
+    train, _, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"]))
     from transformers import AutoModelForCausalLM
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
     kept = sekd.select_samples(sekd.sample_scores(initial, train.input_ids, loss_mask=train.loss_mask), 0.2)
@@ -1579,7 +1579,7 @@ def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
 def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_generated(
         saved_models, tmp_path, monkeypatch):
     _, seen, log = on_policy_run(saved_models, tmp_path, monkeypatch, on_policy_fraction=1.0)
-    tokenizer = sekd.pretrained("AutoTokenizer", saved_models["student"])
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     prompts = {tuple(tokenizer(f"document {i} says")["input_ids"]) for i in range(40)}
     eos, generated = tokenizer.eos_token_id, []
     for ids, mask, loss_mask in seen:
@@ -1602,7 +1602,7 @@ def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit
                                        method="random")
     none, _, _ = on_policy_run(saved_models, tmp_path / "never", monkeypatch, method="random",
                                on_policy_fraction=1e-9)   # draws every step, never on-policy
-    tokenizer = sekd.pretrained("AutoTokenizer", saved_models["student"])
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     train, _, _ = sekd.load_examples(run_config(saved_models, tmp_path, data=saved_models["prompts"]),
                                      tokenizer)
     rows = {tuple(row[:n]) for row, n in zip(train.input_ids.tolist(), train.attention_mask.sum(1).tolist())}
@@ -2151,7 +2151,7 @@ def test_show_scores_exactly_the_ids_and_masks_training_builds_for_a_row(saved_m
         seen.append((ids, loss_mask)) or real(student, teacher, ids, loss_mask, cfg)))
     shown(["--student", student, "--data", str(data), "--index", "1"], capsys)
     train, _, _ = sekd.load_examples(data_config(data, seq_len=512, val_fraction=0.5),
-                                     sekd.pretrained("AutoTokenizer", student))
+                                     sekd.load_pretrained("AutoTokenizer", student))
     assert train.attention_mask.all()
     assert torch.equal(seen[0][0][0], train.input_ids[0]) and torch.equal(seen[0][1][0], train.loss_mask[0])
 
