@@ -6,11 +6,13 @@ uncertain: score every position by the student's entropy H(q_t), keep the top k%
 compute the KD loss there only. Because the score needs no teacher output, both language-model heads
 run on the selected rows alone.
 
-Read top to bottom. The method, sections 1-5, runs when copied alone: 1 scores u(t), 2 position axis,
-3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on the student's own responses: on-policy).
-A reader can stop there. Then the training path: 6 offline teacher cache (SE-KD 3X), 7 data, 8 the
-run and its loop. Then the plumbing a reader of the method can skip: 9 checks, fingerprints and
-durable writes, 10 benchmark, 11 show (the selected positions on a text), 12 command line.
+Read top to bottom. The method, sections 1-5, runs when copied alone: 1 scores u(t), 2 position
+axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on the student's own responses:
+on-policy). A reader can stop there. Then the training path: 6 offline teacher cache (SE-KD 3X),
+7 data, 8 the run and its loop. Then the plumbing a reader of the method can skip: 9 checks,
+fingerprints and durable writes, 10 benchmark, 11 show (the selected positions on a text),
+12 command line.
+
 Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
 """
 
@@ -55,7 +57,6 @@ def unwrap(model):
     model = getattr(model, "module", model)                    # DistributedDataParallel
     return getattr(model, "causal_lm", model)                  # Backbone (section 8)
 
-
 def hidden_states(model, input_ids, attention_mask=None):
     """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head).
     No mask means every token is real: attention can take its causal kernel."""
@@ -65,7 +66,6 @@ def hidden_states(model, input_ids, attention_mask=None):
     # No KV cache: a forward over whole sequences reuses none.
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return output.last_hidden_state
-
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered
@@ -91,10 +91,8 @@ def lm_head(model, vocab_size=None):
         return z
     return logits
 
-
 def head_size(model):
     return unwrap(model).get_output_embeddings().weight.shape[0]
-
 
 def rank_world():
     """(this process's rank, the number of processes): (0, 1) without a process group."""
@@ -102,10 +100,9 @@ def rank_world():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def all_gather(tensor):
-    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with zeros
-    to the widest T (each rank trims its micro-batches to their own longest example)."""
+    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with
+    zeros to the widest T (each rank trims its micro-batches to their own longest example)."""
     width = torch.tensor([tensor.shape[1]], device=tensor.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     tensor = F.pad(tensor, (0, int(width) - tensor.shape[1]))
@@ -113,13 +110,11 @@ def all_gather(tensor):
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
-
 def autocast(device):
     """bf16 autocast on CUDA (paper: bf16); full precision on CPU, where bf16 matmuls are slow."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
 
 def log_softmax_t(logits, temperature):
     """log softmax(logits / T) in float32, straight from bf16 logits (no upcast copy) when T = 1."""
@@ -127,21 +122,17 @@ def log_softmax_t(logits, temperature):
         logits = logits.float() / temperature
     return logits.log_softmax(-1, dtype=torch.float32)
 
-
 def softmax_t(logits, temperature):
     if temperature != 1:
         logits = logits.float() / temperature
     return logits.softmax(-1, dtype=torch.float32)
 
-
 def entropy(logits):
     """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N]."""
     return torch.special.entr(softmax_t(logits, 1)).sum(-1)
 
-
 def cross_entropy(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="none")
-
 
 def kl_rows(p_logits, q_logits, temperature=1.0):
     """KL(p_T || q_T) per row, never negative (rounding can dip below 0 where p = q):
@@ -150,7 +141,6 @@ def kl_rows(p_logits, q_logits, temperature=1.0):
     log_q = log_softmax_t(q_logits, temperature)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
     return kl.clamp(min=0)
-
 
 def standardize(scores, valid=None):
     """z-scores over the last axis's valid entries (population sd); a constant row gives 0, as do
@@ -163,16 +153,14 @@ def standardize(scores, valid=None):
     z = torch.where(sd > 1e-6, (scores - mean) / sd.clamp(min=1e-6), 0.0)
     return z * valid
 
-
 STUDENT_SIGNALS = ("student_entropy", "student_ce")
 TEACHER_SIGNALS = ("teacher_entropy", "teacher_ce", "kl", "reverse_kl", "ce_ratio")
 SIGNALS = STUDENT_SIGNALS + TEACHER_SIGNALS + ("kl+student_entropy", "ce_ratio+student_entropy")
-CE_FLOOR = 1e-6  # ce_ratio's denominator floor: a float32 CE closer to 0 (a sure, right teacher) is noise
-
+# ce_ratio's denominator floor: a float32 CE closer to 0 (a sure, right teacher) is noise
+CE_FLOOR = 1e-6
 
 def uses_teacher(signal):
     return any(part in TEACHER_SIGNALS for part in signal.split("+"))
-
 
 def position_scores(signal, student_logits, teacher_logits=None, labels=None):
     """u(t) of paper Table 1 at T = 1 on one sample's [N, V] logit rows -> float32 [N]. A sum adds
@@ -196,17 +184,16 @@ def position_scores(signal, student_logits, teacher_logits=None, labels=None):
         return cross_entropy(s, y) / cross_entropy(t, y).clamp(min=CE_FLOOR)
     raise ValueError(f"unknown signal {signal!r}: choose one of {', '.join(SIGNALS)}")
 
-
 @torch.no_grad()
 def token_entropy(hidden, lm_head, chunk_size=1024):
-    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...]. The head
-    runs on chunk_size rows at a time: the [B, L, V] logit tensor of the dense flow never exists."""
+    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...]. The
+    head runs on chunk_size rows at a time: the [B, L, V] logit tensor of the dense flow never
+    exists."""
     flat = hidden.reshape(-1, hidden.shape[-1])                          # [N, H]
     if len(flat) == 0:
         return flat.new_zeros(hidden.shape[:-1])
     chunks = [entropy(lm_head(flat[i:i + chunk_size])) for i in range(0, len(flat), chunk_size)]
     return torch.cat(chunks).reshape(hidden.shape[:-1])
-
 
 @torch.no_grad()
 def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
@@ -236,8 +223,9 @@ def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None,
 #      lines each
 def valid_positions(input_ids, attention_mask=None, loss_mask=None):
     """The positions a loss may supervise, bool [B, T]: t is valid when tokens t and t + 1 are real
-    (attention mask) and token t + 1 is a target the student learns (loss mask: a response token, not
-    the prompt). None: every token is real, or a target. k and every policy count valid positions."""
+    (attention mask) and token t + 1 is a target the student learns (loss mask: a response token,
+    not the prompt). None: every token is real, or a target. k and every policy count valid
+    positions."""
     valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
         real = attention_mask.bool()
@@ -246,17 +234,15 @@ def valid_positions(input_ids, attention_mask=None, loss_mask=None):
         valid = valid & loss_mask[:, 1:].bool()
     return valid
 
-
 def budget(n, share):
-    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share is
-    read as the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give
+    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share
+    is read as the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give
     ceil(7.000000000000001)."""
     fraction = Fraction(repr(float(share))).limit_denominator(1_000_000)
     kept = -((-n * fraction.numerator) // fraction.denominator)  # ceil division on integers
     if isinstance(n, torch.Tensor):
         return torch.where(n > 0, kept.clamp(min=1), 0)
     return max(kept, 1) if n > 0 else 0
-
 
 def ranks(scores, descending):
     """Each position's place in its row's sorted order, ties to the earlier position:
@@ -265,7 +251,6 @@ def ranks(scores, descending):
     places = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, places)
 
-
 def select_positions(scores, valid, k):
     """SE-KD's top-k: the top ceil(k n_i) valid positions of each sample, ties to the earlier one.
     scores, valid [B, T] -> bool [B, T]. RandomPos is this on random scores."""
@@ -273,7 +258,6 @@ def select_positions(scores, valid, k):
         return valid.clone()
     rank = ranks(scores.float().masked_fill(~valid, -math.inf), descending=True)
     return (rank < budget(valid.sum(1), k)[:, None]) & valid
-
 
 def curriculum_positions(scores, valid, k, progress):
     """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order that starts at
@@ -285,7 +269,6 @@ def curriculum_positions(scores, valid, k, progress):
     start = torch.floor((n - size) * progress + 0.5)[:, None]
     return (rank >= start) & (rank < start + size[:, None]) & valid
 
-
 def interpolated_quantile(values, q):
     """torch.quantile(values, q) (linear interpolation) from two kthvalue calls: torch.quantile
     refuses more than 2^24 values, and a GLS queue holds 30,000 or millions."""
@@ -294,13 +277,12 @@ def interpolated_quantile(values, q):
     high = values.kthvalue(min(int(h) + 2, len(values))).values
     return low + (h - int(h)) * (high - low)
 
-
 class GlobalThreshold:
-    """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile of the last `size` valid
-    scores seen before this batch (a FIFO queue kept across steps): counts vary per sample. Scores
-    tied at tau are kept at random, each with the chance that makes the queue's kept share k: a queue
-    of many equal scores would otherwise keep them all. Under DDP the queue takes every rank's scores
-    in rank order: it equals one process's queue."""
+    """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile of the last `size`
+    valid scores seen before this batch (a FIFO queue kept across steps): counts vary per sample.
+    Scores tied at tau are kept at random, each with the chance that makes the queue's kept share k:
+    a queue of many equal scores would otherwise keep them all. Under DDP the queue takes every
+    rank's scores in rank order: it equals one process's queue."""
 
     def __init__(self, size=30_000):
         self.size = size
@@ -325,7 +307,6 @@ class GlobalThreshold:
             valid = all_gather(valid.to(torch.uint8)).bool()
         self.queue = torch.cat([self.queue, scores[valid].float().cpu()])[-self.size:]
 
-
 def drawn_positions(scores, valid, k, unbiased):
     """Pos RS-KD: ceil(k n_i) draws with replacement from q(t) = u(t) / sum_j u(j) over the valid
     positions. Weights count / draws give the expected loss sum_t q(t) l(t) (Weighted KD); unbiased,
@@ -345,10 +326,8 @@ def drawn_positions(scores, valid, k, unbiased):
         return weights / (n[:, None] * q).clamp(min=1e-30)
     return weights
 
-
 SCORED_POLICIES = ("top", "gls", "curriculum", "pos_rs", "pos_rs_unbiased")
 POLICIES = ("all", "random") + SCORED_POLICIES
-
 
 def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     """w [B, T]: each position's weight in its sample's loss sum_t w_t l(t); for the mask policies,
@@ -372,16 +351,16 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     return keep / keep.sum(1, keepdim=True).clamp(min=1)                          # m_t [B, T]
 
 
-# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-KD)
+# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-
+# KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
     """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients
     comparable across T)."""
     return ChunkedKL.apply(student_logits, teacher_logits.detach(), temperature, chunk_size)
 
-
 class ChunkedKL(torch.autograd.Function):
-    """full_kl with its gradient written out, d KL(p_T || q_T) T^2 / d student_logits = T (q_T - p_T):
-    autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit
+    """full_kl with its gradient written out, d KL(p_T || q_T) T^2 / d student_logits = T (q_T -
+    p_T): autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit
     tensors only and walks both passes chunk_size rows at a time."""
 
     @staticmethod
@@ -407,7 +386,6 @@ class ChunkedKL(torch.autograd.Function):
             grad[chunk] = q.sub_(p).mul_(temperature * grad_out[chunk, None])
         return grad, None, None, None
 
-
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest:
     [N]. The bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the
@@ -416,14 +394,14 @@ def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
 
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
         log_probs = log_softmax_t(logits, temperature)
-        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at K = V.
+        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at K =
+        # V.
         others = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min)
         tail = others.logsumexp(-1, keepdim=True)
         return torch.cat([log_probs.gather(-1, kept), tail], -1)
     log_p = coarsen(teacher_logits)
     log_q = coarsen(student_logits)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
-
 
 def inverse_cdf_draws(probs, num_samples, generator=None):
     """num_samples class ids per row drawn i.i.d. from probs [N, V] -> [N, U], sorted: the inverse
@@ -433,7 +411,6 @@ def inverse_cdf_draws(probs, num_samples, generator=None):
     uniform = torch.rand(len(cdf), num_samples, device=cdf.device, generator=generator)
     draws = torch.searchsorted(cdf, uniform.sort(-1).values * cdf[:, -1:], right=True)
     return draws.clamp_(max=cdf.shape[-1] - 1)
-
 
 def run_counts(draws):
     """Sorted draws [N, U] -> (first, counts): first marks each run's first slot, counts holds the
@@ -445,15 +422,13 @@ def run_counts(draws):
     lengths = torch.zeros_like(draws).scatter_add_(1, run, torch.ones_like(draws))
     return first, lengths.gather(1, run) * first
 
-
 def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None):
-    """RS-KD targets: U = num_samples class ids drawn i.i.d. from p_T -> (ids, weights), both [N, U]:
-    each distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
+    """RS-KD targets: U = num_samples class ids drawn i.i.d. from p_T -> (ids, weights), both [N,
+    U]: each distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
     E[weight of v] = p_T(v); the other slots hold id 0, weight 0."""
     draws = inverse_cdf_draws(softmax_t(teacher_logits, temperature), num_samples, generator)
     first, counts = run_counts(draws)
     return draws * first, counts / num_samples
-
 
 def sparse_kl(student_logits, ids, weights, temperature=1.0):
     """KL from sparse targets, sum over drawn ids of w (log w - log q_T(id)) T^2:
@@ -480,16 +455,16 @@ def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None
             h_teacher = teacher_hidden(teacher, input_ids, attention_mask)        # [B, T, H_t]
             teacher_head = lm_head(teacher, vocab_size)
         h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]   # [B, T, H]
-        return batch_scores(signal, h_student, lm_head(student, vocab_size), input_ids[:, 1:], valid,
-                            h_teacher, teacher_head, chunk_size)
-
+        student_head = lm_head(student, vocab_size)
+        return batch_scores(signal, h_student, student_head, input_ids[:, 1:], valid, h_teacher,
+                            teacher_head, chunk_size)
 
 @torch.no_grad()
 def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8,
                   chunk_size=1024, vocab_size=None, *, attention_mask=None, loss_mask=None):
-    """U_i = mean of u(t) over the valid positions of each sample of input_ids [N, L] -> float32 [N];
-    -inf for a sample without any (never kept). Masks [N, L] as in distill_loss. Under DDP each rank
-    scores every world-th batch (the same batches as one process) and the ranks sum."""
+    """U_i = mean of u(t) over the valid positions of each sample of input_ids [N, L] -> float32
+    [N]; -inf for a sample without any (never kept). Masks [N, L] as in distill_loss. Under DDP each
+    rank scores every world-th batch (the same batches as one process) and the ranks sum."""
     rank, world = rank_world()
     device = unwrap(student).device
     scores = torch.zeros(len(input_ids), device=device)
@@ -512,7 +487,6 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
         dist.all_reduce(scores)
     return scores.cpu()
 
-
 def select_samples(scores, ell):
     """Indices of the top ceil(ell * N) samples by score, ascending; ties go to the lower index; a
     sample scored -inf (no valid position) is never kept."""
@@ -521,7 +495,8 @@ def select_samples(scores, ell):
 
 
 # ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations), in three
-#      steps: which positions (Eq. 3), the loss at each (Eq. 2), the means over positions and samples
+#      steps: which positions (Eq. 3), the loss at each (Eq. 2), the means over positions and
+# samples
 #      (Eq. 3-4); then the same loss on the student's own responses (on-policy)
 @torch.no_grad()
 def teacher_hidden(teacher, input_ids, attention_mask=None):
@@ -529,7 +504,6 @@ def teacher_hidden(teacher, input_ids, attention_mask=None):
     device = unwrap(teacher).device
     mask = None if attention_mask is None else attention_mask.to(device)
     return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
-
 
 def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
                      progress=0.0, gls=None):
@@ -544,10 +518,10 @@ def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None
         gls.push(scores, valid)
     return weights
 
-
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
-    """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes plus
-    a tail bucket, or U classes sampled from the teacher (online, or read from the offline cache)."""
+    """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes
+    plus a tail bucket, or U classes sampled from the teacher (online, or read from the offline
+    cache)."""
     if targets is not None:  # SE-KD 3X: sparse teacher targets from the cache
         return sparse_kl(student_logits, *targets, cfg.temperature)
     if cfg.class_samples is not None:  # RS-KD, sampled online
@@ -556,7 +530,6 @@ def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
     if cfg.top_k_classes is not None:
         return topk_class_kl(student_logits, teacher_logits, cfg.top_k_classes, cfg.temperature)
     return full_kl(student_logits, teacher_logits, cfg.temperature, cfg.chunk_size)
-
 
 def position_losses(cfg, student_logits, labels, teacher_logits=None, targets=None):
     """Eq. 2 on the N selected rows: l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(next token)
@@ -572,27 +545,25 @@ def position_losses(cfg, student_logits, labels, teacher_logits=None, targets=No
         terms["ce"] = ce.detach().mean()
     return losses, terms
 
-
 def mean_over_samples(losses, weights, selected):
-    """Eq. 3-4: each sample's weighted mean of its selected positions' losses, then the mean over the
-    samples with any -> (scalar loss, the number of those samples)."""
+    """Eq. 3-4: each sample's weighted mean of its selected positions' losses, then the mean over
+    the samples with any -> (scalar loss, the number of those samples)."""
     weighted = losses.float() * weights[selected]                                 # [N]
     per_sample = weights.new_zeros(len(weights)).index_add_(0, selected[0], weighted)   # [B]
     samples = (weights > 0).any(1).sum()
     return per_sample.sum() / samples.clamp(min=1), samples
 
-
 def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
                  progress=0.0, gls=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
 
-    Each backbone runs once; the LM heads run on the selected rows only (the teacher's without grad).
-    attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the student
-    learns, e.g. a response's; position t is supervised only when loss_mask[:, t + 1] is true (None:
-    every target). targets: cached sparse (ids, weights) [B, T, U], teacher may then be None.
-    progress (step / last step) drives the curriculum policy; gls is GLS's queue.
-    Reads cfg: positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
-    vocab_size, chunk_size (method "full" presets positions "all": every valid position)."""
+    Each backbone runs once; the LM heads run on the selected rows only (the teacher's without
+    grad). attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the
+    student learns, e.g. a response's; position t is supervised only when loss_mask[:, t + 1] is
+    true (None: every target). targets: cached sparse (ids, weights) [B, T, U], teacher may then be
+    None. progress (step / last step) drives the curriculum policy; gls is GLS's queue. Reads cfg:
+    positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
+    chunk_size (method "full" presets positions "all": every valid position)."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
@@ -622,7 +593,6 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
     loss, samples = mean_over_samples(losses, weights, selected)
     return loss, batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
 
-
 def check_inputs(student, teacher, cfg, targets):
     """Refuse a batch the loss cannot distill: two vocabularies, or KD without a teacher."""
     if teacher is not None and cfg.vocab_size is None and head_size(teacher) != head_size(student):
@@ -632,7 +602,6 @@ def check_inputs(student, teacher, cfg, targets):
                          "to the tokenizer's length.")
     if cfg.ce_weight < 1 and teacher is None and targets is None:
         raise ValueError("KD needs a teacher or cached targets; only ce_weight = 1 trains without")
-
 
 def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms):
     """The batch's numbers as plain floats, in one host sync: loss, samples, selected and valid
@@ -645,12 +614,11 @@ def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
                    valid=valid.sum(), tokens=tokens, **terms)
     stats = {name: value.item() for name, value in numbers.items()}
     if stats["valid"] == 0:
-        raise ValueError("no sample in the batch has a valid position (two consecutive real tokens, "
-                         "the second a target): sequences need at least 2 tokens and a target "
-                         "after the first")
+        raise ValueError("no sample in the batch has a valid position (two consecutive real "
+                         "tokens, the second a target): sequences need at least 2 tokens and a "
+                         "target after the first")
     stats["share"] = stats["selected"] / stats["valid"]
     return stats
-
 
 def dense_full_kd_loss(student, teacher, input_ids):
     """The contrast: Full KD as usually first written, from both models' full [B, L, V] logits."""
@@ -661,25 +629,25 @@ def dense_full_kd_loss(student, teacher, input_ids):
     log_p = teacher_logits.float().log_softmax(-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
-
 # On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student
-# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its own
+# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its
+# own
 # sample wavered.
 def prompt_lengths(loss_mask):
-    """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] -> [B]."""
+    """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] ->
+    [B]."""
     is_target = loss_mask.bool()
     run_starts = is_target & ~F.pad(is_target[:, :-1], (1, 0))
     places = torch.arange(is_target.shape[1], device=is_target.device)
     return (run_starts * places).amax(1)
 
-
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt: it
-    draws up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV cache,
-    until its EOS. input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids,
-    attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the response, its
-    tokens (EOS too) the targets."""
+    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt:
+    it draws up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV
+    cache, until its EOS. input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) ->
+    input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the
+    response, its tokens (EOS too) the targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
@@ -694,7 +662,6 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
     order = (~real).long().argsort(dim=1, stable=True)[:, :int(real.sum(1).max())]
     ids = torch.where(real, out, eos_id).gather(1, order)
     return ids, real.gather(1, order), is_target.gather(1, order)
-
 
 def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
@@ -722,12 +689,10 @@ def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temp
 # are stored, with no per-position length: a position's counts sum to exactly U, so the running sum
 # of counts says where each position ends.
 class UsageError(ValueError):
-    """Bad input the user can fix: the command line prints it as one line and exits with status 2."""
-
+    """Bad input the user can fix: the command line prints it in one line, exit status 2."""
 
 CACHE_FORMAT = "sekd-teacher-cache"
 CACHE_VERSION = 3
-
 
 def entry_layout(vocab_size, num_samples):
     """(id bits, count bits, bytes per stored class): the id in ceil(log2 V) bits and count - 1 in
@@ -736,20 +701,17 @@ def entry_layout(vocab_size, num_samples):
     count_bits = (num_samples - 1).bit_length()
     return id_bits, count_bits, (id_bits + count_bits + 7) // 8
 
-
 def pack_entries(ids, counts, count_bits, num_bytes):
-    """ids, counts [M] -> little-endian uint8 [M, num_bytes] holding id << count_bits | (count - 1)."""
+    """ids, counts [M] -> little-endian uint8 [M, num_bytes] of id << count_bits | (count - 1)."""
     value = (ids.long() << count_bits) | (counts.long() - 1)
     shifts = 8 * torch.arange(num_bytes, device=value.device)
     return ((value[:, None] >> shifts) & 255).to(torch.uint8)
-
 
 def unpack_entries(entries, count_bits):
     """uint8 [M, num_bytes] -> (ids [M], counts [M]), the inverse of pack_entries."""
     shifts = 8 * torch.arange(entries.shape[1], device=entries.device)
     value = (entries.long() << shifts).sum(-1)
     return value >> count_bits, (value & ((1 << count_bits) - 1)) + 1
-
 
 @torch.no_grad()
 def encode_shard(teacher, examples, head, num_samples, temperature, batch_size, chunk_size, layout,
@@ -778,22 +740,20 @@ def encode_shard(teacher, examples, head, num_samples, temperature, batch_size, 
     ends = F.pad(real.sum(1).cumsum(0), (1, 0)).cpu()         # entries before each valid position
     return entries.cpu(), ends[F.pad(torch.cat(positions).cumsum(0), (1, 0))]
 
-
 def shard_key(file):
     if not os.path.exists(file):
         return None
     return safe_open(file, "pt").metadata().get("build_key")
-
 
 @torch.no_grad()
 def build_cache(teacher, examples, path, *, num_samples=64, temperature=1.0, batch_size=8,
                 device=None, sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256,
                 chunk_size=1024, seed=0, identity=None):
     """Cache RS-KD targets of every valid position of examples (Examples, or token ids [N, L] all
-    valid) in the directory path, shard by shard, each written atomically; a rerun keeps this build's
-    finished shards. Shard s draws from seed * 1_000_003 + s: byte-identical however interrupted,
-    and under DDP (rank r builds shards r mod world). The manifest, written last, marks it complete
-    (returned); identity: the models' fingerprints and settings recorded in it."""
+    valid) in the directory path, shard by shard, each written atomically; a rerun keeps this
+    build's finished shards. Shard s draws from seed * 1_000_003 + s: byte-identical however
+    interrupted, and under DDP (rank r builds shards r mod world). The manifest, written last, marks
+    it complete (returned); identity: the models' fingerprints and settings recorded in it."""
     examples = as_examples(examples)
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
@@ -832,20 +792,19 @@ def build_cache(teacher, examples, path, *, num_samples=64, temperature=1.0, bat
     barrier()
     return read_json(manifest_path)
 
-
 def cache_header(examples, teacher, num_samples, temperature, sample_ids, teacher_name, vocab_size,
                  shard_size, seed, identity):
     """What a cache was built from and how: a reused cache must match it key for key."""
     id_bits, count_bits, bytes_per_class = entry_layout(vocab_size, num_samples)
     if sample_ids is None:
         sample_ids = range(len(examples))
-    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "seq_len": examples.input_ids.shape[1],
-            **(identity or {}), "teacher": teacher_name or unwrap(teacher).name_or_path,
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION,
+            "seq_len": examples.input_ids.shape[1], **(identity or {}),
+            "teacher": teacher_name or unwrap(teacher).name_or_path,
             "vocab_size": vocab_size, "num_samples": num_samples, "temperature": temperature,
             "id_bits": id_bits, "count_bits": count_bits, "bytes_per_class": bytes_per_class,
             "shard_size": shard_size, "seed": seed, "fingerprint": fingerprint(examples),
             "sample_ids": [int(i) for i in sample_ids]}
-
 
 def remove_stale_shards(path, names, build_key):
     """A rebuild keeps no shard of another build (and nothing else: the user's files stay)."""
@@ -856,9 +815,8 @@ def remove_stale_shards(path, names, build_key):
         if name not in names or shard_key(os.path.join(path, name)) != build_key:
             os.remove(os.path.join(path, name))
 
-
 def write_manifest(path, header, names, positions):
-    """The manifest, written last: the header, each shard's size and sha256, the bytes per position."""
+    """The manifest, written last: the header, each shard's size and sha256, bytes per position."""
     shards = []
     for s, name in enumerate(names):
         file = os.path.join(path, name)
@@ -868,7 +826,6 @@ def write_manifest(path, header, names, positions):
     write_json(os.path.join(path, "manifest.json"), {
         **header, "shards": shards, "positions": positions, "data_bytes": data_bytes,
         "bytes_per_position": data_bytes / positions})
-
 
 class TeacherCache:
     """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read()
@@ -884,7 +841,8 @@ class TeacherCache:
         self.manifest = read_json(manifest_path)
         version = (self.manifest.get("format"), self.manifest.get("version"))
         if version != (CACHE_FORMAT, CACHE_VERSION):
-            raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to rebuild")
+            raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to "
+                             "rebuild")
         self.num_samples = self.manifest["num_samples"]
         self.count_bits = self.manifest["count_bits"]
         self.shard_size = self.manifest["shard_size"]
@@ -896,7 +854,8 @@ class TeacherCache:
                 raise UsageError(f"teacher cache shard {file} is missing or corrupt (its sha256 "
                                  "differs from the manifest): delete the cache directory and "
                                  "rebuild it")
-            shard_file = safe_open(file, "pt")  # memory-mapped: entries sliced per batch, not loaded
+            # memory-mapped: entries sliced per batch, not loaded
+            shard_file = safe_open(file, "pt")
             self._entries.append(shard_file.get_slice("entries"))
             self._offsets.append(shard_file.get_tensor("offsets").tolist())          # [S + 1]
 
@@ -914,12 +873,13 @@ class TeacherCache:
         return ids[0], weights[0]
 
     def check(self, **wanted):
-        """Refuse a cache built for other settings, data or models, naming what differs and the fix."""
+        """Refuse a cache built for other settings, data or models, naming what differs."""
         for key, value in wanted.items():
             if value is not None and self.manifest.get(key) != value:
+                built = self.manifest.get(key)
                 raise UsageError(f"teacher cache {self.path} was built with "
-                                 f"{CACHE_KEYS.get(key, key)} ({self.manifest.get(key)!r}; this run: "
-                                 f"{value!r}): delete it to rebuild, or use another --cache-dir")
+                                 f"{CACHE_KEYS.get(key, key)} ({built!r}; this run: {value!r}): "
+                                 "delete it to rebuild, or use another --cache-dir")
 
     def read(self, indices):
         """Packed entries uint8 [M, bytes] of the cached samples `indices`, in order."""
@@ -935,7 +895,8 @@ class TeacherCache:
         layout: the k-th cached position's targets at flat index positions[k] of the batch (its
         valid positions, in order), zeros elsewhere. Tensor ops on the entries' device, no sync."""
         ids, counts = unpack_entries(entries, self.count_bits)                    # [M]
-        start = counts.cumsum(0) - counts      # draws before each entry: its position and first slot
+        # draws before each entry: its position and first slot
+        start = counts.cumsum(0) - counts
         index = (positions[start // self.num_samples], start % self.num_samples)
         size = (shape[0] * shape[1], self.num_samples)
         out = torch.zeros(size, dtype=torch.long, device=entries.device).index_put_(index, ids)
@@ -950,11 +911,10 @@ class TeacherCache:
 FILE_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
               ".parquet": "parquet"}
 
-
 @dataclasses.dataclass
 class Examples:
-    """Right-padded token ids [N, L], attention_mask [N, L] (true: a real token) and loss_mask [N, L]
-    (true: a target the student learns), a row per packed block or per example."""
+    """Right-padded token ids [N, L], attention_mask [N, L] (true: a real token) and loss_mask [N,
+    L] (true: a target the student learns), a row per packed block or per example."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
@@ -963,7 +923,8 @@ class Examples:
         return len(self.input_ids)
 
     def __getitem__(self, index):
-        """The examples at index (a slice or indices), without the padding columns none of them needs."""
+        """The examples at index (a slice or indices), without the padding columns none of them
+        needs."""
         mask = self.attention_mask[index]
         width = int(mask.sum(1).max()) if len(mask) else 0
         ids = self.input_ids[index][:, :width]
@@ -972,7 +933,6 @@ class Examples:
     def valid(self):
         return valid_positions(self.input_ids, self.attention_mask, self.loss_mask)   # [N, L - 1]
 
-
 def as_examples(data):
     """Examples as they are; token ids [N, L] as examples whose every token is real and a target."""
     if isinstance(data, Examples):
@@ -980,12 +940,10 @@ def as_examples(data):
     ones = torch.ones_like(data, dtype=torch.bool)
     return Examples(data, ones, ones)
 
-
 def real_mask(attention_mask):
     """The attention mask for a model, None when every token is real (attention then takes its
     causal kernel)."""
     return None if attention_mask.all() else attention_mask
-
 
 def data_files(data):
     """The local files of --data (a file, or a directory's files of one type in name order), or None
@@ -1008,7 +966,6 @@ def data_files(data):
                          "directory of them, or a dataset name on the Hugging Face hub")
     return [data] if os.path.isfile(data) else None
 
-
 def load_rows(cfg):
     """The rows of cfg.data, in order, as a datasets (Iterable)Dataset: a local file, a directory of
     files, or a hub dataset (its configuration cfg.data_config), split cfg.split, streamed when
@@ -1025,15 +982,14 @@ def load_rows(cfg):
         raise UsageError(f"--data {cfg.data}: cannot load it as a local file or directory, nor "
                          f"from the hub ({first_line(err)})") from None
 
-
 def first_line(err):
     """An exception's first line of text, or its type's name when it has none."""
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
-
 def row_format(batch, cfg, tokenizer):
     """What the rows are, from a batch's columns, as TRL reads them: messages; prompt + completion,
-    strings ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or text."""
+    strings ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or text.
+    """
     columns = list(batch)
     if "messages" in columns:
         data_format = "messages"
@@ -1046,16 +1002,14 @@ def row_format(batch, cfg, tokenizer):
         raise UsageError(f"--data {cfg.data}: no '{cfg.text_column}' in {columns} (see "
                          "--text-column), nor 'prompt' + 'completion', nor 'messages'")
     if data_format != "prompt" and not tokenizer.chat_template:
-        raise UsageError(f"--data {cfg.data} has conversational rows, and the student's tokenizer "
-                         "has no chat template to render them: give it one, or use prompt/completion "
-                         "strings")
+        raise UsageError(f"--data {cfg.data} has conversational rows, and the student's "
+                         "tokenizer has no chat template to render them: give it one, or use "
+                         "prompt/completion strings")
     return data_format
-
 
 def chat_text(tokenizer, messages, generation_prompt=False):
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=generation_prompt)
-
 
 def end_of_turn(tokenizer, context):
     """The text a chat template puts after an assistant turn (<|im_end|> and a newline, <|eot_id|>):
@@ -1065,15 +1019,14 @@ def end_of_turn(tokenizer, context):
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
 
-
 def render_chat(messages, tokenizer):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns, each as the
     template renders it: tool calls, reasoning and end-of-turn text included). Most chat templates
     mark no {% generation %} span, so each turn is found by rendering prefixes: it starts where
-    messages[:i] with a generation prompt ends and ends where messages[:i + 1] ends; where a template
-    renders a last turn otherwise (Qwen3 adds a think block), it ends at the template's first
-    end-of-turn text after its start. A first message has no prompt: an assistant turn there is
-    context."""
+    messages[:i] with a generation prompt ends and ends where messages[:i + 1] ends; where a
+    template renders a last turn otherwise (Qwen3 adds a think block), it ends at the template's
+    first end-of-turn text after its start. A first message has no prompt: an assistant turn there
+    is context."""
     text = chat_text(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
@@ -1091,10 +1044,10 @@ def render_chat(messages, tokenizer):
         end = text.find(eot, len(before)) if eot else -1
         if end < 0:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
-                             "conversation, and ends its turns with no text of its own to find it by")
+                             "conversation, and ends its turns with no text of its own to find it "
+                             "by")
         spans.append((len(before), end + len(eot)))
     return text, spans
-
 
 def render_prompt_completion(prompt, completion, tokenizer):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages rendered with
@@ -1106,13 +1059,11 @@ def render_prompt_completion(prompt, completion, tokenizer):
                          "completion follows them, so where the completion starts is unknown")
     return text, [(len(before), len(text))]
 
-
 def in_spans(offsets, spans):
-    """Token targets from character spans: bool [N] for tokens whose first character is in a span."""
+    """Token targets from character spans: bool [N], tokens whose first character is in a span."""
     starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, :1]                  # [N, 1]
     spans = np.asarray(spans, np.int64).reshape(-1, 2)                            # [S, 2]
     return ((starts >= spans[:, 0]) & (starts < spans[:, 1])).any(1)
-
 
 def column_strings(batch, column, first_row):
     """A batch's column, refused (one line naming the row) where a value is not a string."""
@@ -1123,10 +1074,9 @@ def column_strings(batch, column, first_row):
                              f"{type(value).__name__}, not a string")
     return values
 
-
 def rendered_rows(batch, data_format, tokenizer, first_row):
-    """Each conversational row of a batch rendered by the chat template -> [(text, spans)]; a row the
-    template cannot render, or cannot split into turns, is refused in one line naming it."""
+    """Each conversational row of a batch rendered by the chat template -> [(text, spans)]; a row
+    the template cannot render, or cannot split into turns, is refused in one line naming it."""
     rendered = []
     for j in range(len(batch[list(batch)[0]])):
         try:
@@ -1140,11 +1090,10 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
                              f"({first_line(err)})") from None
     return rendered
 
-
 def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_offsets=False):
-    """A batch of rows (columns of equal length) -> [(ids, is_target)], numpy int64 and bool per row.
-    is_target marks the tokens the student learns: a document's tokens after its first (its context
-    would be the previous document) and its EOS; a completion and its EOS; a conversation's
+    """A batch of rows (columns of equal length) -> [(ids, is_target)], numpy int64 and bool per
+    row. is_target marks the tokens the student learns: a document's tokens after its first (its
+    context would be the previous document) and its EOS; a completion and its EOS; a conversation's
     assistant turns, or a conversational completion. with_offsets: [(ids, is_target, text,
     offsets)], each token's character span in text (show draws them). first_row: the batch's first
     row, for messages that name a row."""
@@ -1165,7 +1114,6 @@ def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_of
         rows.append((*row, text, offsets) if with_offsets else row)
     return rows
 
-
 def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
     """Text rows -> [(ids, is_target, text, offsets)]: the document and an EOS, every token but the
     first a target; offsets None unless with_offsets (the EOS has no characters)."""
@@ -1178,7 +1126,6 @@ def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
             offsets = tokens["offset_mapping"][j] + [(len(text), len(text))]
         encoded.append((ids + [tokenizer.eos_token_id], [0] + [1] * len(ids), text, offsets))
     return encoded
-
 
 def encode_prompts(batch, tokenizer, first_row, with_offsets):
     """Prompt/completion rows -> [(ids, is_target, text, offsets)]: the prompt (with the tokenizer's
@@ -1203,7 +1150,6 @@ def encode_prompts(batch, tokenizer, first_row, with_offsets):
         encoded.append((ids, is_target, text, offsets))
     return encoded
 
-
 def pack_blocks(documents, seq_len):
     """Documents [(ids, is_target)] -> Examples of consecutive seq_len-token blocks of their
     concatenation, the last partial block dropped: every token real."""
@@ -1213,7 +1159,6 @@ def pack_blocks(documents, seq_len):
     ids = torch.from_numpy(ids[:n * seq_len].reshape(n, seq_len))
     is_target = torch.from_numpy(is_target[:n * seq_len].reshape(n, seq_len))
     return Examples(ids, torch.ones_like(ids, dtype=torch.bool), is_target)
-
 
 def pad_examples(encoded, pad_id):
     """Examples [(ids, is_target)] -> Examples right-padded to the longest."""
@@ -1227,14 +1172,14 @@ def pad_examples(encoded, pad_id):
         out.attention_mask[i, :len(ids)] = True
     return out
 
-
 def load_examples(cfg, tokenizer):
-    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt, messages or
-    prompt_messages) and how many examples were dropped (no target within --seq-len). Row i is held
-    out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows for any
-    budget, and no held-out block shares a document with training (blocks straddle documents). Rows
-    are read in order until --max-documents rows, or until the training examples hold --max-tokens
-    tokens and a held-out row has come: reading stops there (streamed, the rest never comes)."""
+    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt, messages
+    or prompt_messages) and how many examples were dropped (no target within --seq-len). Row i is
+    held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows
+    for any budget, and no held-out block shares a document with training (blocks straddle
+    documents). Rows are read in order until --max-documents rows, or until the training examples
+    hold --max-tokens tokens and a held-out row has come: reading stops there (streamed, the rest
+    never comes)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
@@ -1249,10 +1194,9 @@ def load_examples(cfg, tokenizer):
     for part, what in ((train, "training"), (held, "held-out")):
         if len(part) == 0:
             raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of "
-                             f"--seq-len {cfg.seq_len} tokens with a target: lower --seq-len, raise "
-                             "--val-fraction, or add rows")
+                             f"--seq-len {cfg.seq_len} tokens with a target: lower --seq-len, "
+                             "raise --val-fraction, or add rows")
     return train, held, {"data_format": reader.data_format, "dropped_examples": reader.dropped}
-
 
 class RowReader:
     """The rows read so far, split into training and held-out ones, with the budgets that say when
@@ -1272,7 +1216,8 @@ class RowReader:
         if not self.cfg.max_tokens:
             return False
         if self.data_format == "text":
-            return self.tokens >= math.ceil(self.cfg.max_tokens / self.cfg.seq_len) * self.cfg.seq_len
+            blocks = math.ceil(self.cfg.max_tokens / self.cfg.seq_len)
+            return self.tokens >= blocks * self.cfg.seq_len
         return self.tokens >= self.cfg.max_tokens
 
     def done(self):
@@ -1325,7 +1270,6 @@ class RunStopped(RuntimeError):
         super().__init__(message)
         self.exit_status = exit_status
 
-
 # Each method is a preset of the three axes; flags given explicitly override it, so the paper's
 # ablations are one command (SE-KD + TopSmp: --method sekd --ell 0.2).
 PRESETS = {
@@ -1339,13 +1283,11 @@ PRESETS = {
 # A preset-driven field's value where its preset leaves it open.
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)
 
-
 def config_field(default, help, *rules, choices=None):
     """A Config field: its default, a one-line help and the rules a number meets ("> 0") or its
     choices."""
     metadata = {"help": help, "rules": rules, "choices": choices}
     return dataclasses.field(default=default, metadata=metadata)
-
 
 def satisfies(value, rules):
     """Whether a finite number meets every rule ("> 0", "<= 1")."""
@@ -1353,7 +1295,6 @@ def satisfies(value, rules):
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return all(compare[op](value, float(bound)) for op, bound in (r.split() for r in rules))
-
 
 @dataclasses.dataclass
 class Config:
@@ -1366,7 +1307,8 @@ class Config:
                             "> 0", "<= 1")
     signal: str = config_field("student_entropy", "importance signal u(t) of the scored policies",
                                choices=SIGNALS)
-    gls_queue_size: int = config_field(30_000, "gls: scores queued for the (1 - k) quantile", ">= 1")
+    gls_queue_size: int = config_field(30_000, "gls: scores queued for the (1 - k) quantile",
+                                       ">= 1")
     temperature: float = config_field(1.0, "softmax temperature T of both models, the KL x T^2",
                                       "> 0")
     ce_weight: float | None = config_field(None, "weight of next-token CE, 1 - lambda (paper: 0)",
@@ -1387,7 +1329,7 @@ class Config:
     cache_dir: str | None = config_field(None, "offline teacher cache, built when absent (sekd3x: "
                                          "OUT_DIR/teacher_cache)")
     cache_shard_size: int = config_field(256, "samples per cache shard", ">= 1")
-    cache_any_student: bool = config_field(False, "reuse a cache whose samples another student chose")
+    cache_any_student: bool = config_field(False, "reuse a cache another student chose samples of")
     teacher: str | None = config_field(None, "teacher: a Hugging Face causal-LM name or directory")
     student: str | None = config_field(None, "student: a Hugging Face causal-LM name or directory")
     data: str | None = config_field(None, "training data: a .txt/.json/.jsonl/.parquet file, a "
@@ -1449,11 +1391,10 @@ class Config:
 
     @property
     def needs_teacher(self):
-        """A teacher in the run: for KD, teacher-based scores of positions or samples, or a cache."""
+        """A teacher in the run: for KD, teacher-based scores of positions or samples, a cache."""
         scores_need_it = self.positions in SCORED_POLICIES and uses_teacher(self.signal)
         samples_need_it = self.ell < 1 and uses_teacher(self.sample_signal)
         return self.ce_weight < 1 or bool(self.cache_dir) or scores_need_it or samples_need_it
-
 
 def check_field(f, value):
     """A Config field's value against its choices or its rules, naming the flag."""
@@ -1466,30 +1407,29 @@ def check_field(f, value):
     if rules and not unset and not satisfies(value, rules):
         raise UsageError(f"{flag} must be {' and '.join(rules)}; got {value}")
 
-
 def check_combination(cfg):
     """The rules between fields, each message naming the flags and the fix."""
     if cfg.positions.startswith("pos_rs") and "+" in cfg.signal:
         raise UsageError(f"--positions {cfg.positions} draws positions in proportion to u(t) >= 0, "
                          f"and --signal {cfg.signal} is a sum of z-scores")
     if cfg.cache_dir and cfg.positions in SCORED_POLICIES and uses_teacher(cfg.signal):
-        raise UsageError(f"--signal {cfg.signal} needs the teacher's logits while training, and with "
-                         "a teacher cache the teacher is not there: use a student signal, or no cache")
+        raise UsageError(f"--signal {cfg.signal} needs the teacher's logits while training, and "
+                         "with a teacher cache the teacher is not there: use a student signal, or "
+                         "no cache")
     if cfg.top_k_classes is not None and cfg.class_samples is not None:
         raise UsageError("choose --top-k-classes or --class-samples, not both")
     if cfg.cache_dir and cfg.class_samples is None:
-        raise UsageError("a teacher cache (--cache-dir, or --method sekd3x) stores sampled classes: "
-                         "set --class-samples (e.g. 64), not --top-k-classes")
+        raise UsageError("a teacher cache (--cache-dir, or --method sekd3x) stores sampled "
+                         "classes: set --class-samples (e.g. 64), not --top-k-classes")
     if cfg.on_policy_fraction > 0 and cfg.cache_dir:
         raise UsageError("--on-policy-fraction distills on responses the student generates, and a "
                          "teacher cache (--cache-dir, or --method sekd3x) holds targets for the "
                          "data's own text: use the teacher online (e.g. --method sekd)")
     if cfg.on_policy_fraction > 0 and cfg.ce_weight >= 1:
-        raise UsageError("--on-policy-fraction needs the teacher to grade the generated tokens, and "
-                         "--ce-weight 1 (--method ce) uses none: lower --ce-weight")
+        raise UsageError("--on-policy-fraction needs the teacher to grade the generated tokens, "
+                         "and --ce-weight 1 (--method ce) uses none: lower --ce-weight")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues OUT_DIR's run, --overwrite replaces it")
-
 
 class Backbone(torch.nn.Module):
     """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows
@@ -1501,7 +1441,6 @@ class Backbone(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return hidden_states(self.causal_lm, input_ids, attention_mask)
-
 
 class Run:
     """A training run. Set up cheapest first, so that bad input fails before any model loads; then
@@ -1528,9 +1467,9 @@ class Run:
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
             self.open_cache()                                    # reuse: no pre-pass, no teacher
             if saved and state["kept"].tolist() != self.cache.sample_ids:
-                raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples than "
-                                 "the checkpoint's run distilled (rebuilt since?): resume with its "
-                                 "cache")
+                raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples "
+                                 "than the checkpoint's run distilled (rebuilt since?): resume "
+                                 "with its cache")
         student = self.load_models(saved)
         self.choose_samples(student, state)
         if cfg.cache_dir and self.cache is None:
@@ -1627,13 +1566,11 @@ class Run:
         self.eval_teacher = None
         self.log = None
 
-
 def check_flags_present(cfg):
     needed = ["student", "data"] + (["teacher"] if cfg.needs_teacher else [])
     missing = [f"--{name}" for name in needed if getattr(cfg, name) is None]
     if missing:
         raise UsageError(f"--method {cfg.method} needs {' and '.join(missing)}")
-
 
 def choose_samples(cfg, student, teacher, examples):
     """Sample axis: the training examples to distill, scored by the initial student, saved for a
@@ -1657,12 +1594,10 @@ def choose_samples(cfg, student, teacher, examples):
         write_json(path, {"key": key, "kept": kept.tolist()})
     return kept
 
-
 def total_steps(cfg, num_kept):
     """The run's optimizer steps: --max-steps, else --epochs passes over the num_kept blocks."""
     per_step = rank_world()[1] * cfg.batch_size * cfg.grad_accum
     return cfg.max_steps or math.ceil(cfg.epochs * num_kept / per_step)
-
 
 def training_order(num_samples, global_batch, seed, first=0):
     """Global micro-batches of sample indices from micro-batch `first` on: one shuffle per epoch,
@@ -1679,7 +1614,6 @@ def training_order(num_samples, global_batch, seed, first=0):
             yield pending[:global_batch]
             pending = pending[global_batch:]
 
-
 def prefetch(items, load):
     """Yield load(item) for each item while the next one loads in a background thread."""
     with ThreadPoolExecutor(1) as pool:
@@ -1689,7 +1623,6 @@ def prefetch(items, load):
             following = next(futures, None)   # submitted before waiting on pending: one ahead
             yield pending.result()
             pending = following
-
 
 def read_batch(examples, cache, cache_rows, device):
     """The CPU side of a micro-batch of examples: a dict of their tensors (attention_mask None when
@@ -1704,7 +1637,6 @@ def read_batch(examples, cache, cache_rows, device):
         return batch
     return {name: t if t is None else t.pin_memory() for name, t in batch.items()}
 
-
 def to_device(batch, cache, device):
     """The device side: copy, and decode cached targets there (tensor ops, no host sync) -> the
     inputs of distill_loss: input_ids, attention_mask, loss_mask and targets (None without a
@@ -1717,7 +1649,6 @@ def to_device(batch, cache, device):
     if cache is not None:
         batch["targets"] = cache.decode(entries, positions, (len(ids), ids.shape[1] - 1))
     return batch
-
 
 def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=None):
     """One optimizer step over micro-batches (dicts of distill_loss's input_ids, and optionally
@@ -1759,13 +1690,11 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
     return dict(loss=loss / max(samples, 1), share=selected / max(valid, 1), grad_norm=norm,
                 tokens=int(tokens), valid=int(valid), finite=finite)
 
-
 def on_policy_step(cfg, step):
     """Whether step distills on the student's own responses: a draw of its own per step, the same on
     every rank, that leaves the step's random state alone (--on-policy-fraction 0: never)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     return bool(torch.rand(1, generator=generator) < cfg.on_policy_fraction)
-
 
 def on_policy_batch(student, batch, cfg, eos_id):
     """An on-policy micro-batch: batch's prompts with the student's responses, supervised on those
@@ -1775,7 +1704,6 @@ def on_policy_batch(student, batch, cfg, eos_id):
                                                   batch["loss_mask"], eos_id, cfg.max_new_tokens,
                                                   cfg.gen_temperature)
     return dict(input_ids=ids, attention_mask=real_mask(mask), loss_mask=is_target, targets=None)
-
 
 @torch.no_grad()
 def evaluate(student, teacher, examples, cfg, max_batches=None):
@@ -1805,7 +1733,6 @@ def evaluate(student, teacher, examples, cfg, max_batches=None):
     ce, kl, count = sums.tolist()
     return {"val_ppl": math.exp(ce / count), "val_kl": kl / count if teacher is not None else None}
 
-
 def train(cfg):
     """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics written to
     metrics.json."""
@@ -1822,7 +1749,6 @@ def train(cfg):
             train_loop(run, batches, bar, caught)
         bar.close()
         return save_and_evaluate(run, start_time)
-
 
 def train_loop(run, batches, bar, caught):
     """The steps from the checkpoint's (or the first) to the last, a comment per phase."""
@@ -1859,9 +1785,8 @@ def train_loop(run, batches, bar, caught):
             raise RunStopped(f"interrupted at step {run.step} of {run.total}: checkpoint saved "
                              f"in {cfg.out_dir}/checkpoint; continue it with --resume", 130)
 
-
 def micro_batches(run):
-    """This rank's share of each global micro-batch, from the checkpoint's step on, read one ahead."""
+    """This rank's share of each global micro-batch from the checkpoint's step on, read ahead."""
     cfg = run.cfg
     rank, world = rank_world()
     order = training_order(len(run.kept), world * cfg.batch_size, cfg.seed,
@@ -1869,14 +1794,12 @@ def micro_batches(run):
     mine = (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in order)
     return prefetch(mine, lambda i: read_batch(run.examples[run.kept[i]], run.cache, i, run.device))
 
-
 def check_finite(stats, step, cfg):
     if not stats["finite"]:
         raise RunStopped(f"step {step + 1}: the loss or gradient norm is not finite "
                          f"({stats['loss']}, {stats['grad_norm']}); stopped without updating or "
                          f"saving the student (checkpoints in {cfg.out_dir}/checkpoint stay). "
                          "Lower --lr, or check the data")
-
 
 def log_step(run, stats, on_policy, seconds):
     """Count the step in the run and log its numbers (gen_len: the mean response length)."""
@@ -1892,13 +1815,11 @@ def log_step(run, stats, on_policy, seconds):
                          tokens=run.tokens, seconds=run.train_time, on_policy=on_policy,
                          gen_len=gen_len))
 
-
 def show_progress(bar, run, stats):
     bar.update()
     recent = [h["loss"] for h in run.history[-20:]]
     bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", sel=f"{stats['share']:.0%}",
                     tok_s=f"{run.tokens / max(run.train_time, 1e-9):.0f}")
-
 
 def log_record(run, record):
     """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank
@@ -1908,7 +1829,6 @@ def log_record(run, record):
         run.log.write(json.dumps(record) + "\n")
         run.log.flush()
 
-
 def eval_teacher(run):
     """The teacher for held-out KL: the training one, or (training from a cache) loaded once."""
     if run.teacher is not None:
@@ -1916,7 +1836,6 @@ def eval_teacher(run):
     if run.eval_teacher is None and run.cfg.teacher:
         run.eval_teacher = load_model(run.cfg.teacher, run.teacher_device, frozen=True)
     return run.eval_teacher
-
 
 def save_and_evaluate(run, start_time):
     """Save the student (atomically) first, then evaluate: a failed evaluation never loses a trained
@@ -1950,10 +1869,11 @@ def save_and_evaluate(run, start_time):
     return metrics
 
 
-# ==== 9. Plumbing: devices and models, durable writes, fingerprints, cache and resume checks, out-dir
+# ==== 9. Plumbing: devices and models, durable writes, fingerprints, cache and resume checks, out-
+# dir
 #      rules, checkpoints, signals. A reader of the method can skip from here to the end.
 def resolve_device(name, local_rank=0):
-    """auto, cpu, cuda or cuda:i; under torchrun cuda:i is cuda:(i + LOCAL_RANK), a GPU per process."""
+    """auto, cpu, cuda or cuda:i; under torchrun, cuda:i is cuda:(i + LOCAL_RANK): a GPU a rank."""
     try:
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1968,11 +1888,9 @@ def resolve_device(name, local_rank=0):
                              "smaller index")
     return device
 
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
 
 @contextmanager
 def process_group(cfg):
@@ -1989,7 +1907,6 @@ def process_group(cfg):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -1997,17 +1914,15 @@ def peak_memory_mb(device):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
-
 def load_pretrained(auto_class, name, **kwargs):
-    """transformers' auto_class (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory or
-    the hub."""
+    """transformers' auto_class (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory
+    or the hub."""
     import transformers
     try:
         return getattr(transformers, auto_class).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load {auto_class} from '{name}': not a local model directory, and "
-                         f"the hub could not provide it ({first_line(err)})") from None
-
+        raise UsageError(f"cannot load {auto_class} from '{name}': not a local model directory, "
+                         f"and the hub could not provide it ({first_line(err)})") from None
 
 def load_model(name, device, frozen=False):
     """A causal LM in float32 on device; frozen (a teacher): eval, no grad, and bf16 on CUDA
@@ -2015,7 +1930,6 @@ def load_model(name, device, frozen=False):
     dtype = torch.bfloat16 if frozen and device.type == "cuda" else torch.float32
     model = load_pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
     return model.eval().requires_grad_(False) if frozen else model
-
 
 def checkpoint_activations(model):
     """The model's own activation checkpointing: each decoder layer recomputes its activations in
@@ -2025,11 +1939,9 @@ def checkpoint_activations(model):
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
 
 def remove_path(path):
     """Delete a file, a link or a directory tree, if there."""
@@ -2037,7 +1949,6 @@ def remove_path(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
-
 
 def fsync(path):
     """Flush a file, or a directory's entries, to the disk (not just to the OS's cache)."""
@@ -2047,18 +1958,16 @@ def fsync(path):
     finally:
         os.close(fd)
 
-
 def durable_replace(tmp, path):
-    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk before
-    the rename, the rename before anything that follows: a power loss never leaves path naming empty
-    files."""
+    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk
+    before the rename, the rename before anything that follows: a power loss never leaves path
+    naming empty files."""
     if os.path.isdir(tmp):
         for name in os.listdir(tmp):
             fsync(os.path.join(tmp, name))
     fsync(tmp)
     os.replace(tmp, path)
     fsync(os.path.dirname(os.path.abspath(path)))
-
 
 def write_text(path, text):
     """Write atomically: a temp file in the same directory (made if needed), durably renamed."""
@@ -2068,10 +1977,8 @@ def write_text(path, text):
         f.write(text)
     durable_replace(f.name, path)
 
-
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
-
 
 def fingerprint(examples):
     """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give
@@ -2083,14 +1990,11 @@ def fingerprint(examples):
         digest.update(mask.to(torch.uint8).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
-
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
-
 UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
-
 
 def weights_fingerprint(model_name, blocks=256):
     """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping,
@@ -2117,7 +2021,6 @@ def weights_fingerprint(model_name, blocks=256):
                 digest.update(f.read(4096))
     return digest.hexdigest()
 
-
 def shared_vocab_size(v_teacher, v_student, tokenizer_len):
     """None when both heads have one size; tokenizer_len when they differ only by padding rows
     beyond it."""
@@ -2128,7 +2031,6 @@ def shared_vocab_size(v_teacher, v_student, tokenizer_len):
     raise UsageError(f"teacher vocabulary {v_teacher} and student vocabulary {v_student} differ "
                      f"beyond padding (tokenizer: {tokenizer_len} ids): KD needs models of one "
                      "tokenizer family")
-
 
 def check_models(cfg, tokenizer):
     """From the configs alone (no weights): one shared vocabulary, and class settings that fit it.
@@ -2158,7 +2060,6 @@ def check_models(cfg, tokenizer):
                          "classes)")
     return vocab
 
-
 # What a cache key's mismatch means, for the message that refuses a cache.
 CACHE_KEYS = {
     "teacher_weights": "another teacher (weights or config.json) than --teacher",
@@ -2171,7 +2072,6 @@ CACHE_KEYS = {
     "fingerprint": "other data (another --data, tokenizer, --val-fraction, --max-documents or "
                    "--max-tokens)"}
 
-
 def cache_identity(cfg):
     """A cache's makers: the teacher's weights, and the student and signal that chose its samples,
     if any."""
@@ -2181,7 +2081,6 @@ def cache_identity(cfg):
         student = weights_fingerprint(cfg.student)
     return {"teacher_weights": weights_fingerprint(cfg.teacher), "student_weights": student,
             "sample_signal": cfg.sample_signal if chosen else None, "seq_len": cfg.seq_len}
-
 
 def open_cache(cfg, examples, vocab):
     """Open cfg.cache_dir if it was built for this run's data, settings and models; report its
@@ -2205,12 +2104,10 @@ def open_cache(cfg, examples, vocab):
         print(f"teacher cache: {sizes}", file=sys.stderr)
     return cache, report
 
-
 OUTPUTS = ("metrics.json", "student", "checkpoint", "log.jsonl")
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_batches", "device",
                      "teacher_device", "resume", "overwrite", "cache_any_student", "streaming",
                      "gradient_checkpointing"}
-
 
 def check_out_dir(cfg):
     """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
@@ -2233,7 +2130,6 @@ def check_out_dir(cfg):
                          "--resume to continue it, --overwrite to replace it, or choose another "
                          "--out-dir")
 
-
 def check_resume(cfg, saved, num_kept):
     """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a
     step budget it has already passed, or (curriculum, whose window follows step / last step)
@@ -2249,8 +2145,8 @@ def check_resume(cfg, saved, num_kept):
     changed = [k for k, v in now.items() if k not in RESUME_MAY_CHANGE and before[k] != v]
     if changed:
         raise UsageError(f"--resume: this command changes {', '.join(changed)} from the "
-                         "checkpoint's run: resume with its settings, or start a new run in another "
-                         "--out-dir")
+                         "checkpoint's run: resume with its settings, or start a new run in "
+                         "another --out-dir")
     total = total_steps(cfg, num_kept)
     step = saved["step"]
     if total < step:
@@ -2261,16 +2157,15 @@ def check_resume(cfg, saved, num_kept):
                          f"{saved['total_steps']} steps; resume with that budget (this command: "
                          f"{total})")
 
-
 def save_student(run, path):
     """The student with its tokenizer as save_pretrained writes them (from_pretrained, vLLM and
-    lm-eval load it), in a temp directory renamed over path: a half-saved model never looks whole."""
+    lm-eval load it), in a temp directory renamed over path: a half-saved model never looks whole.
+    """
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".student.")
     unwrap(run.student).save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
     remove_path(path)
     durable_replace(tmp, path)
-
 
 def save_checkpoint(run):
     """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the
@@ -2300,10 +2195,10 @@ def save_checkpoint(run):
         remove_path(link + ".tmp")
         os.symlink(student, link + ".tmp")   # relative: the directory can move
         os.replace(link + ".tmp", link)
-        for name in set(os.listdir(directory)) - {student, state_file, "checkpoint.json", "student"}:
+        current = {student, state_file, "checkpoint.json", "student"}
+        for name in set(os.listdir(directory)) - current:
             remove_path(os.path.join(directory, name))
     barrier()
-
 
 def load_checkpoint(run, saved, tensors):
     """Restore what save_checkpoint saved but the student (loaded from it); tensors: its state file,
@@ -2323,11 +2218,11 @@ def load_checkpoint(run, saved, tensors):
     run.evals = saved["evals"]
     run.info = {**saved["info"], **run.info}
 
-
 def start_outputs(cfg, step):
     """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed
     (--overwrite), and log.jsonl opened for appending, holding the lines of steps up to `step` (a
-    resume continues the log with no step missing or twice; a line torn by a hard kill is dropped)."""
+    resume continues the log with no step missing or twice; a line torn by a hard kill is dropped).
+    """
     if cfg.overwrite:
         for name in OUTPUTS:
             remove_path(os.path.join(cfg.out_dir, name))
@@ -2339,14 +2234,12 @@ def start_outputs(cfg, step):
     write_text(path, "".join(lines))
     return open(path, "a")
 
-
 def logged_step(line):
     """The step of a log.jsonl line; infinite for a line that does not parse."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
-
 
 @contextmanager
 def caught_signals():
@@ -2368,7 +2261,6 @@ def caught_signals():
         for signum, handler in previous.items():
             os_signal.signal(signum, handler)
 
-
 def stop_requested(caught, device):
     """Whether a signal came, on any rank: every rank then stops at the same step."""
     stop = torch.tensor([float(bool(caught))], device=device)
@@ -2378,31 +2270,40 @@ def stop_requested(caught, device):
 
 
 # ==== 10. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
-# Each method makes one pass over the same random blocks with random-init models of its own, built on the
-# device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a fresh process).
+# Each method makes one pass over the same random blocks with random-init models of its own, built
+# on the device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a
+# fresh process).
 
-BENCH_SHAPES = {  # teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B
-    "tiny": dict(name="tiny", family="llama", vocab=32_000, seq=256, teacher=(256, 4, 4, 4, 688),
-                 student=(128, 2, 4, 4, 344)),                      # (hidden, layers, heads, kv heads, ffn)
+# Teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B. Each model:
+# (hidden, layers, heads, kv heads, ffn).
+BENCH_SHAPES = {
+    "tiny": dict(name="tiny", family="llama", vocab=32_000, seq=256,
+                 teacher=(256, 4, 4, 4, 688), student=(128, 2, 4, 4, 344)),
     "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, seq=512,
                   teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
-# What each method trains as, on which samples: topsmp and sekd3x_* on the l = 20% kept by a pre-pass.
-BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd", "sekd_gc": "sekd",
-                 "sekd_onpolicy": "sekd", "topsmp": "full", "sekd3x_build": "sekd3x",
-                 "sekd3x_reuse": "sekd3x"}
-# _gc: activation checkpointing; _onpolicy: the student writes the second half of each block, then learns it
+# What each method trains as; topsmp and sekd3x_* train on the l = 20% kept by a pre-pass; _gc:
+# activation checkpointing; _onpolicy: the student writes the second half of each block, then
+# learns it.
+BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd",
+                 "sekd_gc": "sekd", "sekd_onpolicy": "sekd", "topsmp": "full",
+                 "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}
 
 def bench_model(shape, role, device):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-    (hidden, layers, heads, kv, ffn), llama = shape[role], shape["family"] == "llama"
-    config = (LlamaConfig if llama else Qwen3Config)(
-        vocab_size=shape["vocab"], hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads if llama else 128,
-        tie_word_embeddings=not llama, max_position_embeddings=max(shape["seq"], 512))
+    hidden, layers, heads, kv, ffn = shape[role]
+    llama = shape["family"] == "llama"
+    config_class = LlamaConfig if llama else Qwen3Config
+    config = config_class(vocab_size=shape["vocab"], hidden_size=hidden, intermediate_size=ffn,
+                          num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, head_dim=hidden // heads if llama else 128,
+                          tie_word_embeddings=not llama,
+                          max_position_embeddings=max(shape["seq"], 512))
     dtype = torch.bfloat16 if role == "teacher" and device.type == "cuda" else torch.float32
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.train() if role == "student" else model.eval().requires_grad_(False)
+    if role == "student":
+        return model.train()
+    return model.eval().requires_grad_(False)
 
 def synchronize(device):
     if device.type == "cuda":
@@ -2417,164 +2318,232 @@ def timed(device, job):
     return time.perf_counter() - start
 
 def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, on_policy=False):
-    """A training step per batch as train() runs it (dense baselines: their own loss) -> (step s, wait s)."""
+    """A training step per batch as train() runs it (dense baselines: their own loss)
+    -> yields (step s, wait s)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     examples = as_examples(blocks)
-    batches = prefetch(torch.arange(len(blocks)).split(batch),
-                       lambda i: read_batch(examples[i], cache, i, device))   # cache row i holds blocks[i]
+    # cache row i holds blocks[i]
+    load = lambda index: read_batch(examples[index], cache, index, device)
+    batches = prefetch(torch.arange(len(blocks)).split(batch), load)
     for _ in range(math.ceil(len(blocks) / batch)):
         synchronize(device)
         start = time.perf_counter()
         micro = to_device(next(batches), cache, device)
-        ids, waited = micro["input_ids"], time.perf_counter() - start
-        if method in ("ce", "full_dense"):  # the dense baselines; ce, the floor: next-token CE, no teacher
-            with autocast(device):
-                loss = (dense_full_kd_loss(student, teacher, ids) if method == "full_dense" else
-                        student(ids, labels=ids).loss)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        ids = micro["input_ids"]
+        waited = time.perf_counter() - start
+        if method in ("ce", "full_dense"):
+            dense_step(method, student, teacher, ids, optimizer)
         else:
             if on_policy:   # responses as long as the blocks' second halves (an EOS, id 0, is rare)
                 half = ids.shape[1] // 2
-                micro["loss_mask"] = (torch.arange(ids.shape[1], device=device) >= half).expand_as(ids)
-                micro = on_policy_batch(student, micro, Config(max_new_tokens=ids.shape[1] - half), eos_id=0)
+                second_half = torch.arange(ids.shape[1], device=device) >= half
+                micro["loss_mask"] = second_half.expand_as(ids)
+                gen = Config(max_new_tokens=ids.shape[1] - half)
+                micro = on_policy_batch(student, micro, gen, eos_id=0)
             train_step(student, teacher, [micro], Config(method=method), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
 
+def dense_step(method, student, teacher, ids, optimizer):
+    """A step of a dense baseline: Full KD from full logits, or ce (the floor: next-token CE, no
+    teacher)."""
+    with autocast(ids.device):
+        if method == "full_dense":
+            loss = dense_full_kd_loss(student, teacher, ids)
+        else:
+            loss = student(ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
 @torch.no_grad()
 def teacher_forward(teacher, blocks, batch):
-    """The teacher's decoder and LM head at every position, nothing kept: what building a cache adds to."""
+    """The teacher's decoder and LM head at every position, nothing kept: what building a cache
+    adds to."""
     with autocast(unwrap(teacher).device):
-        head = lm_head(teacher)   # made once, as build_cache does per shard
+        head = lm_head(teacher)   # made once, as build_cache does
         for part in blocks.split(batch):
-            for rows in teacher_hidden(teacher, part).flatten(0, 1).split(1024):
-                head(rows)
+            for chunk in teacher_hidden(teacher, part).flatten(0, 1).split(1024):
+                head(chunk)
 
 def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
-    """One pass of method over num_batches * batch random blocks after a warm-up step, pre-pass and cache
-    build included -> seconds, median step, peak memory, the median wait for cached targets (sekd3x_reuse), a
-    cache build of every block against the teacher's forward alone (sekd3x_build)."""
+    """One pass of method over num_batches * batch random blocks after a warm-up step, pre-pass and
+    cache build included -> seconds, median step, peak memory, the median wait for cached targets
+    (sekd3x_reuse), a cache build of every block against the teacher's forward alone
+    (sekd3x_build)."""
     torch.manual_seed(0)
-    blocks, steps = torch.randint(0, shape["vocab"], (num_batches * batch, seq)), []
+    blocks = torch.randint(0, shape["vocab"], (num_batches * batch, seq))
+    steps = []
     student = bench_model(shape, "student", device)
     if method.endswith("_gc"):
         checkpoint_activations(student)
-    teacher = None if method in ("ce", "sekd3x_reuse") else bench_model(shape, "teacher", device)
+    teacher = None
+    if method not in ("ce", "sekd3x_reuse"):
+        teacher = bench_model(shape, "teacher", device)
     cache = TeacherCache(cache_dir) if method == "sekd3x_reuse" else None
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
+    trains_as = BENCH_METHODS[method]
     on_policy = method.endswith("_onpolicy")
-    list(bench_steps(BENCH_METHODS[method], student, teacher, blocks[kept[:batch]], device, cache, batch,
-                     on_policy))
+    warm_up = blocks[kept[:batch]]
+    list(bench_steps(trains_as, student, teacher, warm_up, device, cache, batch, on_policy))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
     def one_pass():
         nonlocal kept, cache
-        if method in ("topsmp", "sekd3x_build"):  # the pre-pass: the student scores every block, keeps 20%
+        if method in ("topsmp", "sekd3x_build"):   # the pre-pass: the student keeps 20% of blocks
             kept = select_samples(sample_scores(student, blocks, batch_size=batch), 0.2)
         if method == "sekd3x_build":
-            build_cache(teacher, blocks[kept], cache_dir, batch_size=batch, device=device, sample_ids=kept)
+            build_cache(teacher, blocks[kept], cache_dir, batch_size=batch, device=device,
+                        sample_ids=kept)
             cache = TeacherCache(cache_dir)
-        steps.extend(bench_steps(BENCH_METHODS[method], student, None if cache else teacher, blocks[kept],
-                                 device, cache, batch, on_policy))
-    r = {"s": timed(device, one_pass), "peak_mb": peak_memory_mb(device)}
-    step_s, waited_s = (float(np.median(column)) for column in zip(*steps))
-    r.update(step_ms=1000 * step_s, tokens_per_s=batch * seq / step_s)
+        online_teacher = None if cache else teacher
+        steps.extend(bench_steps(trains_as, student, online_teacher, blocks[kept], device, cache,
+                                 batch, on_policy))
+    result = {"s": timed(device, one_pass), "peak_mb": peak_memory_mb(device)}
+    step_s = float(np.median([step for step, _ in steps]))
+    waited_s = float(np.median([waited for _, waited in steps]))
+    result.update(step_ms=1000 * step_s, tokens_per_s=batch * seq / step_s)
     if method == "sekd3x_reuse":
-        r["cache_read_ms"] = 1000 * waited_s
+        result["cache_read_ms"] = 1000 * waited_s
     if method == "sekd3x_build":  # steadier over every block than over the kept 20%
-        r["cache_build_s"] = timed(device, lambda: build_cache(teacher, blocks, cache_dir + "_all",
-                                                               batch_size=batch, device=device))
-        r["teacher_forward_s"] = timed(device, lambda: teacher_forward(teacher, blocks, batch))
-    return r
+        build_all = lambda: build_cache(teacher, blocks, cache_dir + "_all", batch_size=batch,
+                                        device=device)
+        result["cache_build_s"] = timed(device, build_all)
+        result["teacher_forward_s"] = timed(device, lambda: teacher_forward(teacher, blocks, batch))
+    return result
 
-def bench(argv):
-    """One pass of each method over the same blocks, its median step and peak memory: rows, then JSON."""
+def bench_arguments(argv):
+    """The bench's flags, checked (one line, exit status 2) before any model is built."""
     parser = argparse.ArgumentParser(prog="sekd.py bench", description=bench.__doc__)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:i]")
-    parser.add_argument("--shape", choices=list(BENCH_SHAPES), help="default: tiny on CPU, qwen3 on CUDA")
+    parser.error = usage_error  # one line, argparse style, exit status 2
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:i]")
+    parser.add_argument("--shape", choices=list(BENCH_SHAPES),
+                        help="default: tiny on CPU, qwen3 on CUDA")
     add_flag(parser, "batch_size", type=int, default=8, help="blocks per batch (default: 8)")
     add_flag(parser, "seq_len", type=int, help="default: the shape's (tiny 256, qwen3 512)")
     parser.add_argument("--batches", "--steps", type=int, default=10,
                         help="batches per pass; topsmp and sekd3x train on the kept 20%% of them")
-    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="any of these, comma-separated")
-    parser.error = usage_error  # one line, argparse style, exit status 2
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS),
+                        help="any of these, comma-separated")
     args = parser.parse_args(argv)
-    asked, device = set(args.methods.split(",")), resolve_device(args.device)
-    methods = [method for method in BENCH_METHODS if method in asked]
-    if len(methods) < len(asked) or "sekd3x_reuse" in asked and "sekd3x_build" not in asked:
-        raise UsageError(f"--methods {args.methods}: choose from {','.join(BENCH_METHODS)}; sekd3x_reuse "
-                         "reads the cache that sekd3x_build builds")
-    shape = BENCH_SHAPES[args.shape or ("qwen3" if device.type == "cuda" else "tiny")]
-    batch, seq = args.batch_size, shape["seq"] if args.seq_len is None else args.seq_len
-    if min(args.batches, batch, seq - 1) < 1:
-        raise UsageError(f"--batches and --batch-size must be >= 1, --seq-len >= 2: got {args.batches}, "
-                         f"{batch}, {seq}")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    report = dict(device=name, shape=shape["name"], batch_size=batch, seq_len=seq, batches=args.batches,
-                  epoch={}, results={}, cache={})
-    print(f"{name}, shape {shape['name']}, one pass over {args.batches} batches of {batch} x {seq}:\n"
-          f"{'method':<13} {'pass s':>7} {'/full_dense':>11} {'step ms':>8} {'tokens/s':>8} {'peak MB':>8} "
-          f"{'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}", flush=True)
-    results, cache = report["results"], report["cache"]
+    asked = set(args.methods.split(","))
+    unknown = asked - set(BENCH_METHODS)
+    if unknown or "sekd3x_reuse" in asked and "sekd3x_build" not in asked:
+        raise UsageError(f"--methods {args.methods}: choose from {','.join(BENCH_METHODS)}; "
+                         "sekd3x_reuse reads the cache that sekd3x_build builds")
+    args.device = resolve_device(args.device)
+    args.methods = [method for method in BENCH_METHODS if method in asked]
+    default_shape = "qwen3" if args.device.type == "cuda" else "tiny"
+    args.shape = BENCH_SHAPES[args.shape or default_shape]
+    if args.seq_len is None:
+        args.seq_len = args.shape["seq"]
+    if min(args.batches, args.batch_size, args.seq_len - 1) < 1:
+        raise UsageError(f"--batches and --batch-size must be >= 1, --seq-len >= 2: got "
+                         f"{args.batches}, {args.batch_size}, {args.seq_len}")
+    return args
+
+BENCH_HEADER = (f"{'method':<13} {'pass s':>7} {'/full_dense':>11} {'step ms':>8} {'tokens/s':>8} "
+                f"{'peak MB':>8} {'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}")
+
+def bench(argv):
+    """One pass of each method over the same blocks, its median step and peak memory: rows, then
+    JSON."""
+    args = bench_arguments(argv)
+    device, shape, batch, seq = args.device, args.shape, args.batch_size, args.seq_len
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({os.cpu_count()} cores)"
+    report = dict(device=name, shape=shape["name"], batch_size=batch, seq_len=seq,
+                  batches=args.batches, epoch={}, results={}, cache={})
+    print(f"{name}, shape {shape['name']}, one pass over {args.batches} batches of {batch} x "
+          f"{seq}:")
+    print(BENCH_HEADER, flush=True)
+    results = report["results"]
     with tempfile.TemporaryDirectory(prefix="sekd-bench-") as tmp:
-        for method in methods:
+        for method in args.methods:
             work = (method, shape, device, batch, seq, args.batches, os.path.join(tmp, "cache"))
             if device.type == "cuda":  # one process; bench_method resets the peak counter
-                r = results[method] = bench_method(*work)
-            else:
-                with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak
-                    r = results[method] = pool.apply(bench_method, work)
-            over = lambda key, base: r[key] / results[base][key] if base in results else None
-            shown = lambda key, base: "-" if over(key, base) is None else f"{over(key, base):.2f}"
-            report["epoch"][method] = {"s": r["s"], "over_full_dense": over("s", "full_dense")}
-            print(f"{method:<13} {r['s']:>7.2f} {shown('s', 'full_dense'):>11} {r['step_ms']:>8.1f} "
-                  f"{r['tokens_per_s']:>8.0f} {r['peak_mb']:>8.0f} {shown('step_ms', 'full_dense'):>15} "
-                  f"{shown('peak_mb', 'full_dense'):>15} {shown('step_ms', 'ce'):>7}", flush=True)
+                results[method] = bench_method(*work)
+            else:   # a fresh process: its own peak
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    results[method] = pool.apply(bench_method, work)
+            print_bench_row(method, results, report)
+    print_cache_ratios(results, report["cache"])
+    print(json.dumps(report))
+
+def print_bench_row(method, results, report):
+    """A method's row, as measured: its numbers and their ratios to full_dense's and ce's."""
+    r = results[method]
+
+    def ratio(key, base):
+        return r[key] / results[base][key] if base in results else None
+
+    def shown(key, base):
+        return "-" if ratio(key, base) is None else f"{ratio(key, base):.2f}"
+    report["epoch"][method] = {"s": r["s"], "over_full_dense": ratio("s", "full_dense")}
+    print(f"{method:<13} {r['s']:>7.2f} {shown('s', 'full_dense'):>11} {r['step_ms']:>8.1f} "
+          f"{r['tokens_per_s']:>8.0f} {r['peak_mb']:>8.0f} {shown('step_ms', 'full_dense'):>15} "
+          f"{shown('peak_mb', 'full_dense'):>15} {shown('step_ms', 'ce'):>7}", flush=True)
+
+def print_cache_ratios(results, cache):
+    """SE-KD 3X's cache: its build against the teacher's forward, its read against a step."""
     if "sekd3x_build" in results:
-        cache.update({key: results["sekd3x_build"][key] for key in ("cache_build_s", "teacher_forward_s")})
+        build = results["sekd3x_build"]
+        cache["cache_build_s"] = build["cache_build_s"]
+        cache["teacher_forward_s"] = build["teacher_forward_s"]
         cache["build_over_teacher_forward"] = cache["cache_build_s"] / cache["teacher_forward_s"]
         print(f"cache build {cache['build_over_teacher_forward']:.2f}x the teacher's forward alone")
     if "sekd3x_reuse" in results:
-        reuse = results["sekd3x"] = results["sekd3x_reuse"]  # sekd3x: the per-step row's name before the pass
+        reuse = results["sekd3x"] = results["sekd3x_reuse"]   # sekd3x: the row's earlier name
         cache["read_over_sekd3x_step"] = reuse["cache_read_ms"] / reuse["step_ms"]
         print(f"cache read exposed to a sekd3x step: {cache['read_over_sekd3x_step']:.2%}")
-    print(json.dumps(report))
+
 
 # ==== 11. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
 @torch.no_grad()
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
-    """One sequence [1, L] scored and selected as a training step would (batch_scores, position_weights) ->
-    scores, selected, valid and KL(teacher || student) (None without a teacher), each [T]."""
+    """One sequence [1, L] scored and selected as a training step would (batch_scores,
+    position_weights) -> scores, selected, valid and KL(teacher || student) (None without a
+    teacher), each [T]."""
     valid = valid_positions(input_ids, None, loss_mask)
-    score = lambda signal: model_scores(signal, student, input_ids, None, valid, teacher, cfg.vocab_size,
-                                        cfg.chunk_size)[0]
-    scores, kl = score(cfg.signal), None if teacher is None else score("kl")
-    selected = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())[0] > 0
-    return scores, selected, valid[0], kl
+
+    def scores_of(signal):
+        return model_scores(signal, student, input_ids, None, valid, teacher, cfg.vocab_size,
+                            cfg.chunk_size)[0]
+    scores = scores_of(cfg.signal)
+    kl = None if teacher is None else scores_of("kl")
+    weights = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())
+    return scores, weights[0] > 0, valid[0], kl
 
 def token_pieces(offsets):
-    """The drawn pieces of a text: [(start, stop, tokens)], tokens that share characters (the byte-level
-    tokens of one emoji or CJK character) in one piece; tokens without characters (BOS, EOS) in none."""
+    """The drawn pieces of a text: [(start, stop, tokens)], tokens that share characters (the
+    byte-level tokens of one emoji or CJK character) in one piece; tokens without characters (BOS,
+    EOS) in none."""
     pieces = []
     for j, (start, stop) in enumerate(offsets):
         if pieces and start < pieces[-1][1]:
-            pieces[-1] = (pieces[-1][0], max(stop, pieces[-1][1]), pieces[-1][2] + [j])
+            first, last, tokens = pieces[-1]
+            pieces[-1] = (first, max(stop, last), tokens + [j])
         elif stop > start:
             pieces.append((start, stop, [j]))
     return pieces
 
-def draw(text, offsets, marked, shade, dim, style, titles):
-    """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain (⟦token⟧,
-    nothing else added), ansi (bold underlined, a red background) or html (a <span> per token, escaped).
-    A piece of tokens that share characters is marked when any of them is -> (drawing, marks drawn)."""
-    out, end, marks = [], 0, 0
+def render_marks(text, offsets, marked, shade, dim, style, titles):
+    """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain
+    (⟦token⟧, nothing else added), ansi (bold underlined, a red background) or html (a <span> per
+    piece, escaped). A piece of tokens that share characters is marked when any of them is
+    -> (the drawing, the marks drawn)."""
+    out = []
+    end = 0
+    marks = 0
     escape = html.escape if style == "html" else str
     for start, stop, tokens in token_pieces(offsets):
         out.append(escape(text[end:start]))
-        piece, end = text[start:stop], stop
+        piece = text[start:stop]
+        end = stop
         is_marked = any(marked[j] for j in tokens)
         is_dim = all(dim[j] for j in tokens)
         strength = max(shade[j] for j in tokens)
@@ -2583,57 +2552,75 @@ def draw(text, offsets, marked, shade, dim, style, titles):
             out.append(f"⟦{piece}⟧" if is_marked else piece)
         elif style == "ansi":
             g = int(255 - 150 * strength)
-            out.append(f"\x1b[{'1;4;' * is_marked}{'2;' * is_dim}48;2;255;{g};{g}m{piece}\x1b[0m")
+            codes = "1;4;" * is_marked + "2;" * is_dim
+            out.append(f"\x1b[{codes}48;2;255;{g};{g}m{piece}\x1b[0m")
         else:
             classes = "t" + " sel" * is_marked + " dim" * is_dim
             title = "; ".join(titles[j] for j in tokens)
-            out.append(f'<span class="{classes}" style="background:rgba(255,60,60,{strength:.2f})" '
+            out.append(f'<span class="{classes}" '
+                       f'style="background:rgba(255,60,60,{strength:.2f})" '
                        f'title="{escape(title)}">{escape(piece)}</span>')
     return "".join(out) + escape(text[end:]), marks
 
 SHOW_PAGE = """<!doctype html><meta charset=utf-8><title>SE-KD: selected positions</title><style>
-body{font:14px sans-serif;max-width:60em;margin:2em auto} pre{white-space:pre-wrap;font:14px monospace}
+body{font:14px sans-serif;max-width:60em;margin:2em auto}
+pre{white-space:pre-wrap;font:14px monospace}
 .sel{font-weight:bold;text-decoration:underline} .dim{opacity:.45}</style>
 <p>{header}<pre>{body}</pre><p>{summary}
-<p>Background: the score u(t) of the position that predicts the token; bold underlined: selected; faded:
-prompt (no target). Hover a token for its score, rank and KL."""
+<p>Background: the score u(t) of the position that predicts the token; bold underlined: selected;
+faded: prompt (no target). Hover a token for its score, rank and KL."""
+
+SHOW_FLAGS = [   # name, type, default, help
+    ("student", str, None, "the student (name or directory)"),
+    ("teacher", str, None, "the teacher"),
+    ("text", str, None, "the text to show"),
+    ("data", str, None, "or a row of a --data file"),
+    ("index", int, 0, "the row of --data"),
+    ("text_column", str, "text", "its plain-text column"),
+    ("seq_len", int, 512, "tokens of a prompt/completion or chat row kept, as in training"),
+    ("k", float, 0.2, "share of the positions selected"),
+    ("signal", str, "student_entropy", "u(t)"),
+    ("positions", str, "top", "position policy"),
+    ("html", str, None, "also write this HTML page"),
+    ("device", str, "auto", "auto, cpu or cuda[:i]")]
 
 def show(argv):
-    """Draw one text with the positions a training step would supervise, each on the token it predicts."""
+    """Draw one text with the positions a training step would supervise, each on the token it
+    predicts."""
     parser = argparse.ArgumentParser(prog="sekd.py show", description=show.__doc__)
     parser.error = usage_error
-    for name, kind, default, text in [
-            ("student", str, None, "the student (name or directory)"), ("teacher", str, None, "the teacher"),
-            ("text", str, None, "the text to show"), ("data", str, None, "or a row of a --data file"),
-            ("index", int, 0, "the row of --data"), ("text_column", str, "text", "its plain-text column"),
-            ("seq_len", int, 512, "tokens of a prompt/completion or chat row kept, as in training"),
-            ("k", float, 0.2, "share of the positions selected"), ("signal", str, "student_entropy", "u(t)"),
-            ("positions", str, "top", "position policy"), ("html", str, None, "also write this HTML page"),
-            ("device", str, "auto", "auto, cpu or cuda[:i]")]:
-        add_flag(parser, name, type=kind, default=default, help=text)
-    add_flag(parser, "plain", action="store_true", help="markers (⟦token⟧), not colours, also on a terminal")
+    for name, flag_type, default, text in SHOW_FLAGS:
+        add_flag(parser, name, type=flag_type, default=default, help=text)
+    add_flag(parser, "plain", action="store_true",
+             help="markers (⟦token⟧), not colours, also on a terminal")
     args = parser.parse_args(argv)
     cfg = Config(positions=args.positions, k=args.k, signal=args.signal, student=args.student,
-                 teacher=args.teacher, data=args.data, text_column=args.text_column, seq_len=args.seq_len)
+                 teacher=args.teacher, data=args.data, text_column=args.text_column,
+                 seq_len=args.seq_len)
     if not args.student or (args.text is None) == (args.data is None):
         raise UsageError("show needs --student, and --text or --data (one of them)")
     if uses_teacher(cfg.signal) and not args.teacher:
-        raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give --teacher")
-    tokenizer, device = load_pretrained("AutoTokenizer", args.student), resolve_device(args.device)
-    ids, targets, text, offsets = show_row(args, cfg, tokenizer)
-    ids, targets = torch.from_numpy(ids)[None], torch.from_numpy(targets)[None]
-    if valid_positions(ids, None, targets).sum() == 0:
-        raise UsageError("the text has no position to score: it needs 2 tokens or more, and a target")
+        raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give "
+                         "--teacher")
+    tokenizer = load_pretrained("AutoTokenizer", args.student)
+    device = resolve_device(args.device)
+    ids, is_target, text, offsets = show_row(args, cfg, tokenizer)
+    ids = torch.from_numpy(ids)[None]
+    is_target = torch.from_numpy(is_target)[None]
+    if valid_positions(ids, None, is_target).sum() == 0:
+        raise UsageError("the text has no position to score: it needs 2 tokens or more, and a "
+                         "target")
     check_models(cfg, tokenizer)
     student = load_model(args.student, device).eval()
     teacher = load_model(args.teacher, device, frozen=True) if args.teacher else None
-    ids, targets = ids.to(device), targets.to(device)
-    scores, selected, valid, kl = selected_positions(student, teacher, ids, targets, cfg)
-    print_show(args, cfg, text, offsets, scores.cpu(), selected.cpu(), valid.cpu(), kl)
+    scored = selected_positions(student, teacher, ids.to(device), is_target.to(device), cfg)
+    scores, selected, valid, kl = (None if t is None else t.cpu() for t in scored)
+    print_show(args, cfg, text, offsets, scores, selected, valid, kl)
 
 def show_row(args, cfg, tokenizer):
-    """The row to show, encoded exactly as training encodes it (encode_rows, truncated to --seq-len): ids,
-    targets, its text and each token's character span in it. --text is a document (a text row)."""
+    """The row to show, encoded exactly as training encodes it (encode_rows, truncated to
+    --seq-len): ids, is_target, its text and each token's character span in it. --text is a
+    document (a text row)."""
     if args.data:
         row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
         if row is None:
@@ -2642,36 +2629,51 @@ def show_row(args, cfg, tokenizer):
     else:
         batch = {cfg.text_column: [args.text]}
     data_format = row_format(batch, cfg, tokenizer)
-    ids, targets, text, offsets = encode_rows(batch, data_format, tokenizer, cfg.text_column, args.index,
-                                              with_offsets=True)[0]
+    encoded = encode_rows(batch, data_format, tokenizer, cfg.text_column, args.index,
+                          with_offsets=True)
+    ids, is_target, text, offsets = encoded[0]
     if data_format != "text":
-        ids, targets, offsets = ids[:cfg.seq_len], targets[:cfg.seq_len], offsets[:cfg.seq_len]
-    return ids, targets, text, offsets
+        ids = ids[:cfg.seq_len]
+        is_target = is_target[:cfg.seq_len]
+        offsets = offsets[:cfg.seq_len]
+    return ids, is_target, text, offsets
 
 def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     """Print (and with --html write) the drawing: position t's score and mark go on token t + 1."""
     low, high = scores[valid].min(), scores[valid].max()
     shade = torch.where(valid, (scores - low) / (high - low).clamp(min=1e-9), 0.0).tolist()
     rank = (ranks(scores.masked_fill(~valid, -math.inf)[None], True)[0] + 1).tolist()
-    n, chosen = int(valid.sum()), int(selected.sum())
-    titles = ["no position predicts it"] + [
-        f"score {scores[t]:.3f}, rank {rank[t]} of {n}" + (f", KL {kl[t]:.3f}" if kl is not None else "")
-        if valid[t] else "prompt: no target" for t in range(len(scores))]
-    marked, shade, dim = [False] + selected.tolist(), [0.0] + shade, [False] + (~valid).tolist()
-    header = (f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}; a marked "
-              "token is one the student was unsure of, given the text before it")
+    n = int(valid.sum())
+    chosen = int(selected.sum())
+    titles = ["no position predicts it"]
+    for t in range(len(scores)):
+        if not valid[t]:
+            titles.append("prompt: no target")
+            continue
+        kl_text = "" if kl is None else f", KL {kl[t]:.3f}"
+        titles.append(f"score {scores[t]:.3f}, rank {rank[t]} of {n}{kl_text}")
+    marked = [False] + selected.tolist()
+    shade = [0.0] + shade
+    dim = [False] + (~valid).tolist()
+    header = (f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}; a "
+              "marked token is one the student was unsure of, given the text before it")
     style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
-    drawing, marks = draw(text, offsets, marked, shade, dim, style, titles)
+    drawing, marks = render_marks(text, offsets, marked, shade, dim, style, titles)
     summary = f"{chosen} of {n} positions selected, {marks} marks drawn"
     if kl is not None:
-        share = (kl.cpu()[selected].sum() / kl.cpu()[valid].sum()).item()
-        summary += f"; they hold {share:.0%} of the KL(teacher || student) (random ones: {chosen / n:.0%})"
-    legend = "\nbackground: the score; bold underlined: selected; dim: prompt (no target)" * (style == "ansi")
+        share = (kl[selected].sum() / kl[valid].sum()).item()
+        summary += (f"; they hold {share:.0%} of the KL(teacher || student) (random ones: "
+                    f"{chosen / n:.0%})")
+    legend = ""
+    if style == "ansi":
+        legend = "\nbackground: the score; bold underlined: selected; dim: prompt (no target)"
     print(f"{header}\n{drawing}{legend}\n{summary}")
     if args.html:
-        body, _ = draw(text, offsets, marked, shade, dim, "html", titles)
-        page = SHOW_PAGE.replace("{header}", html.escape(header)).replace("{summary}", html.escape(summary))
+        body, _ = render_marks(text, offsets, marked, shade, dim, "html", titles)
+        page = SHOW_PAGE.replace("{header}", html.escape(header))
+        page = page.replace("{summary}", html.escape(summary))
         write_text(args.html, page.replace("{body}", body))
+
 
 # ==== 12. Command line
 def usage_error(message):
@@ -2679,34 +2681,45 @@ def usage_error(message):
     sys.exit(2)
 
 def add_flag(parser, name, *aliases, **options):
-    """--name-with-dashes, shown in --help, and --name_with_underscores (HF Trainer's spelling), hidden."""
+    """--name-with-dashes, shown in --help, and --name_with_underscores (HF Trainer's spelling),
+    hidden."""
     parser.add_argument("--" + name.replace("_", "-"), *aliases, dest=name, **options)
     if "_" in name:
-        parser.add_argument("--" + name, dest=name, **{**options, "help": argparse.SUPPRESS,
-                                                       "default": argparse.SUPPRESS})
+        hidden = {**options, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS}
+        parser.add_argument("--" + name, dest=name, **hidden)
+
+def flag_help(f):
+    """A Config field's --help: its one line, its range, and its default (per --method for the
+    fields a preset sets)."""
+    text = f.metadata["help"].replace("%", "%%")
+    if f.metadata["rules"]:
+        text += f" ({' and '.join(f.metadata['rules'])})"
+    if f.name in UNSET or f.name == "positions":
+        by_value = {}
+        for method, preset in PRESETS.items():
+            value = preset.get(f.name, UNSET.get(f.name, "all classes"))
+            by_value.setdefault(value, []).append(method)
+        presets = "; ".join("/".join(methods) + f": {value}" for value, methods in by_value.items())
+        return text + f" (default from --method: {presets})"
+    if f.default is not None and f.type != "bool":
+        return text + f" (default: {f.default})"
+    return text
 
 def parse_config(argv=None):
-    """Config from the command line: a flag per field; a preset-driven one says what each --method sets."""
-    commands = ("Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py bench. "
-                "See the selected positions: sekd.py show. Every --flag-name is also --flag_name.")
-    parser = argparse.ArgumentParser(prog="sekd.py", description=__doc__.split("\n\n")[0] + " " + commands)
+    """Config from the command line: a flag per field."""
+    commands = ("Train: sekd.py --teacher T --student S --data D --method sekd. Benchmark: sekd.py "
+                "bench. See the selected positions: sekd.py show. Every --flag-name is also "
+                "--flag_name.")
+    description = __doc__.split("\n\n")[0] + " " + commands
+    parser = argparse.ArgumentParser(prog="sekd.py", description=description)
     parser.error = usage_error  # one line, argparse style, exit status 2
     for f in dataclasses.fields(Config):
-        text = f.metadata["help"].replace("%", "%%")
-        text += f" ({' and '.join(f.metadata['rules'])})" if f.metadata["rules"] else ""
         if f.type == "bool":
-            add_flag(parser, f.name, action="store_true", help=text)
+            add_flag(parser, f.name, action="store_true", help=flag_help(f))
             continue
-        if f.name in UNSET or f.name == "positions":
-            by_value = {}
-            for method, preset in PRESETS.items():
-                by_value.setdefault(preset.get(f.name, UNSET.get(f.name, "all classes")), []).append(method)
-            presets = "; ".join("/".join(methods) + f": {value}" for value, methods in by_value.items())
-            text += f" (default from --method: {presets})"
-        elif f.default is not None:
-            text += f" (default: {f.default})"
-        kind = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
-        add_flag(parser, f.name, type=kind, default=f.default, help=text, choices=f.metadata["choices"])
+        flag_type = {"int": int, "float": float, "str": str}[f.type.removesuffix(" | None")]
+        add_flag(parser, f.name, type=flag_type, default=f.default, help=flag_help(f),
+                 choices=f.metadata["choices"])
     try:
         return Config(**vars(parser.parse_args(argv)))
     except UsageError as err:
@@ -2715,13 +2728,17 @@ def parse_config(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] in (["bench"], ["show"]):
-            return (bench if argv[0] == "bench" else show)(argv[1:])
-        metrics = train(parse_config(argv))  # bad flags fail first, on every rank, before any process group
+        if argv[:1] == ["bench"]:
+            return bench(argv[1:])
+        if argv[:1] == ["show"]:
+            return show(argv[1:])
+        # bad flags fail first, on every rank, before any process group
+        metrics = train(parse_config(argv))
     except UsageError as err:
         usage_error(str(err))
     except RunStopped as err:
-        print(f"sekd.py: {'' if err.exit_status == 130 else 'error: '}{err}", file=sys.stderr)
+        prefix = "" if err.exit_status == 130 else "error: "
+        print(f"sekd.py: {prefix}{err}", file=sys.stderr)
         sys.exit(err.exit_status)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("val_ppl", "val_kl", "share_supervised", "wall_time_s", "peak_memory_mb")
