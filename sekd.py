@@ -351,8 +351,8 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     return keep / keep.sum(1, keepdim=True).clamp(min=1)                          # m_t [B, T]
 
 
-# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes (RS-
-# KD)
+# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes
+#      (RS-KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
     """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients
     comparable across T)."""
@@ -394,8 +394,8 @@ def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
 
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
         log_probs = log_softmax_t(logits, temperature)
-        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at K =
-        # V.
+        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at
+        # K = V.
         others = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min)
         tail = others.logsumexp(-1, keepdim=True)
         return torch.cat([log_probs.gather(-1, kept), tail], -1)
@@ -496,8 +496,7 @@ def select_samples(scores, ell):
 
 # ==== 5. The loss (paper Eq. 2-4) with selective LM heads (paper: memory optimisations), in three
 #      steps: which positions (Eq. 3), the loss at each (Eq. 2), the means over positions and
-# samples
-#      (Eq. 3-4); then the same loss on the student's own responses (on-policy)
+#      samples (Eq. 3-4); then the same loss on the student's own responses (on-policy)
 @torch.no_grad()
 def teacher_hidden(teacher, input_ids, attention_mask=None):
     """The teacher's final hidden states [B, T, H_t] at the positions that predict a token."""
@@ -630,9 +629,8 @@ def dense_full_kd_loss(student, teacher, input_ids):
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
 # On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student
-# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where its
-# own
-# sample wavered.
+# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where
+# its own sample wavered.
 def prompt_lengths(loss_mask):
     """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] ->
     [B]."""
@@ -1869,9 +1867,8 @@ def save_and_evaluate(run, start_time):
     return metrics
 
 
-# ==== 9. Plumbing: devices and models, durable writes, fingerprints, cache and resume checks, out-
-# dir
-#      rules, checkpoints, signals. A reader of the method can skip from here to the end.
+# ==== 9. Plumbing: devices and models, durable writes, fingerprints, cache and resume checks,
+#      out-dir rules, checkpoints, signals. A reader of the method can skip from here to the end.
 def resolve_device(name, local_rank=0):
     """auto, cpu, cuda or cuda:i; under torchrun, cuda:i is cuda:(i + LOCAL_RANK): a GPU a rank."""
     try:

@@ -34,15 +34,24 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
                "cohere": transformers.CohereConfig, "gemma2": transformers.Gemma2Config}[family]
         extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0)}
         extra = extra.get(family, {})
-        config = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                     head_dim=hidden // 4, max_position_embeddings=64, tie_word_embeddings=False, **extra)
+        config = cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            **extra,
+        )
     return transformers.AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout
 
 
 def sharpened(model, factor=20.0):
-    """The model with a scaled LM head: entropies that vary across positions far beyond float32 rounding,
-    so that rankings and z-scores do not hinge on the last bits."""
+    """The model with a scaled LM head: entropies that vary across positions far beyond float32
+    rounding, so that rankings and z-scores do not hinge on the last bits."""
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(factor)
     return model
@@ -52,8 +61,8 @@ def padded_batch(batch=3, length=12, vocab=VOCAB, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, 8:] = 0   # right padding
-    mask[2, 3:] = 0   # a short sample
+    mask[1, 8:] = 0  # right padding
+    mask[2, 3:] = 0  # a short sample
     return ids, mask
 
 
@@ -68,6 +77,7 @@ def prompt_mask(ids, prompt_lengths=(6, 4, 2)):
 def tiny_tokenizer(texts):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
+
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
@@ -77,9 +87,15 @@ def reference_signal(signal, s, t, y):
     """Table 1's signals in float64 from torch.distributions, written independently of sekd."""
     q, p = Categorical(logits=s.double()), Categorical(logits=t.double())
     ce_q, ce_p = -q.log_prob(y), -p.log_prob(y)
-    plain = {"student_entropy": q.entropy(), "teacher_entropy": p.entropy(), "student_ce": ce_q,
-             "teacher_ce": ce_p, "kl": kl_divergence(p, q), "reverse_kl": kl_divergence(q, p),
-             "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR)}   # the documented floor of a teacher CE
+    plain = {
+        "student_entropy": q.entropy(),
+        "teacher_entropy": p.entropy(),
+        "student_ce": ce_q,
+        "teacher_ce": ce_p,
+        "kl": kl_divergence(p, q),
+        "reverse_kl": kl_divergence(q, p),
+        "ce_ratio": ce_q / ce_p.clamp(min=sekd.CE_FLOOR),
+    }  # the documented floor of a teacher CE
     if "+" not in signal:
         return plain[signal]
     z = lambda x: (x - x.mean()) / x.std(unbiased=False)
@@ -89,6 +105,7 @@ def reference_signal(signal, s, t, y):
 # ============================================================================================
 # 1. Scores
 # ============================================================================================
+
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 10_000])
 def test_token_entropy_matches_categorical_in_float64(chunk_size):
@@ -107,22 +124,27 @@ def test_position_scores_match_float64_reference(signal):
     y = torch.randint(0, 40, (9,), generator=g)
     got = sekd.position_scores(signal, s, t, y)
     assert got.shape == (9,) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), reference_signal(signal, s, t, y), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        got.double(), reference_signal(signal, s, t, y), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
     s, y = torch.randn(6, 20), torch.randint(0, 20, (6,))
-    t = s.clone()   # teacher = student: KL is 0 at every position
+    t = s.clone()  # teacher = student: KL is 0 at every position
     got = sekd.position_scores("kl+student_entropy", s, t, y)
-    torch.testing.assert_close(got, sekd.standardize(sekd.position_scores("student_entropy", s)), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        got, sekd.standardize(sekd.position_scores("student_entropy", s)), atol=1e-5, rtol=0
+    )
 
 
 def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
     s, t, y = torch.zeros(1, 10), torch.full((1, 10), -1e4), torch.tensor([3])
     t[0, 3] = 1e4
     got = sekd.position_scores("ce_ratio", s, t, y)
-    assert torch.isfinite(got).all() and got.item() == pytest.approx(math.log(10) / sekd.CE_FLOOR, rel=1e-3)
+    assert torch.isfinite(got).all() and got.item() == pytest.approx(
+        math.log(10) / sekd.CE_FLOOR, rel=1e-3
+    )
 
 
 @pytest.mark.parametrize("family", ["cohere", "gemma2", "llama"])
@@ -131,21 +153,26 @@ def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         hidden = sekd.hidden_states(model, ids)
-        torch.testing.assert_close(sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(
+            sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
         assert sekd.lm_head(model, 50)(hidden).shape[-1] == 50
 
 
 @pytest.mark.parametrize("signal", ["student_entropy", "kl", "ce_ratio+student_entropy"])
 def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
-    student, teacher = sharpened(tiny_model("llama")), sharpened(tiny_model("llama", hidden=48, seed=1))
+    student, teacher = (
+        sharpened(tiny_model("llama")),
+        sharpened(tiny_model("llama", hidden=48, seed=1)),
+    )
     ids, mask = padded_batch()
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     with torch.no_grad():
         h_s = sekd.hidden_states(student, ids, mask)[:, :-1]
         h_t = sekd.hidden_states(teacher, ids, mask)[:, :-1]
-        got = sekd.batch_scores(signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t,
-                                sekd.lm_head(teacher), 4)
+        got = sekd.batch_scores(
+            signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t, sekd.lm_head(teacher), 4
+        )
         s_all, t_all = sekd.lm_head(student)(h_s), sekd.lm_head(teacher)(h_t)
     for b in range(3):
         v = valid[b]
@@ -157,23 +184,31 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
 # 2. Position axis
 # ============================================================================================
 
+
 def test_valid_positions_are_pairs_of_real_tokens_whose_second_is_a_target():
     ids, mask = padded_batch()
     loss_mask = prompt_mask(ids)
     got = sekd.valid_positions(ids, mask, loss_mask)
-    want = [[bool(mask[b, t] and mask[b, t + 1] and loss_mask[b, t + 1]) for t in range(11)]
-            for b in range(3)]
-    assert got.tolist() == want and got[2].sum() == 1   # row 2: 3 real tokens, the first 2 a prompt
-    assert sekd.valid_positions(ids).all() and sekd.valid_positions(ids, mask).tolist() == (
-        mask[:, :-1] * mask[:, 1:]).bool().tolist()
+    want = [
+        [bool(mask[b, t] and mask[b, t + 1] and loss_mask[b, t + 1]) for t in range(11)]
+        for b in range(3)
+    ]
+    assert got.tolist() == want and got[2].sum() == 1  # row 2: 3 real tokens, the first 2 a prompt
+    assert (
+        sekd.valid_positions(ids).all()
+        and sekd.valid_positions(ids, mask).tolist() == (mask[:, :-1] * mask[:, 1:]).bool().tolist()
+    )
 
 
 def test_no_policy_selects_a_prompt_position_however_high_its_score_and_k_counts_valid_ones():
     ids, mask = padded_batch(length=30)
     valid = sekd.valid_positions(ids, mask, prompt_mask(ids, (12, 4, 2)))
-    scores = torch.where(valid, torch.rand(valid.shape, generator=torch.Generator().manual_seed(0)), 50.0)
+    scores = torch.where(
+        valid, torch.rand(valid.shape, generator=torch.Generator().manual_seed(0)), 50.0
+    )
     gls = sekd.GlobalThreshold()
-    gls.queue = torch.rand(1000)                      # a threshold near 0.8: every prompt score passes it
+    # a threshold near 0.8: every prompt score passes it
+    gls.queue = torch.rand(1000)
     for policy in sekd.POLICIES:
         torch.manual_seed(0)
         weights = sekd.position_weights(policy, scores, valid, 0.3, progress=0.5, gls=gls)
@@ -195,8 +230,8 @@ def test_select_positions_against_brute_force(k):
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(6, 25, generator=g)
     valid = torch.rand(6, 25, generator=g) < 0.8
-    valid[0] = False            # no valid position: nothing selected
-    valid[1] = True             # 25 valid: k = 0.28 selects exactly 7
+    valid[0] = False  # no valid position: nothing selected
+    valid[1] = True  # 25 valid: k = 0.28 selects exactly 7
     got = sekd.select_positions(scores, valid, k)
     for row in range(6):
         idx = valid[row].nonzero().flatten().tolist()
@@ -211,7 +246,8 @@ def test_select_positions_breaks_ties_to_earlier_positions():
 
 
 def test_gls_threshold_is_the_queue_quantile_and_counts_vary_per_sample():
-    queue = torch.arange(100.0)                # (1 - 0.2) quantile, linear interpolation: 0.8 * 99 = 79.2
+    # (1 - 0.2) quantile, linear interpolation: 0.8 * 99 = 79.2
+    queue = torch.arange(100.0)
     gls = sekd.GlobalThreshold(size=100)
     gls.queue = queue
     scores = torch.tensor([[79.1, 79.3, 90.0, 10.0], [1.0, 2.0, 3.0, 4.0]])
@@ -236,46 +272,61 @@ def test_gls_queue_keeps_the_last_scores_first_in_first_out():
 def test_gls_at_k_1_keeps_every_valid_position():
     gls = sekd.GlobalThreshold(size=100)
     gls.queue = torch.arange(100.0)
-    scores, valid = torch.tensor([[-5.0, 50.0, 200.0, 3.0]]), torch.tensor([[True, True, True, False]])
+    scores, valid = (
+        torch.tensor([[-5.0, 50.0, 200.0, 3.0]]),
+        torch.tensor([[True, True, True, False]]),
+    )
     assert gls.select(scores, valid, 1.0).tolist() == [[True, True, True, False]]
 
 
 def test_gls_keeps_k_of_a_batch_drawn_like_a_queue_of_tied_scores():
     torch.manual_seed(0)
     gls = sekd.GlobalThreshold(size=1000)
-    gls.queue = torch.cat([torch.full((900,), 2.0), torch.linspace(2.5, 3.5, 100)])   # 90% tie at tau = 2
-    scores = gls.queue[torch.randint(0, 1000, (50, 400))]                             # drawn like the queue
+    # 90% tie at tau = 2
+    gls.queue = torch.cat([torch.full((900,), 2.0), torch.linspace(2.5, 3.5, 100)])
+    # drawn like the queue
+    scores = gls.queue[torch.randint(0, 1000, (50, 400))]
     kept = gls.select(scores, torch.ones_like(scores, dtype=torch.bool), 0.2).float().mean().item()
-    assert kept == pytest.approx(0.2, abs=0.01)   # u >= tau alone keeps every position
+    assert kept == pytest.approx(0.2, abs=0.01)  # u >= tau alone keeps every position
 
 
 def test_gls_takes_a_queue_larger_than_torch_quantile_accepts():
-    gls = sekd.GlobalThreshold(size=2 ** 24 + 10)
-    gls.queue = torch.arange(2 ** 24 + 10, dtype=torch.float32)   # torch.quantile refuses over 2^24
-    scores = torch.tensor([[0.79 * 2 ** 24, 0.81 * 2 ** 24]])
+    gls = sekd.GlobalThreshold(size=2**24 + 10)
+    gls.queue = torch.arange(2**24 + 10, dtype=torch.float32)  # torch.quantile refuses over 2^24
+    scores = torch.tensor([[0.79 * 2**24, 0.81 * 2**24]])
     assert gls.select(scores, torch.ones(1, 2, dtype=torch.bool), 0.2).tolist() == [[False, True]]
 
 
 # 10 valid positions of 13, windows of ceil(0.3 * 10) = 3 starting at round((10 - 3) * progress) in
-# ascending-u order; the padding scores lowest, so that a window that counts padding as positions starts on it
+# ascending-u order; the padding scores lowest, so that a window that counts padding as positions
+# starts on it
 @pytest.mark.parametrize("progress,want", [(0.0, [0, 1, 2]), (0.5, [4, 5, 6]), (1.0, [7, 8, 9])])
 def test_curriculum_window_slides_from_lowest_to_highest_valid_score(progress, want):
     scores = torch.tensor([[9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0, -9.0, -9.0, -9.0]])
     valid = torch.arange(13)[None] < 10
-    order = scores[0, :10].argsort().tolist()                  # valid positions from lowest to highest u
+    # valid positions from lowest to highest u
+    order = scores[0, :10].argsort().tolist()
     got = sekd.curriculum_positions(scores, valid, 0.3, progress)
     assert sorted(got[0].nonzero().flatten().tolist()) == sorted(order[i] for i in want)
 
 
 def rs_monte_carlo(unbiased, draws=40_000):
-    """Pos RS-KD weights drawn for `draws` copies of one sample whose u and l make q far from uniform."""
+    """Pos RS-KD weights drawn for `draws` copies of one sample whose u and l make q far from
+    uniform."""
     u = torch.tensor([0.1, 0.2, 4.0, 0.5, 1.0, 0.05])
     theta = torch.tensor([0.3, -1.0, 0.8, 2.0, -0.4, 1.5], requires_grad=True)
-    losses = (theta - 0.5) ** 2                                             # l(t), differentiable in theta
-    weights = sekd.position_weights("pos_rs_unbiased" if unbiased else "pos_rs", u.expand(draws, -1),
-                                    torch.ones(draws, 6, dtype=torch.bool), 0.34)
-    per_draw = (weights * losses).sum(1)                                    # [draws] one sample's loss each
-    grads = weights * (2 * (theta - 0.5)).detach()                          # d loss / d theta per draw
+    # l(t), differentiable in theta
+    losses = (theta - 0.5) ** 2
+    weights = sekd.position_weights(
+        "pos_rs_unbiased" if unbiased else "pos_rs",
+        u.expand(draws, -1),
+        torch.ones(draws, 6, dtype=torch.bool),
+        0.34,
+    )
+    # [draws] one sample's loss each
+    per_draw = (weights * losses).sum(1)
+    # d loss / d theta per draw
+    grads = weights * (2 * (theta - 0.5)).detach()
     q = u / u.sum()
     return per_draw, grads, losses, q, theta
 
@@ -283,7 +334,7 @@ def rs_monte_carlo(unbiased, draws=40_000):
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_pos_rs_loss_has_the_expected_value_of_its_estimator(unbiased):
     per_draw, grads, losses, q, theta = rs_monte_carlo(unbiased)
-    want = losses.mean() if unbiased else (q * losses).sum()               # Full KD, or Weighted KD
+    want = losses.mean() if unbiased else (q * losses).sum()  # Full KD, or Weighted KD
     other = (q * losses).sum() if unbiased else losses.mean()
     stderr = per_draw.std() / math.sqrt(len(per_draw))
     assert abs(per_draw.mean() - want) < 5 * stderr and abs(per_draw.mean() - other) > 20 * stderr
@@ -300,16 +351,18 @@ def test_pos_rs_draws_the_budget_from_valid_positions_only():
     torch.manual_seed(0)
     valid = torch.rand(200, 10) < 0.6
     valid[:, 0] = True
-    scores = torch.where(valid, 1e-3, 1e6)   # padding scores a million times higher: drawn if ever drawable
+    # padding scores a million times higher: drawn if ever drawable
+    scores = torch.where(valid, 1e-3, 1e6)
     weights = sekd.position_weights("pos_rs", scores, valid, 0.3)
     assert (weights[~valid] == 0).all() and torch.allclose(weights.sum(1), torch.ones(200))
     draws = sekd.budget(valid.sum(1), 0.3)[:, None]
-    assert torch.allclose(weights * draws, (weights * draws).round())   # counts / ceil(0.3 n_i)
+    assert torch.allclose(weights * draws, (weights * draws).round())  # counts / ceil(0.3 n_i)
 
 
 # ============================================================================================
 # 3. Class axis
 # ============================================================================================
+
 
 def reference_topk_kl(student_logits, teacher_logits, top_k, temperature):
     """Float64, written from the formula: sum_topK p log(p/q) + p_tail log(p_tail / q_tail)."""
@@ -320,18 +373,24 @@ def reference_topk_kl(student_logits, teacher_logits, top_k, temperature):
         kept = p_row.argsort(descending=True)[:top_k]
         pk, qk = p_row[kept], q_row[kept]
         p_tail, q_tail = 1 - pk.sum(), 1 - qk.sum()
-        tail = p_tail * torch.log(p_tail / q_tail) if p_tail > 1e-12 else torch.zeros((), dtype=torch.float64)
+        tail = (
+            p_tail * torch.log(p_tail / q_tail)
+            if p_tail > 1e-12
+            else torch.zeros((), dtype=torch.float64)
+        )
         out.append((pk * torch.log(pk / qk)).sum() + tail)
-    return torch.stack(out) * temperature ** 2
+    return torch.stack(out) * temperature**2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 def test_full_kl_matches_torch_distributions(temperature):
     s, t = torch.randn(5, 40), torch.randn(5, 40) * 2
-    want = kl_divergence(Categorical(logits=t.double() / temperature),
-                         Categorical(logits=s.double() / temperature))
-    torch.testing.assert_close(sekd.full_kl(s, t, temperature).double(), want * temperature ** 2, atol=1e-5,
-                               rtol=1e-5)
+    want = kl_divergence(
+        Categorical(logits=t.double() / temperature), Categorical(logits=s.double() / temperature)
+    )
+    torch.testing.assert_close(
+        sekd.full_kl(s, t, temperature).double(), want * temperature**2, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -347,8 +406,9 @@ def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
 def test_topk_class_kl_matches_float64_reference(top_k, temperature):
     s, t = torch.randn(5, 40), torch.randn(5, 40) * 3
     got = sekd.topk_class_kl(s, t, top_k, temperature)
-    torch.testing.assert_close(got.double(), reference_topk_kl(s, t, top_k, temperature), atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        got.double(), reference_topk_kl(s, t, top_k, temperature), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
@@ -371,19 +431,22 @@ def test_sample_classes_weights_are_unbiased_and_ids_distinct():
     teacher = torch.randn(1, 20) * 2
     p = (teacher.double() / 1.5).softmax(-1)[0]
     rows = 20_000  # one Monte Carlo draw per row
-    ids, weights = sekd.sample_classes(teacher.expand(rows, -1), 8, temperature=1.5,
-                                       generator=torch.Generator().manual_seed(0))
+    ids, weights = sekd.sample_classes(
+        teacher.expand(rows, -1), 8, temperature=1.5, generator=torch.Generator().manual_seed(0)
+    )
     assert ids.shape == weights.shape == (rows, 8)
     torch.testing.assert_close(weights.sum(-1), torch.ones(rows))
     real = ids.masked_fill(weights == 0, -1).sort(-1).values
-    assert ((real[:, 1:] != real[:, :-1]) | (real[:, 1:] < 0)).all()         # each id once per row
+    assert ((real[:, 1:] != real[:, :-1]) | (real[:, 1:] < 0)).all()  # each id once per row
     dense = torch.zeros(rows, 20, dtype=torch.float64).scatter_add_(1, ids, weights.double())
     stderr = (p * (1 - p) / (8 * rows)).sqrt()
     assert ((dense.mean(0) - p).abs() < 5 * stderr + 1e-6).all()
 
 
 def test_sample_classes_puts_each_id_at_the_slot_of_its_first_sorted_draw():
-    ids, weights = sekd.sample_classes(torch.randn(50, 30), 16, generator=torch.Generator().manual_seed(1))
+    ids, weights = sekd.sample_classes(
+        torch.randn(50, 30), 16, generator=torch.Generator().manual_seed(1)
+    )
     counts = (weights * 16).round().long()
     for row in range(50):
         slots = counts[row].nonzero().flatten()
@@ -397,7 +460,9 @@ def test_sparse_kl_matches_the_dense_formula():
     target = torch.zeros(4, 30, dtype=torch.float64).scatter_add_(1, ids, weights.double())
     log_q = (s.double() / 2.0).log_softmax(-1)
     want = (torch.xlogy(target, target) - target * log_q).sum(-1) * 4.0
-    torch.testing.assert_close(sekd.sparse_kl(s, ids, weights, 2.0).double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sekd.sparse_kl(s, ids, weights, 2.0).double(), want, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sparse_kl_with_the_teachers_exact_probabilities_is_the_full_kl():
@@ -414,10 +479,12 @@ def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temp
     full = torch.zeros(1, 25, requires_grad=True)
     sekd.full_kl(student + full, teacher, temperature).sum().backward()
     draws, shift = 20_000, torch.zeros(1, 25, requires_grad=True)
-    ids, weights = sekd.sample_classes(teacher.expand(draws, -1), 16, temperature,
-                                       torch.Generator().manual_seed(2))
+    ids, weights = sekd.sample_classes(
+        teacher.expand(draws, -1), 16, temperature, torch.Generator().manual_seed(2)
+    )
     sekd.sparse_kl((student + shift).expand(draws, -1), ids, weights, temperature).mean().backward()
-    # The estimate's gradient is (q_T - w) T; its Monte Carlo error is T sqrt(p (1 - p) / (U draws)).
+    # The estimate's gradient is (q_T - w) T; its Monte Carlo error is
+    # T sqrt(p (1 - p) / (U draws)).
     p = (teacher / temperature).softmax(-1)
     stderr = temperature * (p * (1 - p) / (16 * draws)).sqrt()
     assert ((shift.grad - full.grad).abs() < 5 * stderr + 1e-6).all()
@@ -427,9 +494,10 @@ def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temp
 # 4. Sample axis
 # ============================================================================================
 
+
 @pytest.mark.parametrize("ell", [0.01, 0.2, 0.28, 1.0])
 def test_select_samples_against_brute_force(ell):
-    scores = torch.tensor([3.0, 1.0, 3.0, 2.0, 0.5] * 5)   # ties: the lower index wins
+    scores = torch.tensor([3.0, 1.0, 3.0, 2.0, 0.5] * 5)  # ties: the lower index wins
     got = sekd.select_samples(scores, ell)
     m = max(math.ceil(Fraction(repr(ell)) * 25), 1)
     assert got.tolist() == sorted(sorted(range(25), key=lambda i: (-scores[i].item(), i))[:m])
@@ -443,16 +511,20 @@ def test_sample_scores_are_the_mean_dense_signal(signal):
     got = sekd.sample_scores(student, blocks, signal, teacher, batch_size=2, chunk_size=4)
     with torch.no_grad():
         s, t = student(blocks).logits[:, :-1], teacher(blocks).logits[:, :-1]
-    want = torch.stack([reference_signal(signal, s[i], t[i], blocks[i, 1:]).mean() for i in range(5)])
+    want = torch.stack(
+        [reference_signal(signal, s[i], t[i], blocks[i, 1:]).mean() for i in range(5)]
+    )
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_never_kept():
     student, (ids, mask) = sharpened(tiny_model("llama")), padded_batch()
-    loss_mask = prompt_mask(ids, (6, 4, 3))      # row 2: all 3 real tokens a prompt
+    loss_mask = prompt_mask(ids, (6, 4, 3))  # row 2: all 3 real tokens a prompt
     got = sekd.sample_scores(student, ids, batch_size=2, attention_mask=mask, loss_mask=loss_mask)
     with torch.no_grad():
-        entropy = Categorical(logits=student(ids, attention_mask=mask).logits[:, :-1].double()).entropy()
+        entropy = Categorical(
+            logits=student(ids, attention_mask=mask).logits[:, :-1].double()
+        ).entropy()
     valid = (mask[:, :-1] * mask[:, 1:] * loss_mask[:, 1:]).bool()
     want = [entropy[b][valid[b]].mean().item() for b in range(2)]
     assert got[:2].tolist() == pytest.approx(want, rel=1e-4) and got[2] == -math.inf
@@ -463,16 +535,19 @@ def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_
 # 5. The loss
 # ============================================================================================
 
+
 def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_mask=None):
     """The same loss from the models' full [B, L, V] logits, one sample at a time, in float64."""
     s_all = student(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
     with torch.no_grad():
-        t_all = s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        t_all = (
+            s_all if teacher is None else teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        )
         t_all = t_all.double()
     if cfg.vocab_size is not None:
-        s_all, t_all = s_all[..., :cfg.vocab_size], t_all[..., :cfg.vocab_size]
+        s_all, t_all = s_all[..., : cfg.vocab_size], t_all[..., : cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
-    if loss_mask is not None:   # a position counts when its target is one the student learns
+    if loss_mask is not None:  # a position counts when its target is one the student learns
         valid &= loss_mask[:, 1:].bool()
     per_sample = []
     for b in range(ids.shape[0]):
@@ -486,13 +561,16 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
         keep = [idx[j] for j in sorted(range(len(idx)), key=lambda j: -u[j].item())[:m]]
         s, t = s_all[b, keep], t_all[b, keep]
         if targets is not None:
-            dense = torch.zeros_like(s).scatter_add_(-1, targets[0][b, keep], targets[1][b, keep].double())
+            dense = torch.zeros_like(s).scatter_add_(
+                -1, targets[0][b, keep], targets[1][b, keep].double()
+            )
             kl = (torch.xlogy(dense, dense) - dense * (s / cfg.temperature).log_softmax(-1)).sum(-1)
-            kl = kl * cfg.temperature ** 2
+            kl = kl * cfg.temperature**2
         elif cfg.top_k_classes is None:
-            kl = kl_divergence(Categorical(logits=t / cfg.temperature),
-                               Categorical(logits=s / cfg.temperature))
-            kl = kl * cfg.temperature ** 2
+            kl = kl_divergence(
+                Categorical(logits=t / cfg.temperature), Categorical(logits=s / cfg.temperature)
+            )
+            kl = kl * cfg.temperature**2
         else:
             kl = reference_topk_kl(s, t, cfg.top_k_classes, cfg.temperature)
         ce = -s.log_softmax(-1).gather(-1, y[keep][:, None]).squeeze(-1)
@@ -501,7 +579,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
 
 
 def assert_same_value_and_gradient(student, loss, want):
-    """loss (selective path) equals want (dense float64 reference) in value and every parameter's gradient."""
+    """loss (selective path) equals want (dense float64 reference) in value and every parameter's
+    gradient."""
     grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
     want_grads = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
@@ -516,7 +595,7 @@ LOSS_CASES = [
     dict(method="sekd", k=0.3),
     dict(method="sekd", k=1.0, temperature=2.0, ce_weight=0.3),
     dict(method="sekd", k=0.5, temperature=1.5, ce_weight=0.5, top_k_classes=5),
-    dict(method="full", k=0.2, temperature=0.8),   # full ignores k: every valid position
+    dict(method="full", k=0.2, temperature=0.8),  # full ignores k: every valid position
 ]
 
 
@@ -527,7 +606,9 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     student, teacher = tiny_model(family, seed=0), tiny_model(family, hidden=48, seed=1)
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
+    assert_same_value_and_gradient(
+        student, loss, dense_reference_loss(student, teacher, ids, mask, cfg)
+    )
     assert stats["valid"] == int((mask[:, :-1] * mask[:, 1:]).sum())
     assert 0 < stats["selected"] <= stats["valid"]
 
@@ -538,20 +619,29 @@ def test_top_k_under_every_signal_equals_the_dense_loss(signal):
     student = sharpened(tiny_model("llama", seed=0))
     teacher = sharpened(tiny_model("llama", hidden=48, seed=1))
     ids, mask = padded_batch()
-    mask[2, 3:7] = 1   # 5 valid positions: with 2, the z-scores of two signals tie exactly (+-1 each)
+    # 5 valid positions: with 2, the z-scores of two signals tie exactly (+-1 each)
+    mask[2, 3:7] = 1
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    assert_same_value_and_gradient(student, loss, dense_reference_loss(student, teacher, ids, mask, cfg))
+    assert_same_value_and_gradient(
+        student, loss, dense_reference_loss(student, teacher, ids, mask, cfg)
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("k,temperature,ce_weight", [(0.3, 1.0, 0.0), (1.0, 2.0, 0.25)])
-def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, temperature, ce_weight):
-    cfg = sekd.Config(method="sekd", k=k, temperature=temperature, ce_weight=ce_weight, class_samples=16)
+def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(
+    family, k, temperature, ce_weight
+):
+    cfg = sekd.Config(
+        method="sekd", k=k, temperature=temperature, ce_weight=ce_weight, class_samples=16
+    )
     student, teacher = tiny_model(family), tiny_model(family, hidden=48, seed=1)
     ids, mask = padded_batch()
     with torch.no_grad():
         t_logits = teacher(input_ids=ids).logits[:, :-1]
-    targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16, temperature))
+    targets = tuple(
+        x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16, temperature)
+    )
     loss, _ = sekd.distill_loss(student, None, ids, mask, cfg, targets=targets)
     want = dense_reference_loss(student, None, ids, mask, cfg, targets)
     assert_same_value_and_gradient(student, loss, want)
@@ -559,8 +649,11 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(family, k, t
 
 @pytest.mark.parametrize("case", ["full", "sekd", "cached"])
 def test_loss_with_a_loss_mask_equals_the_dense_loss_over_supervised_positions_only(case):
-    cfg = sekd.Config(method="full" if case == "full" else "sekd", k=0.3,
-                      class_samples=16 if case == "cached" else None)
+    cfg = sekd.Config(
+        method="full" if case == "full" else "sekd",
+        k=0.3,
+        class_samples=16 if case == "cached" else None,
+    )
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch()
     loss_mask, targets = prompt_mask(ids), None
@@ -568,8 +661,9 @@ def test_loss_with_a_loss_mask_equals_the_dense_loss_over_supervised_positions_o
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits[:, :-1]
         targets = tuple(x.view(3, 11, -1) for x in sekd.sample_classes(t_logits.flatten(0, 1), 16))
-    loss, stats = sekd.distill_loss(student, None if targets else teacher, ids, mask, cfg, targets,
-                                    loss_mask=loss_mask.int())   # 0/1 as well as bool
+    loss, stats = sekd.distill_loss(
+        student, None if targets else teacher, ids, mask, cfg, targets, loss_mask=loss_mask.int()
+    )  # 0/1 as well as bool
     want = dense_reference_loss(student, teacher, ids, mask, cfg, targets, loss_mask)
     assert_same_value_and_gradient(student, loss, want)
     assert stats["valid"] == sekd.valid_positions(ids, mask, loss_mask).sum()
@@ -585,7 +679,8 @@ def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
 
 def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
-    ids = torch.randint(0, VOCAB, (1, 10)).expand(400, -1)  # 400 copies: the batch mean is a Monte Carlo mean
+    # 400 copies: the batch mean is a Monte Carlo mean
+    ids = torch.randint(0, VOCAB, (1, 10)).expand(400, -1)
     head = student.get_output_embeddings().weight
     full, _ = sekd.distill_loss(student, teacher, ids[:1], None, sekd.Config(method="full"))
     full_grad = torch.autograd.grad(full, head)[0]
@@ -604,15 +699,19 @@ def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
 def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     with torch.no_grad():
-        teacher.get_output_embeddings().weight.mul_(30)  # a confident teacher: a KL gradient above the noise
+        # a confident teacher: a KL gradient above the noise
+        teacher.get_output_embeddings().weight.mul_(30)
     ids, mask = padded_batch()
     head = student.get_output_embeddings().weight
-    full = torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask,
-                                                 sekd.Config(method="full"))[0], head)[0]
+    full = torch.autograd.grad(
+        sekd.distill_loss(student, teacher, ids, mask, sekd.Config(method="full"))[0], head
+    )[0]
     rskd = sekd.Config(method="rskd", class_samples=64)
     torch.manual_seed(0)
-    draws = [torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0],
-                                 head)[0] for _ in range(40)]
+    draws = [
+        torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0], head)[0]
+        for _ in range(40)
+    ]
     single, mean = draws[0].flatten(), torch.stack(draws).mean(0).flatten()
     cosine = F.cosine_similarity(mean, full.flatten(), dim=0)
     assert cosine > 0.95 and cosine > F.cosine_similarity(single, full.flatten(), dim=0)
@@ -623,8 +722,9 @@ def test_loss_over_shared_ids_when_heads_differ_by_padding():
     student, teacher = tiny_model("llama", vocab=64), tiny_model("llama", vocab=72, seed=1)
     ids, mask = padded_batch(vocab=60)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    torch.testing.assert_close(loss.double(), dense_reference_loss(student, teacher, ids, mask, cfg),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        loss.double(), dense_reference_loss(student, teacher, ids, mask, cfg), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
@@ -639,7 +739,8 @@ def test_random_positions_have_the_budget_and_cover_positions_uniformly():
     torch.manual_seed(0)
     weights = sekd.position_weights("random", None, valid, 0.25)
     assert ((weights > 0).sum(1) == 2).all()
-    assert ((weights > 0).float().mean(0) - 0.25).abs().max() < 0.08   # each position picked ~25% of the time
+    # each position picked ~25% of the time
+    assert ((weights > 0).float().mean(0) - 0.25).abs().max() < 0.08
 
 
 def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
@@ -656,15 +757,19 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
 def test_loss_refuses_a_batch_without_valid_positions():
     ids = torch.randint(0, VOCAB, (2, 1))
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        sekd.distill_loss(tiny_model("llama"), None, ids, torch.ones_like(ids), sekd.Config(method="ce"))
+        sekd.distill_loss(
+            tiny_model("llama"), None, ids, torch.ones_like(ids), sekd.Config(method="ce")
+        )
 
 
 def prompts_and_eos(student, batch=4, length=10, seed=0):
-    """Token ids [B, L] with prompts of 1..B tokens (a two-turn target mask in the last row), and as EOS the
-    token the student most often samples: some responses end early, some run to max_new_tokens."""
+    """Token ids [B, L] with prompts of 1..B tokens (a two-turn target mask in the last row), and as
+    EOS the token the student most often samples: some responses end early, some run to
+    max_new_tokens."""
     ids = torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
     loss_mask = prompt_mask(ids, range(1, batch + 1))
-    loss_mask[-1, batch + 2:batch + 4] = False   # the prompt of the last row runs to its last target run
+    # the prompt of the last row runs to its last target run
+    loss_mask[-1, batch + 2 : batch + 4] = False
     with torch.no_grad():
         eos = int(student(ids).logits.softmax(-1).sum((0, 1)).argmax())
     return ids, loss_mask, eos
@@ -673,54 +778,88 @@ def prompts_and_eos(student, batch=4, length=10, seed=0):
 def test_student_responses_keep_the_prompt_and_supervise_the_response_through_its_first_eos_only():
     student = sharpened(tiny_model("llama")).train()
     ids, loss_mask, eos = prompts_and_eos(student)
-    prompts = [ids[0, :1], ids[1, :2], ids[2, :3], ids[3, :8]]   # row 3: before its last run of targets
+    # row 3: before its last run of targets
+    prompts = [ids[0, :1], ids[1, :2], ids[2, :3], ids[3, :8]]
     torch.manual_seed(1)
-    got_ids, got_mask, got_targets = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
-    assert student.training   # back in training mode
-    left = torch.stack([torch.cat([torch.full((8 - len(p),), eos), p]) for p in prompts])   # independent:
-    real = torch.arange(8) >= 8 - torch.tensor([len(p) for p in prompts])[:, None]         # HF's generate
+    got_ids, got_mask, got_targets = sekd.student_responses(
+        student, ids, loss_mask, eos, max_new_tokens=12
+    )
+    assert student.training  # back in training mode
+    # independent:
+    left = torch.stack([torch.cat([torch.full((8 - len(p),), eos), p]) for p in prompts])
+    # HF's generate
+    real = torch.arange(8) >= 8 - torch.tensor([len(p) for p in prompts])[:, None]
     torch.manual_seed(1)
-    out = student.eval().generate(input_ids=left, attention_mask=real.long(), do_sample=True, top_k=0,
-                                  max_new_tokens=12, eos_token_id=eos, pad_token_id=eos)[:, 8:].tolist()
+    out = (
+        student.eval()
+        .generate(
+            input_ids=left,
+            attention_mask=real.long(),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=12,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )[:, 8:]
+        .tolist()
+    )
     lengths = []
     for b, (prompt, new) in enumerate(zip(prompts, out)):
-        response = new[:new.index(eos) + 1] if eos in new else new
+        response = new[: new.index(eos) + 1] if eos in new else new
         n, p = len(prompt) + len(response), len(prompt)
         lengths.append(len(response))
-        assert got_ids[b, :n].tolist() == prompt.tolist() + response and (got_ids[b, n:] == eos).all()
+        assert (
+            got_ids[b, :n].tolist() == prompt.tolist() + response and (got_ids[b, n:] == eos).all()
+        )
         assert got_mask[b].tolist() == [True] * n + [False] * (got_ids.shape[1] - n)
         assert got_targets[b].tolist() == [False] * p + [True] * len(response) + [False] * (
-            got_ids.shape[1] - n)
-    assert lengths == [1, 12, 4, 5]   # the draw covers an EOS at once, an early one, and a response cut at 12
+            got_ids.shape[1] - n
+        )
+    # the draw covers an EOS at once, an early one, and a response cut at 12
+    assert lengths == [1, 12, 4, 5]
 
 
 def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_untruncated():
     student = tiny_model("llama")
-    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(20_000, -1)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
+        20_000, -1
+    )
     loss_mask = prompt_mask(ids, [4] * len(ids))
     with torch.no_grad():
         want = (student(ids[:1, :4]).logits[0, -1].double() / 0.7).softmax(-1)
     torch.manual_seed(0)
-    got, _, _ = sekd.student_responses(student, ids, loss_mask, eos_id=0, max_new_tokens=1, temperature=0.7)
+    got, _, _ = sekd.student_responses(
+        student, ids, loss_mask, eos_id=0, max_new_tokens=1, temperature=0.7
+    )
     frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
 
 
 def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_config():
     from transformers import GenerationConfig
+
     student = tiny_model("llama")
-    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(20_000, -1)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
+        20_000, -1
+    )
     with torch.no_grad():
         want = student(ids[:1, :4]).logits[0, -1].double().softmax(-1)
     top = int(want.argmax())
-    student.generation_config = GenerationConfig(   # as instruct checkpoints ship them, and stronger
-        repetition_penalty=3.0, no_repeat_ngram_size=1, suppress_tokens=[top], min_new_tokens=2, top_k=5)
+    student.generation_config = GenerationConfig(  # as instruct checkpoints ship them, and stronger
+        repetition_penalty=3.0,
+        no_repeat_ngram_size=1,
+        suppress_tokens=[top],
+        min_new_tokens=2,
+        top_k=5,
+    )
     torch.manual_seed(0)
-    got, _, _ = sekd.student_responses(student, ids, prompt_mask(ids, [4] * len(ids)), eos_id=0,
-                                       max_new_tokens=1)
+    got, _, _ = sekd.student_responses(
+        student, ids, prompt_mask(ids, [4] * len(ids)), eos_id=0, max_new_tokens=1
+    )
     frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
-    assert student.generation_config.suppress_tokens == [top]   # the checkpoint's config is left as it was
+    # the checkpoint's config is left as it was
+    assert student.generation_config.suppress_tokens == [top]
 
 
 def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
@@ -732,7 +871,7 @@ def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequen
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=targets)
     want = dense_reference_loss(student, teacher, ids, mask.long(), cfg, loss_mask=targets)
     assert_same_value_and_gradient(student, loss, want)
-    assert stats["valid"] == targets.sum()   # every generated token is a target, and only those
+    assert stats["valid"] == targets.sum()  # every generated token is a target, and only those
 
 
 # The method alone: sekd.py's text above section 6, saved as a module of its own, trains a student.
@@ -769,16 +908,21 @@ print(json.dumps(dict(losses=losses, share=stats["share"], scores=scores.tolist(
 
 def test_the_method_copied_alone_trains_a_student_scores_samples_and_samples_responses(tmp_path):
     source = open(sekd.__file__).read()
-    (tmp_path / "method.py").write_text(source[:source.index("# ==== 6.")])
+    (tmp_path / "method.py").write_text(source[: source.index("# ==== 6.")])
     (tmp_path / "alone.py").write_text(METHOD_ALONE)
-    done = subprocess.run([sys.executable, str(tmp_path / "alone.py")], capture_output=True, text=True,
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "alone.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["losses"][-1] < 0.5 * got["losses"][0] and got["share"] == 0.5
     assert len(got["scores"]) == 4 and all(math.isfinite(u) for u in got["scores"])
     assert len(got["kept"]) == 2 and got["shapes"][0][0] == 4
-    assert all(1 <= n <= 3 for n in got["targets"])   # a response of 1 to 3 tokens, each a target
+    assert all(1 <= n <= 3 for n in got["targets"])  # a response of 1 to 3 tokens, each a target
 
 
 # ============================================================================================
@@ -789,14 +933,14 @@ QWEN_VOCAB = 151_936
 
 
 def test_entry_layout_has_room_for_every_id():
-    assert sekd.entry_layout(QWEN_VOCAB, 64) == (18, 6, 3)   # 17 bits would wrap ids >= 131,072
+    assert sekd.entry_layout(QWEN_VOCAB, 64) == (18, 6, 3)  # 17 bits would wrap ids >= 131,072
     assert sekd.entry_layout(131_072, 64) == (17, 6, 3)
     assert sekd.entry_layout(50_257, 64) == (16, 6, 3)
     assert sekd.entry_layout(300, 1) == (9, 0, 2)
 
 
 def test_pack_entries_round_trips_ids_above_two_to_the_17():
-    ids = torch.tensor([0, 1, 2 ** 17 - 1, 2 ** 17, 2 ** 17 + 5, 150_000, QWEN_VOCAB - 1])
+    ids = torch.tensor([0, 1, 2**17 - 1, 2**17, 2**17 + 5, 150_000, QWEN_VOCAB - 1])
     counts = torch.tensor([1, 64, 3, 17, 32, 2, 63])
     packed = sekd.pack_entries(ids, counts, 6, 3)
     assert packed.dtype == torch.uint8 and packed.shape == (7, 3)
@@ -810,28 +954,42 @@ def qwen_teacher():
 
 
 def decode_rows(cache, rows, positions):
-    """Targets of cached rows whose every one of `positions` positions is valid: [rows, positions, U] x 2."""
-    return cache.decode(cache.read(rows), torch.arange(len(rows) * positions), (len(rows), positions))
+    """Targets of cached rows whose every one of `positions` positions is valid: [rows, positions,
+    U] x 2."""
+    return cache.decode(
+        cache.read(rows), torch.arange(len(rows) * positions), (len(rows), positions)
+    )
 
 
 def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
-    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=16, temperature=1.3,
-                                batch_size=3, shard_size=2, sample_ids=[10, 11, 12], seed=5)
+    manifest = sekd.build_cache(
+        qwen_teacher,
+        ids,
+        tmp_path / "c",
+        num_samples=16,
+        temperature=1.3,
+        batch_size=3,
+        shard_size=2,
+        sample_ids=[10, 11, 12],
+        seed=5,
+    )
     cache = sekd.TeacherCache(tmp_path / "c")
     assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
     with torch.no_grad():
         logits = qwen_teacher(ids).logits[:, :-1]
-    for shard in range(2):  # documented: shard s draws from seed * 1_000_003 + s, its positions in order
+    # documented: shard s draws from seed * 1_000_003 + s, its positions in order
+    for shard in range(2):
         generator = torch.Generator().manual_seed(5 * 1_000_003 + shard)
-        rows = logits[2 * shard:2 * shard + 2].flatten(0, 1)
+        rows = logits[2 * shard : 2 * shard + 2].flatten(0, 1)
         want_ids, want_w = sekd.sample_classes(rows, 16, 1.3, generator)
         indices = list(range(2 * shard, min(2 * shard + 2, 3)))
         got_ids, got_w = decode_rows(cache, indices, 6)
         n = got_ids.shape[0] * 6
         assert torch.equal(got_ids.flatten(0, 1), want_ids[:n])
         assert torch.equal(got_w.flatten(0, 1), want_w[:n])
-    assert bool((decode_rows(cache, [0, 1, 2], 6)[0] >= 2 ** 17).any())   # 17-bit packing wraps these
+    # 17-bit packing wraps these
+    assert bool((decode_rows(cache, [0, 1, 2], 6)[0] >= 2**17).any())
 
 
 def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
@@ -845,32 +1003,50 @@ def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
         cache[3]
 
 
-def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(tmp_path):
+def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(
+    tmp_path,
+):
     student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch(batch=4, length=14)
     examples = sekd.Examples(ids, mask.bool(), prompt_mask(ids, (6, 4, 2, 9)))
-    valid = sekd.valid_positions(ids, mask, examples.loss_mask)                       # [4, 13]
-    manifest = sekd.build_cache(teacher, examples, tmp_path / "c", num_samples=8, batch_size=2, shard_size=2,
-                                seed=3)
-    assert manifest["positions"] == valid.sum() < 0.7 * mask[:, 1:].sum()   # the responses' positions only
+    valid = sekd.valid_positions(ids, mask, examples.loss_mask)  # [4, 13]
+    manifest = sekd.build_cache(
+        teacher, examples, tmp_path / "c", num_samples=8, batch_size=2, shard_size=2, seed=3
+    )
+    # the responses' positions only
+    assert manifest["positions"] == valid.sum() < 0.7 * mask[:, 1:].sum()
     with torch.no_grad():
         logits = teacher(ids, attention_mask=mask).logits[:, :-1]
-    draws = [sekd.sample_classes(logits[2 * s:2 * s + 2][valid[2 * s:2 * s + 2]], 8, 1.0,
-                                 torch.Generator().manual_seed(3 * 1_000_003 + s)) for s in range(2)]
+    draws = [
+        sekd.sample_classes(
+            logits[2 * s : 2 * s + 2][valid[2 * s : 2 * s + 2]],
+            8,
+            1.0,
+            torch.Generator().manual_seed(3 * 1_000_003 + s),
+        )
+        for s in range(2)
+    ]
     want_ids, want_w = (torch.cat([d[i] for d in draws]) for i in range(2))
     cache = sekd.TeacherCache(tmp_path / "c")
-    batch = sekd.to_device(sekd.read_batch(examples[0:4], cache, torch.arange(4), torch.device("cpu")), cache,
-                           torch.device("cpu"))
+    batch = sekd.to_device(
+        sekd.read_batch(examples[0:4], cache, torch.arange(4), torch.device("cpu")),
+        cache,
+        torch.device("cpu"),
+    )
     got_ids, got_w = batch["targets"]
     assert torch.equal(got_ids[valid], want_ids) and torch.equal(got_w[valid], want_w)
     assert (got_w[~valid] == 0).all()
     cfg = sekd.Config(method="rskd", class_samples=8)
-    cached, _ = sekd.distill_loss(student, None, ids, mask, cfg, batch["targets"],
-                                  loss_mask=examples.loss_mask)
+    cached, _ = sekd.distill_loss(
+        student, None, ids, mask, cfg, batch["targets"], loss_mask=examples.loss_mask
+    )
     sample_classes = sekd.sample_classes
-    sekd.sample_classes = lambda *args, **kwargs: (want_ids, want_w)   # online RS-KD, the same draws
+    # online RS-KD, the same draws
+    sekd.sample_classes = lambda *args, **kwargs: (want_ids, want_w)
     try:
-        online, _ = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=examples.loss_mask)
+        online, _ = sekd.distill_loss(
+            student, teacher, ids, mask, cfg, loss_mask=examples.loss_mask
+        )
     finally:
         sekd.sample_classes = sample_classes
     assert_same_value_and_gradient(student, cached, online.double())
@@ -883,8 +1059,16 @@ def small_cache(qwen_teacher, tmp_path):
     return tmp_path / "c", ids
 
 
-@pytest.mark.parametrize("wrong", [dict(vocab_size=1000), dict(num_samples=64), dict(temperature=2.0),
-                                   dict(seq_len=9), dict(fingerprint="another dataset")])
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        dict(vocab_size=1000),
+        dict(num_samples=64),
+        dict(temperature=2.0),
+        dict(seq_len=9),
+        dict(fingerprint="another dataset"),
+    ],
+)
 def test_cache_refuses_other_settings_or_data_naming_them(small_cache, wrong):
     with pytest.raises(sekd.UsageError, match="built with another|built with other"):
         sekd.TeacherCache(small_cache[0]).check(**wrong)
@@ -892,8 +1076,13 @@ def test_cache_refuses_other_settings_or_data_naming_them(small_cache, wrong):
 
 def test_cache_accepts_its_own_settings(small_cache):
     path, ids = small_cache
-    sekd.TeacherCache(path).check(vocab_size=QWEN_VOCAB, num_samples=8, temperature=1.0, seq_len=5,
-                                  fingerprint=sekd.fingerprint(ids))
+    sekd.TeacherCache(path).check(
+        vocab_size=QWEN_VOCAB,
+        num_samples=8,
+        temperature=1.0,
+        seq_len=5,
+        fingerprint=sekd.fingerprint(ids),
+    )
 
 
 def test_cache_refuses_a_corrupt_shard(small_cache):
@@ -927,6 +1116,7 @@ def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, 
             raise KeyboardInterrupt
         calls.append(1)
         return real(model, *args)
+
     monkeypatch.setattr(sekd, "hidden_states", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sekd.build_cache(qwen_teacher, ids, tmp_path / "resumed", **build)
@@ -936,79 +1126,24 @@ def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, 
     assert len(calls) == 2  # only the two unfinished shards ran the teacher
     for shard in range(4):
         name = f"shard_{shard:05d}.safetensors"
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+        assert (tmp_path / "whole" / name).read_bytes() == (
+            tmp_path / "resumed" / name
+        ).read_bytes()
 
 
 def test_a_rebuild_removes_the_shards_of_an_earlier_build(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
     sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=1)
-    (tmp_path / "c" / "manifest.json").unlink()                      # as if the earlier build never finished
+    # as if the earlier build never finished
+    (tmp_path / "c" / "manifest.json").unlink()
     (tmp_path / "c" / "shard_00003.safetensors.tmp").write_bytes(b"half")
     sekd.build_cache(qwen_teacher, ids[:2], tmp_path / "c", num_samples=4, shard_size=1)
-    assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json", "shard_00000.safetensors",
-                                                  "shard_00001.safetensors"]
+    assert sorted(os.listdir(tmp_path / "c")) == [
+        "manifest.json",
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+    ]
     assert sekd.TeacherCache(tmp_path / "c").manifest["num_samples"] == 4
-
-
-def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size(tmp_path, monkeypatch):
-    import builtins
-    big = tmp_path / "model.safetensors"
-    with open(big, "wb") as f:  # a sparse 4 GB file: no disk space used
-        f.truncate(4 << 30)
-    sizes, real_open = [], builtins.open
-
-    class Counting:
-        def __init__(self, *args, **kwargs):
-            self.file = real_open(*args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def read(self, n=-1):
-            data = self.file.read(n)
-            sizes.append(len(data))
-            return data
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-    monkeypatch.setattr(builtins, "open", Counting)
-    sekd.weights_fingerprint(str(tmp_path))
-    assert sum(sizes) <= (1 << 16) + 256 * 4096
-
-
-def test_weights_fingerprint_sees_a_changed_header_but_not_a_byte_between_its_blocks(tmp_path):
-    payload = bytearray(range(256)) * 8192                      # 2 MiB
-    (tmp_path / "model.safetensors").write_bytes(payload)
-    before = sekd.weights_fingerprint(str(tmp_path))
-    payload[100] ^= 1                                           # in the first 64 KiB: seen
-    (tmp_path / "model.safetensors").write_bytes(payload)
-    assert sekd.weights_fingerprint(str(tmp_path)) != before
-    payload[100] ^= 1
-    payload[100 * 8192 + 6000] ^= 1                     # between sampled 4 KiB blocks 8 KiB apart: unseen
-    (tmp_path / "model.safetensors").write_bytes(payload)
-    assert sekd.weights_fingerprint(str(tmp_path)) == before
-
-
-def test_weights_fingerprint_covers_what_the_config_computes_not_where_it_came_from(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    before = sekd.weights_fingerprint(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere"}))
-    assert sekd.weights_fingerprint(str(tmp_path)) == before
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))   # other logits
-    assert sekd.weights_fingerprint(str(tmp_path)) != before
-
-
-def test_weights_fingerprint_follows_content_not_path(tmp_path):
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "a")
-    model.save_pretrained(tmp_path / "b")
-    tiny_model("llama", seed=1).save_pretrained(tmp_path / "c")
-    fp = sekd.weights_fingerprint
-    assert fp(str(tmp_path / "a")) == fp(str(tmp_path / "b")) != fp(str(tmp_path / "c"))
 
 
 # ============================================================================================
@@ -1020,6 +1155,7 @@ DOCS = [f"document {i} says hello world number {i * 7} " * (1 + i % 3) for i in 
 
 def write_docs(tmp_path, kind, docs=DOCS):
     import datasets
+
     if kind == "text":
         path = tmp_path / "docs.txt"
         path.write_text("\n".join(docs) + "\n")
@@ -1044,19 +1180,24 @@ def runs_of_true(mask):
 
 
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
-def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is_no_target(tmp_path, kind):
+def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is_no_target(
+    tmp_path, kind
+):
     tokenizer = tiny_tokenizer(DOCS)
     train, held, info = sekd.load_examples(data_config(write_docs(tmp_path, kind)), tokenizer)
     eos, stream, first = [tokenizer.eos_token_id], [], []
     for i, d in enumerate(DOCS):
-        if i % 10 != 9:   # every 10th document held out at --val-fraction 0.1
+        if i % 10 != 9:  # every 10th document held out at --val-fraction 0.1
             ids = tokenizer(d, add_special_tokens=False)["input_ids"] + eos
             first += [True] + [False] * (len(ids) - 1)
             stream += ids
     n = len(stream) // 16
-    assert train.input_ids.shape == (n, 16) and train.input_ids.flatten().tolist() == stream[:n * 16]
+    assert (
+        train.input_ids.shape == (n, 16) and train.input_ids.flatten().tolist() == stream[: n * 16]
+    )
     assert train.attention_mask.all() and info == {"data_format": "text", "dropped_examples": 0}
-    assert train.loss_mask.flatten().tolist() == [not f for f in first[:n * 16]]   # EOS itself is a target
+    # EOS itself is a target
+    assert train.loss_mask.flatten().tolist() == [not f for f in first[: n * 16]]
 
 
 def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_budget(tmp_path):
@@ -1065,26 +1206,41 @@ def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_bu
     want = sekd.pack_blocks(sekd.encode_rows({"text": held_docs}, "text", tokenizer, "text"), 8)
     _, held, _ = sekd.load_examples(data_config(path, seq_len=8), tokenizer)
     assert torch.equal(held.input_ids, want.input_ids)
-    train, held_early, _ = sekd.load_examples(data_config(path, seq_len=8, max_tokens=20), tokenizer)
-    assert len(train) == 3 and 0 < len(held_early) < len(held)   # reading stopped at document 9
-    assert torch.equal(held_early.input_ids, want.input_ids[:len(held_early)])
+    train, held_early, _ = sekd.load_examples(
+        data_config(path, seq_len=8, max_tokens=20), tokenizer
+    )
+    assert len(train) == 3 and 0 < len(held_early) < len(held)  # reading stopped at document 9
+    assert torch.equal(held_early.input_ids, want.input_ids[: len(held_early)])
 
 
 def test_a_directory_loads_every_file_in_name_order_whatever_the_names_say(tmp_path):
-    (tmp_path / "d").mkdir()   # datasets alone would put the "test" file in another split
+    (tmp_path / "d").mkdir()  # datasets alone would put the "test" file in another split
     for name, part in (("a-train.jsonl", DOCS[:25]), ("b-test.jsonl", DOCS[25:])):
         (tmp_path / "d" / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
     assert [row["text"] for row in sekd.load_rows(data_config(tmp_path / "d"))] == DOCS
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# Like Qwen3's template: the last assistant turn opens with an empty think block, earlier ones do not
-THINKING = CHATML.replace("\n{{ m['content'] }}", "\n{% if m['role'] == 'assistant' and loop.last %}"
-                          "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}")
-CHATS = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": f"what is {i} plus {i}?"},
-          {"role": "assistant", "content": f"it is {2 * i}."}, {"role": "user", "content": "and times two?"},
-          {"role": "assistant", "content": f"{4 * i}, I think."}] for i in range(20)]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Like Qwen3's template: the last assistant turn opens with an empty think block, earlier ones
+# do not
+THINKING = CHATML.replace(
+    "\n{{ m['content'] }}",
+    "\n{% if m['role'] == 'assistant' and loop.last %}"
+    "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}",
+)
+CHATS = [
+    [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": f"what is {i} plus {i}?"},
+        {"role": "assistant", "content": f"it is {2 * i}."},
+        {"role": "user", "content": "and times two?"},
+        {"role": "assistant", "content": f"{4 * i}, I think."},
+    ]
+    for i in range(20)
+]
 
 
 def chat_tokenizer(template):
@@ -1100,7 +1256,8 @@ def write_rows(path, rows):
 
 @pytest.mark.parametrize("template", ["chatml", "thinking"])
 def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_generation_marks(
-        tmp_path, template):
+    tmp_path, template
+):
     tokenizer = chat_tokenizer(CHATML if template == "chatml" else THINKING)
     path = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     train, held, _ = sekd.load_examples(data_config(path, seq_len=1000), tokenizer)
@@ -1108,33 +1265,45 @@ def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_g
     rows = [i for i in range(len(CHATS)) if i % 10 != 9]
     assert len(train) == len(rows) and len(held) == 2
     for example, i in zip(range(len(train)), rows):
-        ids, targets = train.input_ids[example], train.loss_mask[example] & train.attention_mask[example]
+        ids, targets = (
+            train.input_ids[example],
+            train.loss_mask[example] & train.attention_mask[example],
+        )
         turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(targets)]
         assert turns == [f"it is {2 * i}.<|im_end|>\n", f"{think}{4 * i}, I think.<|im_end|>\n"]
         length = int(train.attention_mask[example].sum())
-        assert tokenizer.decode(ids[:length]) == tokenizer.apply_chat_template(CHATS[i], tokenize=False)
+        assert tokenizer.decode(ids[:length]) == tokenizer.apply_chat_template(
+            CHATS[i], tokenize=False
+        )
 
 
-# Short templates that behave as real ones do. Like Qwen3's: the reasoning of a turn after the last user
-# query is rendered in a think block (the last turn's even when empty), stripped from earlier turns;
+# Short templates that behave as real ones do. Like Qwen3's: the reasoning of a turn after the last
+# user query is rendered in a think block (the last turn's even when empty), stripped from earlier turns;
 # tool calls follow the content; messages[0] is read, so an empty conversation does not render.
 QWEN_LIKE = (
-    "{% if messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{% if messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
     "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m.role == 'user' %}"
     "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
     "{% for m in messages %}{% set content = m.content if m.content is string else '' %}"
-    "{% if m.role == 'user' or m.role == 'tool' %}<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n"
+    "{% if m.role == 'user' or m.role == 'tool' %}"
+    "<|im_start|>{{ m.role }}\n{{ content }}<|im_end|>\n"
     "{% elif m.role == 'assistant' %}{% set reasoning = m.reasoning_content or '' %}"
-    "{% if '</think>' in content %}{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
-    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}<|im_start|>assistant\n"
+    "{% if '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "<|im_start|>assistant\n"
     "{% if loop.index0 > ns.last and (loop.last or reasoning) %}<think>{{ reasoning }}</think>\n\n"
-    "{% endif %}{{ content }}{% for call in m.tool_calls or [] %}<tool_call>{{ call.function.name }}"
-    "</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% endif %}{{ content }}{% for call in m.tool_calls or [] %}"
+    "<tool_call>{{ call.function.name }}</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Like Llama 3's: a BOS in the text, each content trimmed.
-LLAMA_LIKE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-              "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LLAMA_LIKE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
 
 
@@ -1147,65 +1316,106 @@ def supervised_turns(tokenizer, messages):
 @pytest.mark.parametrize("content", ["", None])
 def test_a_tool_call_turn_is_supervised_as_the_template_renders_it(content):
     tokenizer = chat_tokenizer(QWEN_LIKE)
-    chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": content, "tool_calls": CALL},
-            {"role": "tool", "content": "2"}, {"role": "assistant", "content": "it is 2."}]
+    chat = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": content, "tool_calls": CALL},
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "it is 2."},
+    ]
     assert supervised_turns(tokenizer, chat) == [
-        "<tool_call>add</tool_call><|im_end|>\n", "<think></think>\n\nit is 2.<|im_end|>\n"]
+        "<tool_call>add</tool_call><|im_end|>\n",
+        "<think></think>\n\nit is 2.<|im_end|>\n",
+    ]
 
 
 def test_turns_whose_reasoning_the_template_rewrites_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(QWEN_LIKE)
-    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>r1</think>\n\na one"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a two", "reasoning_content": "r2"}]
-    assert supervised_turns(tokenizer, chat) == ["a one<|im_end|>\n", "<think>r2</think>\n\na two<|im_end|>\n"]
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "<think>r1</think>\n\na one"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a two", "reasoning_content": "r2"},
+    ]
+    assert supervised_turns(tokenizer, chat) == [
+        "a one<|im_end|>\n",
+        "<think>r2</think>\n\na two<|im_end|>\n",
+    ]
 
 
 def test_turns_the_template_trims_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.bos_token = "<eos>"
-    chat = [{"role": "user", "content": "q1 "}, {"role": "assistant", "content": "a one\n"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": " a two"}]
+    chat = [
+        {"role": "user", "content": "q1 "},
+        {"role": "assistant", "content": "a one\n"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": " a two"},
+    ]
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
 
 
 def test_a_later_turn_repeating_an_earlier_ones_content_is_found_at_its_own_place():
-    tokenizer = chat_tokenizer(THINKING)   # the first turn is rendered otherwise when last: found by its end
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."},
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."},
-            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok."}]
+    # the first turn is rendered otherwise when last: found by its end
+    tokenizer = chat_tokenizer(THINKING)
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok."},
+    ]
     assert supervised_turns(tokenizer, chat) == ["ok.<|im_end|>\n"] * 2 + [
-        "<think>\n\n</think>\n\nok.<|im_end|>\n"]
+        "<think>\n\n</think>\n\nok.<|im_end|>\n"
+    ]
 
 
 def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
-    tokenizer = chat_tokenizer(QWEN_LIKE)   # renders no empty conversation
-    chat = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "q"},
-            {"role": "assistant", "content": "a"}]
+    tokenizer = chat_tokenizer(QWEN_LIKE)  # renders no empty conversation
+    chat = [
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
     assert supervised_turns(tokenizer, chat) == ["<think></think>\n\na<|im_end|>\n"]
 
 
 def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_rendered(tmp_path):
     tokenizer = chat_tokenizer(QWEN_LIKE)
-    rows = [{"prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}],
-             "completion": [{"role": "assistant", "content": f"it is {2 * i}."}]} for i in range(20)]
-    train, _, info = sekd.load_examples(data_config(write_rows(tmp_path / "c.jsonl", rows), seq_len=99),
-                                        tokenizer)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}],
+            "completion": [{"role": "assistant", "content": f"it is {2 * i}."}],
+        }
+        for i in range(20)
+    ]
+    train, _, info = sekd.load_examples(
+        data_config(write_rows(tmp_path / "c.jsonl", rows), seq_len=99), tokenizer
+    )
     assert info["data_format"] == "prompt_messages" and len(train) == 18
     for example, i in enumerate(i for i in range(20) if i % 10 != 9):
-        ids, targets = train.input_ids[example], train.loss_mask[example] & train.attention_mask[example]
-        (start, end), = runs_of_true(targets)
+        ids, targets = (
+            train.input_ids[example],
+            train.loss_mask[example] & train.attention_mask[example],
+        )
+        ((start, end),) = runs_of_true(targets)
         assert tokenizer.decode(ids[start:end]) == f"<think></think>\n\nit is {2 * i}.<|im_end|>\n"
-        prompt = tokenizer.apply_chat_template(rows[i]["prompt"], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            rows[i]["prompt"], tokenize=False, add_generation_prompt=True
+        )
         assert tokenizer.decode(ids[:start]) == prompt
 
 
-@pytest.mark.parametrize("row", [{"text": None}, {"prompt": "q", "completion": None},
-                                 {"messages": []}])
+@pytest.mark.parametrize(
+    "row", [{"text": None}, {"prompt": "q", "completion": None}, {"messages": []}]
+)
 def test_a_row_that_cannot_be_read_is_one_line_naming_it(tmp_path, row):
     tokenizer = chat_tokenizer(QWEN_LIKE)
-    good = {"text": "a b c d"} if "text" in row else (
-        {"prompt": "q", "completion": "a"} if "prompt" in row else {"messages": CHATS[0]})
+    good = (
+        {"text": "a b c d"}
+        if "text" in row
+        else ({"prompt": "q", "completion": "a"} if "prompt" in row else {"messages": CHATS[0]})
+    )
     path = write_rows(tmp_path / "rows.jsonl", [good] * 3 + [row] + [good] * 3)
     with pytest.raises(sekd.UsageError, match=r"^--data row 3: ") as refused:
         sekd.load_examples(data_config(path, seq_len=200), tokenizer)
@@ -1215,22 +1425,32 @@ def test_a_row_that_cannot_be_read_is_one_line_naming_it(tmp_path, row):
 @pytest.mark.parametrize("max_documents,examples", [(4, 4), (5, 4), (6, 5)])
 def test_max_documents_stops_after_n_rows_counting_a_dropped_one(tmp_path, max_documents, examples):
     tokenizer = tiny_tokenizer(DOCS)
-    rows = [{"prompt": "question " * (30 if i == 4 else 1), "completion": f" answer {i}"} for i in range(40)]
-    rows[max_documents] = {"prompt": None, "completion": None}   # a row past the N-th is never read
+    rows = [
+        {"prompt": "question " * (30 if i == 4 else 1), "completion": f" answer {i}"}
+        for i in range(40)
+    ]
+    rows[max_documents] = {"prompt": None, "completion": None}  # a row past the N-th is never read
     path = write_rows(tmp_path / "pc.jsonl", rows)
-    train, held, info = sekd.load_examples(data_config(path, seq_len=16, max_documents=max_documents),
-                                           tokenizer)
+    train, held, info = sekd.load_examples(
+        data_config(path, seq_len=16, max_documents=max_documents), tokenizer
+    )
     assert len(train) + len(held) == examples and info["dropped_examples"] == int(max_documents > 4)
 
 
 def test_a_token_budget_on_prompt_completion_rows_stops_at_the_first_row_that_reaches_it(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     rows = [{"prompt": f"question {i}:", "completion": f" answer {i * 3}"} for i in range(40)]
-    lengths = [len(ids) for ids, _ in sekd.encode_rows(
-        {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]},
-        "prompt", tokenizer, "text")]
+    lengths = [
+        len(ids)
+        for ids, _ in sekd.encode_rows(
+            {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]},
+            "prompt",
+            tokenizer,
+            "text",
+        )
+    ]
     train_lengths = [n for i, n in enumerate(lengths) if i % 10 != 9]
-    want = next(i + 1 for i in range(len(train_lengths)) if sum(train_lengths[:i + 1]) >= 50)
+    want = next(i + 1 for i in range(len(train_lengths)) if sum(train_lengths[: i + 1]) >= 50)
     path = write_rows(tmp_path / "pc.jsonl", rows)
     train, _, _ = sekd.load_examples(data_config(path, seq_len=64, max_tokens=50), tokenizer)
     assert len(train) == want and int(train.attention_mask.sum()) >= 50
@@ -1245,7 +1465,9 @@ def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
         prompt = tokenizer(rows[i]["prompt"])["input_ids"]
         completion = tokenizer(rows[i]["completion"], add_special_tokens=False)["input_ids"]
         length = len(prompt) + len(completion) + 1
-        assert train.input_ids[example, :length].tolist() == prompt + completion + [tokenizer.eos_token_id]
+        assert train.input_ids[example, :length].tolist() == prompt + completion + [
+            tokenizer.eos_token_id
+        ]
         assert runs_of_true(train.loss_mask[example]) == [(len(prompt), length)]
         assert train.attention_mask[example].sum() == length
 
@@ -1256,31 +1478,42 @@ def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target
     short = len(tokenizer(rows[0]["prompt"] + rows[0]["completion"])["input_ids"]) + 1
     path = write_rows(tmp_path / "pc.jsonl", rows)
     train, _, info = sekd.load_examples(data_config(path, seq_len=short), tokenizer)
-    assert info["dropped_examples"] == 10   # long prompts: no target
+    assert info["dropped_examples"] == 10  # long prompts: no target
     assert len(train) == 9 and train.input_ids.shape[1] == short
 
 
 def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_past_it(tmp_path):
     tokenizer, rows = tiny_tokenizer(DOCS), [{"text": d} for d in DOCS * 3]
-    budget = lambda path, streaming: data_config(path, seq_len=8, max_tokens=100, streaming=streaming)
+    budget = lambda path, streaming: data_config(
+        path, seq_len=8, max_tokens=100, streaming=streaming
+    )
     good = write_rows(tmp_path / "good.jsonl", rows)
-    whole, streamed = (sekd.load_examples(budget(good, streaming), tokenizer) for streaming in (False, True))
-    broken = write_rows(tmp_path / "broken.jsonl", rows + [{"text": "filler " * 20}] * 80_000)   # > 10 MiB
-    with open(broken, "a") as f:   # past the first chunk datasets parses when streaming (10 MiB)
+    whole, streamed = (
+        sekd.load_examples(budget(good, streaming), tokenizer) for streaming in (False, True)
+    )
+    # > 10 MiB
+    broken = write_rows(tmp_path / "broken.jsonl", rows + [{"text": "filler " * 20}] * 80_000)
+    with open(broken, "a") as f:  # past the first chunk datasets parses when streaming (10 MiB)
         f.write("not json\n" * 100)
     past = sekd.load_examples(budget(broken, True), tokenizer)
     for got in (streamed, past):
         for a, b in zip(whole[:2], got[:2]):
             assert all(map(torch.equal, sekd.dataclasses.astuple(a), sekd.dataclasses.astuple(b)))
     assert len(whole[0]) == math.ceil(100 / 8)
-    with pytest.raises(sekd.UsageError, match="cannot load it"):   # the whole file does not parse
+    with pytest.raises(sekd.UsageError, match="cannot load it"):  # the whole file does not parse
         sekd.load_examples(budget(broken, False), tokenizer)
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("docs.csv", "text\nhello\n", "unsupported file type '.csv'"), ("empty.jsonl", "", "is empty"),
-    ("missing.jsonl", None, "does not exist"), ("one.jsonl", '{"text": "a"}\n', "need 2"),
-    ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no 'text' in")])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("docs.csv", "text\nhello\n", "unsupported file type '.csv'"),
+        ("empty.jsonl", "", "is empty"),
+        ("missing.jsonl", None, "does not exist"),
+        ("one.jsonl", '{"text": "a"}\n', "need 2"),
+        ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no 'text' in"),
+    ],
+)
 def test_bad_data_files_are_usage_errors_naming_the_problem(tmp_path, name, content, match):
     if content is not None:
         (tmp_path / name).write_text(content)
@@ -1289,8 +1522,9 @@ def test_bad_data_files_are_usage_errors_naming_the_problem(tmp_path, name, cont
 
 
 # ============================================================================================
-# 8. Training loop
+# 8. The run
 # ============================================================================================
+
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
@@ -1304,15 +1538,27 @@ def saved_models(tmp_path_factory):
         paths[name] = str(root / name)
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 3))
     paths["data"] = str(root / "docs.jsonl")
-    rows = [{"prompt": f"document {i} says", "completion": f" hello world {i * 7}"} for i in range(40)]
+    rows = [
+        {"prompt": f"document {i} says", "completion": f" hello world {i * 7}"} for i in range(40)
+    ]
     paths["prompts"] = str(write_rows(root / "prompts.jsonl", rows))
     return paths
 
 
 def run_config(saved_models, tmp_path, **overrides):
-    base = dict(teacher=saved_models["teacher"], student=saved_models["student"], data=saved_models["data"],
-                seq_len=16, batch_size=4, lr=3e-3, max_steps=4, device="cpu", val_fraction=0.2,
-                out_dir=str(tmp_path / "run"), class_samples=None)
+    base = dict(
+        teacher=saved_models["teacher"],
+        student=saved_models["student"],
+        data=saved_models["data"],
+        seq_len=16,
+        batch_size=4,
+        lr=3e-3,
+        max_steps=4,
+        device="cpu",
+        val_fraction=0.2,
+        out_dir=str(tmp_path / "run"),
+        class_samples=None,
+    )
     base.update(overrides)
     if base["class_samples"] is None:
         del base["class_samples"]
@@ -1321,6 +1567,7 @@ def run_config(saved_models, tmp_path, **overrides):
 
 def student_weights(out_dir):
     from safetensors.torch import load_file
+
     return load_file(os.path.join(out_dir, "student", "model.safetensors"))
 
 
@@ -1331,28 +1578,59 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
     assert on_disk["val_kl"] == metrics["val_kl"] and on_disk["config"]["method"] == "sekd"
     assert 0.45 < metrics["share_supervised"] < 0.6
     from transformers import AutoModelForCausalLM
+
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
     teacher = AutoModelForCausalLM.from_pretrained(saved_models["teacher"])
-    _, val, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"]))
-    after, before = sekd.evaluate(trained, teacher, val, cfg), sekd.evaluate(initial, teacher, val, cfg)
-    assert after["val_kl"] == pytest.approx(metrics["val_kl"],
-                                            rel=1e-4) and after["val_kl"] < 0.7 * before["val_kl"]
-    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")]
+    _, val, _ = sekd.load_examples(
+        cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    )
+    after, before = (
+        sekd.evaluate(trained, teacher, val, cfg),
+        sekd.evaluate(initial, teacher, val, cfg),
+    )
+    assert (
+        after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4)
+        and after["val_kl"] < 0.7 * before["val_kl"]
+    )
+    assert not [
+        f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")
+    ]
 
 
 def test_chat_rows_train_and_evaluate_from_the_command_line_and_the_student_keeps_its_own_tokenizer(
-        saved_models, tmp_path, capsys):
+    saved_models, tmp_path, capsys
+):
     import shutil
     from transformers import AutoTokenizer
+
     student = shutil.copytree(saved_models["student"], tmp_path / "chat_student")
     tokenizer = AutoTokenizer.from_pretrained(student)
-    tokenizer.chat_template = CHATML              # the teacher's tokenizer has none
+    tokenizer.chat_template = CHATML  # the teacher's tokenizer has none
     tokenizer.save_pretrained(student)
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
-    sekd.main(["--teacher", saved_models["teacher"], "--student", str(student), "--data", str(data),
-               "--seq-len", "256", "--batch-size", "2", "--max-steps", "2", "--device", "cpu",
-               "--k", "0.5", "--out-dir", str(tmp_path / "run")])
+    sekd.main(
+        [
+            "--teacher",
+            saved_models["teacher"],
+            "--student",
+            str(student),
+            "--data",
+            str(data),
+            "--seq-len",
+            "256",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--k",
+            "0.5",
+            "--out-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     out, err = capsys.readouterr()
     metrics = json.loads(out.strip().splitlines()[-1])
     assert math.isfinite(metrics["val_ppl"]) and metrics["val_kl"] > 0
@@ -1379,8 +1657,10 @@ def test_evaluate_counts_the_supervised_positions_only():
     examples = sekd.Examples(ids, mask.bool(), loss_mask)
     got = sekd.evaluate(student, teacher, examples, sekd.Config(batch_size=2))
     with torch.no_grad():
-        s, t = student(ids, attention_mask=mask).logits[:, :-1].double(), teacher(
-            ids, attention_mask=mask).logits[:, :-1].double()
+        s, t = (
+            student(ids, attention_mask=mask).logits[:, :-1].double(),
+            teacher(ids, attention_mask=mask).logits[:, :-1].double(),
+        )
     valid = mask[:, :-1].bool() & mask[:, 1:].bool() & loss_mask[:, 1:]
     ce = F.cross_entropy(s[valid], ids[:, 1:][valid]).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
@@ -1390,11 +1670,13 @@ def test_evaluate_counts_the_supervised_positions_only():
 
 def test_prefetch_yields_every_load_in_order_with_exactly_the_next_one_under_way():
     started, got = [], []
+
     def load(i):
         started.append(i)
         return 10 * i
+
     for value in sekd.prefetch(iter(range(4)), load):
-        ahead = min(len(got) + 2, 4)   # this item and the next one, never more
+        ahead = min(len(got) + 2, 4)  # this item and the next one, never more
         deadline = time.time() + 10
         while len(started) < ahead and time.time() < deadline:
             time.sleep(0.001)
@@ -1407,120 +1689,100 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_shard_size=3)
     first = sekd.train(cfg)
     manifest = sekd.TeacherCache(cfg.cache_dir).manifest
-    train, _, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"]))
+    train, _, _ = sekd.load_examples(
+        cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    )
     from transformers import AutoModelForCausalLM
+
     initial = AutoModelForCausalLM.from_pretrained(saved_models["student"])
-    kept = sekd.select_samples(sekd.sample_scores(initial, train.input_ids, loss_mask=train.loss_mask), 0.2)
+    kept = sekd.select_samples(
+        sekd.sample_scores(initial, train.input_ids, loss_mask=train.loss_mask), 0.2
+    )
     assert manifest["sample_ids"] == kept.tolist()
-    assert first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"]) and "cache_build_s" in first
-    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]   # only l of the samples cached
+    assert (
+        first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
+        and "cache_build_s" in first
+    )
+    # only l of the samples cached
+    assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]
 
 
 @pytest.fixture(scope="module")
 def built_cache(saved_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
-    first = sekd.train(run_config(saved_models, root, method="sekd3x", class_samples=16, cache_shard_size=3))
+    first = sekd.train(
+        run_config(saved_models, root, method="sekd3x", class_samples=16, cache_shard_size=3)
+    )
     return str(root / "run" / "teacher_cache"), first
 
 
 def test_reusing_a_cache_runs_neither_teacher_nor_pre_pass_and_trains_the_same_student(
-        saved_models, built_cache, tmp_path, monkeypatch):
+    saved_models, built_cache, tmp_path, monkeypatch
+):
     calls = []
     monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: calls.append("pre-pass"))
     monkeypatch.setattr(sekd, "build_cache", lambda *a, **k: calls.append("build"))
     monkeypatch.setattr(sekd, "teacher_hidden", lambda *a, **k: calls.append("teacher"))
     monkeypatch.setattr(sekd, "evaluate", lambda *a, **k: {"val_ppl": 1.0, "val_kl": 0.0})
-    second = sekd.train(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
-                                   cache_dir=built_cache[0]))
+    second = sekd.train(
+        run_config(
+            saved_models, tmp_path, method="sekd3x", class_samples=16, cache_dir=built_cache[0]
+        )
+    )
     assert calls == [] and "cache_build_s" not in second
     assert second["train_loss"] == built_cache[1]["train_loss"]
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(temperature=2.0), "another --temperature"), (dict(class_samples=8), "another --class-samples"),
-    (dict(ell=0.5), "--ell 0.5 keeps"), (dict(student="other_student"), "another --student"),
-    (dict(teacher="other_student"), r"another teacher \(weights or config.json\)")])
-def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(
-        saved_models, built_cache, tmp_path, change, match):
-    change = {k: saved_models.get(v, v) for k, v in change.items()}
-    cfg = run_config(saved_models, tmp_path, **{**dict(method="sekd3x", class_samples=16), **change},
-                     cache_dir=built_cache[0])
-    with pytest.raises(sekd.UsageError, match=match):
-        sekd.Run(cfg)
-
-
-def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
-        saved_models, built_cache, tmp_path):
-    import shutil
-    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
-    cache_dir = shutil.copytree(built_cache[0], tmp_path / "cache")
-    cfg = dict(method="sekd3x", class_samples=16, cache_dir=str(cache_dir), teacher=str(teacher))
-    sekd.Run(run_config(saved_models, tmp_path / "a", **cfg))          # the copied weights match
-    for name in ("model.safetensors", "config.json"):  # another model's weights, same directory
-        shutil.copy(os.path.join(saved_models["other_student"], name), teacher / name)
-    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
-        sekd.Run(run_config(saved_models, tmp_path / "b", **cfg))
-
-
-def test_a_cache_refuses_its_teacher_once_its_config_changes(saved_models, built_cache, tmp_path):
-    import shutil
-    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
-    config = json.loads((teacher / "config.json").read_text())
-    (teacher / "config.json").write_text(json.dumps({**config, "rope_theta": 99.0}))   # same weights
-    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
-        sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
-                            cache_dir=built_cache[0], teacher=str(teacher)))
-
-
-def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
-    import shutil
-    copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
-    run = sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
-                                  cache_dir=built_cache[0], teacher=str(copy)))
-    assert run.cache is not None and run.teacher is None   # reused: trains from the cache, no teacher loaded
-
-
-def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
-    run = sekd.Run(run_config(saved_models, tmp_path, method="sekd3x", class_samples=16,
-                                  cache_dir=built_cache[0],
-                                  student=saved_models["other_student"], cache_any_student=True))
-    assert run.kept.tolist() == run.cache.sample_ids
-
-
 def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatch):
     first = sekd.train(run_config(saved_models, tmp_path, method="topsmp", max_steps=2))
-    monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: pytest.fail("the pre-pass ran again"))
-    second = sekd.train(run_config(saved_models, tmp_path, method="topsmp", max_steps=2, overwrite=True))
-    assert first["distilled_blocks"] == second["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
+    monkeypatch.setattr(
+        sekd, "sample_scores", lambda *a, **k: pytest.fail("the pre-pass ran again")
+    )
+    second = sekd.train(
+        run_config(saved_models, tmp_path, method="topsmp", max_steps=2, overwrite=True)
+    )
+    assert (
+        first["distilled_blocks"]
+        == second["distilled_blocks"]
+        == math.ceil(0.2 * first["train_blocks"])
+    )
 
 
 def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_another_teacher(
-        saved_models, tmp_path, monkeypatch):
+    saved_models, tmp_path, monkeypatch
+):
     options = dict(method="topsmp", sample_signal="teacher_entropy", max_steps=1)
     sekd.train(run_config(saved_models, tmp_path, **options))
     scored, real = [], sekd.sample_scores
     monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
-    sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True))    # the same teacher: reused
+    # the same teacher: reused
+    sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True))
     assert scored == []
-    sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True,
-                          teacher=saved_models["other_student"]))
+    sekd.train(
+        run_config(
+            saved_models, tmp_path, **options, overwrite=True, teacher=saved_models["other_student"]
+        )
+    )
     assert scored == [1]
 
 
 def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
-    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3,
-                                    grad_accum=2))
-    assert metrics["train_tokens"] == 3 * 2 * 4 * 16   # steps x micro-batches x blocks x seq_len
+    metrics = sekd.train(
+        run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3, grad_accum=2)
+    )
+    assert metrics["train_tokens"] == 3 * 2 * 4 * 16  # steps x micro-batches x blocks x seq_len
 
 
 def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
-    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60,
-                                    epochs=1))
+    metrics = sekd.train(
+        run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60, epochs=1)
+    )
     assert metrics["steps"] == 60 and metrics["steps"] * 4 > 2 * metrics["train_blocks"]
 
 
 def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **options):
-    """A 4-step run with --save-every 2 that crashes in step crash_at: its checkpoint is at step 2."""
+    """A 4-step run with --save-every 2 that crashes in step crash_at: its checkpoint is at
+    step 2."""
     real, calls = sekd.train_step, []
 
     def crash(*args, **kwargs):
@@ -1528,48 +1790,48 @@ def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **opti
         if len(calls) == crash_at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
+
     monkeypatch.setattr(sekd, "train_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        sekd.train(run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **options}))
+        sekd.train(
+            run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **options})
+        )
     monkeypatch.setattr(sekd, "train_step", real)
 
 
-RESUMABLE = ["ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs",
-             "sekd_accum", "on_policy"]
-ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6)   # seed 0: steps 1 and 4 of 4, one after step 2
-
-
-@pytest.mark.parametrize("method", RESUMABLE)
-def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student(
-        saved_models, tmp_path, method, monkeypatch):
-    options = dict(method="sekd", grad_accum=2) if method == "sekd_accum" else (
-        dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method))
-    if method == "on_policy":
-        options = dict(ON_POLICY, method="random", data=saved_models["prompts"])   # random: the RNG state too
-    options.update(class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2)
-    whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
-    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
-    real, steps = sekd.train_step, []
-    monkeypatch.setattr(sekd, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
-    resumed = sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
-    assert len(steps) == 2 and resumed["steps"] == 4     # a resume that restores nothing trains 4 steps
-    a, b = student_weights(tmp_path / "whole" / "run"), student_weights(tmp_path / "split" / "run")
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
-    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+RESUMABLE = [
+    "ce",
+    "full",
+    "random",
+    "sekd",
+    "rskd",
+    "topsmp",
+    "sekd3x",
+    "gls",
+    "curriculum",
+    "pos_rs",
+    "sekd_accum",
+    "on_policy",
+]
+# seed 0: steps 1 and 4 of 4, one after step 2
+ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6)
 
 
 def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
-    """A run on prompt/completion rows -> (metrics, [(input_ids, attention_mask, loss_mask)] that distill_loss
-    got in each training step, the logged steps)."""
+    """A run on prompt/completion rows -> (metrics, [(input_ids, attention_mask, loss_mask)] that
+    distill_loss got in each training step, the logged steps)."""
     real, seen = sekd.distill_loss, []
+
     def record(student, teacher, ids, mask, cfg, targets=None, **kwargs):
         if student.training:
             real_tokens = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             seen.append((ids, real_tokens, kwargs["loss_mask"].bool()))
         return real(student, teacher, ids, mask, cfg, targets, **kwargs)
+
     monkeypatch.setattr(sekd, "distill_loss", record)
-    cfg = run_config(saved_models, tmp_path, **{**ON_POLICY, "data": saved_models["prompts"], **options})
+    cfg = run_config(
+        saved_models, tmp_path, **{**ON_POLICY, "data": saved_models["prompts"], **options}
+    )
     metrics = sekd.train(cfg)
     monkeypatch.setattr(sekd, "distill_loss", real)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -1577,7 +1839,8 @@ def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
 
 
 def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_generated(
-        saved_models, tmp_path, monkeypatch):
+    saved_models, tmp_path, monkeypatch
+):
     _, seen, log = on_policy_run(saved_models, tmp_path, monkeypatch, on_policy_fraction=1.0)
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     prompts = {tuple(tokenizer(f"document {i} says")["input_ids"]) for i in range(40)}
@@ -1585,217 +1848,96 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
     for ids, mask, loss_mask in seen:
         for row, real, targets in zip(ids.tolist(), mask.tolist(), loss_mask.tolist()):
             p, n = targets.index(True), sum(real)
-            assert tuple(row[:p]) in prompts and not any(targets[:p])   # a data prompt, never supervised
+            # a data prompt, never supervised
+            assert tuple(row[:p]) in prompts and not any(targets[:p])
             assert real == [True] * n + [False] * (len(row) - n)
             assert all(targets[p:n]) and not any(targets[n:])
-            response = row[p:n]                                 # generated up to its first EOS, then padding
+            # generated up to its first EOS, then padding
+            response = row[p:n]
             assert len(response) <= 6 and eos not in response[:-1]
             assert eos == response[-1] or len(response) == 6
             generated.append(len(response))
     assert [r["on_policy"] for r in log] == [True] * 4 and max(generated) == 6
-    assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)   # its mean per step
+    assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)  # its mean per step
 
 
 def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit(
-        saved_models, tmp_path, monkeypatch):
-    off, seen_off, log = on_policy_run(saved_models, tmp_path / "off", monkeypatch, on_policy_fraction=0.0,
-                                       method="random")
-    none, _, _ = on_policy_run(saved_models, tmp_path / "never", monkeypatch, method="random",
-                               on_policy_fraction=1e-9)   # draws every step, never on-policy
+    saved_models, tmp_path, monkeypatch
+):
+    off, seen_off, log = on_policy_run(
+        saved_models, tmp_path / "off", monkeypatch, on_policy_fraction=0.0, method="random"
+    )
+    none, _, _ = on_policy_run(
+        saved_models, tmp_path / "never", monkeypatch, method="random", on_policy_fraction=1e-9
+    )  # draws every step, never on-policy
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
-    train, _, _ = sekd.load_examples(run_config(saved_models, tmp_path, data=saved_models["prompts"]),
-                                     tokenizer)
-    rows = {tuple(row[:n]) for row, n in zip(train.input_ids.tolist(), train.attention_mask.sum(1).tolist())}
-    assert all(tuple(row[:int(m.sum())].tolist()) in rows   # the data's own rows, unchanged
-               for ids, mask, _ in seen_off for row, m in zip(ids, mask))
+    train, _, _ = sekd.load_examples(
+        run_config(saved_models, tmp_path, data=saved_models["prompts"]), tokenizer
+    )
+    rows = {
+        tuple(row[:n])
+        for row, n in zip(train.input_ids.tolist(), train.attention_mask.sum(1).tolist())
+    }
+    assert all(
+        tuple(row[: int(m.sum())].tolist()) in rows  # the data's own rows, unchanged
+        for ids, mask, _ in seen_off
+        for row, m in zip(ids, mask)
+    )
     assert not any(r["on_policy"] for r in log) and all(r["gen_len"] is None for r in log)
     a, b = student_weights(tmp_path / "off" / "run"), student_weights(tmp_path / "never" / "run")
-    assert all(torch.equal(a[name], b[name]) for name in a) and off["train_loss"] == none["train_loss"]
+    assert (
+        all(torch.equal(a[name], b[name]) for name in a) and off["train_loss"] == none["train_loss"]
+    )
 
 
 def test_on_policy_runs_with_one_seed_train_the_same_student(saved_models, tmp_path, monkeypatch):
-    runs = [on_policy_run(saved_models, tmp_path / name, monkeypatch, seed=seed)
-            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    runs = [
+        on_policy_run(saved_models, tmp_path / name, monkeypatch, seed=seed)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
     (_, a, _), (_, b, _), (_, c, _) = runs
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b)) and not all(
-        x[0].shape == y[0].shape and torch.equal(x[0], y[0]) for x, y in zip(a, c))
+        x[0].shape == y[0].shape and torch.equal(x[0], y[0]) for x, y in zip(a, c)
+    )
     w = [student_weights(tmp_path / name / "run") for name in "abc"]
-    assert all(torch.equal(w[0][n], w[1][n]) for n in w[0]) and not all(torch.equal(w[0][n], w[2][n])
-                                                                        for n in w[0])
-
-
-def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also_when_resumed(
-        saved_models, tmp_path, monkeypatch):
-    real, seen = sekd.position_weights, []
-    def record(policy, *args, **kwargs):
-        if policy == "curriculum":
-            seen.append(kwargs["progress"] if "progress" in kwargs else args[3])
-        return real(policy, *args, **kwargs)
-    monkeypatch.setattr(sekd, "position_weights", record)
-    options = dict(method="sekd", positions="curriculum", max_steps=4, save_every=2)
-    sekd.train(run_config(saved_models, tmp_path / "whole", **options))
-    assert seen == pytest.approx([0, 1 / 3, 2 / 3, 1])
-    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
-    seen.clear()
-    sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
-    assert seen == pytest.approx([2 / 3, 1])
-
-
-@pytest.mark.parametrize("change,match", [
-    (dict(max_steps=1), "at step 2, past this command's 1 steps: raise --max-steps"),
-    (dict(vocab_size=200), "changes vocab_size"),
-    (dict(positions="curriculum", max_steps=6), "curriculum slides its window over the run's 4 steps")])
-def test_resume_refuses_a_budget_it_has_passed_a_moved_curriculum_and_another_vocabulary(
-        saved_models, tmp_path, monkeypatch, change, match):
-    first = dict(positions=change.get("positions", "top"))
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **first)
-    with pytest.raises(sekd.UsageError, match=match):
-        sekd.Run(run_config(saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **change},
-                            resume=True))
-
-
-def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_samples(
-        saved_models, tmp_path, monkeypatch):
-    from safetensors.torch import load_file, save_file
-    options = dict(method="sekd3x", class_samples=16, max_steps=4, save_every=2)
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options)
-    reads, real = [], sekd.load_file
-    monkeypatch.setattr(sekd, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
-    sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
-    assert len(reads) == 1
-    state = tmp_path / "run" / "checkpoint" / "state-00000002.safetensors"
-    tensors = load_file(state)
-    save_file({**tensors, "kept": tensors["kept"].flip(0)}, state)   # as if the cache were rebuilt since
-    with pytest.raises(sekd.UsageError, match="holds other samples than the checkpoint's run distilled"):
-        sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
-
-
-def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(saved_models, tmp_path, monkeypatch):
-    events, real_fsync, real_replace = [], os.fsync, os.replace
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-    def replace(src, dst):
-        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
-        real_replace(src, dst)
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
-    directory = str(tmp_path / "run" / "checkpoint")
-    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(directory)]
-    assert [os.path.basename(events[i][2]) for i in renames] == [
-        "student-00000001", "state-00000001.safetensors", "checkpoint.json", "student"]   # student: a link
-    for i in renames[:3]:   # each file synced before its rename, the directory after it, before the next one
-        assert ("fsync", events[i][1]) in events[:i] and events[i + 1] == ("fsync", directory)
-
-
-def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
-        saved_models, tmp_path, monkeypatch):
-    real, calls = sekd.train_step, []
-
-    def interrupt_at_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(sekd, "train_step", interrupt_at_step_2)
-    with pytest.raises(sekd.RunStopped, match="interrupted at step 2 of 4") as stopped:
-        sekd.train(run_config(saved_models, tmp_path))
-    assert stopped.value.exit_status == 130
-    assert json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
-    assert not (tmp_path / "run" / "student").exists()
+    assert all(torch.equal(w[0][n], w[1][n]) for n in w[0]) and not all(
+        torch.equal(w[0][n], w[2][n]) for n in w[0]
+    )
 
 
 def test_a_non_finite_loss_stops_the_run_without_a_student(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped, match="step 2: the loss or gradient norm is not finite"):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30))
-    assert not (tmp_path / "run" / "student").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    assert (
+        not (tmp_path / "run" / "student").exists()
+        and not (tmp_path / "run" / "metrics.json").exists()
+    )
 
 
-def test_a_failed_final_evaluation_keeps_the_student_and_says_where(saved_models, tmp_path, monkeypatch):
+def test_a_failed_final_evaluation_keeps_the_student_and_says_where(
+    saved_models, tmp_path, monkeypatch
+):
     monkeypatch.setattr(sekd, "evaluate", lambda *a, **k: 1 / 0)
     with pytest.raises(sekd.RunStopped, match="the student is saved in .*run/student"):
         sekd.train(run_config(saved_models, tmp_path, max_steps=1))
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
 
 
-def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
-    sekd.train(run_config(saved_models, tmp_path, max_steps=1))
-    with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
-        sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1))
-    metrics = sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1, overwrite=True))
-    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert on_disk["config"]["method"] == metrics["config"]["method"] == "full"
-
-
-def test_resume_refuses_changed_settings(saved_models, tmp_path):
-    with pytest.raises(sekd.RunStopped):
-        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
-    with pytest.raises(sekd.UsageError, match="changes k"):
-        sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
-
-
-def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(saved_models, tmp_path,
-                                                                           monkeypatch):
-    data = tmp_path / "docs.jsonl"
-    data.write_text(open(saved_models["data"]).read())
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, data=str(data))
-    data.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in DOCS * 3))   # regenerated
-    with pytest.raises(sekd.UsageError, match="--resume: --data .* other training examples"):
-        sekd.train(run_config(saved_models, tmp_path, data=str(data), max_steps=4, resume=True))
-
-
-def test_resume_drops_a_torn_last_line_of_the_step_log(saved_models, tmp_path, monkeypatch):
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
-    with open(tmp_path / "run" / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "loss": 0.1')   # a hard kill mid-write
-    sekd.train(run_config(saved_models, tmp_path, max_steps=4, resume=True))
-    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
-
-
-def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_models, tmp_path):
-    with pytest.raises(sekd.RunStopped):
-        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
-    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
-    earlier = {k: v for k, v in json.loads(state.read_text()).items() if k not in ("tokens", "total_steps")}
-    state.write_text(json.dumps({**earlier, "student": "student-00000001.safetensors"}))
-    with pytest.raises(sekd.UsageError, match="written by an earlier sekd.py"):
-        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1, resume=True))
-
-
-def test_resume_continues_a_checkpoint_from_before_on_policy_whose_config_lacks_its_fields(
-        saved_models, tmp_path, monkeypatch):
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
-    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
-    saved = json.loads(state.read_text())
-    for name in ("on_policy_fraction", "max_new_tokens", "gen_temperature"):
-        del saved["config"][name]
-    state.write_text(json.dumps(saved))
-    resumed = sekd.train(run_config(saved_models, tmp_path, max_steps=4, save_every=2, resume=True))
-    assert resumed["steps"] == 4
-    with pytest.raises(sekd.UsageError, match="changes on_policy_fraction"):
-        sekd.train(run_config(saved_models, tmp_path, max_steps=5, resume=True, on_policy_fraction=0.5))
-
-
-def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
-    with pytest.raises(sekd.RunStopped):
-        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
-    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))  # as if from torchrun
-    with pytest.raises(sekd.UsageError, match="had 2 process.*--nproc_per_node 2"):
-        sekd.train(run_config(saved_models, tmp_path, resume=True))
-
-
 def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_fewer_activations():
     ids, mask = padded_batch()
-    cfg, teacher, results = sekd.Config(method="sekd", k=0.5), tiny_model("llama", hidden=48, seed=1), []
+    cfg, teacher, results = (
+        sekd.Config(method="sekd", k=0.5),
+        tiny_model("llama", hidden=48, seed=1),
+        [],
+    )
     for checkpointed in (False, True):
         student = tiny_model("llama").train()
         if checkpointed:
             sekd.checkpoint_activations(student)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ):
             loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
         loss.backward()
         results.append((loss, [p.grad for p in student.parameters()], sum(saved)))
@@ -1803,34 +1945,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_few
     torch.testing.assert_close(ckpt, plain)
     for a, b in zip(ckpt_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert ckpt_saved < 0.5 * plain_saved   # the decoder layers' activations are recomputed, not kept
-
-
-def test_the_step_log_has_every_step_once_across_an_interrupted_and_resumed_run(
-        saved_models, tmp_path, monkeypatch):
-    options = dict(max_steps=4, save_every=2, eval_every=2)
-    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=4, **options)   # step 3 logged, lost
-    logged = lambda: [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], "loss" in r) for r in logged()] == [(1, True), (2, True), (2, False), (3, True)]
-    sekd.train(run_config(saved_models, tmp_path, **options, resume=True))
-    records = logged()
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert [r["step"] for r in records if "val_ppl" in r] == [2, 4]
-    assert records[-2]["tokens"] == 4 * 4 * 16 and {"share", "grad_norm", "lr", "seconds"} <= set(records[-2])
-
-
-def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_step(
-        saved_models, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    sekd.train(run_config(saved_models, tmp_path / "two", max_steps=2))
-    checkpoint_at_step_2(saved_models, tmp_path / "four", monkeypatch)
-    mid_run = tmp_path / "four" / "run" / "checkpoint" / "student"
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    got, want = (AutoModelForCausalLM.from_pretrained(path)(ids).logits
-                 for path in (mid_run, tmp_path / "two" / "run" / "student"))
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert AutoTokenizer.from_pretrained(mid_run).get_vocab() == AutoTokenizer.from_pretrained(
-        saved_models["student"]).get_vocab()
+    # the decoder layers' activations are recomputed, not kept
+    assert ckpt_saved < 0.5 * plain_saved
 
 
 def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batches():
@@ -1843,39 +1959,53 @@ def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batch
 
         def zero_grad(self, set_to_none):
             student.zero_grad(set_to_none=set_to_none)
-    sekd.train_step(student, None, [dict(input_ids=ids[:3]), dict(input_ids=ids[3:])], cfg, Record())
-    loss, _ = sekd.distill_loss(student, None, ids, None, cfg)                       # the mean over all 4
+
+    sekd.train_step(
+        student, None, [dict(input_ids=ids[:3]), dict(input_ids=ids[3:])], cfg, Record()
+    )
+    # the mean over all 4
+    loss, _ = sekd.distill_loss(student, None, ids, None, cfg)
     for got, want in zip(applied["grads"], torch.autograd.grad(loss, list(student.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def ddp_step_facts(rank):
-    """Under DDP on 2 gloo ranks: gradient all-reduces in a step of 1 and of 4 micro-batches, whether GLS's
-    queue takes both ranks' scores from micro-batches of other widths, and whether a step counts as finite
-    when only rank 1's loss is not."""
+    """Under DDP on 2 gloo ranks: gradient all-reduces in a step of 1 and of 4 micro-batches,
+    whether GLS's queue takes both ranks' scores from micro-batches of other widths, and whether a
+    step counts as finite when only rank 1's loss is not."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     student, facts = tiny_model("llama"), {}
     ddp = torch.nn.parallel.DistributedDataParallel(sekd.Backbone(student))
     calls = []
-    ddp.register_comm_hook(None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket))
+    ddp.register_comm_hook(
+        None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket)
+    )
     optimizer, cfg = torch.optim.AdamW(student.parameters()), sekd.Config(method="ce")
     ids = torch.randint(0, VOCAB, (8, 10), generator=torch.Generator().manual_seed(rank))
     for accum in (1, 4):
         calls.clear()
-        sekd.train_step(ddp, None, [dict(input_ids=b) for b in ids[:2 * accum].split(2)], cfg, optimizer)
+        sekd.train_step(
+            ddp, None, [dict(input_ids=b) for b in ids[: 2 * accum].split(2)], cfg, optimizer
+        )
         facts[f"all_reduces_{accum}"] = len(calls)
     generators = [torch.Generator().manual_seed(r) for r in (0, 1)]
-    scores = [torch.rand(2, width, generator=g) for width, g in zip((5, 7), generators)]   # trimmed widths
+    # trimmed widths
+    scores = [torch.rand(2, width, generator=g) for width, g in zip((5, 7), generators)]
     valid = [torch.rand(2, width, generator=g) < 0.7 for width, g in zip((5, 7), generators)]
     gls = sekd.GlobalThreshold(size=100)
     gls.push(scores[rank], valid[rank])
     facts["gls_queue"] = torch.equal(gls.queue, torch.cat([s[v] for s, v in zip(scores, valid)]))
     real = sekd.distill_loss
+
     def nan_on_rank_1(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss, {**stats, "loss": math.nan if rank == 1 else stats["loss"]}
+
     sekd.distill_loss = nan_on_rank_1
-    facts["finite"] = sekd.train_step(ddp, None, [dict(input_ids=ids[:2])], cfg, optimizer)["finite"]
+    facts["finite"] = sekd.train_step(ddp, None, [dict(input_ids=ids[:2])], cfg, optimizer)[
+        "finite"
+    ]
     return facts
 
 
@@ -1900,19 +2030,27 @@ def run_rank(job, rank, tmp):
         sekd.dist.destroy_process_group()
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    os._exit(0)   # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
+    os._exit(0)  # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
     for facts in in_two_ranks(ddp_step_facts, tmp_path):
-        assert facts["all_reduces_4"] == facts["all_reduces_1"] >= 1   # not once per micro-batch
-        assert facts["gls_queue"]                      # both ranks' valid scores, in rank order
-        assert facts["finite"] is False                                 # rank 0's loss was finite
+        assert facts["all_reduces_4"] == facts["all_reduces_1"] >= 1  # not once per micro-batch
+        assert facts["gls_queue"]  # both ranks' valid scores, in rank order
+        assert facts["finite"] is False  # rank 0's loss was finite
 
 
 def torchrun(*args, script=sekd.__file__):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *args,
+    ]
     path = os.pathsep.join([os.path.dirname(sekd.__file__), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, capture_output=True, text=True, env=env)
@@ -1933,15 +2071,39 @@ with open(os.path.join(os.path.dirname(__file__), f"generated{os.environ['RANK']
 
 @pytest.mark.parametrize("method,positions", [("sekd", "top"), ("sekd", "gls"), ("sekd3x", "top")])
 def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
-        saved_models, tmp_path, method, positions):
-    flags = ["--gradient-checkpointing"] if positions == "top" and method == "sekd" else []   # under DDP too
-    flags += ["--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
-             "--student", saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
-             "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2"]
+    saved_models, tmp_path, method, positions
+):
+    # under DDP too
+    flags = ["--gradient-checkpointing"] if positions == "top" and method == "sekd" else []
+    flags += [
+        "--method",
+        method,
+        "--positions",
+        positions,
+        "--teacher",
+        saved_models["teacher"],
+        "--student",
+        saved_models["student"],
+        "--data",
+        saved_models["data"],
+        "--seq-len",
+        "16",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "3",
+        "--device",
+        "cpu",
+        "--val-fraction",
+        "0.2",
+    ]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
-    done = torchrun(*flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two"))
+    done = torchrun(
+        *flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0 prints
+    # rank 0 prints
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1
     one = ["--batch-size", "4", "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]
     single = sekd.train(sekd.parse_config(flags + one))
     a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
@@ -1957,17 +2119,38 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
 
 
 def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_for_both(
-        saved_models, tmp_path):
+    saved_models, tmp_path
+):
     (tmp_path / "record.py").write_text(RECORD_GENERATION)
-    done = torchrun("--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
-                    saved_models["prompts"], "--seq-len", "16", "--max-steps", "4", "--device", "cpu",
-                    "--on-policy-fraction", "0.5", "--max-new-tokens", "6", "--batch-size", "2",
-                    "--out-dir", str(tmp_path / "two"), script=tmp_path / "record.py")
-    assert done.returncode == 0, done.stderr[-3000:]   # generate() through the DDP wrapper: an error
+    done = torchrun(
+        "--teacher",
+        saved_models["teacher"],
+        "--student",
+        saved_models["student"],
+        "--data",
+        saved_models["prompts"],
+        "--seq-len",
+        "16",
+        "--max-steps",
+        "4",
+        "--device",
+        "cpu",
+        "--on-policy-fraction",
+        "0.5",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--out-dir",
+        str(tmp_path / "two"),
+        script=tmp_path / "record.py",
+    )
+    # generate() through the DDP wrapper: an error
+    assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(tmp_path / "two" / "log.jsonl")][:4]
     drawn = [sekd.on_policy_step(sekd.Config(on_policy_fraction=0.5), step) for step in range(4)]
     assert [r["on_policy"] for r in log] == drawn == [True, False, False, True]
-    for rank in (0, 1):   # each rank generated on exactly the drawn steps
+    for rank in (0, 1):  # each rank generated on exactly the drawn steps
         assert json.loads((tmp_path / f"generated{rank}.json").read_text()) == [0, 3]
     assert all(0 < r["gen_len"] <= 6 for r in log if r["on_policy"])
 
@@ -1976,36 +2159,490 @@ def test_config_presets_set_the_three_axes():
     three = sekd.Config(method="sekd3x", out_dir="o")
     axes = (three.positions, three.k, three.class_samples, three.ell, three.cache_dir)
     assert axes == ("top", 0.2, 64, 0.2, "o/teacher_cache")
-    assert (sekd.Config(method="rskd").class_samples, sekd.Config(method="rskd").positions) == (64, "all")
+    assert (sekd.Config(method="rskd").class_samples, sekd.Config(method="rskd").positions) == (
+        64,
+        "all",
+    )
     assert (sekd.Config(method="topsmp").ell, sekd.Config(method="sekd").ell) == (0.2, 1.0)
     assert sekd.Config(method="ce").ce_weight == 1.0 and not sekd.Config(method="ce").needs_teacher
 
 
 def test_config_flags_override_a_preset():
-    ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)   # SE-KD + TopSmp + RS-KD, online
+    # SE-KD + TopSmp + RS-KD, online
+    ablation = sekd.Config(method="sekd", ell=0.2, class_samples=32)
     axes = (ablation.positions, ablation.ell, ablation.class_samples, ablation.cache_dir)
     assert axes == ("top", 0.2, 32, None)
     assert sekd.Config(method="sekd", positions="random").positions == "random"
-    assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None   # the class axis given
+    # the class axis given
+    assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(method="nope"), "--method"), (dict(k=0.0), "--k "), (dict(k=1.5), "--k "),
-    (dict(k=math.nan), "--k "), (dict(ce_weight=1.2), "--ce-weight"), (dict(temperature=0), "--temperature"),
-    (dict(temperature=math.inf), "--temperature"), (dict(lr=math.inf), "--lr"),
-    (dict(seq_len=1), "--seq-len"),
-    (dict(top_k_classes=0), "--top-k-classes"), (dict(positions="best"), "--positions"),
-    (dict(ell=0.0), "--ell"), (dict(class_samples=8, top_k_classes=4), "not both"),
-    (dict(cache_dir="c"), "set --class-samples"), (dict(max_steps=0), "--max-steps"),
-    (dict(eval_batches=0), "--eval-batches"), (dict(eval_every=-1), "--eval-every"),
-    (dict(signal="nope"), "--signal"),
-    (dict(positions="pos_rs", signal="kl+student_entropy"), "sum of z-scores"),
-    (dict(method="sekd3x", signal="kl"), "teacher is not there"),
-    (dict(resume=True, overwrite=True), "--overwrite replaces"),
-    (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(method="nope"), "--method"),
+        (dict(k=0.0), "--k "),
+        (dict(k=1.5), "--k "),
+        (dict(k=math.nan), "--k "),
+        (dict(ce_weight=1.2), "--ce-weight"),
+        (dict(temperature=0), "--temperature"),
+        (dict(temperature=math.inf), "--temperature"),
+        (dict(lr=math.inf), "--lr"),
+        (dict(seq_len=1), "--seq-len"),
+        (dict(top_k_classes=0), "--top-k-classes"),
+        (dict(positions="best"), "--positions"),
+        (dict(ell=0.0), "--ell"),
+        (dict(class_samples=8, top_k_classes=4), "not both"),
+        (dict(cache_dir="c"), "set --class-samples"),
+        (dict(max_steps=0), "--max-steps"),
+        (dict(eval_batches=0), "--eval-batches"),
+        (dict(eval_every=-1), "--eval-every"),
+        (dict(signal="nope"), "--signal"),
+        (dict(positions="pos_rs", signal="kl+student_entropy"), "sum of z-scores"),
+        (dict(method="sekd3x", signal="kl"), "teacher is not there"),
+        (dict(resume=True, overwrite=True), "--overwrite replaces"),
+        (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes"),
+    ],
+)
 def test_config_refuses_bad_values_naming_the_flag(bad, match):
     with pytest.raises(sekd.UsageError, match=match):
         sekd.Config(**bad)
+
+
+# ============================================================================================
+# 9. Plumbing: cache and resume checks, checkpoints, out-dir rules, fingerprints
+# ============================================================================================
+
+def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size(
+    tmp_path, monkeypatch
+):
+    import builtins
+
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:  # a sparse 4 GB file: no disk space used
+        f.truncate(4 << 30)
+    sizes, real_open = [], builtins.open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def read(self, n=-1):
+            data = self.file.read(n)
+            sizes.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(builtins, "open", Counting)
+    sekd.weights_fingerprint(str(tmp_path))
+    assert sum(sizes) <= (1 << 16) + 256 * 4096
+
+
+def test_weights_fingerprint_sees_a_changed_header_but_not_a_byte_between_its_blocks(tmp_path):
+    payload = bytearray(range(256)) * 8192  # 2 MiB
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    before = sekd.weights_fingerprint(str(tmp_path))
+    payload[100] ^= 1  # in the first 64 KiB: seen
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    assert sekd.weights_fingerprint(str(tmp_path)) != before
+    payload[100] ^= 1
+    # between sampled 4 KiB blocks 8 KiB apart: unseen
+    payload[100 * 8192 + 6000] ^= 1
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    assert sekd.weights_fingerprint(str(tmp_path)) == before
+
+
+def test_weights_fingerprint_covers_what_the_config_computes_not_where_it_came_from(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    before = sekd.weights_fingerprint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere"}))
+    assert sekd.weights_fingerprint(str(tmp_path)) == before
+    # other logits
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    assert sekd.weights_fingerprint(str(tmp_path)) != before
+
+
+def test_weights_fingerprint_follows_content_not_path(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "c")
+    fp = sekd.weights_fingerprint
+    assert fp(str(tmp_path / "a")) == fp(str(tmp_path / "b")) != fp(str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(temperature=2.0), "another --temperature"),
+        (dict(class_samples=8), "another --class-samples"),
+        (dict(ell=0.5), "--ell 0.5 keeps"),
+        (dict(student="other_student"), "another --student"),
+        (dict(teacher="other_student"), r"another teacher \(weights or config.json\)"),
+    ],
+)
+def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(
+    saved_models, built_cache, tmp_path, change, match
+):
+    change = {k: saved_models.get(v, v) for k, v in change.items()}
+    cfg = run_config(
+        saved_models,
+        tmp_path,
+        **{**dict(method="sekd3x", class_samples=16), **change},
+        cache_dir=built_cache[0],
+    )
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.Run(cfg)
+
+
+def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
+    saved_models, built_cache, tmp_path
+):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    cache_dir = shutil.copytree(built_cache[0], tmp_path / "cache")
+    cfg = dict(method="sekd3x", class_samples=16, cache_dir=str(cache_dir), teacher=str(teacher))
+    sekd.Run(run_config(saved_models, tmp_path / "a", **cfg))  # the copied weights match
+    for name in ("model.safetensors", "config.json"):  # another model's weights, same directory
+        shutil.copy(os.path.join(saved_models["other_student"], name), teacher / name)
+    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
+        sekd.Run(run_config(saved_models, tmp_path / "b", **cfg))
+
+
+def test_a_cache_refuses_its_teacher_once_its_config_changes(saved_models, built_cache, tmp_path):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    # same weights
+    (teacher / "config.json").write_text(json.dumps({**config, "rope_theta": 99.0}))
+    with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
+        sekd.Run(
+            run_config(
+                saved_models,
+                tmp_path,
+                method="sekd3x",
+                class_samples=16,
+                cache_dir=built_cache[0],
+                teacher=str(teacher),
+            )
+        )
+
+
+def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
+    run = sekd.Run(
+        run_config(
+            saved_models,
+            tmp_path,
+            method="sekd3x",
+            class_samples=16,
+            cache_dir=built_cache[0],
+            teacher=str(copy),
+        )
+    )
+    # reused: trains from the cache, no teacher loaded
+    assert run.cache is not None and run.teacher is None
+
+
+def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
+    run = sekd.Run(
+        run_config(
+            saved_models,
+            tmp_path,
+            method="sekd3x",
+            class_samples=16,
+            cache_dir=built_cache[0],
+            student=saved_models["other_student"],
+            cache_any_student=True,
+        )
+    )
+    assert run.kept.tolist() == run.cache.sample_ids
+
+
+@pytest.mark.parametrize("method", RESUMABLE)
+def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student(
+    saved_models, tmp_path, method, monkeypatch
+):
+    options = (
+        dict(method="sekd", grad_accum=2)
+        if method == "sekd_accum"
+        else (
+            dict(method=method) if method in sekd.PRESETS else dict(method="sekd", positions=method)
+        )
+    )
+    if method == "on_policy":
+        # random: the RNG state too
+        options = dict(ON_POLICY, method="random", data=saved_models["prompts"])
+    options.update(
+        class_samples=16 if method in ("rskd", "sekd3x") else None, max_steps=4, save_every=2
+    )
+    whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
+    real, steps = sekd.train_step, []
+    monkeypatch.setattr(sekd, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    resumed = sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
+    # a resume that restores nothing trains 4 steps
+    assert len(steps) == 2 and resumed["steps"] == 4
+    a, b = student_weights(tmp_path / "whole" / "run"), student_weights(tmp_path / "split" / "run")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
+def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also_when_resumed(
+    saved_models, tmp_path, monkeypatch
+):
+    real, seen = sekd.position_weights, []
+
+    def record(policy, *args, **kwargs):
+        if policy == "curriculum":
+            seen.append(kwargs["progress"] if "progress" in kwargs else args[3])
+        return real(policy, *args, **kwargs)
+
+    monkeypatch.setattr(sekd, "position_weights", record)
+    options = dict(method="sekd", positions="curriculum", max_steps=4, save_every=2)
+    sekd.train(run_config(saved_models, tmp_path / "whole", **options))
+    assert seen == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
+    seen.clear()
+    sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
+    assert seen == pytest.approx([2 / 3, 1])
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(max_steps=1), "at step 2, past this command's 1 steps: raise --max-steps"),
+        (dict(vocab_size=200), "changes vocab_size"),
+        (
+            dict(positions="curriculum", max_steps=6),
+            "curriculum slides its window over the run's 4 steps",
+        ),
+    ],
+)
+def test_resume_refuses_a_budget_it_has_passed_a_moved_curriculum_and_another_vocabulary(
+    saved_models, tmp_path, monkeypatch, change, match
+):
+    first = dict(positions=change.get("positions", "top"))
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **first)
+    with pytest.raises(sekd.UsageError, match=match):
+        sekd.Run(
+            run_config(
+                saved_models, tmp_path, **{**dict(max_steps=4, save_every=2), **change}, resume=True
+            )
+        )
+
+
+def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_samples(
+    saved_models, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file, save_file
+
+    options = dict(method="sekd3x", class_samples=16, max_steps=4, save_every=2)
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options)
+    reads, real = [], sekd.load_file
+    monkeypatch.setattr(
+        sekd, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k)
+    )
+    sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
+    assert len(reads) == 1
+    state = tmp_path / "run" / "checkpoint" / "state-00000002.safetensors"
+    tensors = load_file(state)
+    # as if the cache were rebuilt since
+    save_file({**tensors, "kept": tensors["kept"].flip(0)}, state)
+    with pytest.raises(
+        sekd.UsageError, match="holds other samples than the checkpoint's run distilled"
+    ):
+        sekd.Run(run_config(saved_models, tmp_path, **options, resume=True))
+
+
+def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(
+    saved_models, tmp_path, monkeypatch
+):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
+    directory = str(tmp_path / "run" / "checkpoint")
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(directory)]
+    assert [os.path.basename(events[i][2]) for i in renames] == [
+        "student-00000001",
+        "state-00000001.safetensors",
+        "checkpoint.json",
+        "student",
+    ]  # student: a link
+    # each file synced before its rename, the directory after it, before the next one
+    for i in renames[:3]:
+        assert ("fsync", events[i][1]) in events[:i] and events[i + 1] == ("fsync", directory)
+
+
+def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
+    saved_models, tmp_path, monkeypatch
+):
+    real, calls = sekd.train_step, []
+
+    def interrupt_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sekd, "train_step", interrupt_at_step_2)
+    with pytest.raises(sekd.RunStopped, match="interrupted at step 2 of 4") as stopped:
+        sekd.train(run_config(saved_models, tmp_path))
+    assert stopped.value.exit_status == 130
+    assert (
+        json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
+    )
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
+    sekd.train(run_config(saved_models, tmp_path, max_steps=1))
+    with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
+        sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1))
+    metrics = sekd.train(
+        run_config(saved_models, tmp_path, method="full", max_steps=1, overwrite=True)
+    )
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["config"]["method"] == metrics["config"]["method"] == "full"
+
+
+def test_resume_refuses_changed_settings(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    with pytest.raises(sekd.UsageError, match="changes k"):
+        sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(
+    saved_models, tmp_path, monkeypatch
+):
+    data = tmp_path / "docs.jsonl"
+    data.write_text(open(saved_models["data"]).read())
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, data=str(data))
+    # regenerated
+    data.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in DOCS * 3))
+    with pytest.raises(sekd.UsageError, match="--resume: --data .* other training examples"):
+        sekd.train(run_config(saved_models, tmp_path, data=str(data), max_steps=4, resume=True))
+
+
+def test_resume_drops_a_torn_last_line_of_the_step_log(saved_models, tmp_path, monkeypatch):
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # a hard kill mid-write
+    sekd.train(run_config(saved_models, tmp_path, max_steps=4, resume=True))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    earlier = {
+        k: v for k, v in json.loads(state.read_text()).items() if k not in ("tokens", "total_steps")
+    }
+    state.write_text(json.dumps({**earlier, "student": "student-00000001.safetensors"}))
+    with pytest.raises(sekd.UsageError, match="written by an earlier sekd.py"):
+        sekd.train(
+            run_config(
+                saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1, resume=True
+            )
+        )
+
+
+def test_resume_continues_a_checkpoint_from_before_on_policy_whose_config_lacks_its_fields(
+    saved_models, tmp_path, monkeypatch
+):
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    saved = json.loads(state.read_text())
+    for name in ("on_policy_fraction", "max_new_tokens", "gen_temperature"):
+        del saved["config"][name]
+    state.write_text(json.dumps(saved))
+    resumed = sekd.train(run_config(saved_models, tmp_path, max_steps=4, save_every=2, resume=True))
+    assert resumed["steps"] == 4
+    with pytest.raises(sekd.UsageError, match="changes on_policy_fraction"):
+        sekd.train(
+            run_config(saved_models, tmp_path, max_steps=5, resume=True, on_policy_fraction=0.5)
+        )
+
+
+def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    # as if from torchrun
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))
+    with pytest.raises(sekd.UsageError, match="had 2 process.*--nproc_per_node 2"):
+        sekd.train(run_config(saved_models, tmp_path, resume=True))
+
+
+def test_the_step_log_has_every_step_once_across_an_interrupted_and_resumed_run(
+    saved_models, tmp_path, monkeypatch
+):
+    options = dict(max_steps=4, save_every=2, eval_every=2)
+    # step 3 logged, lost
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=4, **options)
+    logged = lambda: [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    assert [(r["step"], "loss" in r) for r in logged()] == [
+        (1, True),
+        (2, True),
+        (2, False),
+        (3, True),
+    ]
+    sekd.train(run_config(saved_models, tmp_path, **options, resume=True))
+    records = logged()
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_ppl" in r] == [2, 4]
+    assert records[-2]["tokens"] == 4 * 4 * 16 and {"share", "grad_norm", "lr", "seconds"} <= set(
+        records[-2]
+    )
+
+
+def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_step(
+    saved_models, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sekd.train(run_config(saved_models, tmp_path / "two", max_steps=2))
+    checkpoint_at_step_2(saved_models, tmp_path / "four", monkeypatch)
+    mid_run = tmp_path / "four" / "run" / "checkpoint" / "student"
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    got, want = (
+        AutoModelForCausalLM.from_pretrained(path)(ids).logits
+        for path in (mid_run, tmp_path / "two" / "run" / "student")
+    )
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (
+        AutoTokenizer.from_pretrained(mid_run).get_vocab()
+        == AutoTokenizer.from_pretrained(saved_models["student"]).get_vocab()
+    )
 
 
 def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
@@ -2015,26 +2652,46 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
 
 
 # ============================================================================================
-# 9. Benchmark (not timed: it checks that the benchmark runs and reports well-formed numbers)
+# 10. Benchmark (not timed: it checks that the benchmark runs and reports well-formed numbers)
 # ============================================================================================
+
 
 def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     methods = ["full_dense", "sekd3x_build", "sekd3x_reuse"]
-    sekd.main(["bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
-               "--steps", "5", "--methods", ",".join(methods)])   # --steps: the older name of --batches
+    sekd.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "16",
+            "--steps",
+            "5",
+            "--methods",
+            ",".join(methods),
+        ]
+    )  # --steps: the older name of --batches
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "tiny")
     assert [line.split()[0] for line in lines[2:5]] == methods  # each row before the JSON
     assert list(report["epoch"]) == methods and list(report["results"]) == methods + ["sekd3x"]
-    assert report["results"]["sekd3x"] == report["results"]["sekd3x_reuse"]   # the step row's older name
+    # the step row's older name
+    assert report["results"]["sekd3x"] == report["results"]["sekd3x_reuse"]
     assert all(r["s"] > 0 for r in report["epoch"].values())
     base, results, cache = report["epoch"]["full_dense"]["s"], report["results"], report["cache"]
-    assert all(r["over_full_dense"] == pytest.approx(r["s"] / base) for r in report["epoch"].values())
+    assert all(
+        r["over_full_dense"] == pytest.approx(r["s"] / base) for r in report["epoch"].values()
+    )
     build, forward = cache["cache_build_s"], cache["teacher_forward_s"]
     assert cache["build_over_teacher_forward"] == pytest.approx(build / forward)
     assert cache["read_over_sekd3x_step"] == pytest.approx(
-        results["sekd3x_reuse"]["cache_read_ms"] / results["sekd3x_reuse"]["step_ms"])
+        results["sekd3x_reuse"]["cache_read_ms"] / results["sekd3x_reuse"]["step_ms"]
+    )
     assert cache["build_over_teacher_forward"] > 0 and cache["read_over_sekd3x_step"] >= 0
 
 
@@ -2048,25 +2705,35 @@ def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_ta
     assert reused["step_ms"] > reused["cache_read_ms"] >= 0 and reused["peak_mb"] > 0
 
 
-def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_student_wrote_it(monkeypatch):
+def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_student_wrote_it(
+    monkeypatch,
+):
     student, teacher, seen = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1), []
     monkeypatch.setattr(sekd, "train_step", lambda student, teacher, micro, *a: seen.extend(micro))
     blocks = torch.randint(1, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-    list(sekd.bench_steps("sekd", student, teacher, blocks, torch.device("cpu"), batch=2, on_policy=True))
-    ids, targets = torch.cat([m["input_ids"] for m in seen]), torch.cat([m["loss_mask"] for m in seen])
+    list(
+        sekd.bench_steps(
+            "sekd", student, teacher, blocks, torch.device("cpu"), batch=2, on_policy=True
+        )
+    )
+    ids, targets = (
+        torch.cat([m["input_ids"] for m in seen]),
+        torch.cat([m["loss_mask"] for m in seen]),
+    )
     assert torch.equal(ids[:, :8], blocks[:, :8]) and not torch.equal(ids[:, 8:], blocks[:, 8:])
-    assert not targets[:, :8].any() and targets[:, 8].all()   # the prompt, then the response
+    assert not targets[:, :8].any() and targets[:, 8].all()  # the prompt, then the response
 
 
 # ============================================================================================
-# 10. Show
+# 11. Show
 # ============================================================================================
 
 SHOW_TEXT = "document 3 says hello world number 21 document 4 says hello"
 
 
 def shown(argv, capsys):
-    """sekd.py show --plain: (header, body, summary), the body's lines between the header and the summary."""
+    """sekd.py show --plain: (header, body, summary), the body's lines between the header and the
+    summary."""
     sekd.main(["show", "--plain", "--device", "cpu", *argv])
     header, rest = capsys.readouterr().out.split("\n", 1)
     body, summary, _ = rest.rsplit("\n", 2)
@@ -2074,7 +2741,8 @@ def shown(argv, capsys):
 
 
 def marked_spans(body):
-    """The plain body's ⟦marked⟧ pieces as character spans of the text without markers, and that text."""
+    """The plain body's ⟦marked⟧ pieces as character spans of the text without markers, and that
+    text."""
     spans, text = [], ""
     for i, part in enumerate(re.split("[⟦⟧]", body)):
         if i % 2:
@@ -2084,37 +2752,75 @@ def marked_spans(body):
 
 
 @pytest.mark.parametrize("signal", ["student_entropy", "kl"])
-def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(saved_models, capsys, signal):
+def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(
+    saved_models, capsys, signal
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    _, body, summary = shown(["--student", saved_models["student"], "--teacher", saved_models["teacher"],
-                              "--text", SHOW_TEXT, "--k", "0.3", "--signal", signal], capsys)
+
+    _, body, summary = shown(
+        [
+            "--student",
+            saved_models["student"],
+            "--teacher",
+            saved_models["teacher"],
+            "--text",
+            SHOW_TEXT,
+            "--k",
+            "0.3",
+            "--signal",
+            signal,
+        ],
+        capsys,
+    )
     spans, text = marked_spans(body)
-    assert text == SHOW_TEXT                                   # nothing but the markers added
+    assert text == SHOW_TEXT  # nothing but the markers added
     tokenizer = AutoTokenizer.from_pretrained(saved_models["student"])
     tokens = tokenizer(SHOW_TEXT, add_special_tokens=False, return_offsets_mapping=True)
-    ids = torch.tensor([tokens["input_ids"] + [tokenizer.eos_token_id]])   # a document, as in training
-    student, teacher = (AutoModelForCausalLM.from_pretrained(saved_models[name]).eval()
-                        for name in ("student", "teacher"))
+    # a document, as in training
+    ids = torch.tensor([tokens["input_ids"] + [tokenizer.eos_token_id]])
+    student, teacher = (
+        AutoModelForCausalLM.from_pretrained(saved_models[name]).eval()
+        for name in ("student", "teacher")
+    )
     valid = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool)
     with torch.no_grad():
-        h_student, h_teacher = sekd.hidden_states(student, ids)[:, :-1], sekd.teacher_hidden(teacher, ids)
-        scores = sekd.batch_scores(signal, h_student, sekd.lm_head(student), ids[:, 1:], valid, h_teacher,
-                                   sekd.lm_head(teacher))
+        h_student, h_teacher = (
+            sekd.hidden_states(student, ids)[:, :-1],
+            sekd.teacher_hidden(teacher, ids),
+        )
+        scores = sekd.batch_scores(
+            signal,
+            h_student,
+            sekd.lm_head(student),
+            ids[:, 1:],
+            valid,
+            h_teacher,
+            sekd.lm_head(teacher),
+        )
     picked = (sekd.position_weights("top", scores, valid, 0.3)[0] > 0).nonzero().flatten().tolist()
-    drawn = [tuple(tokens["offset_mapping"][t + 1]) for t in picked if t + 2 < ids.shape[1]]   # EOS: none
-    assert spans == drawn   # each on the token it predicts
-    marks = f"{len(picked)} of {valid.sum()} positions selected, {len(drawn)} marks drawn; they hold "
+    # EOS: none
+    drawn = [tuple(tokens["offset_mapping"][t + 1]) for t in picked if t + 2 < ids.shape[1]]
+    assert spans == drawn  # each on the token it predicts
+    marks = (
+        f"{len(picked)} of {valid.sum()} positions selected, {len(drawn)} marks drawn; they hold "
+    )
     assert summary.startswith(marks)
 
 
 def test_show_html_escapes_the_text_and_has_one_element_per_token(saved_models, tmp_path, capsys):
     import html
     from transformers import AutoTokenizer
+
     text = """if a < b & c: print("it's")"""
-    shown(["--student", saved_models["student"], "--text", text, "--html", str(tmp_path / "p.html")], capsys)
+    shown(
+        ["--student", saved_models["student"], "--text", text, "--html", str(tmp_path / "p.html")],
+        capsys,
+    )
     page = (tmp_path / "p.html").read_text()
-    body = page[page.index("<pre>") + 5:page.index("</pre>")]
-    offsets = AutoTokenizer.from_pretrained(saved_models["student"])(text, return_offsets_mapping=True)
+    body = page[page.index("<pre>") + 5 : page.index("</pre>")]
+    offsets = AutoTokenizer.from_pretrained(saved_models["student"])(
+        text, return_offsets_mapping=True
+    )
     assert body.count("<span ") == sum(b > a for a, b in offsets["offset_mapping"])
     plain = re.sub(r"<span [^>]*>|</span>", "", body)
     assert "<" not in plain and '"' not in plain and html.unescape(plain) == text
@@ -2122,97 +2828,153 @@ def test_show_html_escapes_the_text_and_has_one_element_per_token(saved_models, 
 
 
 def student_with_template(saved_models, tmp_path, template, bos=False):
-    """A copy of the student whose tokenizer has the chat template (and, bos, adds a BOS as Llama's do)."""
+    """A copy of the student whose tokenizer has the chat template (and, bos, adds a BOS as Llama's
+    do)."""
     import shutil
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
+
     student = shutil.copytree(saved_models["student"], tmp_path / "templated_student")
     tokenizer = AutoTokenizer.from_pretrained(student)
     tokenizer.chat_template = template
     if bos:
         tokenizer.bos_token = "<eos>"
         tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single="<eos> $A", special_tokens=[("<eos>", tokenizer.eos_token_id)])
+            single="<eos> $A", special_tokens=[("<eos>", tokenizer.eos_token_id)]
+        )
     tokenizer.save_pretrained(student)
     return str(student)
 
 
 @pytest.mark.parametrize("row", ["prompt", "chat"])
-def test_show_scores_exactly_the_ids_and_masks_training_builds_for_a_row(saved_models, tmp_path, capsys,
-                                                                         monkeypatch, row):
+def test_show_scores_exactly_the_ids_and_masks_training_builds_for_a_row(
+    saved_models, tmp_path, capsys, monkeypatch, row
+):
     student = student_with_template(saved_models, tmp_path, LLAMA_LIKE, bos=True)
-    if row == "prompt":   # a prompt ending in a space: tokenized apart from its completion
-        rows = [{"prompt": "document 1 says hello world ", "completion": "document 2 says hello"}] * 2
+    if row == "prompt":  # a prompt ending in a space: tokenized apart from its completion
+        rows = [
+            {"prompt": "document 1 says hello world ", "completion": "document 2 says hello"}
+        ] * 2
     else:
         rows = [{"messages": CHATS[1][:3]}] * 2
     data = write_rows(tmp_path / "rows.jsonl", rows)
     seen, real = [], sekd.selected_positions
-    monkeypatch.setattr(sekd, "selected_positions", lambda student, teacher, ids, loss_mask, cfg: (
-        seen.append((ids, loss_mask)) or real(student, teacher, ids, loss_mask, cfg)))
+    monkeypatch.setattr(
+        sekd,
+        "selected_positions",
+        lambda student, teacher, ids, loss_mask, cfg: (
+            seen.append((ids, loss_mask)) or real(student, teacher, ids, loss_mask, cfg)
+        ),
+    )
     shown(["--student", student, "--data", str(data), "--index", "1"], capsys)
-    train, _, _ = sekd.load_examples(data_config(data, seq_len=512, val_fraction=0.5),
-                                     sekd.load_pretrained("AutoTokenizer", student))
+    train, _, _ = sekd.load_examples(
+        data_config(data, seq_len=512, val_fraction=0.5),
+        sekd.load_pretrained("AutoTokenizer", student),
+    )
     assert train.attention_mask.all()
-    assert torch.equal(seen[0][0][0], train.input_ids[0]) and torch.equal(seen[0][1][0], train.loss_mask[0])
+    assert torch.equal(seen[0][0][0], train.input_ids[0]) and torch.equal(
+        seen[0][1][0], train.loss_mask[0]
+    )
 
 
 def html_pieces(page):
     """The drawn pieces of a show page: [(classes, text)]."""
-    body = page[page.index("<pre>") + 5:page.index("</pre>")]
-    return [(classes, html.unescape(text))
-            for classes, text in re.findall(r'<span class="([^"]*)"[^>]*>([^<]*)</span>', body)]
+    body = page[page.index("<pre>") + 5 : page.index("</pre>")]
+    return [
+        (classes, html.unescape(text))
+        for classes, text in re.findall(r'<span class="([^"]*)"[^>]*>([^<]*)</span>', body)
+    ]
 
 
 def test_show_dims_exactly_the_prompt_of_a_data_row(saved_models, tmp_path, capsys):
-    rows = [{"prompt": "document 1 says hello world number 7", "completion": " document 2 says hello"}]
+    rows = [
+        {"prompt": "document 1 says hello world number 7", "completion": " document 2 says hello"}
+    ]
     data = write_rows(tmp_path / "pc.jsonl", rows * 2)
-    shown(["--student", saved_models["student"], "--data", str(data), "--index", "1",
-           "--html", str(tmp_path / "p.html")], capsys)
+    shown(
+        [
+            "--student",
+            saved_models["student"],
+            "--data",
+            str(data),
+            "--index",
+            "1",
+            "--html",
+            str(tmp_path / "p.html"),
+        ],
+        capsys,
+    )
     pieces, at = html_pieces((tmp_path / "p.html").read_text()), 0
     for i, (classes, text) in enumerate(pieces):
         in_prompt = at < len(rows[0]["prompt"])
-        assert ("dim" in classes.split()) == (in_prompt and i > 0), (i, text)   # the first: no position
+        # the first: no position
+        assert ("dim" in classes.split()) == (in_prompt and i > 0), (i, text)
         at += len(text)
 
 
 def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models, capsys):
-    text = "hello 世界 🙂 world"   # byte-level tokens: several per character
-    _, body, summary = shown(["--student", saved_models["student"], "--text", text, "--k", "1"], capsys)
+    text = "hello 世界 🙂 world"  # byte-level tokens: several per character
+    _, body, summary = shown(
+        ["--student", saved_models["student"], "--text", text, "--k", "1"], capsys
+    )
     spans, plain = marked_spans(body)
     assert plain == text
-    assert "".join(text[a:b] for a, b in spans) == text[spans[0][0]:]   # every character after the first
+    # every character after the first
+    assert "".join(text[a:b] for a, b in spans) == text[spans[0][0] :]
     assert re.search(rf", {len(spans)} marks drawn$", summary)
 
 
 def test_show_on_a_chat_row_marks_exactly_its_assistant_turns(saved_models, tmp_path, capsys):
     student = student_with_template(saved_models, tmp_path, CHATML)
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS[:2]])
-    _, body, _ = shown(["--student", student, "--data", str(data), "--index", "1", "--k", "1"], capsys)
+    _, body, _ = shown(
+        ["--student", student, "--data", str(data), "--index", "1", "--k", "1"], capsys
+    )
     spans, text = marked_spans(body)
     marked = "".join("x" if any(a <= c < b for a, b in spans) else "." for c in range(len(text)))
     turns = ["it is 2.<|im_end|>\n", "4, I think.<|im_end|>\n"]
     want = ["." * len(text)]
     for turn in turns:
         at = text.index("assistant\n" + turn) + len("assistant\n")
-        want[0] = want[0][:at] + "x" * len(turn) + want[0][at + len(turn):]
+        want[0] = want[0][:at] + "x" * len(turn) + want[0][at + len(turn) :]
     assert marked == want[0]
 
 
 def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp_path, capsys):
-    rows = [{"prompt": "document 1 says hello world number 7 ", "completion": "document 2 says hello"}]
+    rows = [
+        {"prompt": "document 1 says hello world number 7 ", "completion": "document 2 says hello"}
+    ]
     data = write_rows(tmp_path / "pc.jsonl", rows * 2)
-    _, body, _ = shown(["--student", saved_models["student"], "--data", str(data), "--index", "1", "--k", "1",
-                        "--html", str(tmp_path / "p.html")], capsys)
+    _, body, _ = shown(
+        [
+            "--student",
+            saved_models["student"],
+            "--data",
+            str(data),
+            "--index",
+            "1",
+            "--k",
+            "1",
+            "--html",
+            str(tmp_path / "p.html"),
+        ],
+        capsys,
+    )
     spans, text = marked_spans(body)
     prompt = len(rows[0]["prompt"])
-    assert text == rows[0]["prompt"] + rows[0]["completion"] and spans and min(a for a, _ in spans) >= prompt
+    assert (
+        text == rows[0]["prompt"] + rows[0]["completion"]
+        and spans
+        and min(a for a, _ in spans) >= prompt
+    )
     page = (tmp_path / "p.html").read_text()
     assert ' dim"' in page and "prompt: no target" in page
 
 
 # ============================================================================================
-# 11. Command line
+# 12. Command line
 # ============================================================================================
+
 
 def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
     with pytest.raises(SystemExit):
@@ -2227,7 +2989,8 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
 def test_help_shows_each_numeric_flags_valid_range(capsys):
     with pytest.raises(SystemExit):
         sekd.parse_config(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]   # past the usage line
+    # past the usage line
+    help_text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
     ranged = [f for f in sekd.dataclasses.fields(sekd.Config) if f.metadata["rules"]]
     assert len(ranged) >= 20
     entries = {entry.split()[0]: entry for entry in re.split(r" (?=--[a-z-]+ [A-Z_{])", help_text)}
@@ -2244,12 +3007,14 @@ def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_o
             value = [f.metadata["choices"][0]]
         else:
             value = [] if f.type == "bool" else [values[f.type.removesuffix(" | None")]]
-        if f.name not in ("resume", "overwrite", "top_k_classes", "cache_dir", "positions"):  # not together
+        # not together
+        if f.name not in ("resume", "overwrite", "top_k_classes", "cache_dir", "positions"):
             dashes += ["--" + f.name.replace("_", "-"), *value]
             underscores += ["--" + f.name, *value]
     assert sekd.parse_config(underscores) == sekd.parse_config(dashes)
     assert sekd.parse_config(["--out_dir", "o", "--max_steps", "7"]) == sekd.parse_config(
-        ["--out-dir", "o", "--max-steps", "7"])
+        ["--out-dir", "o", "--max-steps", "7"]
+    )
     with pytest.raises(SystemExit):
         sekd.parse_config(["--help"])
     help_text = capsys.readouterr().out
@@ -2257,16 +3022,28 @@ def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_o
 
 
 def test_command_line_parses_flags_into_config():
-    cfg = sekd.parse_config(["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t",
-                             "--resume"])
+    cfg = sekd.parse_config(
+        ["--method", "random", "--k", "0.3", "--top-k-classes", "8", "--teacher", "t", "--resume"]
+    )
     parsed = (cfg.method, cfg.positions, cfg.k, cfg.top_k_classes, cfg.teacher, cfg.resume)
     assert parsed == ("random", "random", 0.3, 8, "t", True)
 
 
 def usage_errors(saved_models, tmp_path):
-    base = ["--teacher", saved_models["teacher"], "--student", saved_models["student"],
-            "--data", saved_models["data"], "--seq-len", "16", "--device", "cpu",
-            "--out-dir", str(tmp_path / "run")]
+    base = [
+        "--teacher",
+        saved_models["teacher"],
+        "--student",
+        saved_models["student"],
+        "--data",
+        saved_models["data"],
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
@@ -2289,8 +3066,14 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--seq-len", "100000"], "give no block"),
         (base + ["--resume"], "no checkpoint"),
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
-        (base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"], "targets for the data's own text"),
-        (base + ["--on-policy-fraction", "0.5", "--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
+        (
+            base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"],
+            "targets for the data's own text",
+        ),
+        (
+            base + ["--on-policy-fraction", "0.5", "--method", "ce"],
+            "--ce-weight 1 (--method ce) uses none",
+        ),
         (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text"),
         (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "or an empty prompt"),
         (base + ["--method", "best"], "invalid choice"),
@@ -2302,19 +3085,27 @@ def usage_errors(saved_models, tmp_path):
         (["bench", "--seq-len", "1"], "--seq-len >= 2"),
         (["bench", "--device", "tpu"], "--device 'tpu'"),
         (["bench", "--shape", "huge"], "invalid choice"),
-        (["show", "--student", saved_models["student"], "--text", "a b", "--signal", "kl"], "give --teacher"),
+        (
+            ["show", "--student", saved_models["student"], "--text", "a b", "--signal", "kl"],
+            "give --teacher",
+        ),
         (["show", "--student", saved_models["student"]], "--text or --data"),
-        (["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"], "--k must be"),
+        (
+            ["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"],
+            "--k must be",
+        ),
     ]
 
 
 def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(
-        saved_models, tmp_path, capsys, monkeypatch):
+    saved_models, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(sekd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     for argv, match in usage_errors(saved_models, tmp_path):
         with pytest.raises(SystemExit) as exited:
             sekd.main(argv)
-        err = capsys.readouterr().err.strip().splitlines()   # progress bars of finished work may precede it
+        # progress bars of finished work may precede it
+        err = capsys.readouterr().err.strip().splitlines()
         messages = [line for line in err if "error" in line or "Traceback" in line]
         assert exited.value.code == 2 and messages == err[-1:], (argv, err)
         assert err[-1].startswith("sekd.py: error: ") and match in err[-1], (argv, err)
