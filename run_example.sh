@@ -20,12 +20,20 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-WORK=${WORK:-example_run}
 SEEDS=${SEEDS:-0}
+QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about a minute on 2 cores) to check an install or a change
+if [ "$QUICK" = 1 ]; then   # every method a few steps on a small corpus: the tables, not results
+  WORK=${WORK:-example_quick} STEPS=${STEPS:-4} TEACHER_STEPS=${TEACHER_STEPS:-8}
+  STUDENT_STEPS=${STUDENT_STEPS:-6} KD_DOCUMENTS=${KD_DOCUMENTS:-40} EVAL_BATCHES=${EVAL_BATCHES:-4}
+  export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-120}
+  echo "== QUICK=1: a smoke run; its numbers check that everything runs, they are not results"
+fi
+WORK=${WORK:-example_run}
 STEPS=${STEPS:-150}
 TEACHER_STEPS=${TEACHER_STEPS:-600}
 STUDENT_STEPS=${STUDENT_STEPS:-400}
 KD_DOCUMENTS=${KD_DOCUMENTS:-200}  # the distillation runs use the first 200 documents (held-out ones excepted)
+EVAL_BATCHES=${EVAL_BATCHES:-50}
 BATCH_SIZE=${BATCH_SIZE:-16}
 SEQ_LEN=${SEQ_LEN:-128}
 LR=${LR:-1e-4}                  # distillation: gentle enough that no method raises held-out PPL
@@ -34,7 +42,7 @@ DEVICE=${DEVICE:-auto}
 METHODS=${METHODS:-"ce full random sekd rskd topsmp sekd3x"}
 mkdir -p "$WORK"
 COMMON=(--seq-len "$SEQ_LEN" --batch-size "$BATCH_SIZE" --device "$DEVICE" --val-fraction 0.05
-        --eval-batches 50 --overwrite)
+        --eval-batches "$EVAL_BATCHES" --overwrite)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
 START=$(date +%s)
 
@@ -50,6 +58,7 @@ for root, dirs, files in os.walk(stdlib):
     paths += [os.path.join(root, name) for name in files if name.endswith(".py")]
 documents = [open(path, encoding="utf-8", errors="replace").read() for path in sorted(paths)]
 documents += [topics[topic] for topic in sorted(topics)]
+documents = documents[:int(os.environ.get("CORPUS_DOCUMENTS", "0")) or None]   # QUICK=1: the first few
 with open(sys.argv[1], "w") as f:
     f.writelines(json.dumps({"text": text}) + "\n" for text in documents if text.strip())
 EOF
@@ -92,7 +101,7 @@ import sekd
 teacher_path, student_path, data, out, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *flags])
 device = sekd.resolve_device(cfg.device)
-_, held_out, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", student_path))
+_, held_out, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", student_path))
 teacher = sekd.load_model(teacher_path, device, frozen=True)
 student = sekd.load_model(student_path, device)
 start = {"teacher": sekd.evaluate(teacher, None, held_out, cfg, cfg.eval_batches),
@@ -124,7 +133,7 @@ import sekd
 teacher_path, student_path, data, work, seeds, methods = sys.argv[1:5] + [sys.argv[5].split(), sys.argv[6].split()]
 cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *sys.argv[7:]])
 device = sekd.resolve_device(cfg.device)
-_, held_out, _ = sekd.load_examples(cfg, sekd.pretrained("AutoTokenizer", student_path))
+_, held_out, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", student_path))
 runs = methods + (["sekd3x_reuse"] if "sekd3x" in methods else [])
 paths = {"student_before": student_path, **{f"{seed}/{run}": f"{work}/seed{seed}/{run}/student"
                                              for seed in seeds for run in runs}}
@@ -153,7 +162,7 @@ split = {name: {"split": {"kl_top": kl_top / n_top, "kl_rest": kl_rest / n_rest,
          for name, (kl_top, kl_rest, ce_top, ce_rest, n_top, n_rest, kl_own, kl_all) in
          ((name, s.tolist()) for name, s in sums.items())}
 json.dump(split, open(f"{work}/split.json", "w"))
-tokenizer = sekd.pretrained("AutoTokenizer", student_path)   # an excerpt for show: 64 tokens of a held-out block
+tokenizer = sekd.load_pretrained("AutoTokenizer", student_path)   # an excerpt for show: 64 tokens of a held-out block
 open(f"{work}/excerpt.txt", "w").write(tokenizer.decode(held_out.input_ids[len(held_out) // 2, :64]))
 EOF
 
