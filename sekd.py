@@ -61,11 +61,28 @@ def hidden_states(model, input_ids, attention_mask=None):
     """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head).
     No mask means every token is real: attention can take its causal kernel."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model(input_ids, attention_mask)   # DDP syncs gradients only through its forward
+        return ddp_hidden_states(model, input_ids, attention_mask)
     decoder = model.get_decoder()
     # No KV cache: a forward over whole sequences reuses none.
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return output.last_hidden_state
+
+def ddp_hidden_states(model, input_ids, attention_mask=None):
+    """hidden_states through DDP's own forward, which alone syncs gradients: sekd's Backbone returns
+    them; a Hugging Face model (as Trainer and accelerate wrap it) runs with logits at no position,
+    its decoder's output caught by a hook."""
+    if not hasattr(model.module, "get_decoder"):
+        return model(input_ids, attention_mask)
+    caught = []
+    decoder = model.module.get_decoder()
+    hook = decoder.register_forward_hook(lambda module, inputs, output: caught.append(output[0]))
+    no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+              logits_to_keep=no_position)
+    finally:
+        hook.remove()
+    return caught[0]
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered
@@ -386,6 +403,61 @@ class ChunkedKL(torch.autograd.Function):
             grad[chunk] = q.sub_(p).mul_(temperature * grad_out[chunk, None])
         return grad, None, None, None
 
+def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
+    """TRL's divergences per row, x T^2 (as full_kl): beta 0 is KL(p_T || q_T) (full_kl), beta 1 the
+    reverse KL(q_T || p_T), in between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m),
+    m = beta p + (1 - beta) q. Chunked, with its gradient written out: [N, V] x 2 -> [N]."""
+    if beta == 0:
+        return full_kl(student_logits, teacher_logits, temperature, chunk_size)
+    return ChunkedJSD.apply(student_logits, teacher_logits.detach(), beta, temperature, chunk_size)
+
+def jsd_rows(teacher_logits, student_logits, beta, temperature):
+    """-> (divergence per row [N], its gradient in q_T's logits up to T: q (g - E_q g)) for beta in
+    (0, 1]: with g = (1 - beta) log(q / m), the JSD's; beta 1: g = log(q / p), the reverse KL's."""
+    log_p = log_softmax_t(teacher_logits, temperature)
+    log_q = log_softmax_t(student_logits, temperature)
+    q = log_q.exp()
+    if beta == 1:
+        g = log_q - log_p
+        value = (q * g).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+        kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
+        value = beta * kl_p + (1 - beta) * kl_q
+        g = (1 - beta) * (log_q - log_m)
+    grad = q * (g - (q * g).sum(-1, keepdim=True))
+    return value.clamp(min=0), grad
+
+class ChunkedJSD(torch.autograd.Function):
+    """generalized_jsd for beta > 0, chunk_size rows at a time in both passes: no float32 [N, V]
+    tensor is kept from forward to backward, only the two logit tensors."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size):
+        ctx.save_for_backward(student_logits, teacher_logits)
+        ctx.beta = beta
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
+        for start in range(0, len(out), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            value, _ = jsd_rows(teacher_logits[chunk], student_logits[chunk], beta, temperature)
+            out[chunk] = value
+        return out.mul_(temperature ** 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student_logits, teacher_logits = ctx.saved_tensors
+        grad = torch.empty_like(student_logits)
+        for start in range(0, len(grad), ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            _, grad_rows = jsd_rows(teacher_logits[chunk], student_logits[chunk], ctx.beta,
+                                    ctx.temperature)
+            # d (divergence x T^2) / d logits = T q (g - E_q g)
+            grad[chunk] = grad_rows.mul_(ctx.temperature * grad_out[chunk, None])
+        return grad, None, None, None, None
+
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest:
     [N]. The bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the
@@ -520,7 +592,15 @@ def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
     """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes
     plus a tail bucket, or U classes sampled from the teacher (online, or read from the offline
-    cache)."""
+    cache). cfg.beta > 0 (TRL's; a cfg without it: 0): the reverse KL or a generalized JSD."""
+    beta = getattr(cfg, "beta", 0.0)
+    keeps_some_classes = targets is not None or cfg.class_samples or cfg.top_k_classes
+    if beta > 0 and keeps_some_classes:
+        raise ValueError("beta > 0 (reverse KL, JSD) needs the teacher's full distribution; "
+                         "class samples, top-k classes and cached targets are forward KL only")
+    if beta > 0:
+        return generalized_jsd(student_logits, teacher_logits, beta, cfg.temperature,
+                               cfg.chunk_size)
     if targets is not None:  # SE-KD 3X: sparse teacher targets from the cache
         return sparse_kl(student_logits, *targets, cfg.temperature)
     if cfg.class_samples is not None:  # RS-KD, sampled online
@@ -604,7 +684,7 @@ def check_inputs(student, teacher, cfg, targets):
 
 def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms):
     """The batch's numbers as plain floats, in one host sync: loss, samples, selected and valid
-    positions, real tokens, the terms' means and the selected share."""
+    positions (0 where nothing is supervised), real tokens, the terms' means, the selected share."""
     if attention_mask is None:
         tokens = torch.tensor(input_ids.numel())
     else:
@@ -612,11 +692,8 @@ def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
     numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(),
                    valid=valid.sum(), tokens=tokens, **terms)
     stats = {name: value.item() for name, value in numbers.items()}
-    if stats["valid"] == 0:
-        raise ValueError("no sample in the batch has a valid position (two consecutive real "
-                         "tokens, the second a target): sequences need at least 2 tokens and a "
-                         "target after the first")
-    stats["share"] = stats["selected"] / stats["valid"]
+    # A batch with nothing to supervise gives a zero loss (its gradients zero) and says so.
+    stats["share"] = stats["selected"] / max(stats["valid"], 1)
     return stats
 
 def dense_full_kd_loss(student, teacher, input_ids):
@@ -1309,6 +1386,8 @@ class Config:
                                        ">= 1")
     temperature: float = config_field(1.0, "softmax temperature T of both models, the KL x T^2",
                                       "> 0")
+    beta: float = config_field(0.0, "divergence, TRL's beta: 0 KL(p || q) (paper), 1 KL(q || p), "
+                               "between: generalized JSD", ">= 0", "<= 1")
     ce_weight: float | None = config_field(None, "weight of next-token CE, 1 - lambda (paper: 0)",
                                            ">= 0", "<= 1")
     top_k_classes: int | None = config_field(None, "KL over the teacher's top K classes + a tail",
@@ -1416,6 +1495,12 @@ def check_combination(cfg):
                          "no cache")
     if cfg.top_k_classes is not None and cfg.class_samples is not None:
         raise UsageError("choose --top-k-classes or --class-samples, not both")
+    partial = cfg.top_k_classes is not None or cfg.class_samples is not None or cfg.cache_dir
+    if cfg.beta > 0 and partial:
+        flag = "--top-k-classes" if cfg.top_k_classes is not None else "--class-samples"
+        raise UsageError(f"--beta {cfg.beta} (reverse KL or JSD) needs the teacher's full "
+                         f"distribution, and {flag} (or a teacher cache, --method rskd/sekd3x) "
+                         "keeps some classes, for forward KL only: use --beta 0, or all classes")
     if cfg.cache_dir and cfg.class_samples is None:
         raise UsageError("a teacher cache (--cache-dir, or --method sekd3x) stores sampled "
                          "classes: set --class-samples (e.g. 64), not --top-k-classes")
@@ -2279,10 +2364,10 @@ BENCH_SHAPES = {
     "qwen3": dict(name="qwen3", family="qwen3", vocab=151_936, seq=512,
                   teacher=(2048, 28, 16, 8, 6144), student=(1024, 28, 16, 8, 3072))}
 # What each method trains as; topsmp and sekd3x_* train on the l = 20% kept by a pre-pass; _gc:
-# activation checkpointing; _onpolicy: the student writes the second half of each block, then
-# learns it.
+# activation checkpointing; _jsd: --beta 0.5; _onpolicy: the student writes the second half of
+# each block, then learns it.
 BENCH_METHODS = {"full_dense": "full_dense", "ce": "ce", "full": "full", "sekd": "sekd",
-                 "sekd_gc": "sekd", "sekd_onpolicy": "sekd", "topsmp": "full",
+                 "sekd_gc": "sekd", "sekd_jsd": "sekd", "sekd_onpolicy": "sekd", "topsmp": "full",
                  "sekd3x_build": "sekd3x", "sekd3x_reuse": "sekd3x"}
 
 def bench_model(shape, role, device):
@@ -2314,7 +2399,8 @@ def timed(device, job):
     synchronize(device)
     return time.perf_counter() - start
 
-def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, on_policy=False):
+def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, on_policy=False,
+                beta=0.0):
     """A training step per batch as train() runs it (dense baselines: their own loss)
     -> yields (step s, wait s)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -2337,7 +2423,7 @@ def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, o
                 micro["loss_mask"] = second_half.expand_as(ids)
                 gen = Config(max_new_tokens=ids.shape[1] - half)
                 micro = on_policy_batch(student, micro, gen, eos_id=0)
-            train_step(student, teacher, [micro], Config(method=method), optimizer)
+            train_step(student, teacher, [micro], Config(method=method, beta=beta), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
 
@@ -2382,8 +2468,9 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     kept = torch.tensor(cache.sample_ids) if cache else torch.arange(len(blocks))
     trains_as = BENCH_METHODS[method]
     on_policy = method.endswith("_onpolicy")
+    beta = 0.5 if method.endswith("_jsd") else 0.0
     warm_up = blocks[kept[:batch]]
-    list(bench_steps(trains_as, student, teacher, warm_up, device, cache, batch, on_policy))
+    list(bench_steps(trains_as, student, teacher, warm_up, device, cache, batch, on_policy, beta))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -2397,7 +2484,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
             cache = TeacherCache(cache_dir)
         online_teacher = None if cache else teacher
         steps.extend(bench_steps(trains_as, student, online_teacher, blocks[kept], device, cache,
-                                 batch, on_policy))
+                                 batch, on_policy, beta))
     result = {"s": timed(device, one_pass), "peak_mb": peak_memory_mb(device)}
     step_s = float(np.median([step for step, _ in steps]))
     waited_s = float(np.median([waited for _, waited in steps]))

@@ -31,7 +31,8 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
                                          n_positions=64, bos_token_id=0, eos_token_id=0)
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
-               "cohere": transformers.CohereConfig, "gemma2": transformers.Gemma2Config}[family]
+               "qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
+               "gemma2": transformers.Gemma2Config}[family]
         extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0)}
         extra = extra.get(family, {})
         config = cls(
@@ -566,6 +567,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
             )
             kl = (torch.xlogy(dense, dense) - dense * (s / cfg.temperature).log_softmax(-1)).sum(-1)
             kl = kl * cfg.temperature**2
+        elif cfg.beta > 0:   # trl's own divergence, per position, x T^2
+            kl = trl_jsd(s, t, cfg.beta, cfg.temperature) * cfg.temperature**2
         elif cfg.top_k_classes is None:
             kl = kl_divergence(
                 Categorical(logits=t / cfg.temperature), Categorical(logits=s / cfg.temperature)
@@ -576,6 +579,17 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
         ce = -s.log_softmax(-1).gather(-1, y[keep][:, None]).squeeze(-1)
         per_sample.append(((1 - cfg.ce_weight) * kl + cfg.ce_weight * ce).mean())
     return torch.stack(per_sample).mean()
+
+
+def trl_jsd(student_logits, teacher_logits, beta, temperature=1.0):
+    """trl's generalized_jsd_loss (GKD's) per row: [N, V] x 2 -> [N]."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    per_class = GKDTrainer.generalized_jsd_loss(
+        student_logits, teacher_logits, beta=beta, temperature=temperature, reduction="none"
+    )
+    return per_class.sum(-1)
 
 
 def assert_same_value_and_gradient(student, loss, want):
@@ -596,6 +610,8 @@ LOSS_CASES = [
     dict(method="sekd", k=1.0, temperature=2.0, ce_weight=0.3),
     dict(method="sekd", k=0.5, temperature=1.5, ce_weight=0.5, top_k_classes=5),
     dict(method="full", k=0.2, temperature=0.8),  # full ignores k: every valid position
+    dict(method="sekd", k=0.5, beta=0.5, temperature=2.0),  # TRL's generalized JSD
+    dict(method="sekd", k=0.3, beta=1.0, ce_weight=0.2),  # TRL's beta 1: reverse KL
 ]
 
 
@@ -754,12 +770,57 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
     assert stats["share"] == 1.0
 
 
-def test_loss_refuses_a_batch_without_valid_positions():
-    ids = torch.randint(0, VOCAB, (2, 1))
-    with pytest.raises(ValueError, match="at least 2 tokens"):
-        sekd.distill_loss(
-            tiny_model("llama"), None, ids, torch.ones_like(ids), sekd.Config(method="ce")
-        )
+def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are_zero():
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    nothing = torch.zeros_like(ids, dtype=torch.bool)   # every response truncated away
+    loss, stats = sekd.distill_loss(student, teacher, ids, mask, sekd.Config(), loss_mask=nothing)
+    loss.backward()
+    assert loss.item() == 0 and (stats["valid"], stats["selected"], stats["share"]) == (0, 0, 0)
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None and g.abs().max() == 0 for g in grads)   # every parameter reached
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.5, 2.0), (1.0, 1.0), (0.1, 0.7)])
+def test_generalized_jsd_equals_trls_generalized_jsd_loss_per_position(beta, temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(9, 40, generator=g) * 3, torch.randn(9, 40, generator=g) * 3
+    got = sekd.generalized_jsd(s, t, beta, temperature, chunk_size=4)
+    want = trl_jsd(s.double(), t.double(), beta, temperature) * temperature**2
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_generalized_jsd_gradient_is_autograds_through_trls_loss(beta):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 30, generator=g) * 2, torch.randn(6, 30, generator=g) * 2
+    s_ours, s_ref = s.clone().requires_grad_(), s.double().requires_grad_()
+    weights = torch.rand(6, generator=g)
+    (sekd.generalized_jsd(s_ours, t, beta, 1.5, chunk_size=4) * weights).sum().backward()
+    (trl_jsd(s_ref, t.double(), beta, 1.5) * 1.5**2 * weights.double()).sum().backward()
+    torch.testing.assert_close(s_ours.grad.double(), s_ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_generalized_jsd_keeps_only_the_two_logit_tensors_for_backward():
+    s = torch.randn(64, 500, requires_grad=True)
+    t = torch.randn(64, 500)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        sekd.generalized_jsd(s, t, 0.5, chunk_size=8).sum()
+    assert sum(x.numel() for x in saved) == 2 * s.numel()   # no [N, V] softmax or mixture kept
+
+
+def test_beta_0_is_the_forward_kl_and_a_cfg_without_beta_reads_as_0():
+    from types import SimpleNamespace
+
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    fields = dict(positions="top", k=0.5, signal="student_entropy", temperature=1.0, ce_weight=0.0,
+                  top_k_classes=None, class_samples=None, vocab_size=None, chunk_size=1024)
+    plain, _ = sekd.distill_loss(student, teacher, ids, mask, SimpleNamespace(**fields))
+    forward, _ = sekd.distill_loss(student, teacher, ids, mask, sekd.Config(k=0.5, beta=0.0))
+    reverse, _ = sekd.distill_loss(student, teacher, ids, mask, sekd.Config(k=0.5, beta=1.0))
+    assert plain.item() == forward.item() and reverse.item() != forward.item()
 
 
 def prompts_and_eos(student, batch=4, length=10, seed=0):
@@ -923,6 +984,101 @@ def test_the_method_copied_alone_trains_a_student_scores_samples_and_samples_res
     assert len(got["scores"]) == 4 and all(math.isfinite(u) for u in got["scores"])
     assert len(got["kept"]) == 2 and got["shapes"][0][0] == 4
     assert all(1 <= n <= 3 for n in got["targets"])  # a response of 1 to 3 tokens, each a target
+
+
+# SE-KD in a trainer of your own: README's recipes, run as written there.
+def readme_recipe(name):
+    """The names a README code block starting `# recipe: name` defines, executed as written."""
+    readme = open(os.path.join(os.path.dirname(sekd.__file__), "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    source = next(block for block in blocks if block.startswith(f"# recipe: {name}\n"))
+    namespace = {"__name__": f"recipe_{name}"}
+    exec(compile(source, f"README recipe: {name}", "exec"), namespace)
+    return namespace
+
+
+def trainer_step_weights(tmp_path, batch_size, accumulation):
+    """The student's weights after one Trainer step (SGD) of the README's SEKDTrainer."""
+    import datasets
+
+    SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
+    student, teacher = tiny_model("qwen2"), tiny_model("qwen2", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100   # a prompt
+    rows = datasets.Dataset.from_dict(dict(input_ids=ids.tolist(), labels=labels.tolist(),
+                                           attention_mask=torch.ones_like(ids).tolist()))
+    args = sekd_trainer_args(tmp_path, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation)
+    trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=sekd.Config(k=0.5),
+                          args=args, train_dataset=rows)
+    trainer.train()
+    return {name: p.detach().clone() for name, p in student.named_parameters()}
+
+
+def sekd_trainer_args(tmp_path, **options):
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=1, learning_rate=0.5, optim="sgd",
+        max_grad_norm=0.0, lr_scheduler_type="constant", report_to="none", save_strategy="no",
+        use_cpu=True, logging_strategy="no", seed=0, **options)
+
+
+def test_the_trainer_recipe_with_accumulation_2_makes_the_update_of_twice_the_batch(tmp_path):
+    once = trainer_step_weights(tmp_path / "a", batch_size=8, accumulation=1)
+    twice = trainer_step_weights(tmp_path / "b", batch_size=4, accumulation=2)
+    initial = dict(tiny_model("qwen2").named_parameters())
+    moved = max((once[n] - initial[n]).abs().max().item() for n in once)
+    assert moved > 1e-3   # the step did something
+    for name in once:
+        torch.testing.assert_close(twice[name], once[name], atol=1e-6, rtol=1e-5)
+
+
+def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path, monkeypatch):
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import datasets
+    from trl.experimental.gkd import GKDConfig
+
+    SEKDGKDTrainer = readme_recipe("GKD")["SEKDGKDTrainer"]
+    tokenizer = chat_tokenizer(CHATML)
+    tokenizer.pad_token = tokenizer.eos_token   # the collator pads
+    student = tiny_model("qwen2", vocab=len(tokenizer))
+    teacher = tiny_model("qwen2", vocab=len(tokenizer), hidden=48, seed=1)
+    seen, real = [], sekd.distill_loss
+    def record(model, teacher, ids, mask, cfg, targets=None, **kwargs):
+        seen.append((ids, kwargs["loss_mask"], cfg.beta))
+        return real(model, teacher, ids, mask, cfg, targets, **kwargs)
+    monkeypatch.setattr(sekd, "distill_loss", record)
+    args = GKDConfig(output_dir=str(tmp_path / "gkd"), per_device_train_batch_size=2, max_steps=3,
+                     lmbda=0.5, beta=0.5, max_new_tokens=4, max_length=128, report_to="none",
+                     save_strategy="no", use_cpu=True, logging_strategy="no", seed=0)
+    rows = datasets.Dataset.from_dict({"messages": CHATS[:6]})
+    before = [p.detach().clone() for p in student.parameters()]
+    SEKDGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
+                   processing_class=tokenizer).train()
+    assert len(seen) == 3 and all(beta == 0.5 for _, _, beta in seen)
+    assert all(0 < mask.sum() < mask.numel() for _, mask, _ in seen)   # prompts masked out
+    assert any((p - b).abs().max() > 0 for p, b in zip(student.parameters(), before))
+
+
+def test_the_hidden_state_recipe_equals_distill_loss_in_value_and_gradient():
+    selective_kd = readme_recipe("hidden states")["selective_kd"]
+    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    loss_mask = prompt_mask(ids) & mask.bool()
+    cfg = sekd.Config(k=0.5, beta=0.5, temperature=2.0)
+    want, _ = sekd.distill_loss(student, teacher, ids, None, cfg, loss_mask=loss_mask)
+    labels = torch.where(loss_mask[:, 1:], ids[:, 1:], -100)
+    h_student = sekd.hidden_states(student, ids)[:, :-1]
+    h_teacher = sekd.hidden_states(teacher, ids)[:, :-1]
+    got = selective_kd(h_student, student.lm_head.weight, h_teacher, teacher.lm_head.weight, labels,
+                       k=0.5, beta=0.5, temperature=2.0)
+    grads = torch.autograd.grad(got, list(student.parameters()))
+    want_grads = torch.autograd.grad(want, list(student.parameters()))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
 
 
 # ============================================================================================
@@ -1278,8 +1434,9 @@ def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_g
 
 
 # Short templates that behave as real ones do. Like Qwen3's: the reasoning of a turn after the last
-# user query is rendered in a think block (the last turn's even when empty), stripped from earlier turns;
-# tool calls follow the content; messages[0] is read, so an empty conversation does not render.
+# user query is rendered in a think block (the last turn's even when empty), stripped from earlier
+# turns; tool calls follow the content; messages[0] is read, so an empty conversation does not
+# render.
 QWEN_LIKE = (
     "{% if messages[0].role == 'system' %}"
     "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
@@ -2033,6 +2190,35 @@ def run_rank(job, rank, tmp):
     os._exit(0)  # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
+def plain_ddp_facts(rank):
+    """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it):
+    rank r's half of a batch through distill_loss; DDP's averaged gradient against one process's
+    gradient of the whole batch, and the rows the model's own LM head was called on."""
+    student, teacher = tiny_model("qwen2"), tiny_model("qwen2", hidden=48, seed=1)
+    ids, mask = padded_batch(batch=4, length=12, seed=3)
+    mask[3, 5:] = 0
+    cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
+    whole, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
+    want = torch.autograd.grad(whole, list(student.parameters()))
+    head_rows = []
+    hook = student.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: head_rows.append(inputs[0].shape[1])
+    )
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    half = slice(2 * rank, 2 * rank + 2)   # two samples each, every one with a selected position
+    loss, _ = sekd.distill_loss(ddp, teacher, ids[half], mask[half], cfg)
+    loss.backward()
+    hook.remove()
+    gaps = [(p.grad - w).abs().max().item() for p, w in zip(student.parameters(), want)]
+    return {"max_gap": max(gaps), "head_rows": head_rows}
+
+
+def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(tmp_path):
+    for facts in in_two_ranks(plain_ddp_facts, tmp_path):
+        assert facts["max_gap"] < 1e-5
+        assert facts["head_rows"] == [0]   # the model's forward ran its head at no position
+
+
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
     for facts in in_two_ranks(ddp_step_facts, tmp_path):
         assert facts["all_reduces_4"] == facts["all_reduces_1"] >= 1  # not once per micro-batch
@@ -2202,6 +2388,10 @@ def test_config_flags_override_a_preset():
         (dict(method="sekd3x", signal="kl"), "teacher is not there"),
         (dict(resume=True, overwrite=True), "--overwrite replaces"),
         (dict(method="sekd3x", top_k_classes=4), "not --top-k-classes"),
+        (dict(beta=1.5), "--beta"),
+        (dict(beta=0.5, top_k_classes=4), "--beta 0.5 .* --top-k-classes"),
+        (dict(beta=0.5, method="rskd"), "--beta 0.5 .* --class-samples"),
+        (dict(beta=1.0, method="sekd3x"), "--beta 1.0 .* --class-samples .*teacher cache"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_flag(bad, match):
@@ -3008,7 +3198,7 @@ def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_o
         else:
             value = [] if f.type == "bool" else [values[f.type.removesuffix(" | None")]]
         # not together
-        if f.name not in ("resume", "overwrite", "top_k_classes", "cache_dir", "positions"):
+        if f.name not in ("resume", "overwrite", "top_k_classes", "cache_dir", "positions", "beta"):
             dashes += ["--" + f.name.replace("_", "-"), *value]
             underscores += ["--" + f.name, *value]
     assert sekd.parse_config(underscores) == sekd.parse_config(dashes)
