@@ -542,7 +542,9 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
     scores = torch.zeros(len(input_ids), device=device)
     for first in range(rank * batch_size, len(input_ids), world * batch_size):   # this rank's
         batch = slice(first, first + batch_size)
-        ids, mask, targets = input_ids[batch], None, None
+        ids = input_ids[batch]
+        mask = None
+        targets = None
         if attention_mask is not None:   # no padding-only columns
             mask = attention_mask[batch]
             width = int(mask.sum(1).max())
@@ -613,7 +615,8 @@ def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
 def position_losses(cfg, student_logits, labels, teacher_logits=None, targets=None):
     """Eq. 2 on the N selected rows: l(t) = (1 - ce_weight) KL_C(t) + ce_weight CE(next token)
     -> ([N], the mean of each term, detached)."""
-    losses, terms = 0.0, {}
+    losses = 0.0
+    terms = {}
     if cfg.ce_weight < 1:
         kl = class_kl(student_logits, cfg, teacher_logits, targets)
         losses = losses + (1 - cfg.ce_weight) * kl
@@ -642,7 +645,7 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
     true (None: every target). targets: cached sparse (ids, weights) [B, T, U], teacher may then be
     None. progress (step / last step) drives the curriculum policy; gls is GLS's queue. Reads cfg:
     positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
-    chunk_size (method "full" presets positions "all": every valid position)."""
+    chunk_size, and beta where it has one (method "full" presets positions "all")."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
@@ -793,7 +796,9 @@ def encode_shard(teacher, examples, head, num_samples, temperature, batch_size, 
                  generator):
     """RS-KD draws at every valid position of examples (S samples) -> (entries uint8 [M, bytes],
     offsets [S + 1]). Draws stay on the device until the shard is done: one host sync per shard."""
-    drawn, counts, positions = [], [], []
+    drawn = []
+    counts = []
+    positions = []
     device = generator.device
     for first in range(0, len(examples), batch_size):
         batch = examples[first:first + batch_size]
@@ -922,7 +927,8 @@ class TeacherCache:
         self.count_bits = self.manifest["count_bits"]
         self.shard_size = self.manifest["shard_size"]
         self.sample_ids = self.manifest["sample_ids"]
-        self._entries, self._offsets = [], []
+        self._entries = []
+        self._offsets = []
         for shard in self.manifest["shards"]:
             file = os.path.join(path, shard["file"])
             if not os.path.exists(file) or file_sha256(file) != shard["sha256"]:
@@ -2535,7 +2541,10 @@ def bench(argv):
     """One pass of each method over the same blocks, its median step and peak memory: rows, then
     JSON."""
     args = bench_arguments(argv)
-    device, shape, batch, seq = args.device, args.shape, args.batch_size, args.seq_len
+    device = args.device
+    shape = args.shape
+    batch = args.batch_size
+    seq = args.seq_len
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

@@ -1768,24 +1768,9 @@ def test_chat_rows_train_and_evaluate_from_the_command_line_and_the_student_keep
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     sekd.main(
         [
-            "--teacher",
-            saved_models["teacher"],
-            "--student",
-            str(student),
-            "--data",
-            str(data),
-            "--seq-len",
-            "256",
-            "--batch-size",
-            "2",
-            "--max-steps",
-            "2",
-            "--device",
-            "cpu",
-            "--k",
-            "0.5",
-            "--out-dir",
-            str(tmp_path / "run"),
+            "--teacher", saved_models["teacher"], "--student", str(student), "--data", str(data),
+            "--seq-len", "256", "--batch-size", "2", "--max-steps", "2", "--device", "cpu", "--k",
+            "0.5", "--out-dir", str(tmp_path / "run"),
         ]
     )
     out, err = capsys.readouterr()
@@ -1957,18 +1942,8 @@ def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **opti
 
 
 RESUMABLE = [
-    "ce",
-    "full",
-    "random",
-    "sekd",
-    "rskd",
-    "topsmp",
-    "sekd3x",
-    "gls",
-    "curriculum",
-    "pos_rs",
-    "sekd_accum",
-    "on_policy",
+    "ce", "full", "random", "sekd", "rskd", "topsmp", "sekd3x", "gls", "curriculum", "pos_rs",
+    "sekd_accum", "on_policy",
 ]
 # seed 0: steps 1 and 4 of 4, one after step 2
 ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6)
@@ -2228,14 +2203,8 @@ def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_n
 
 def torchrun(*args, script=sekd.__file__):
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(script), *args,
     ]
     path = os.pathsep.join([os.path.dirname(sekd.__file__), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -2262,26 +2231,9 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
     # under DDP too
     flags = ["--gradient-checkpointing"] if positions == "top" and method == "sekd" else []
     flags += [
-        "--method",
-        method,
-        "--positions",
-        positions,
-        "--teacher",
-        saved_models["teacher"],
-        "--student",
-        saved_models["student"],
-        "--data",
-        saved_models["data"],
-        "--seq-len",
-        "16",
-        "--lr",
-        "3e-3",
-        "--max-steps",
-        "3",
-        "--device",
-        "cpu",
-        "--val-fraction",
-        "0.2",
+        "--method", method, "--positions", positions, "--teacher", saved_models["teacher"],
+        "--student", saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
+        "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2",
     ]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
     done = torchrun(
@@ -2309,25 +2261,9 @@ def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_fo
 ):
     (tmp_path / "record.py").write_text(RECORD_GENERATION)
     done = torchrun(
-        "--teacher",
-        saved_models["teacher"],
-        "--student",
-        saved_models["student"],
-        "--data",
-        saved_models["prompts"],
-        "--seq-len",
-        "16",
-        "--max-steps",
-        "4",
-        "--device",
-        "cpu",
-        "--on-policy-fraction",
-        "0.5",
-        "--max-new-tokens",
-        "6",
-        "--batch-size",
-        "2",
-        "--out-dir",
+        "--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
+        saved_models["prompts"], "--seq-len", "16", "--max-steps", "4", "--device", "cpu",
+        "--on-policy-fraction", "0.5", "--max-new-tokens", "6", "--batch-size", "2", "--out-dir",
         str(tmp_path / "two"),
         script=tmp_path / "record.py",
     )
@@ -2678,10 +2614,7 @@ def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(
     directory = str(tmp_path / "run" / "checkpoint")
     renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2].startswith(directory)]
     assert [os.path.basename(events[i][2]) for i in renames] == [
-        "student-00000001",
-        "state-00000001.safetensors",
-        "checkpoint.json",
-        "student",
+        "student-00000001", "state-00000001.safetensors", "checkpoint.json", "student",
     ]  # student: a link
     # each file synced before its rename, the directory after it, before the next one
     for i in renames[:3]:
@@ -2850,18 +2783,8 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     methods = ["full_dense", "sekd3x_build", "sekd3x_reuse"]
     sekd.main(
         [
-            "bench",
-            "--device",
-            "cpu",
-            "--shape",
-            "tiny",
-            "--batch-size",
-            "1",
-            "--seq-len",
-            "16",
-            "--steps",
-            "5",
-            "--methods",
+            "bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
+            "--steps", "5", "--methods",
             ",".join(methods),
         ]
     )  # --steps: the older name of --batches
@@ -2949,16 +2872,8 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(
 
     _, body, summary = shown(
         [
-            "--student",
-            saved_models["student"],
-            "--teacher",
-            saved_models["teacher"],
-            "--text",
-            SHOW_TEXT,
-            "--k",
-            "0.3",
-            "--signal",
-            signal,
+            "--student", saved_models["student"], "--teacher", saved_models["teacher"], "--text",
+            SHOW_TEXT, "--k", "0.3", "--signal", signal,
         ],
         capsys,
     )
@@ -3083,13 +2998,7 @@ def test_show_dims_exactly_the_prompt_of_a_data_row(saved_models, tmp_path, caps
     data = write_rows(tmp_path / "pc.jsonl", rows * 2)
     shown(
         [
-            "--student",
-            saved_models["student"],
-            "--data",
-            str(data),
-            "--index",
-            "1",
-            "--html",
+            "--student", saved_models["student"], "--data", str(data), "--index", "1", "--html",
             str(tmp_path / "p.html"),
         ],
         capsys,
@@ -3137,16 +3046,8 @@ def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp
     data = write_rows(tmp_path / "pc.jsonl", rows * 2)
     _, body, _ = shown(
         [
-            "--student",
-            saved_models["student"],
-            "--data",
-            str(data),
-            "--index",
-            "1",
-            "--k",
-            "1",
-            "--html",
-            str(tmp_path / "p.html"),
+            "--student", saved_models["student"], "--data", str(data), "--index", "1", "--k", "1",
+            "--html", str(tmp_path / "p.html"),
         ],
         capsys,
     )
@@ -3221,17 +3122,8 @@ def test_command_line_parses_flags_into_config():
 
 def usage_errors(saved_models, tmp_path):
     base = [
-        "--teacher",
-        saved_models["teacher"],
-        "--student",
-        saved_models["student"],
-        "--data",
-        saved_models["data"],
-        "--seq-len",
-        "16",
-        "--device",
-        "cpu",
-        "--out-dir",
+        "--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
+        saved_models["data"], "--seq-len", "16", "--device", "cpu", "--out-dir",
         str(tmp_path / "run"),
     ]
     (tmp_path / "a_file").write_text("x")
