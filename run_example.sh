@@ -24,8 +24,8 @@ SEEDS=${SEEDS:-0}
 QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about a minute on 2 cores) to check an install or a change
 if [ "$QUICK" = 1 ]; then   # every method a few steps on a small corpus: the tables, not results
   WORK=${WORK:-example_quick} STEPS=${STEPS:-4} TEACHER_STEPS=${TEACHER_STEPS:-8}
-  STUDENT_STEPS=${STUDENT_STEPS:-6} KD_DOCUMENTS=${KD_DOCUMENTS:-40} EVAL_BATCHES=${EVAL_BATCHES:-4}
-  export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-120}
+  STUDENT_STEPS=${STUDENT_STEPS:-6} KD_DOCUMENTS=${KD_DOCUMENTS:-12} EVAL_BATCHES=${EVAL_BATCHES:-2}
+  export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-60}
   echo "== QUICK=1: a smoke run; its numbers check that everything runs, they are not results"
 fi
 WORK=${WORK:-example_run}
