@@ -3,15 +3,13 @@
 Implements "Rethinking Selective Knowledge Distillation" (Tavor, Ebenspanger, Cnaan, Geva; arXiv
 2602.01395). Distill a teacher p into a student q on the positions where the student is most
 uncertain: score every position by the student's entropy H(q_t), keep the top k% of each sample, and
-compute the KD loss there only. Because the score needs no teacher output, both language-model heads
-run on the selected rows alone.
+compute the KD loss there only. The score needs no teacher output, so both language-model heads run
+on the selected rows alone.
 
 Read top to bottom. The method, sections 1-5, runs when copied alone: 1 scores u(t), 2 position
-axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on the student's own responses:
-on-policy). A reader can stop there. Then the training path: 6 offline teacher cache (SE-KD 3X),
-7 data, 8 the run and its loop. Then the plumbing a reader of the method can skip: 9 checks,
-fingerprints and durable writes, 10 benchmark, 11 show (the selected positions on a text),
-12 command line.
+axis, 3 class axis, 4 sample axis, 5 the loss (Eq. 2-4; also on-policy). Then the training path:
+6 offline teacher cache (SE-KD 3X), 7 data, 8 the run. Then plumbing a reader of the method can
+skip: 9 checks and durable writes, 10 benchmark, 11 show, 12 command line.
 
 Shapes: B batch, L sequence length, T = L - 1 positions, H hidden size, V vocabulary, N rows.
 """
@@ -26,52 +24,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# The training path and the plumbing (sections 6-12) use these too.
-import argparse
-import dataclasses
-import hashlib
-import html
-import json
-import multiprocessing
-import operator
-import os
-import shutil
-import signal as os_signal
-import sys
-import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-
-import numpy as np
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 
 # ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks
-#      from the models' hidden states and LM heads, so that the heads can later run on the selected
-#      rows only
+#      from hidden states and LM heads, so that the heads can later run on selected rows only
 def unwrap(model):
-    """The Hugging Face model itself, also when a training loop wrapped it for DDP."""
-    model = getattr(model, "module", model)                    # DistributedDataParallel
-    return getattr(model, "causal_lm", model)                  # Backbone (section 8)
+    """The Hugging Face model itself, also inside DDP or sekd's Backbone (section 8)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "causal_lm", model)
 
 def hidden_states(model, input_ids, attention_mask=None):
-    """Final hidden states [B, L, H] of the model's decoder (the backbone without its LM head).
-    No mask means every token is real: attention can take its causal kernel."""
+    """Final hidden states [B, L, H] of the model's decoder (no LM head, no KV cache). No mask:
+    every token is real, and attention takes its causal kernel."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return ddp_hidden_states(model, input_ids, attention_mask)
     decoder = model.get_decoder()
-    # No KV cache: a forward over whole sequences reuses none.
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return output.last_hidden_state
 
 def ddp_hidden_states(model, input_ids, attention_mask=None):
-    """hidden_states through DDP's own forward, which alone syncs gradients: sekd's Backbone returns
-    them; a Hugging Face model (as Trainer and accelerate wrap it) runs with logits at no position,
-    its decoder's output caught by a hook."""
-    if not hasattr(model.module, "get_decoder"):
+    """hidden_states through DDP's forward, which alone syncs gradients: a Hugging Face model (as
+    Trainer wraps it) runs with logits at no position, its decoder's output caught by a hook."""
+    if not hasattr(model.module, "get_decoder"):   # sekd's Backbone returns them
         return model(input_ids, attention_mask)
     caught = []
     decoder = model.module.get_decoder()
@@ -85,9 +58,8 @@ def ddp_hidden_states(model, input_ids, attention_mask=None):
     return caught[0]
 
 def lm_head(model, vocab_size=None):
-    """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids: on gathered
-    rows it equals the model's own logits there, post-head steps included (Cohere's logit_scale,
-    Gemma 2's soft cap)."""
+    """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids, post-head
+    steps included (Cohere's logit_scale, Gemma 2's soft cap): on gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     weight = head.weight[:vocab_size]
@@ -118,8 +90,8 @@ def rank_world():
     return 0, 1
 
 def all_gather(tensor):
-    """A [N, T] tensor from every rank, concatenated in rank order along dim 0, each padded with
-    zeros to the widest T (each rank trims its micro-batches to their own longest example)."""
+    """A [N, T] tensor from every rank, concatenated in rank order, each zero-padded to the widest T
+    (each rank trims its micro-batches to their own longest example)."""
     width = torch.tensor([tensor.shape[1]], device=tensor.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     tensor = F.pad(tensor, (0, int(width) - tensor.shape[1]))
@@ -152,15 +124,14 @@ def cross_entropy(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 def kl_rows(p_logits, q_logits, temperature=1.0):
-    """KL(p_T || q_T) per row, never negative (rounding can dip below 0 where p = q):
-    [N, V] x 2 -> [N]."""
+    """KL(p_T || q_T) per row: [N, V] x 2 -> [N], clamped at 0 (rounding dips below at p = q)."""
     log_p = log_softmax_t(p_logits, temperature)
     log_q = log_softmax_t(q_logits, temperature)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
     return kl.clamp(min=0)
 
 def standardize(scores, valid=None):
-    """z-scores over the last axis's valid entries (population sd); a constant row gives 0, as do
+    """z-scores over the last axis's valid entries (population sd); 0 for a constant row and for
     invalid entries."""
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
@@ -173,8 +144,7 @@ def standardize(scores, valid=None):
 STUDENT_SIGNALS = ("student_entropy", "student_ce")
 TEACHER_SIGNALS = ("teacher_entropy", "teacher_ce", "kl", "reverse_kl", "ce_ratio")
 SIGNALS = STUDENT_SIGNALS + TEACHER_SIGNALS + ("kl+student_entropy", "ce_ratio+student_entropy")
-# ce_ratio's denominator floor: a float32 CE closer to 0 (a sure, right teacher) is noise
-CE_FLOOR = 1e-6
+CE_FLOOR = 1e-6   # ce_ratio's denominator floor: a float32 CE nearer 0 (a sure teacher) is noise
 
 def uses_teacher(signal):
     return any(part in TEACHER_SIGNALS for part in signal.split("+"))
@@ -203,9 +173,8 @@ def position_scores(signal, student_logits, teacher_logits=None, labels=None):
 
 @torch.no_grad()
 def token_entropy(hidden, lm_head, chunk_size=1024):
-    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...]. The
-    head runs on chunk_size rows at a time: the [B, L, V] logit tensor of the dense flow never
-    exists."""
+    """Entropy of softmax(lm_head(hidden)) for every row of hidden [..., H] -> float32 [...], the
+    head chunk_size rows at a time: the dense flow's [B, L, V] logits never exist."""
     flat = hidden.reshape(-1, hidden.shape[-1])                          # [N, H]
     if len(flat) == 0:
         return flat.new_zeros(hidden.shape[:-1])
@@ -215,9 +184,8 @@ def token_entropy(hidden, lm_head, chunk_size=1024):
 @torch.no_grad()
 def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
                  chunk_size=1024):
-    """u(t) at every position of a batch -> [B, T], the heads running chunk_size rows at a time; a
-    sum's parts are standardised per sample over its valid positions. h_teacher [B, T, H_t]: for
-    teacher signals only."""
+    """u(t) at every position of a batch -> [B, T], the heads chunk_size rows at a time; a sum's
+    parts standardised per sample over its valid positions. h_teacher: teacher signals only."""
     parts = signal.split("+")
     y = labels.flatten()                                                  # [B T]
     h_s = h_student.flatten(0, 1)                                         # [B T, H]
@@ -236,13 +204,11 @@ def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None,
 
 
 # ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top
-#      ceil(k n_i) valid positions of each sample by u(t); the baselines and alternatives are a few
-#      lines each
+#      ceil(k n_i) valid positions of each sample by u(t); the alternatives are a few lines each
 def valid_positions(input_ids, attention_mask=None, loss_mask=None):
-    """The positions a loss may supervise, bool [B, T]: t is valid when tokens t and t + 1 are real
-    (attention mask) and token t + 1 is a target the student learns (loss mask: a response token,
-    not the prompt). None: every token is real, or a target. k and every policy count valid
-    positions."""
+    """The positions a loss may supervise, bool [B, T]: tokens t and t + 1 are real (attention
+    mask) and token t + 1 is a target (loss mask: a response token, not the prompt). None: every
+    token is real, or a target. k and every policy count valid positions."""
     valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
         real = attention_mask.bool()
@@ -252,9 +218,8 @@ def valid_positions(input_ids, attention_mask=None, loss_mask=None):
     return valid
 
 def budget(n, share):
-    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), in exact arithmetic: share
-    is read as the decimal typed (0.28 is 7/25), so 0.28 * 25 selects 7, where floats give
-    ceil(7.000000000000001)."""
+    """ceil(share * n), at least 1 where n >= 1 (n: int or LongTensor), exactly: share is read as
+    the decimal typed, so 0.28 * 25 selects 7, where floats give ceil(7.000000000000001)."""
     fraction = Fraction(repr(float(share))).limit_denominator(1_000_000)
     kept = -((-n * fraction.numerator) // fraction.denominator)  # ceil division on integers
     if isinstance(n, torch.Tensor):
@@ -262,8 +227,7 @@ def budget(n, share):
     return max(kept, 1) if n > 0 else 0
 
 def ranks(scores, descending):
-    """Each position's place in its row's sorted order, ties to the earlier position:
-    [B, T] -> [B, T]."""
+    """Each position's place in its row's sorted order, ties to the earlier: [B, T] -> [B, T]."""
     order = scores.sort(dim=1, descending=descending, stable=True).indices
     places = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, places)
@@ -277,9 +241,8 @@ def select_positions(scores, valid, k):
     return (rank < budget(valid.sum(1), k)[:, None]) & valid
 
 def curriculum_positions(scores, valid, k, progress):
-    """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order that starts at
-    the lowest u at progress 0 (the first step) and slides linearly to the highest u at progress 1
-    (the last)."""
+    """Curriculum: per sample, a window of ceil(k n_i) positions in ascending-u order, from the
+    lowest u at progress 0 (the first step) sliding linearly to the highest at progress 1."""
     rank = ranks(scores.float().masked_fill(~valid, math.inf), descending=False)
     n = valid.sum(1)
     size = budget(n, k)
@@ -288,7 +251,7 @@ def curriculum_positions(scores, valid, k, progress):
 
 def interpolated_quantile(values, q):
     """torch.quantile(values, q) (linear interpolation) from two kthvalue calls: torch.quantile
-    refuses more than 2^24 values, and a GLS queue holds 30,000 or millions."""
+    refuses over 2^24 values, and a GLS queue can hold millions."""
     h = (len(values) - 1) * q
     low = values.kthvalue(int(h) + 1).values
     high = values.kthvalue(min(int(h) + 2, len(values))).values
@@ -296,10 +259,9 @@ def interpolated_quantile(values, q):
 
 class GlobalThreshold:
     """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile of the last `size`
-    valid scores seen before this batch (a FIFO queue kept across steps): counts vary per sample.
-    Scores tied at tau are kept at random, each with the chance that makes the queue's kept share k:
-    a queue of many equal scores would otherwise keep them all. Under DDP the queue takes every
-    rank's scores in rank order: it equals one process's queue."""
+    valid scores before this batch (a FIFO queue across steps): counts vary per sample. Scores tied
+    at tau are kept at random, with the chance that makes the queue's kept share k. Under DDP the
+    queue takes every rank's scores in rank order: it equals one process's."""
 
     def __init__(self, size=30_000):
         self.size = size
@@ -327,8 +289,7 @@ class GlobalThreshold:
 def drawn_positions(scores, valid, k, unbiased):
     """Pos RS-KD: ceil(k n_i) draws with replacement from q(t) = u(t) / sum_j u(j) over the valid
     positions. Weights count / draws give the expected loss sum_t q(t) l(t) (Weighted KD); unbiased,
-    count / (draws n_i q(t)) gives Full KD's (1 / n_i) sum_t l(t) (Pos RS-KD*). All-zero scores draw
-    uniformly."""
+    count / (draws n_i q(t)) gives Full KD's mean of l(t) (Pos RS-KD*). All-zero u: uniform."""
     u = scores.float().clamp(min=0) * valid                                       # [B, T]
     u = torch.where(u.sum(1, keepdim=True) > 0, u, valid.float())
     q = u / u.sum(1, keepdim=True).clamp(min=1e-30)
@@ -368,70 +329,53 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     return keep / keep.sum(1, keepdim=True).clamp(min=1)                          # m_t [B, T]
 
 
-# ==== 3. Class axis (paper: C_t): full KL, top-k classes with a tail bucket, sampled classes
-#      (RS-KD)
+# ==== 3. Class axis (paper: C_t): full KL (or TRL's generalized JSD), top-k classes with a tail
+#      bucket, sampled classes (RS-KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
-    """KL(p_T || q_T) * T^2 per row: [N, V], [N, V] -> [N] (Hinton's T^2 keeps gradients
-    comparable across T)."""
-    return ChunkedKL.apply(student_logits, teacher_logits.detach(), temperature, chunk_size)
-
-class ChunkedKL(torch.autograd.Function):
-    """full_kl with its gradient written out, d KL(p_T || q_T) T^2 / d student_logits = T (q_T -
-    p_T): autograd would keep fp32 [N, V] tensors from forward to backward; this keeps the two logit
-    tensors only and walks both passes chunk_size rows at a time."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, temperature, chunk_size):
-        ctx.save_for_backward(student_logits, teacher_logits)
-        ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
-        out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
-        for start in range(0, len(out), chunk_size):
-            chunk = slice(start, start + chunk_size)
-            out[chunk] = kl_rows(teacher_logits[chunk], student_logits[chunk], temperature)
-        return out.mul_(temperature ** 2)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        student_logits, teacher_logits = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.empty_like(student_logits)
-        for start in range(0, len(grad), ctx.chunk_size):
-            chunk = slice(start, start + ctx.chunk_size)
-            q = softmax_t(student_logits[chunk], temperature)
-            p = softmax_t(teacher_logits[chunk], temperature)
-            grad[chunk] = q.sub_(p).mul_(temperature * grad_out[chunk, None])
-        return grad, None, None, None
+    """KL(p_T || q_T) * T^2 per row: [N, V] x 2 -> [N] (Hinton's T^2 keeps gradients comparable
+    across T)."""
+    return generalized_jsd(student_logits, teacher_logits, 0.0, temperature, chunk_size)
 
 def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
-    """TRL's divergences per row, x T^2 (as full_kl): beta 0 is KL(p_T || q_T) (full_kl), beta 1 the
-    reverse KL(q_T || p_T), in between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m),
-    m = beta p + (1 - beta) q. Chunked, with its gradient written out: [N, V] x 2 -> [N]."""
-    if beta == 0:
-        return full_kl(student_logits, teacher_logits, temperature, chunk_size)
-    return ChunkedJSD.apply(student_logits, teacher_logits.detach(), beta, temperature, chunk_size)
+    """TRL's divergences per row x T^2: beta 0 is KL(p_T || q_T), beta 1 the reverse KL(q_T || p_T),
+    between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+    [N, V] x 2 -> [N]."""
+    return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
+                                   chunk_size)
 
-def jsd_rows(teacher_logits, student_logits, beta, temperature):
-    """-> (divergence per row [N], its gradient in q_T's logits up to T: q (g - E_q g)) for beta in
-    (0, 1]: with g = (1 - beta) log(q / m), the JSD's; beta 1: g = log(q / p), the reverse KL's."""
+def divergence_rows(teacher_logits, student_logits, beta, temperature):
+    """generalized_jsd's divergence per row [N], before the T^2."""
+    if beta == 0:
+        return kl_rows(teacher_logits, student_logits, temperature)
+    log_p = log_softmax_t(teacher_logits, temperature)
+    log_q = log_softmax_t(student_logits, temperature)
+    if beta == 1:
+        return (log_q.exp() * (log_q - log_p)).sum(-1).clamp(min=0)
+    log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+    kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+    kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
+    return (beta * kl_p + (1 - beta) * kl_q).clamp(min=0)
+
+def divergence_grad(teacher_logits, student_logits, beta, temperature):
+    """d divergence_rows / d (student_logits / T), [N, V]: q - p at beta 0; else q (g - E_q g) with
+    g = log(q / p) at beta 1, (1 - beta) log(q / m) between."""
+    if beta == 0:
+        q = softmax_t(student_logits, temperature)
+        return q.sub_(softmax_t(teacher_logits, temperature))
     log_p = log_softmax_t(teacher_logits, temperature)
     log_q = log_softmax_t(student_logits, temperature)
     q = log_q.exp()
     if beta == 1:
         g = log_q - log_p
-        value = (q * g).sum(-1)
     else:
         log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
-        kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
-        kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
-        value = beta * kl_p + (1 - beta) * kl_q
         g = (1 - beta) * (log_q - log_m)
-    grad = q * (g - (q * g).sum(-1, keepdim=True))
-    return value.clamp(min=0), grad
+    return q * (g - (q * g).sum(-1, keepdim=True))
 
-class ChunkedJSD(torch.autograd.Function):
-    """generalized_jsd for beta > 0, chunk_size rows at a time in both passes: no float32 [N, V]
-    tensor is kept from forward to backward, only the two logit tensors."""
+class ChunkedDivergence(torch.autograd.Function):
+    """generalized_jsd with its gradient written out, chunk_size rows at a time in both passes:
+    autograd would keep float32 [N, V] tensors from forward to backward; this keeps the two logit
+    tensors only."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size):
@@ -442,20 +386,21 @@ class ChunkedJSD(torch.autograd.Function):
         out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
         for start in range(0, len(out), chunk_size):
             chunk = slice(start, start + chunk_size)
-            value, _ = jsd_rows(teacher_logits[chunk], student_logits[chunk], beta, temperature)
-            out[chunk] = value
+            out[chunk] = divergence_rows(teacher_logits[chunk], student_logits[chunk], beta,
+                                         temperature)
         return out.mul_(temperature ** 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         student_logits, teacher_logits = ctx.saved_tensors
+        temperature = ctx.temperature
         grad = torch.empty_like(student_logits)
         for start in range(0, len(grad), ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
-            _, grad_rows = jsd_rows(teacher_logits[chunk], student_logits[chunk], ctx.beta,
-                                    ctx.temperature)
-            # d (divergence x T^2) / d logits = T q (g - E_q g)
-            grad[chunk] = grad_rows.mul_(ctx.temperature * grad_out[chunk, None])
+            rows = divergence_grad(teacher_logits[chunk], student_logits[chunk], ctx.beta,
+                                   temperature)
+            # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
+            grad[chunk] = rows.mul_(temperature * grad_out[chunk, None])
         return grad, None, None, None, None
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
@@ -466,8 +411,7 @@ def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
 
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
         log_probs = log_softmax_t(logits, temperature)
-        # A very negative finite fill (not -inf) keeps the tail finite, its gradient defined at
-        # K = V.
+        # a very negative finite fill, not -inf: the tail stays finite, its gradient defined
         others = log_probs.scatter(-1, kept, torch.finfo(log_probs.dtype).min)
         tail = others.logsumexp(-1, keepdim=True)
         return torch.cat([log_probs.gather(-1, kept), tail], -1)
@@ -476,7 +420,7 @@ def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
 
 def inverse_cdf_draws(probs, num_samples, generator=None):
-    """num_samples class ids per row drawn i.i.d. from probs [N, V] -> [N, U], sorted: the inverse
+    """num_samples class ids per row drawn i.i.d. from probs [N, V] -> sorted [N, U]: the inverse
     CDF at sorted uniforms. Reference: torch.multinomial(probs, U, replacement=True).sort(-1).
     probs is consumed: its CDF is built in place (one [N, V] tensor, not two)."""
     cdf = probs.cumsum_(-1)                                                       # [N, V]
@@ -495,17 +439,17 @@ def run_counts(draws):
     return first, lengths.gather(1, run) * first
 
 def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None):
-    """RS-KD targets: U = num_samples class ids drawn i.i.d. from p_T -> (ids, weights), both [N,
-    U]: each distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
+    """RS-KD targets: U = num_samples ids drawn i.i.d. from p_T -> (ids, weights), both [N, U]: each
+    distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
     E[weight of v] = p_T(v); the other slots hold id 0, weight 0."""
     draws = inverse_cdf_draws(softmax_t(teacher_logits, temperature), num_samples, generator)
     first, counts = run_counts(draws)
     return draws * first, counts / num_samples
 
 def sparse_kl(student_logits, ids, weights, temperature=1.0):
-    """KL from sparse targets, sum over drawn ids of w (log w - log q_T(id)) T^2:
-    [N, V], [N, U] x 2 -> [N]. log q_T is over the FULL vocabulary (no renormalising over the drawn
-    ids): the gradient (q_T - w) T then has the full-KL gradient (q_T - p_T) T as expectation."""
+    """KL from sparse targets, sum over drawn ids of w (log w - log q_T(id)) T^2: [N, V], [N, U] x 2
+    -> [N]. log q_T is over the FULL vocabulary (no renormalising over the drawn ids): the gradient
+    (q_T - w) T then has the full-KL gradient (q_T - p_T) T as expectation."""
     z = student_logits.float()
     if temperature != 1:
         z = z / temperature
@@ -518,9 +462,8 @@ def sparse_kl(student_logits, ids, weights, temperature=1.0):
 @torch.no_grad()
 def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None, vocab_size=None,
                  chunk_size=1024):
-    """u(t) [B, T] of a batch under the models as they are, without grad: their backbones, then
-    batch_scores (the teacher's only for a teacher signal). valid [B, T]: the positions a sum
-    standardises over."""
+    """u(t) [B, T] of a batch under the models as they are: their backbones, then batch_scores
+    (the teacher's for a teacher signal only). valid [B, T]: what a sum standardises over."""
     with autocast(unwrap(student).device):
         h_teacher = teacher_head = None
         if uses_teacher(signal):
@@ -562,7 +505,7 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
     return scores.cpu()
 
 def select_samples(scores, ell):
-    """Indices of the top ceil(ell * N) samples by score, ascending; ties go to the lower index; a
+    """Indices of the top ceil(ell * N) samples by score, ascending; ties to the lower index; a
     sample scored -inf (no valid position) is never kept."""
     keep = min(budget(len(scores), ell), int(torch.isfinite(scores).sum()))
     return scores.sort(descending=True, stable=True).indices[:keep].sort().values
@@ -592,9 +535,9 @@ def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None
     return weights
 
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
-    """The class axis C_t: KL per selected row [N] over all classes, the teacher's top-k classes
-    plus a tail bucket, or U classes sampled from the teacher (online, or read from the offline
-    cache). cfg.beta > 0 (TRL's; a cfg without it: 0): the reverse KL or a generalized JSD."""
+    """The class axis C_t, a KL per selected row [N]: over all classes, the teacher's top-k plus a
+    tail, or U classes sampled from the teacher (online, or cached targets). cfg.beta > 0 (TRL's;
+    absent: 0): the reverse KL or a generalized JSD."""
     beta = getattr(cfg, "beta", 0.0)
     keeps_some_classes = targets is not None or cfg.class_samples or cfg.top_k_classes
     if beta > 0 and keeps_some_classes:
@@ -641,11 +584,10 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
 
     Each backbone runs once; the LM heads run on the selected rows only (the teacher's without
     grad). attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the
-    student learns, e.g. a response's; position t is supervised only when loss_mask[:, t + 1] is
-    true (None: every target). targets: cached sparse (ids, weights) [B, T, U], teacher may then be
-    None. progress (step / last step) drives the curriculum policy; gls is GLS's queue. Reads cfg:
-    positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
-    chunk_size, and beta where it has one (method "full" presets positions "all")."""
+    student learns; position t is supervised only where loss_mask[:, t + 1] (None: everywhere).
+    targets: cached sparse (ids, weights) [B, T, U]; teacher may then be None. progress (step /
+    last step) drives the curriculum; gls is GLS's queue. Reads cfg's positions, k, signal,
+    temperature, ce_weight, top_k_classes, class_samples, vocab_size, chunk_size (and beta)."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
@@ -687,33 +629,20 @@ def check_inputs(student, teacher, cfg, targets):
 
 def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms):
     """The batch's numbers as plain floats, in one host sync: loss, samples, selected and valid
-    positions (0 where nothing is supervised), real tokens, the terms' means, the selected share."""
-    if attention_mask is None:
-        tokens = torch.tensor(input_ids.numel())
-    else:
-        tokens = attention_mask.sum()
+    positions, real tokens, the terms' means, the selected share (0 where nothing is supervised:
+    the loss is then 0, its gradients too)."""
+    tokens = torch.tensor(input_ids.numel()) if attention_mask is None else attention_mask.sum()
     numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(),
                    valid=valid.sum(), tokens=tokens, **terms)
     stats = {name: value.item() for name, value in numbers.items()}
-    # A batch with nothing to supervise gives a zero loss (its gradients zero) and says so.
     stats["share"] = stats["selected"] / max(stats["valid"], 1)
     return stats
 
-def dense_full_kd_loss(student, teacher, input_ids):
-    """The contrast: Full KD as usually first written, from both models' full [B, L, V] logits."""
-    student_logits = student(input_ids=input_ids).logits[:, :-1]
-    with torch.no_grad():
-        teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
-    log_q = student_logits.float().log_softmax(-1)
-    log_p = teacher_logits.float().log_softmax(-1)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
-
 # On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student
-# samples itself, the loss mask on the generated tokens: SE-KD then supervises the forks where
-# its own sample wavered.
+# samples itself, the loss mask on the generated tokens: SE-KD supervises the forks where its own
+# sample wavered.
 def prompt_lengths(loss_mask):
-    """Each sample's prompt, the tokens before its last run of targets (the response): [B, L] ->
-    [B]."""
+    """Each sample's prompt: the tokens before its last run of targets (the response), [B]."""
     is_target = loss_mask.bool()
     run_starts = is_target & ~F.pad(is_target[:, :-1], (1, 0))
     places = torch.arange(is_target.shape[1], device=is_target.device)
@@ -721,11 +650,11 @@ def prompt_lengths(loss_mask):
 
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt:
-    it draws up to max_new_tokens tokens from softmax(z / temperature), untruncated, with its KV
-    cache, until its EOS. input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) ->
-    input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the
-    response, its tokens (EOS too) the targets."""
+    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt,
+    drawing up to max_new_tokens tokens from softmax(z / temperature), untruncated, until its EOS.
+    input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids, attention_mask,
+    loss_mask [B, L'], right-padded with eos_id: the prompt, then the response as targets (EOS
+    too)."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
@@ -744,9 +673,9 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
 def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
     from transformers import GenerationConfig
-    # A fresh generation config: generate() would otherwise fill every field left unset from the
-    # checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size,
-    # suppress_tokens, ...), and the responses would no longer be draws from softmax(z / T).
+    # A fresh generation config: generate() would otherwise fill every unset field from the
+    # checkpoint's generation_config.json (repetition_penalty, suppress_tokens, ...), and the
+    # responses would no longer be draws from softmax(z / T).
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                                 pad_token_id=eos_id)
@@ -762,6 +691,28 @@ def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temp
 
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the
 #      kept samples
+# The training path and the plumbing (sections 6-12) import these; the method needs none of them.
+import argparse
+import dataclasses
+import hashlib
+import html
+import json
+import multiprocessing
+import operator
+import os
+import shutil
+import signal as os_signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 # The *student* picks positions while training, so the cache holds every valid position's sparse
 # targets (a response's, not its prompt's) and the teacher is not in memory then. Only distinct ids
 # are stored, with no per-position length: a position's counts sum to exactly U, so the running sum
@@ -2432,6 +2383,15 @@ def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, o
             train_step(student, teacher, [micro], Config(method=method, beta=beta), optimizer)
         synchronize(device)
         yield time.perf_counter() - start, waited
+
+def dense_full_kd_loss(student, teacher, input_ids):
+    """The contrast: Full KD as usually first written, from both models' full [B, L, V] logits."""
+    student_logits = student(input_ids=input_ids).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
+    log_q = student_logits.float().log_softmax(-1)
+    log_p = teacher_logits.float().log_softmax(-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
 def dense_step(method, student, teacher, ids, optimizer):
     """A step of a dense baseline: Full KD from full logits, or ce (the floor: next-token CE, no
