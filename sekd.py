@@ -131,8 +131,8 @@ def kl_rows(p_logits, q_logits, temperature=1.0):
     return kl.clamp(min=0)
 
 def standardize(scores, valid=None):
-    """z-scores over the last axis's valid entries (population sd); 0 for a constant row and for
-    invalid entries."""
+    """z-scores over the last axis's valid entries (population sd); 0 for constant rows and invalid
+    ones."""
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
     n = valid.sum(-1, keepdim=True).clamp(min=1)
@@ -332,14 +332,14 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
 # ==== 3. Class axis (paper: C_t): full KL (or TRL's generalized JSD), top-k classes with a tail
 #      bucket, sampled classes (RS-KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
-    """KL(p_T || q_T) * T^2 per row: [N, V] x 2 -> [N] (Hinton's T^2 keeps gradients comparable
-    across T)."""
+    """KL(p_T || q_T) * T^2 per row: [N, V] x 2 -> [N] (Hinton's T^2 keeps gradients alike across
+    T)."""
     return generalized_jsd(student_logits, teacher_logits, 0.0, temperature, chunk_size)
 
 def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
-    """TRL's divergences per row x T^2: beta 0 is KL(p_T || q_T), beta 1 the reverse KL(q_T || p_T),
-    between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
-    [N, V] x 2 -> [N]."""
+    """TRL's divergences per row x T^2, [N, V] x 2 -> [N]: beta 0 KL(p_T || q_T), beta 1 KL(q_T ||
+    p_T), between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 -
+    beta) q."""
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
                                    chunk_size)
 
@@ -373,9 +373,8 @@ def divergence_grad(teacher_logits, student_logits, beta, temperature):
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 class ChunkedDivergence(torch.autograd.Function):
-    """generalized_jsd with its gradient written out, chunk_size rows at a time in both passes:
-    autograd would keep float32 [N, V] tensors from forward to backward; this keeps the two logit
-    tensors only."""
+    """generalized_jsd with its gradient written out, chunk_size rows at a time in both passes: it
+    keeps the two logit tensors for backward, where autograd would keep float32 [N, V] ones."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size):
@@ -404,9 +403,9 @@ class ChunkedDivergence(torch.autograd.Function):
         return grad, None, None, None, None
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
-    """KL between p_T and q_T coarsened to the teacher's top_k classes plus a bucket for the rest:
-    [N]. The bucket keeps it a divergence (>= 0, <= the full KL, equal at top_k = V); dropping the
-    tail would be biased."""
+    """KL between p_T and q_T coarsened to the teacher's top_k classes plus a tail bucket: [N]. The
+    bucket keeps a divergence (>= 0, <= full KL, equal at top_k = V); dropping the tail is
+    biased."""
     kept = teacher_logits.topk(top_k, dim=-1).indices                             # [N, K]
 
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
@@ -650,11 +649,10 @@ def prompt_lengths(loss_mask):
 
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt,
-    drawing up to max_new_tokens tokens from softmax(z / temperature), untruncated, until its EOS.
-    input_ids, loss_mask [B, L] (prompt_lengths: where prompts end) -> input_ids, attention_mask,
-    loss_mask [B, L'], right-padded with eos_id: the prompt, then the response as targets (EOS
-    too)."""
+    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt
+    with up to max_new_tokens tokens drawn from softmax(z / temperature), until its EOS. input_ids,
+    loss_mask [B, L] -> input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the
+    prompt, then the response (EOS included) as targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
@@ -780,11 +778,11 @@ def shard_key(file):
 def build_cache(teacher, examples, path, *, num_samples=64, temperature=1.0, batch_size=8,
                 device=None, sample_ids=None, teacher_name=None, vocab_size=None, shard_size=256,
                 chunk_size=1024, seed=0, identity=None):
-    """Cache RS-KD targets of every valid position of examples (Examples, or token ids [N, L] all
-    valid) in the directory path, shard by shard, each written atomically; a rerun keeps this
-    build's finished shards. Shard s draws from seed * 1_000_003 + s: byte-identical however
-    interrupted, and under DDP (rank r builds shards r mod world). The manifest, written last, marks
-    it complete (returned); identity: the models' fingerprints and settings recorded in it."""
+    """Cache RS-KD targets of every valid position of examples (Examples, or token ids [N, L]) in
+    the directory path, shard by shard, each written atomically; a rerun keeps this build's
+    finished shards. Shard s draws from seed * 1_000_003 + s: byte-identical however interrupted,
+    and under DDP (rank r builds shards r mod world). The manifest, written last, marks it complete
+    (returned); identity: the models' fingerprints and settings it records."""
     examples = as_examples(examples)
     device = torch.device(device) if device is not None else unwrap(teacher).device
     vocab_size = vocab_size or head_size(teacher)
@@ -859,21 +857,20 @@ def write_manifest(path, header, names, positions):
         "bytes_per_position": data_bytes / positions})
 
 class TeacherCache:
-    """A built cache, read-only: opening checks every shard's sha256, then memory-maps them. read()
-    slices a batch's packed entries on the CPU (a step ahead, in a thread); decode() expands them on
-    the device."""
+    """A built cache, read-only: opening checks every shard's sha256 and memory-maps it. read()
+    slices a batch's packed entries on the CPU (a step ahead); decode() expands them on the
+    device."""
 
     def __init__(self, path):
         self.path = path
         manifest_path = os.path.join(path, "manifest.json")
         if not os.path.exists(manifest_path):
-            raise UsageError(f"{path} is not a complete teacher cache (no manifest.json): an "
-                             "interrupted build leaves none; rerun the same command to resume it")
+            raise UsageError(f"{path} is not a complete teacher cache (no manifest.json): rerun "
+                             "the same command to resume its build")
         self.manifest = read_json(manifest_path)
         version = (self.manifest.get("format"), self.manifest.get("version"))
         if version != (CACHE_FORMAT, CACHE_VERSION):
-            raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it to "
-                             "rebuild")
+            raise UsageError(f"{path} is not a {CACHE_FORMAT} v{CACHE_VERSION}: delete it")
         self.num_samples = self.manifest["num_samples"]
         self.count_bits = self.manifest["count_bits"]
         self.shard_size = self.manifest["shard_size"]
@@ -884,10 +881,8 @@ class TeacherCache:
             file = os.path.join(path, shard["file"])
             if not os.path.exists(file) or file_sha256(file) != shard["sha256"]:
                 raise UsageError(f"teacher cache shard {file} is missing or corrupt (its sha256 "
-                                 "differs from the manifest): delete the cache directory and "
-                                 "rebuild it")
-            # memory-mapped: entries sliced per batch, not loaded
-            shard_file = safe_open(file, "pt")
+                                 "is not the manifest's): delete the cache directory to rebuild")
+            shard_file = safe_open(file, "pt")   # memory-mapped: entries sliced per batch
             self._entries.append(shard_file.get_slice("entries"))
             self._offsets.append(shard_file.get_tensor("offsets").tolist())          # [S + 1]
 
@@ -907,8 +902,8 @@ class TeacherCache:
     def check(self, **wanted):
         """Refuse a cache built for other settings, data or models, naming what differs."""
         for key, value in wanted.items():
-            if value is not None and self.manifest.get(key) != value:
-                built = self.manifest.get(key)
+            built = self.manifest.get(key)
+            if value is not None and built != value:
                 raise UsageError(f"teacher cache {self.path} was built with "
                                  f"{CACHE_KEYS.get(key, key)} ({built!r}; this run: {value!r}): "
                                  "delete it to rebuild, or use another --cache-dir")
@@ -924,11 +919,10 @@ class TeacherCache:
 
     def decode(self, entries, positions, shape):
         """read()'s entries -> (ids, weights), both [B, T, U] for shape (B, T), in sample_classes'
-        layout: the k-th cached position's targets at flat index positions[k] of the batch (its
-        valid positions, in order), zeros elsewhere. Tensor ops on the entries' device, no sync."""
+        layout: the k-th cached position's targets at flat index positions[k] of the batch, zeros
+        elsewhere. Tensor ops on the entries' device, no sync."""
         ids, counts = unpack_entries(entries, self.count_bits)                    # [M]
-        # draws before each entry: its position and first slot
-        start = counts.cumsum(0) - counts
+        start = counts.cumsum(0) - counts              # draws before each entry: its first slot
         index = (positions[start // self.num_samples], start % self.num_samples)
         size = (shape[0] * shape[1], self.num_samples)
         out = torch.zeros(size, dtype=torch.long, device=entries.device).index_put_(index, ids)
@@ -945,8 +939,8 @@ FILE_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json"
 
 @dataclasses.dataclass
 class Examples:
-    """Right-padded token ids [N, L], attention_mask [N, L] (true: a real token) and loss_mask [N,
-    L] (true: a target the student learns), a row per packed block or per example."""
+    """Right-padded token ids, attention_mask (true: a real token) and loss_mask (true: a target the
+    student learns), each [N, L]: a row per packed block or per example."""
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
@@ -955,8 +949,7 @@ class Examples:
         return len(self.input_ids)
 
     def __getitem__(self, index):
-        """The examples at index (a slice or indices), without the padding columns none of them
-        needs."""
+        """The examples at index (a slice or indices), without padding columns none needs."""
         mask = self.attention_mask[index]
         width = int(mask.sum(1).max()) if len(mask) else 0
         ids = self.input_ids[index][:, :width]
@@ -973,13 +966,11 @@ def as_examples(data):
     return Examples(data, ones, ones)
 
 def real_mask(attention_mask):
-    """The attention mask for a model, None when every token is real (attention then takes its
-    causal kernel)."""
+    """The attention mask for a model; None when every token is real (the causal kernel runs)."""
     return None if attention_mask.all() else attention_mask
 
 def data_files(data):
-    """The local files of --data (a file, or a directory's files of one type in name order), or None
-    for a hub dataset name."""
+    """The local files of --data (a file, or a directory's files of one type); None: a hub name."""
     suffix = os.path.splitext(data)[1]
     if os.path.isdir(data):  # datasets' own inference would split the files by their names
         names = sorted(f for f in os.listdir(data) if f.endswith(tuple(FILE_TYPES)))
@@ -999,9 +990,8 @@ def data_files(data):
     return [data] if os.path.isfile(data) else None
 
 def load_rows(cfg):
-    """The rows of cfg.data, in order, as a datasets (Iterable)Dataset: a local file, a directory of
-    files, or a hub dataset (its configuration cfg.data_config), split cfg.split, streamed when
-    cfg.streaming."""
+    """The rows of cfg.data in order, a datasets (Iterable)Dataset: a file, a directory of files, or
+    a hub dataset (configuration cfg.data_config, split cfg.split, streamed when cfg.streaming)."""
     import datasets
     files = data_files(cfg.data)
     builder = FILE_TYPES[os.path.splitext(files[0])[1]] if files else cfg.data
@@ -1019,9 +1009,8 @@ def first_line(err):
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 def row_format(batch, cfg, tokenizer):
-    """What the rows are, from a batch's columns, as TRL reads them: messages; prompt + completion,
-    strings ("prompt") or lists of messages ("prompt_messages", TRL's conversational form); or text.
-    """
+    """What the rows are, as TRL reads them: messages; prompt + completion, strings ("prompt") or
+    lists of messages ("prompt_messages", TRL's conversational form); or text."""
     columns = list(batch)
     if "messages" in columns:
         data_format = "messages"
@@ -1044,21 +1033,19 @@ def chat_text(tokenizer, messages, generation_prompt=False):
                                          add_generation_prompt=generation_prompt)
 
 def end_of_turn(tokenizer, context):
-    """The text a chat template puts after an assistant turn (<|im_end|> and a newline, <|eot_id|>):
-    what two one-letter replies to context end with."""
+    """The text a chat template puts after an assistant turn (<|im_end|> and newline,
+    <|eot_id|>)."""
     one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}])
     other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}])
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
 
 def render_chat(messages, tokenizer):
-    """A conversation -> (text, [(start, end)] character spans of its assistant turns, each as the
-    template renders it: tool calls, reasoning and end-of-turn text included). Most chat templates
-    mark no {% generation %} span, so each turn is found by rendering prefixes: it starts where
-    messages[:i] with a generation prompt ends and ends where messages[:i + 1] ends; where a
-    template renders a last turn otherwise (Qwen3 adds a think block), it ends at the template's
-    first end-of-turn text after its start. A first message has no prompt: an assistant turn there
-    is context."""
+    """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
+    tool calls and end-of-turn text included). Most templates mark no {% generation %} span, so turn
+    i starts where messages[:i] with a generation prompt ends and ends where messages[:i + 1] does;
+    where the last turn renders otherwise (Qwen3's think block), at the first end-of-turn text after
+    its start. A first message has no prompt: an assistant turn there is context."""
     text = chat_text(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
@@ -1082,8 +1069,8 @@ def render_chat(messages, tokenizer):
     return text, spans
 
 def render_prompt_completion(prompt, completion, tokenizer):
-    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages rendered with
-    a generation prompt are context, the completion's messages rendered after them the target."""
+    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a
+    generation prompt are context, the completion's messages after them the target."""
     before = chat_text(tokenizer, prompt, generation_prompt=True)
     text = chat_text(tokenizer, prompt + completion)
     if not text.startswith(before):
@@ -1107,8 +1094,8 @@ def column_strings(batch, column, first_row):
     return values
 
 def rendered_rows(batch, data_format, tokenizer, first_row):
-    """Each conversational row of a batch rendered by the chat template -> [(text, spans)]; a row
-    the template cannot render, or cannot split into turns, is refused in one line naming it."""
+    """The conversational rows of a batch rendered -> [(text, spans)]; a row the template cannot
+    render, or split into turns, is refused in one line naming it."""
     rendered = []
     for j in range(len(batch[list(batch)[0]])):
         try:
@@ -1123,12 +1110,9 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
     return rendered
 
 def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_offsets=False):
-    """A batch of rows (columns of equal length) -> [(ids, is_target)], numpy int64 and bool per
-    row. is_target marks the tokens the student learns: a document's tokens after its first (its
-    context would be the previous document) and its EOS; a completion and its EOS; a conversation's
-    assistant turns, or a conversational completion. with_offsets: [(ids, is_target, text,
-    offsets)], each token's character span in text (show draws them). first_row: the batch's first
-    row, for messages that name a row."""
+    """A batch of rows -> [(ids, is_target)], numpy int64 and bool. Targets: a document's tokens but
+    its first (whose context is another document) and its EOS; a completion and its EOS; a chat's
+    assistant turns. with_offsets: also the text and each token's character span (show's)."""
     if data_format == "text":
         encoded = encode_documents(batch, tokenizer, text_column, first_row, with_offsets)
     elif data_format == "prompt":
@@ -1147,8 +1131,8 @@ def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_of
     return rows
 
 def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
-    """Text rows -> [(ids, is_target, text, offsets)]: the document and an EOS, every token but the
-    first a target; offsets None unless with_offsets (the EOS has no characters)."""
+    """Text rows -> [(ids, is_target, text, offsets)]: the document and an EOS, all but the first
+    token targets; offsets None unless with_offsets (the EOS has no characters)."""
     texts = column_strings(batch, text_column, first_row)
     tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
     encoded = []
@@ -1161,7 +1145,7 @@ def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
 
 def encode_prompts(batch, tokenizer, first_row, with_offsets):
     """Prompt/completion rows -> [(ids, is_target, text, offsets)]: the prompt (with the tokenizer's
-    BOS, if it adds one) as context, then the completion and an EOS, tokenized apart, as targets."""
+    BOS, if any) as context, the completion and an EOS, tokenized apart, as targets."""
     prompts = column_strings(batch, "prompt", first_row)
     completions = column_strings(batch, "completion", first_row)
     prompt_tokens = tokenizer(prompts, return_offsets_mapping=with_offsets)
@@ -1184,7 +1168,7 @@ def encode_prompts(batch, tokenizer, first_row, with_offsets):
 
 def pack_blocks(documents, seq_len):
     """Documents [(ids, is_target)] -> Examples of consecutive seq_len-token blocks of their
-    concatenation, the last partial block dropped: every token real."""
+    concatenation, the last partial block dropped."""
     ids = np.concatenate([d[0] for d in documents] + [np.zeros(0, np.int64)])
     is_target = np.concatenate([d[1] for d in documents] + [np.zeros(0, bool)])
     n = len(ids) // seq_len
@@ -1205,13 +1189,11 @@ def pad_examples(encoded, pad_id):
     return out
 
 def load_examples(cfg, tokenizer):
-    """Training and held-out Examples of cfg.data, and a dict of its format (text, prompt, messages
-    or prompt_messages) and how many examples were dropped (no target within --seq-len). Row i is
+    """(training Examples, held-out Examples, {data_format, dropped_examples}) of cfg.data. Row i is
     held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows
-    for any budget, and no held-out block shares a document with training (blocks straddle
-    documents). Rows are read in order until --max-documents rows, or until the training examples
-    hold --max-tokens tokens and a held-out row has come: reading stops there (streamed, the rest
-    never comes)."""
+    for any budget, no block shared with training. Reading stops at --max-documents rows, or once
+    training holds --max-tokens tokens and a held-out row has come (streamed, the rest never
+    comes)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
@@ -1231,8 +1213,7 @@ def load_examples(cfg, tokenizer):
     return train, held, {"data_format": reader.data_format, "dropped_examples": reader.dropped}
 
 class RowReader:
-    """The rows read so far, split into training and held-out ones, with the budgets that say when
-    reading stops."""
+    """The rows read so far, training and held-out ones, and the budgets that stop the reading."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -1279,8 +1260,8 @@ class RowReader:
         return False
 
     def examples(self, pad_id):
-        """(training, held-out) Examples: text packed into blocks (the budget's whole blocks), other
-        rows padded; when no row was held out by the rule, the last training one is."""
+        """(training, held-out) Examples: text packed into blocks (the budget's), other rows padded;
+        with no row held out by the rule, the last training one is."""
         train, held = self.parts
         if not held and train:
             held.append(train.pop())
@@ -1295,7 +1276,7 @@ class RowReader:
 # ==== 8. The run (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs): its Config,
 #      the setup (data, models, the sample axis and the cache), one optimizer step, and the loop
 class RunStopped(RuntimeError):
-    """A run stopped before its end (interrupted, non-finite, failed evaluation), with its exit
+    """A run stopped before its end (interrupted, not finite, evaluation failed); its exit
     status."""
 
     def __init__(self, message, exit_status=1):
@@ -1315,9 +1296,9 @@ PRESETS = {
 # A preset-driven field's value where its preset leaves it open.
 UNSET = dict(ce_weight=0.0, ell=1.0, class_samples=None)
 
-def config_field(default, help, *rules, choices=None):
-    """A Config field: its default, a one-line help and the rules a number meets ("> 0") or its
-    choices."""
+def flag(default, help, *rules, choices=None):
+    """A Config field that is also a command-line flag: its default, one-line help, and the rules a
+    number meets ("> 0") or its choices."""
     metadata = {"help": help, "rules": rules, "choices": choices}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -1331,79 +1312,66 @@ def satisfies(value, rules):
 @dataclasses.dataclass
 class Config:
     """Every knob of a run, named as in the paper; validated on construction (UsageError)."""
-    method: str = config_field("sekd", "preset of the three axes (README: Methods)",
-                               choices=tuple(PRESETS))
-    positions: str | None = config_field(None, "position policy (README: the design space)",
-                                         choices=POLICIES)
-    k: float = config_field(0.2, "share of each sample's valid positions supervised (paper: 0.2)",
-                            "> 0", "<= 1")
-    signal: str = config_field("student_entropy", "importance signal u(t) of the scored policies",
-                               choices=SIGNALS)
-    gls_queue_size: int = config_field(30_000, "gls: scores queued for the (1 - k) quantile",
-                                       ">= 1")
-    temperature: float = config_field(1.0, "softmax temperature T of both models, the KL x T^2",
-                                      "> 0")
-    beta: float = config_field(0.0, "divergence, TRL's beta: 0 KL(p || q) (paper), 1 KL(q || p), "
-                               "between: generalized JSD", ">= 0", "<= 1")
-    ce_weight: float | None = config_field(None, "weight of next-token CE, 1 - lambda (paper: 0)",
-                                           ">= 0", "<= 1")
-    top_k_classes: int | None = config_field(None, "KL over the teacher's top K classes + a tail",
-                                             ">= 1")
-    class_samples: int | None = config_field(None, "RS-KD: U classes drawn from the teacher",
-                                             ">= 1")
-    ell: float | None = config_field(None, "share l of training samples distilled (paper: 0.2)",
-                                     "> 0", "<= 1")
-    sample_signal: str = config_field("student_entropy", "signal whose mean ranks samples (TopSmp)",
-                                      choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
-    on_policy_fraction: float = config_field(0.0, "share of steps on the student's own responses "
-                                             "(TRL: lmbda)", ">= 0", "<= 1")
-    max_new_tokens: int = config_field(128, "on-policy: most tokens generated per response", ">= 1")
-    gen_temperature: float = config_field(1.0, "on-policy: the student's sampling temperature",
-                                          "> 0")
-    cache_dir: str | None = config_field(None, "offline teacher cache, built when absent (sekd3x: "
-                                         "OUT_DIR/teacher_cache)")
-    cache_shard_size: int = config_field(256, "samples per cache shard", ">= 1")
-    cache_any_student: bool = config_field(False, "reuse a cache another student chose samples of")
-    teacher: str | None = config_field(None, "teacher: a Hugging Face causal-LM name or directory")
-    student: str | None = config_field(None, "student: a Hugging Face causal-LM name or directory")
-    data: str | None = config_field(None, "training data: a .txt/.json/.jsonl/.parquet file, a "
-                                    "directory, or a hub name")
-    data_config: str | None = config_field(None, "the hub dataset's configuration (FineWeb-Edu: "
-                                           "sample-10BT)")
-    split: str = config_field("train", "the dataset split to read")
-    streaming: bool = config_field(False, "read rows as they come, without downloading them all")
-    max_tokens: int | None = config_field(None, "stop reading once training holds N tokens", ">= 1")
-    text_column: str = config_field("text", "column of plain documents' text")
-    max_documents: int | None = config_field(None, "use only the first N rows", ">= 1")
-    seq_len: int = config_field(512, "tokens per packed block, at most per example (paper: 512)",
-                                ">= 2")
-    val_fraction: float = config_field(0.05, "share of documents held out for evaluation", "> 0",
-                                       "< 1")
-    vocab_size: int | None = config_field(None, "distill over the first V ids (padded heads)")
-    chunk_size: int = config_field(1024, "rows per [rows, V] chunk of logits", ">= 1")
-    batch_size: int = config_field(8, "blocks or examples per micro-batch, per process", ">= 1")
-    grad_accum: int = config_field(1, "micro-batches per optimizer step", ">= 1")
-    gradient_checkpointing: bool = config_field(False, "recompute the student's activations in "
-                                                "backward")
-    lr: float = config_field(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
-    weight_decay: float = config_field(0.0, "AdamW weight decay", ">= 0")
-    max_grad_norm: float = config_field(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
-    epochs: int = config_field(1, "passes over the distilled blocks (paper: 1); --max-steps wins",
-                               ">= 1")
-    max_steps: int | None = config_field(None, "optimizer steps; the data order cycles as needed",
-                                         ">= 1")
-    seed: int = config_field(0, "seeds the data order, random positions and RS-KD draws")
-    eval_every: int = config_field(0, "evaluate every N steps and at the end (0: at the end)",
-                                   ">= 0")
-    eval_batches: int | None = config_field(None, "evaluate on at most N held-out batches", ">= 1")
-    save_every: int = config_field(0, "write OUT_DIR/checkpoint every N steps (0: when "
-                                   "interrupted)", ">= 0")
-    resume: bool = config_field(False, "continue the run in OUT_DIR from its checkpoint")
-    overwrite: bool = config_field(False, "replace another run's outputs in OUT_DIR")
-    device: str = config_field("auto", "auto (CUDA when present), cpu or cuda[:i] (torchrun: + "
-                               "LOCAL_RANK)")
-    teacher_device: str | None = config_field(None, "the teacher's own device, e.g. cuda:1")
-    out_dir: str = config_field("out", "where the student, metrics.json and checkpoints go")
+    method: str = flag("sekd", "preset of the three axes (README: Methods)", choices=tuple(PRESETS))
+    positions: str | None = flag(None, "position policy (README: the design space)",
+                                 choices=POLICIES)
+    k: float = flag(0.2, "share of each sample's valid positions supervised (paper: 0.2)", "> 0",
+                    "<= 1")
+    signal: str = flag("student_entropy", "importance signal u(t) of the scored policies",
+                       choices=SIGNALS)
+    gls_queue_size: int = flag(30_000, "gls: scores queued for the (1 - k) quantile", ">= 1")
+    temperature: float = flag(1.0, "softmax temperature T of both models, the KL x T^2", "> 0")
+    beta: float = flag(0.0, "divergence, TRL's beta: 0 KL(p || q) (paper), 1 KL(q || p), between: "
+                       "generalized JSD", ">= 0", "<= 1")
+    ce_weight: float | None = flag(None, "weight of next-token CE, 1 - lambda (paper: 0)", ">= 0",
+                                   "<= 1")
+    top_k_classes: int | None = flag(None, "KL over the teacher's top K classes + a tail", ">= 1")
+    class_samples: int | None = flag(None, "RS-KD: U classes drawn from the teacher", ">= 1")
+    ell: float | None = flag(None, "share l of training samples distilled (paper: 0.2)", "> 0",
+                             "<= 1")
+    sample_signal: str = flag("student_entropy", "signal whose mean ranks samples (TopSmp)",
+                              choices=STUDENT_SIGNALS + TEACHER_SIGNALS)
+    on_policy_fraction: float = flag(0.0, "share of steps on the student's own responses (TRL: "
+                                     "lmbda)", ">= 0", "<= 1")
+    max_new_tokens: int = flag(128, "on-policy: most tokens generated per response", ">= 1")
+    gen_temperature: float = flag(1.0, "on-policy: the student's sampling temperature", "> 0")
+    cache_dir: str | None = flag(None, "offline teacher cache, built when absent (sekd3x: "
+                                 "OUT_DIR/teacher_cache)")
+    cache_shard_size: int = flag(256, "samples per cache shard", ">= 1")
+    cache_any_student: bool = flag(False, "reuse a cache another student chose samples of")
+    teacher: str | None = flag(None, "teacher: a Hugging Face causal-LM name or directory")
+    student: str | None = flag(None, "student: a Hugging Face causal-LM name or directory")
+    data: str | None = flag(None, "training data: a .txt/.json/.jsonl/.parquet file, a directory, "
+                            "or a hub name")
+    data_config: str | None = flag(None, "the hub dataset's configuration (FineWeb-Edu: "
+                                   "sample-10BT)")
+    split: str = flag("train", "the dataset split to read")
+    streaming: bool = flag(False, "read rows as they come, without downloading them all")
+    max_tokens: int | None = flag(None, "stop reading once training holds N tokens", ">= 1")
+    text_column: str = flag("text", "column of plain documents' text")
+    max_documents: int | None = flag(None, "use only the first N rows", ">= 1")
+    seq_len: int = flag(512, "tokens per packed block, at most per example (paper: 512)", ">= 2")
+    val_fraction: float = flag(0.05, "share of documents held out for evaluation", "> 0", "< 1")
+    vocab_size: int | None = flag(None, "distill over the first V ids (padded heads)")
+    chunk_size: int = flag(1024, "rows per [rows, V] chunk of logits", ">= 1")
+    batch_size: int = flag(8, "blocks or examples per micro-batch, per process", ">= 1")
+    grad_accum: int = flag(1, "micro-batches per optimizer step", ">= 1")
+    gradient_checkpointing: bool = flag(False, "recompute the student's activations in backward")
+    lr: float = flag(1e-5, "AdamW learning rate, constant (paper: 1e-5)", "> 0")
+    weight_decay: float = flag(0.0, "AdamW weight decay", ">= 0")
+    max_grad_norm: float = flag(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
+    epochs: int = flag(1, "passes over the distilled blocks (paper: 1); --max-steps wins", ">= 1")
+    max_steps: int | None = flag(None, "optimizer steps; the data order cycles as needed", ">= 1")
+    seed: int = flag(0, "seeds the data order, random positions and RS-KD draws")
+    eval_every: int = flag(0, "evaluate every N steps and at the end (0: at the end)", ">= 0")
+    eval_batches: int | None = flag(None, "evaluate on at most N held-out batches", ">= 1")
+    save_every: int = flag(0, "write OUT_DIR/checkpoint every N steps (0: when interrupted)",
+                           ">= 0")
+    resume: bool = flag(False, "continue the run in OUT_DIR from its checkpoint")
+    overwrite: bool = flag(False, "replace another run's outputs in OUT_DIR")
+    device: str = flag("auto", "auto (CUDA when present), cpu or cuda[:i] (torchrun: + LOCAL_RANK)")
+    teacher_device: str | None = flag(None, "the teacher's own device, e.g. cuda:1")
+    out_dir: str = flag("out", "where the student, metrics.json and checkpoints go")
 
     def __post_init__(self):
         self.apply_preset()
@@ -1412,8 +1380,7 @@ class Config:
         check_combination(self)
 
     def apply_preset(self):
-        """Fill the fields the command left unset from the method's preset (an unknown method is
-        refused by check_field)."""
+        """Fill the fields the command left unset from the method's preset."""
         for name, value in {**UNSET, **PRESETS.get(self.method, {})}.items():
             if getattr(self, name) is not None:
                 continue
@@ -1432,39 +1399,38 @@ class Config:
 
 def check_field(f, value):
     """A Config field's value against its choices or its rules, naming the flag."""
-    flag = "--" + f.name.replace("_", "-")
+    name = "--" + f.name.replace("_", "-")
     choices = f.metadata["choices"]
     rules = f.metadata["rules"]
     if choices and value is not None and value not in choices:
-        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        raise UsageError(f"{name} {value!r}: choose one of {', '.join(choices)}")
     unset = value is None and f.default is None
     if rules and not unset and not satisfies(value, rules):
-        raise UsageError(f"{flag} must be {' and '.join(rules)}; got {value}")
+        raise UsageError(f"{name} must be {' and '.join(rules)}; got {value}")
 
 def check_combination(cfg):
     """The rules between fields, each message naming the flags and the fix."""
+    cache = "a teacher cache (--cache-dir, or --method sekd3x)"
     if cfg.positions.startswith("pos_rs") and "+" in cfg.signal:
         raise UsageError(f"--positions {cfg.positions} draws positions in proportion to u(t) >= 0, "
                          f"and --signal {cfg.signal} is a sum of z-scores")
     if cfg.cache_dir and cfg.positions in SCORED_POLICIES and uses_teacher(cfg.signal):
         raise UsageError(f"--signal {cfg.signal} needs the teacher's logits while training, and "
-                         "with a teacher cache the teacher is not there: use a student signal, or "
-                         "no cache")
+                         "with a teacher cache the teacher is not there: use a student signal")
     if cfg.top_k_classes is not None and cfg.class_samples is not None:
         raise UsageError("choose --top-k-classes or --class-samples, not both")
     partial = cfg.top_k_classes is not None or cfg.class_samples is not None or cfg.cache_dir
     if cfg.beta > 0 and partial:
-        flag = "--top-k-classes" if cfg.top_k_classes is not None else "--class-samples"
+        classes = "--top-k-classes" if cfg.top_k_classes is not None else "--class-samples"
         raise UsageError(f"--beta {cfg.beta} (reverse KL or JSD) needs the teacher's full "
-                         f"distribution, and {flag} (or a teacher cache, --method rskd/sekd3x) "
-                         "keeps some classes, for forward KL only: use --beta 0, or all classes")
+                         f"distribution, and {classes} (--method rskd/sekd3x; or {cache}) keeps "
+                         "some classes, for forward KL only: use --beta 0, or all classes")
     if cfg.cache_dir and cfg.class_samples is None:
-        raise UsageError("a teacher cache (--cache-dir, or --method sekd3x) stores sampled "
-                         "classes: set --class-samples (e.g. 64), not --top-k-classes")
+        raise UsageError(f"{cache} stores sampled classes: set --class-samples (e.g. 64), not "
+                         "--top-k-classes")
     if cfg.on_policy_fraction > 0 and cfg.cache_dir:
-        raise UsageError("--on-policy-fraction distills on responses the student generates, and a "
-                         "teacher cache (--cache-dir, or --method sekd3x) holds targets for the "
-                         "data's own text: use the teacher online (e.g. --method sekd)")
+        raise UsageError(f"--on-policy-fraction distills on the student's responses, and "
+                         f"{cache} holds targets for the data's own text: use the teacher online")
     if cfg.on_policy_fraction > 0 and cfg.ce_weight >= 1:
         raise UsageError("--on-policy-fraction needs the teacher to grade the generated tokens, "
                          "and --ce-weight 1 (--method ce) uses none: lower --ce-weight")
@@ -1472,8 +1438,7 @@ def check_combination(cfg):
         raise UsageError("--resume continues OUT_DIR's run, --overwrite replaces it")
 
 class Backbone(torch.nn.Module):
-    """What DDP wraps: the student's decoder alone, so that its LM head runs on selected rows
-    outside it."""
+    """What DDP wraps: the student's decoder alone; its LM head runs on selected rows outside."""
 
     def __init__(self, causal_lm):
         super().__init__()
@@ -1483,9 +1448,8 @@ class Backbone(torch.nn.Module):
         return hidden_states(self.causal_lm, input_ids, attention_mask)
 
 class Run:
-    """A training run. Set up cheapest first, so that bad input fails before any model loads; then
-    it holds what changes between steps (step, optimizer, GLS queue, history), which a checkpoint
-    saves."""
+    """A training run, set up cheapest first (bad input fails before any model loads); it then holds
+    what changes between steps (step, optimizer, GLS queue, history), which a checkpoint saves."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -1519,7 +1483,7 @@ class Run:
             load_checkpoint(self, saved, state)
 
     def load_data(self, saved):
-        """The training and held-out examples, refused where on-policy steps need prompts or a
+        """The training and held-out examples; refused where on-policy steps lack prompts, or a
         resume finds other data than its checkpoint's."""
         cfg = self.cfg
         self.examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
@@ -1555,7 +1519,7 @@ class Run:
         return student
 
     def choose_samples(self, student, state):
-        """The sample axis: the training examples distilled (cached sample i is kept[i])."""
+        """The sample axis: the examples distilled (cached sample i is kept[i])."""
         if state is not None:
             self.kept = state["kept"]
         elif self.cache is not None:
@@ -1568,8 +1532,7 @@ class Run:
         self.info.update(report)
 
     def build_cache(self):
-        """SE-KD 3X: the teacher's targets for the kept samples, cached once; training then runs
-        without the teacher."""
+        """SE-KD 3X: the teacher's targets for the kept samples, cached once; no teacher after."""
         cfg = self.cfg
         start = time.time()
         build_cache(self.teacher, self.examples[self.kept], cfg.cache_dir,
@@ -1582,8 +1545,7 @@ class Run:
         self.teacher = None
 
     def prepare_training(self, student):
-        """The student in training mode (under torchrun: DDP around its Backbone), AdamW, the GLS
-        queue, and a fresh history."""
+        """The student in training mode (torchrun: DDP of its Backbone), AdamW, GLS, a history."""
         cfg = self.cfg
         if self.device.type == "cuda":  # the peak memory then reports training, not building
             torch.cuda.empty_cache()
@@ -1613,8 +1575,7 @@ def check_flags_present(cfg):
         raise UsageError(f"--method {cfg.method} needs {' and '.join(missing)}")
 
 def choose_samples(cfg, student, teacher, examples):
-    """Sample axis: the training examples to distill, scored by the initial student, saved for a
-    rerun."""
+    """Sample axis: the examples distilled, scored by the initial student, saved for a rerun."""
     if cfg.ell >= 1:
         return torch.arange(len(examples))
     path = os.path.join(cfg.out_dir, "sample_selection.json")
@@ -1640,9 +1601,8 @@ def total_steps(cfg, num_kept):
     return cfg.max_steps or math.ceil(cfg.epochs * num_kept / per_step)
 
 def training_order(num_samples, global_batch, seed, first=0):
-    """Global micro-batches of sample indices from micro-batch `first` on: one shuffle per epoch,
-    epochs back to back (a batch may straddle two), so that every micro-batch is full and a resumed
-    run continues it."""
+    """Global micro-batches of sample indices from micro-batch `first` on: a shuffle per epoch,
+    epochs back to back, so every micro-batch is full and a resumed run continues the order."""
     generator = torch.Generator().manual_seed(seed)
     skip = first * global_batch
     pending = torch.empty(0, dtype=torch.long)
@@ -1665,9 +1625,8 @@ def prefetch(items, load):
             pending = following
 
 def read_batch(examples, cache, cache_rows, device):
-    """The CPU side of a micro-batch of examples: a dict of their tensors (attention_mask None when
-    every token is real) and, with a cache, the packed targets of its rows cache_rows and the flat
-    indices of the batch's valid positions they go to; pinned for async copies on CUDA."""
+    """The CPU side of a micro-batch: its tensors (attention_mask None when all tokens are real)
+    and, with a cache, its packed targets and their flat valid positions; pinned on CUDA."""
     batch = dict(input_ids=examples.input_ids, attention_mask=real_mask(examples.attention_mask),
                  loss_mask=examples.loss_mask)
     if cache is not None:
@@ -1678,9 +1637,8 @@ def read_batch(examples, cache, cache_rows, device):
     return {name: t if t is None else t.pin_memory() for name, t in batch.items()}
 
 def to_device(batch, cache, device):
-    """The device side: copy, and decode cached targets there (tensor ops, no host sync) -> the
-    inputs of distill_loss: input_ids, attention_mask, loss_mask and targets (None without a
-    cache)."""
+    """The device side: copy, and decode cached targets there (no host sync) -> distill_loss's
+    input_ids, attention_mask, loss_mask and targets (None without a cache)."""
     batch = {name: t if t is None else t.to(device, non_blocking=True) for name, t in batch.items()}
     entries = batch.pop("entries", None)
     positions = batch.pop("positions", None)
@@ -1691,14 +1649,11 @@ def to_device(batch, cache, device):
     return batch
 
 def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=None):
-    """One optimizer step over micro-batches (dicts of distill_loss's input_ids, and optionally
-    attention_mask, loss_mask and targets): forward, backward, clip, AdamW.
-    The gradient is the global batch's mean over samples (those with a selected position), however
-    many each micro-batch and rank holds: each backward sums its samples' losses, and the gradient
-    is then divided by the global count, from one all-reduce per step. Under DDP only the last
-    micro-batch syncs gradients (its forward decides that, so forward and backward both run under
-    no_sync). Returns stats summed over ranks, finite False (and no update, on every rank) when any
-    rank's loss or the gradient norm is not finite."""
+    """One optimizer step over micro-batches (dicts of distill_loss's inputs): forward, backward,
+    clip, AdamW. The gradient is the global batch's mean over its samples however they are split:
+    each backward sums its samples' losses, divided by the global count (one all-reduce). Under DDP
+    only the last micro-batch syncs gradients. -> stats summed over ranks; finite False (and no
+    update on any rank) when a loss or the gradient norm is not finite."""
     world = rank_world()[1]
     # loss x samples, samples, selected, valid, tokens, finite
     totals = torch.zeros(6, dtype=torch.float64)
@@ -1731,14 +1686,13 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
                 tokens=int(tokens), valid=int(valid), finite=finite)
 
 def on_policy_step(cfg, step):
-    """Whether step distills on the student's own responses: a draw of its own per step, the same on
-    every rank, that leaves the step's random state alone (--on-policy-fraction 0: never)."""
+    """Whether step distills on the student's own responses: its own draw, the same on every rank,
+    leaving the step's random state alone."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     return bool(torch.rand(1, generator=generator) < cfg.on_policy_fraction)
 
 def on_policy_batch(student, batch, cfg, eos_id):
-    """An on-policy micro-batch: batch's prompts with the student's responses, supervised on those
-    alone. generate() runs on the model itself: DDP's wrapper has none."""
+    """An on-policy micro-batch: the prompts with the student's responses, these supervised."""
     with autocast(batch["input_ids"].device):
         ids, mask, is_target = student_responses(unwrap(student), batch["input_ids"],
                                                   batch["loss_mask"], eos_id, cfg.max_new_tokens,
@@ -1747,9 +1701,8 @@ def on_policy_batch(student, batch, cfg, eos_id):
 
 @torch.no_grad()
 def evaluate(student, teacher, examples, cfg, max_batches=None):
-    """Held-out perplexity of the student and KL(teacher || student) at T = 1 over every valid
-    position of examples (Examples, or token ids [N, L]): the loss's own terms (Full KD and CE) on
-    held-out data. Under DDP each rank takes every world-th batch."""
+    """Held-out perplexity and KL(teacher || student) at T = 1 over every valid position of
+    examples: the loss's own terms. Under DDP each rank takes every world-th batch."""
     student = unwrap(student)
     rank, world = rank_world()
     was_training = student.training
@@ -1774,8 +1727,7 @@ def evaluate(student, teacher, examples, cfg, max_batches=None):
     return {"val_ppl": math.exp(ce / count), "val_kl": kl / count if teacher is not None else None}
 
 def train(cfg):
-    """Distill cfg.teacher into cfg.student on cfg.data; returns the metrics written to
-    metrics.json."""
+    """Distill cfg.teacher into cfg.student on cfg.data -> the metrics written to metrics.json."""
     from tqdm import tqdm
     start_time = time.time()
     with process_group(cfg):
@@ -1862,8 +1814,8 @@ def show_progress(bar, run, stats):
                     tok_s=f"{run.tokens / max(run.train_time, 1e-9):.0f}")
 
 def log_record(run, record):
-    """Keep a step's numbers, or an evaluation's, in the run (its checkpoint saves them) and on rank
-    0 as one line of OUT_DIR/log.jsonl, flushed as written."""
+    """Keep a step's or an evaluation's numbers in the run (checkpoints save them); rank 0 appends
+    them to OUT_DIR/log.jsonl, flushed."""
     (run.evals if "val_ppl" in record else run.history).append(record)
     if run.log is not None:
         run.log.write(json.dumps(record) + "\n")
@@ -1878,8 +1830,7 @@ def eval_teacher(run):
     return run.eval_teacher
 
 def save_and_evaluate(run, start_time):
-    """Save the student (atomically) first, then evaluate: a failed evaluation never loses a trained
-    one. -> the metrics, also written to metrics.json."""
+    """Save the student, then evaluate (a failed evaluation loses no student) -> the metrics."""
     cfg = run.cfg
     rank, world = rank_world()
     train_peak_mb = peak_memory_mb(run.device)
@@ -1933,8 +1884,7 @@ def barrier():
 
 @contextmanager
 def process_group(cfg):
-    """Under torchrun, one process group for the run (NCCL on CUDA, gloo on the CPU), destroyed at
-    its end."""
+    """Under torchrun, one process group (NCCL on CUDA, gloo on CPU), destroyed at the run's end."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]))
         if device.type == "cuda":
@@ -1954,8 +1904,7 @@ def peak_memory_mb(device):
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 def load_pretrained(auto_class, name, **kwargs):
-    """transformers' auto_class (AutoTokenizer, AutoConfig, AutoModelForCausalLM) from a directory
-    or the hub."""
+    """transformers' auto_class (AutoTokenizer, AutoConfig, ...) from a directory or the hub."""
     import transformers
     try:
         return getattr(transformers, auto_class).from_pretrained(name, **kwargs)
@@ -1964,15 +1913,13 @@ def load_pretrained(auto_class, name, **kwargs):
                          f"and the hub could not provide it ({first_line(err)})") from None
 
 def load_model(name, device, frozen=False):
-    """A causal LM in float32 on device; frozen (a teacher): eval, no grad, and bf16 on CUDA
-    (paper)."""
+    """A causal LM in float32 on device; frozen (a teacher): eval, no grad, bf16 on CUDA (paper)."""
     dtype = torch.bfloat16 if frozen and device.type == "cuda" else torch.float32
     model = load_pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
     return model.eval().requires_grad_(False) if frozen else model
 
 def checkpoint_activations(model):
-    """The model's own activation checkpointing: each decoder layer recomputes its activations in
-    backward (non-reentrant, which DDP and a direct call of the decoder support)."""
+    """Each decoder layer recomputes its activations in backward (non-reentrant, as DDP needs)."""
     if hasattr(model, "activation_checkpointing_enable"):   # its name from transformers 5.2x on
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
@@ -1998,9 +1945,8 @@ def fsync(path):
         os.close(fd)
 
 def durable_replace(tmp, path):
-    """Rename tmp (a file or a directory of files) over path durably: its bytes reach the disk
-    before the rename, the rename before anything that follows: a power loss never leaves path
-    naming empty files."""
+    """Rename tmp (a file, or a directory of files) over path durably: its bytes reach the disk
+    before the rename, so a power loss never leaves path naming empty files."""
     if os.path.isdir(tmp):
         for name in os.listdir(tmp):
             fsync(os.path.join(tmp, name))
@@ -2020,8 +1966,7 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
 
 def fingerprint(examples):
-    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks give
-    another."""
+    """sha256 of the examples' token ids, masks and shape: other data, tokenizer or masks differ."""
     examples = as_examples(examples)
     digest = hashlib.sha256(str(tuple(examples.input_ids.shape)).encode())
     digest.update(examples.input_ids.to(torch.int64).contiguous().numpy().tobytes())
@@ -2036,10 +1981,9 @@ def file_sha256(path):
 UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
 
 def weights_fingerprint(model_name, blocks=256):
-    """A model by content (a copy elsewhere matches): its config.json (rope, soft-capping,
-    logit_scale change the logits) and ~1 MiB per weight file: its name and size, the first 64 KiB
-    (safetensors: each tensor's name, dtype, shape, offset) and 4 KiB at `blocks` offsets. Training
-    further changes every block; one weight edited by hand between the blocks goes unseen."""
+    """A model by content (a copy elsewhere matches): its config.json and ~1 MiB per weight file
+    (name, size, the first 64 KiB with safetensors' header, 4 KiB at `blocks` offsets). Training
+    changes every block; one weight edited by hand between blocks goes unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     directory = model_name
     if not os.path.isdir(model_name):
@@ -2061,8 +2005,7 @@ def weights_fingerprint(model_name, blocks=256):
     return digest.hexdigest()
 
 def shared_vocab_size(v_teacher, v_student, tokenizer_len):
-    """None when both heads have one size; tokenizer_len when they differ only by padding rows
-    beyond it."""
+    """None for heads of one size; tokenizer_len when they differ only by padding rows beyond it."""
     if v_teacher == v_student:
         return None
     if min(v_teacher, v_student) >= tokenizer_len:
@@ -2072,9 +2015,8 @@ def shared_vocab_size(v_teacher, v_student, tokenizer_len):
                      "tokenizer family")
 
 def check_models(cfg, tokenizer):
-    """From the configs alone (no weights): one shared vocabulary, and class settings that fit it.
-    tokenizer: the student's, which renders the data and is saved with it; a teacher's other EOS or
-    template is said."""
+    """From the configs alone: one shared vocabulary and class settings that fit it. tokenizer: the
+    student's, which renders the data; a teacher's other EOS or template is noted."""
     names = [name for name in (cfg.student, cfg.teacher) if name]
     heads = [load_pretrained("AutoConfig", name).get_text_config().vocab_size for name in names]
     if cfg.teacher:
@@ -2112,8 +2054,7 @@ CACHE_KEYS = {
                    "--max-tokens)"}
 
 def cache_identity(cfg):
-    """A cache's makers: the teacher's weights, and the student and signal that chose its samples,
-    if any."""
+    """A cache's makers: the teacher's weights; the student and signal that chose its samples."""
     chosen = cfg.ell < 1
     student = None
     if chosen and not cfg.cache_any_student:
@@ -2122,8 +2063,7 @@ def cache_identity(cfg):
             "sample_signal": cfg.sample_signal if chosen else None, "seq_len": cfg.seq_len}
 
 def open_cache(cfg, examples, vocab):
-    """Open cfg.cache_dir if it was built for this run's data, settings and models; report its
-    size."""
+    """Open cfg.cache_dir if built for this run's data, settings and models; report its size."""
     cache = TeacherCache(cfg.cache_dir)
     keep = budget(len(examples), cfg.ell)
     if len(cache) != keep or max(cache.sample_ids, default=-1) >= len(examples):
@@ -2171,8 +2111,7 @@ def check_out_dir(cfg):
 
 def check_resume(cfg, saved, num_kept):
     """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a
-    step budget it has already passed, or (curriculum, whose window follows step / last step)
-    another budget."""
+    budget already passed, or (curriculum, whose window follows step / last step) another budget."""
     world = rank_world()[1]
     if saved["world_size"] != world:  # the data order is cut into global batches
         raise UsageError(f"--resume: the checkpoint's run had {saved['world_size']} process(es), "
@@ -2197,9 +2136,8 @@ def check_resume(cfg, saved, num_kept):
                          f"{total})")
 
 def save_student(run, path):
-    """The student with its tokenizer as save_pretrained writes them (from_pretrained, vLLM and
-    lm-eval load it), in a temp directory renamed over path: a half-saved model never looks whole.
-    """
+    """The student and tokenizer as save_pretrained writes them (vLLM and lm-eval load it), in a
+    temp directory renamed over path: a half-saved model never looks whole."""
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".student.")
     unwrap(run.student).save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
@@ -2207,9 +2145,9 @@ def save_student(run, path):
     durable_replace(tmp, path)
 
 def save_checkpoint(run):
-    """OUT_DIR/checkpoint: the student (student-N/, save_pretrained's; the link student/ names the
-    newest) and the optimizer's state (state-N.safetensors), then checkpoint.json, each written
-    durably, checkpoint.json last: a crash or power loss leaves the previous checkpoint whole."""
+    """OUT_DIR/checkpoint: the student (student-N/; the link student/ names the newest), the
+    optimizer state (state-N.safetensors), then checkpoint.json, durably: a crash leaves the last
+    one whole."""
     directory = os.path.join(run.cfg.out_dir, "checkpoint")
     if rank_world()[0] == 0:
         os.makedirs(directory, exist_ok=True)
@@ -2240,8 +2178,7 @@ def save_checkpoint(run):
     barrier()
 
 def load_checkpoint(run, saved, tensors):
-    """Restore what save_checkpoint saved but the student (loaded from it); tensors: its state file,
-    on the CPU (AdamW moves its state to its parameters' device)."""
+    """Restore what save_checkpoint saved but the student; tensors: its state file, on the CPU."""
     state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -2258,10 +2195,8 @@ def load_checkpoint(run, saved, tensors):
     run.info = {**saved["info"], **run.info}
 
 def start_outputs(cfg, step):
-    """Rank 0's OUT_DIR, once every check has passed: an earlier run's outputs removed
-    (--overwrite), and log.jsonl opened for appending, holding the lines of steps up to `step` (a
-    resume continues the log with no step missing or twice; a line torn by a hard kill is dropped).
-    """
+    """Rank 0's OUT_DIR once every check passed: --overwrite's removals, and log.jsonl to append to,
+    with the lines of steps up to `step` (none missing or twice; a torn line dropped)."""
     if cfg.overwrite:
         for name in OUTPUTS:
             remove_path(os.path.join(cfg.out_dir, name))
@@ -2282,8 +2217,7 @@ def logged_step(line):
 
 @contextmanager
 def caught_signals():
-    """SIGINT/SIGTERM are noted: the loop ends its step, saves and stops. A second one stops at
-    once."""
+    """SIGINT/SIGTERM are noted: the loop ends its step, saves and stops; a second stops at once."""
     caught = []
 
     def remember(signum, frame):
@@ -2358,8 +2292,7 @@ def timed(device, job):
 
 def bench_steps(method, student, teacher, blocks, device, cache=None, batch=8, on_policy=False,
                 beta=0.0):
-    """A training step per batch as train() runs it (dense baselines: their own loss)
-    -> yields (step s, wait s)."""
+    """A training step per batch as train() runs it (dense baselines: their own) -> (step, wait)."""
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
     examples = as_examples(blocks)
     # cache row i holds blocks[i]
@@ -2394,8 +2327,7 @@ def dense_full_kd_loss(student, teacher, input_ids):
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
 
 def dense_step(method, student, teacher, ids, optimizer):
-    """A step of a dense baseline: Full KD from full logits, or ce (the floor: next-token CE, no
-    teacher)."""
+    """A dense baseline's step: Full KD from full logits, or ce (next-token CE, no teacher)."""
     with autocast(ids.device):
         if method == "full_dense":
             loss = dense_full_kd_loss(student, teacher, ids)
@@ -2408,8 +2340,7 @@ def dense_step(method, student, teacher, ids, optimizer):
 
 @torch.no_grad()
 def teacher_forward(teacher, blocks, batch):
-    """The teacher's decoder and LM head at every position, nothing kept: what building a cache
-    adds to."""
+    """The teacher's decoder and head at every position, nothing kept: what a cache build adds."""
     with autocast(unwrap(teacher).device):
         head = lm_head(teacher)   # made once, as build_cache does
         for part in blocks.split(batch):
@@ -2417,10 +2348,9 @@ def teacher_forward(teacher, blocks, batch):
                 head(chunk)
 
 def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
-    """One pass of method over num_batches * batch random blocks after a warm-up step, pre-pass and
-    cache build included -> seconds, median step, peak memory, the median wait for cached targets
-    (sekd3x_reuse), a cache build of every block against the teacher's forward alone
-    (sekd3x_build)."""
+    """One pass of method over num_batches * batch random blocks after a warm-up, pre-pass and cache
+    build included -> seconds, median step, peak memory; sekd3x_reuse: the median wait for cached
+    targets; sekd3x_build: a cache build of every block against the teacher's forward alone."""
     torch.manual_seed(0)
     blocks = torch.randint(0, shape["vocab"], (num_batches * batch, seq))
     steps = []
@@ -2498,7 +2428,7 @@ BENCH_HEADER = (f"{'method':<13} {'pass s':>7} {'/full_dense':>11} {'step ms':>8
                 f"{'peak MB':>8} {'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}")
 
 def bench(argv):
-    """One pass of each method over the same blocks, its median step and peak memory: rows, then
+    """One pass of each method over the same blocks: median step and peak memory; rows, then
     JSON."""
     args = bench_arguments(argv)
     device = args.device
@@ -2558,9 +2488,8 @@ def print_cache_ratios(results, cache):
 # ==== 11. Show: `python sekd.py show` draws a text with the positions SE-KD selects in it
 @torch.no_grad()
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
-    """One sequence [1, L] scored and selected as a training step would (batch_scores,
-    position_weights) -> scores, selected, valid and KL(teacher || student) (None without a
-    teacher), each [T]."""
+    """One sequence [1, L] scored and selected as a training step would -> scores, selected, valid
+    and KL(teacher || student) (None without a teacher), each [T]."""
     valid = valid_positions(input_ids, None, loss_mask)
 
     def scores_of(signal):
@@ -2572,9 +2501,8 @@ def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     return scores, weights[0] > 0, valid[0], kl
 
 def token_pieces(offsets):
-    """The drawn pieces of a text: [(start, stop, tokens)], tokens that share characters (the
-    byte-level tokens of one emoji or CJK character) in one piece; tokens without characters (BOS,
-    EOS) in none."""
+    """The drawn pieces of a text, [(start, stop, tokens)]: tokens sharing characters (the bytes of
+    an emoji) in one piece; tokens without characters (BOS, EOS) in none."""
     pieces = []
     for j, (start, stop) in enumerate(offsets):
         if pieces and start < pieces[-1][1]:
@@ -2585,10 +2513,8 @@ def token_pieces(offsets):
     return pieces
 
 def render_marks(text, offsets, marked, shade, dim, style, titles):
-    """text with token j marked (marked[j]), shaded (shade[j] in [0, 1]) and dimmed (dim[j]): plain
-    (⟦token⟧, nothing else added), ansi (bold underlined, a red background) or html (a <span> per
-    piece, escaped). A piece of tokens that share characters is marked when any of them is
-    -> (the drawing, the marks drawn)."""
+    """text with token j marked, shaded (shade[j] in [0, 1]) and dimmed: plain (⟦token⟧, nothing
+    else added), ansi (bold underlined on red) or html (escaped) -> (drawing, marks drawn)."""
     out = []
     end = 0
     marks = 0
@@ -2638,8 +2564,8 @@ SHOW_FLAGS = [   # name, type, default, help
     ("device", str, "auto", "auto, cpu or cuda[:i]")]
 
 def show(argv):
-    """Draw one text with the positions a training step would supervise, each on the token it
-    predicts."""
+    """Draw a text with the positions a training step would supervise, on the tokens they
+    predict."""
     parser = argparse.ArgumentParser(prog="sekd.py show", description=show.__doc__)
     parser.error = usage_error
     for name, flag_type, default, text in SHOW_FLAGS:
@@ -2671,9 +2597,8 @@ def show(argv):
     print_show(args, cfg, text, offsets, scores, selected, valid, kl)
 
 def show_row(args, cfg, tokenizer):
-    """The row to show, encoded exactly as training encodes it (encode_rows, truncated to
-    --seq-len): ids, is_target, its text and each token's character span in it. --text is a
-    document (a text row)."""
+    """The row to show, encoded as training encodes it (encode_rows, cut to --seq-len): ids,
+    is_target, its text and each token's span in it. --text is a document (a text row)."""
     if args.data:
         row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
         if row is None:
@@ -2734,16 +2659,15 @@ def usage_error(message):
     sys.exit(2)
 
 def add_flag(parser, name, *aliases, **options):
-    """--name-with-dashes, shown in --help, and --name_with_underscores (HF Trainer's spelling),
-    hidden."""
+    """--name-with-dashes in --help, and --name_with_underscores (HF Trainer's spelling), hidden."""
     parser.add_argument("--" + name.replace("_", "-"), *aliases, dest=name, **options)
     if "_" in name:
         hidden = {**options, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS}
         parser.add_argument("--" + name, dest=name, **hidden)
 
 def flag_help(f):
-    """A Config field's --help: its one line, its range, and its default (per --method for the
-    fields a preset sets)."""
+    """A Config field's --help: its line, its range, its default (per --method for preset
+    fields)."""
     text = f.metadata["help"].replace("%", "%%")
     if f.metadata["rules"]:
         text += f" ({' and '.join(f.metadata['rules'])})"
