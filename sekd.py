@@ -131,8 +131,7 @@ def kl_rows(p_logits, q_logits, temperature=1.0):
     return kl.clamp(min=0)
 
 def standardize(scores, valid=None):
-    """z-scores over the last axis's valid entries (population sd); 0 for constant rows and invalid
-    ones."""
+    """z-scores over the last axis's valid entries (population sd); 0 where constant or invalid."""
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
     n = valid.sum(-1, keepdim=True).clamp(min=1)
@@ -332,14 +331,13 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
 # ==== 3. Class axis (paper: C_t): full KL (or TRL's generalized JSD), top-k classes with a tail
 #      bucket, sampled classes (RS-KD)
 def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
-    """KL(p_T || q_T) * T^2 per row: [N, V] x 2 -> [N] (Hinton's T^2 keeps gradients alike across
-    T)."""
+    """KL(p_T || q_T) * T^2 per row: [N, V] x 2 -> [N] (T^2 keeps gradients alike across T)."""
     return generalized_jsd(student_logits, teacher_logits, 0.0, temperature, chunk_size)
 
 def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
-    """TRL's divergences per row x T^2, [N, V] x 2 -> [N]: beta 0 KL(p_T || q_T), beta 1 KL(q_T ||
-    p_T), between the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 -
-    beta) q."""
+    """TRL's divergences x T^2 per row, [N, V] x 2 -> [N]: beta 0 KL(p_T || q_T), 1 KL(q_T || p_T);
+    between, the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta)
+    q."""
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
                                    chunk_size)
 
@@ -404,8 +402,7 @@ class ChunkedDivergence(torch.autograd.Function):
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a tail bucket: [N]. The
-    bucket keeps a divergence (>= 0, <= full KL, equal at top_k = V); dropping the tail is
-    biased."""
+    bucket keeps a divergence (>= 0, <= full KL, equal at top_k = V); no tail would be biased."""
     kept = teacher_logits.topk(top_k, dim=-1).indices                             # [N, K]
 
     def coarsen(logits):  # log-probabilities of the K kept classes and the tail: [N, K + 1]
