@@ -33,8 +33,7 @@ def unwrap(model):
     return getattr(model, "causal_lm", model)
 
 def hidden_states(model, input_ids, attention_mask=None):
-    """Final hidden states [B, L, H] of the model's decoder (no LM head, no KV cache). No mask:
-    every token is real, and attention takes its causal kernel."""
+    """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return ddp_hidden_states(model, input_ids, attention_mask)
     decoder = model.get_decoder()
@@ -258,9 +257,9 @@ def interpolated_quantile(values, q):
 
 class GlobalThreshold:
     """GLS: keep every position whose u(t) reaches tau, the (1 - k) quantile of the last `size`
-    valid scores before this batch (a FIFO queue across steps): counts vary per sample. Scores tied
-    at tau are kept at random, with the chance that makes the queue's kept share k. Under DDP the
-    queue takes every rank's scores in rank order: it equals one process's."""
+    valid scores before this batch (a FIFO queue across steps): counts vary per sample. Ties at tau
+    are kept at random, so that the kept share is k (else a queue of equal scores keeps all). Under
+    DDP the queue takes every rank's scores, as one process would."""
 
     def __init__(self, size=30_000):
         self.size = size
@@ -336,8 +335,7 @@ def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
 
 def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
     """TRL's divergences x T^2 per row, [N, V] x 2 -> [N]: beta 0 KL(p_T || q_T), 1 KL(q_T || p_T);
-    between, the generalized JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta)
-    q."""
+    between, the JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q."""
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
                                    chunk_size)
 
@@ -532,8 +530,7 @@ def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None
 
 def class_kl(student_logits, cfg, teacher_logits=None, targets=None):
     """The class axis C_t, a KL per selected row [N]: over all classes, the teacher's top-k plus a
-    tail, or U classes sampled from the teacher (online, or cached targets). cfg.beta > 0 (TRL's;
-    absent: 0): the reverse KL or a generalized JSD."""
+    tail, or U classes sampled from the teacher (online or cached); beta > 0: reverse KL, JSD."""
     beta = getattr(cfg, "beta", 0.0)
     keeps_some_classes = targets is not None or cfg.class_samples or cfg.top_k_classes
     if beta > 0 and keeps_some_classes:
@@ -577,13 +574,12 @@ def mean_over_samples(losses, weights, selected):
 def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
                  progress=0.0, gls=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
-
-    Each backbone runs once; the LM heads run on the selected rows only (the teacher's without
-    grad). attention_mask None: every token is real. loss_mask [B, L] (bool or 0/1): the tokens the
-    student learns; position t is supervised only where loss_mask[:, t + 1] (None: everywhere).
-    targets: cached sparse (ids, weights) [B, T, U]; teacher may then be None. progress (step /
-    last step) drives the curriculum; gls is GLS's queue. Reads cfg's positions, k, signal,
-    temperature, ce_weight, top_k_classes, class_samples, vocab_size, chunk_size (and beta)."""
+    Each backbone runs once; the LM heads run on the selected rows only. attention_mask None: all
+    tokens real. loss_mask [B, L] (bool or 0/1): position t is supervised only where
+    loss_mask[:, t + 1] (None: everywhere). targets: cached sparse (ids, weights) [B, T, U]
+    (teacher may then be None). progress (step / last step) drives the curriculum; gls is GLS's
+    queue. Reads cfg's positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
+    vocab_size, chunk_size and beta."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
@@ -617,16 +613,14 @@ def check_inputs(student, teacher, cfg, targets):
     """Refuse a batch the loss cannot distill: two vocabularies, or KD without a teacher."""
     if teacher is not None and cfg.vocab_size is None and head_size(teacher) != head_size(student):
         raise ValueError(f"teacher and student heads have different vocabulary sizes "
-                         f"({head_size(teacher)} vs {head_size(student)}): KD needs one shared "
-                         "vocabulary. If they differ only by padding rows, set Config.vocab_size "
-                         "to the tokenizer's length.")
+                         f"({head_size(teacher)} vs {head_size(student)}): KD needs one; for "
+                         "padding rows, set Config.vocab_size to the tokenizer's length")
     if cfg.ce_weight < 1 and teacher is None and targets is None:
         raise ValueError("KD needs a teacher or cached targets; only ce_weight = 1 trains without")
 
 def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms):
-    """The batch's numbers as plain floats, in one host sync: loss, samples, selected and valid
-    positions, real tokens, the terms' means, the selected share (0 where nothing is supervised:
-    the loss is then 0, its gradients too)."""
+    """The batch's numbers as floats, one host sync: loss, samples, selected and valid positions,
+    real tokens, the terms' means, the selected share (none to supervise: loss 0, gradients 0)."""
     tokens = torch.tensor(input_ids.numel()) if attention_mask is None else attention_mask.sum()
     numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(),
                    valid=valid.sum(), tokens=tokens, **terms)
@@ -634,9 +628,8 @@ def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
     stats["share"] = stats["selected"] / max(stats["valid"], 1)
     return stats
 
-# On-policy distillation (paper: on-policy SE-KD; GKD): the same loss on responses the student
-# samples itself, the loss mask on the generated tokens: SE-KD supervises the forks where its own
-# sample wavered.
+# On-policy (paper: on-policy SE-KD; GKD): the same loss on the student's own sampled responses,
+# the loss mask on the generated tokens: SE-KD supervises the forks where its sample wavered.
 def prompt_lengths(loss_mask):
     """Each sample's prompt: the tokens before its last run of targets (the response), [B]."""
     is_target = loss_mask.bool()
@@ -646,10 +639,10 @@ def prompt_lengths(loss_mask):
 
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each sample's prompt
-    with up to max_new_tokens tokens drawn from softmax(z / temperature), until its EOS. input_ids,
-    loss_mask [B, L] -> input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the
-    prompt, then the response (EOS included) as targets."""
+    """The model (a Hugging Face one, in eval mode while it samples) answers each prompt with up to
+    max_new_tokens tokens drawn from softmax(z / temperature), until its EOS. input_ids, loss_mask
+    [B, L] -> input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt,
+    then the response (EOS included) as targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
@@ -668,9 +661,8 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
 def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
     from transformers import GenerationConfig
-    # A fresh generation config: generate() would otherwise fill every unset field from the
-    # checkpoint's generation_config.json (repetition_penalty, suppress_tokens, ...), and the
-    # responses would no longer be draws from softmax(z / T).
+    # A fresh config: generate() would fill every unset field from generation_config.json
+    # (repetition_penalty, suppress_tokens, ...), and draw from softmax(z / T) no more.
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                                 pad_token_id=eos_id)
@@ -855,8 +847,7 @@ def write_manifest(path, header, names, positions):
 
 class TeacherCache:
     """A built cache, read-only: opening checks every shard's sha256 and memory-maps it. read()
-    slices a batch's packed entries on the CPU (a step ahead); decode() expands them on the
-    device."""
+    slices a batch's packed entries on the CPU (a step ahead); decode() expands them on device."""
 
     def __init__(self, path):
         self.path = path
@@ -1030,8 +1021,7 @@ def chat_text(tokenizer, messages, generation_prompt=False):
                                          add_generation_prompt=generation_prompt)
 
 def end_of_turn(tokenizer, context):
-    """The text a chat template puts after an assistant turn (<|im_end|> and newline,
-    <|eot_id|>)."""
+    """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>)."""
     one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}])
     other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}])
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
@@ -1189,8 +1179,7 @@ def load_examples(cfg, tokenizer):
     """(training Examples, held-out Examples, {data_format, dropped_examples}) of cfg.data. Row i is
     held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows
     for any budget, no block shared with training. Reading stops at --max-documents rows, or once
-    training holds --max-tokens tokens and a held-out row has come (streamed, the rest never
-    comes)."""
+    training holds --max-tokens tokens and a held-out row has come (streamed: no more is read)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
@@ -1273,8 +1262,7 @@ class RowReader:
 # ==== 8. The run (paper: AdamW, lr 1e-5 constant, grad-norm clip 1.0, bf16 on GPUs): its Config,
 #      the setup (data, models, the sample axis and the cache), one optimizer step, and the loop
 class RunStopped(RuntimeError):
-    """A run stopped before its end (interrupted, not finite, evaluation failed); its exit
-    status."""
+    """A run stopped before its end (interrupted, not finite, evaluation failed); exit status."""
 
     def __init__(self, message, exit_status=1):
         super().__init__(message)
@@ -2142,9 +2130,8 @@ def save_student(run, path):
     durable_replace(tmp, path)
 
 def save_checkpoint(run):
-    """OUT_DIR/checkpoint: the student (student-N/; the link student/ names the newest), the
-    optimizer state (state-N.safetensors), then checkpoint.json, durably: a crash leaves the last
-    one whole."""
+    """OUT_DIR/checkpoint: the student (student-N/; the link student/ names the newest), the AdamW
+    state (state-N.safetensors), then checkpoint.json, durably: a crash leaves one whole."""
     directory = os.path.join(run.cfg.out_dir, "checkpoint")
     if rank_world()[0] == 0:
         os.makedirs(directory, exist_ok=True)
@@ -2425,8 +2412,7 @@ BENCH_HEADER = (f"{'method':<13} {'pass s':>7} {'/full_dense':>11} {'step ms':>8
                 f"{'peak MB':>8} {'step/full_dense':>15} {'peak/full_dense':>15} {'step/ce':>7}")
 
 def bench(argv):
-    """One pass of each method over the same blocks: median step and peak memory; rows, then
-    JSON."""
+    """One pass of each method over the same blocks: median step, peak memory; rows, then JSON."""
     args = bench_arguments(argv)
     device = args.device
     shape = args.shape
@@ -2561,8 +2547,7 @@ SHOW_FLAGS = [   # name, type, default, help
     ("device", str, "auto", "auto, cpu or cuda[:i]")]
 
 def show(argv):
-    """Draw a text with the positions a training step would supervise, on the tokens they
-    predict."""
+    """Draw a text with the positions a training step would supervise, on the tokens predicted."""
     parser = argparse.ArgumentParser(prog="sekd.py show", description=show.__doc__)
     parser.error = usage_error
     for name, flag_type, default, text in SHOW_FLAGS:
@@ -2663,8 +2648,7 @@ def add_flag(parser, name, *aliases, **options):
         parser.add_argument("--" + name, dest=name, **hidden)
 
 def flag_help(f):
-    """A Config field's --help: its line, its range, its default (per --method for preset
-    fields)."""
+    """A Config field's --help: its line, range and default (per --method for preset fields)."""
     text = f.metadata["help"].replace("%", "%%")
     if f.metadata["rules"]:
         text += f" ({' and '.join(f.metadata['rules'])})"
