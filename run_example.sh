@@ -23,8 +23,7 @@ PYTHON=${PYTHON:-python}
 SEEDS=${SEEDS:-0}
 QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about a minute on 2 cores) to check an install or a change
 if [ "$QUICK" = 1 ]; then   # every method a few steps on a small corpus: the tables, not results
-  WORK=${WORK:-example_quick} STEPS=${STEPS:-4} TEACHER_STEPS=${TEACHER_STEPS:-8}
-  STUDENT_STEPS=${STUDENT_STEPS:-6} KD_DOCUMENTS=${KD_DOCUMENTS:-12} EVAL_BATCHES=${EVAL_BATCHES:-2}
+  WORK=${WORK:-example_quick} STEPS=${STEPS:-4} KD_DOCUMENTS=${KD_DOCUMENTS:-12} EVAL_BATCHES=${EVAL_BATCHES:-2}
   export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-60}
   echo "== QUICK=1: a smoke run; its numbers check that everything runs, they are not results"
 fi
@@ -82,6 +81,10 @@ for name, hidden, layers in [("teacher_init", 256, 4), ("student_init", 96, 2)]:
     AutoModelForCausalLM.from_config(config).save_pretrained(f"{work}/{name}")
     tokenizer.save_pretrained(f"{work}/{name}")
 EOF
+  TEACHER="$WORK/teacher_init"
+  STUDENT="$WORK/student_init"
+fi
+if [ "$QUICK" != 1 ] && [ "$TEACHER" = "$WORK/teacher_init" ]; then   # a smoke run distills the models as built
   echo "== pre-training the teacher with next-token CE ($TEACHER_STEPS steps)"
   "$PYTHON" sekd.py --method ce --student "$WORK/teacher_init" --data "$DATA" --max-steps "$TEACHER_STEPS" \
     --out-dir "$WORK/teacher" --seed 0 --lr "$PRETRAIN_LR" "${COMMON[@]}" > "$WORK/teacher.log" 2>&1
@@ -94,24 +97,27 @@ EOF
 fi
 
 COMMON+=(--max-documents "$KD_DOCUMENTS" --lr "$LR")
-echo "== held-out quality of the teacher and of the student before distillation"
-"$PYTHON" - "$TEACHER" "$STUDENT" "$DATA" "$WORK/start.json" "${COMMON[@]}" <<'EOF'
-import json, sys
-import sekd
-teacher_path, student_path, data, out, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
-cfg = sekd.parse_config(["--student", student_path, "--data", data, "--method", "ce", *flags])
-device = sekd.resolve_device(cfg.device)
-_, held_out, _ = sekd.load_examples(cfg, sekd.load_pretrained("AutoTokenizer", student_path))
-teacher = sekd.load_model(teacher_path, device, frozen=True)
-student = sekd.load_model(student_path, device)
-start = {"teacher": sekd.evaluate(teacher, None, held_out, cfg, cfg.eval_batches),
-         "student_before": sekd.evaluate(student, teacher, held_out, cfg, cfg.eval_batches)}
-json.dump(start, open(out, "w"))
-EOF
-
 for seed in $SEEDS; do
   mkdir -p "$WORK/seed$seed"
   rm -rf "$WORK/seed$seed/sekd3x/teacher_cache"  # so that the first sekd3x run measures a cache build
+  if [ "$QUICK" = 1 ]; then   # a smoke run: the same runs through sekd.main in one process (start-ups are slow)
+    "$PYTHON" - "$WORK/seed$seed" "$seed" "$STEPS" "$METHODS" --teacher "$TEACHER" --student "$STUDENT" \
+      --data "$DATA" "${COMMON[@]}" <<'EOF'
+import contextlib, sys
+import sekd
+out, seed, steps, methods, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5:]
+for run in methods + ["sekd3x_reuse"] * ("sekd3x" in methods):
+    print(f"== seed {seed}, student: {run} ({steps} steps)", flush=True)
+    method = ["--method", run] if run != "sekd3x_reuse" else ["--method", "sekd3x", "--cache-dir", f"{out}/sekd3x/teacher_cache"]
+    try:
+        with open(f"{out}/{run}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            sekd.main([*method, "--max-steps", steps, "--seed", seed, "--out-dir", f"{out}/{run}", *flags])
+    except SystemExit:   # a refused or stopped run: its log's end, as a run of its own shows it
+        print("".join(open(f"{out}/{run}.log").readlines()[-5:]), end="")
+        raise
+EOF
+    continue
+  fi
   for method in $METHODS; do
     echo "== seed $seed, student: $method ($STEPS steps)"
     "$PYTHON" sekd.py --method "$method" --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
@@ -126,7 +132,7 @@ for seed in $SEEDS; do
   fi
 done
 
-echo "== where each student's gain lands: held-out KL and CE on the starting student's top-20% positions"
+echo "== held-out quality of the teacher and of each student, and where each student's gain lands"
 "$PYTHON" - "$TEACHER" "$STUDENT" "$DATA" "$WORK" "$SEEDS" "$METHODS" "${COMMON[@]}" <<'EOF'
 import json, sys, torch
 import sekd
@@ -162,6 +168,9 @@ split = {name: {"split": {"kl_top": kl_top / n_top, "kl_rest": kl_rest / n_rest,
          for name, (kl_top, kl_rest, ce_top, ce_rest, n_top, n_rest, kl_own, kl_all) in
          ((name, s.tolist()) for name, s in sums.items())}
 json.dump(split, open(f"{work}/split.json", "w"))
+start = {"teacher": sekd.evaluate(teacher, None, held_out, cfg, cfg.eval_batches),
+         "student_before": sekd.evaluate(models["student_before"], teacher, held_out, cfg, cfg.eval_batches)}
+json.dump(start, open(f"{work}/start.json", "w"))
 tokenizer = sekd.load_pretrained("AutoTokenizer", student_path)   # an excerpt for show: 64 tokens of a held-out block
 open(f"{work}/excerpt.txt", "w").write(tokenizer.decode(held_out.input_ids[len(held_out) // 2, :64]))
 EOF
