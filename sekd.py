@@ -1645,6 +1645,7 @@ def train_step(student, teacher, batches, cfg, optimizer, *, progress=0.0, gls=N
     for i, batch in enumerate(batches):
         device = batch["input_ids"].device
         syncs = i == len(batches) - 1 or not hasattr(student, "no_sync")
+        # DDP's forward decides whether its backward syncs: both run under no_sync, or neither
         with nullcontext() if syncs else student.no_sync():
             with autocast(device):
                 loss, stats = distill_loss(student, teacher, batch["input_ids"],
@@ -1678,7 +1679,7 @@ def on_policy_step(cfg, step):
 
 def on_policy_batch(student, batch, cfg, eos_id):
     """An on-policy micro-batch: the prompts with the student's responses, these supervised."""
-    with autocast(batch["input_ids"].device):
+    with autocast(batch["input_ids"].device):   # generate() on the model: DDP's wrapper has none
         ids, mask, is_target = student_responses(unwrap(student), batch["input_ids"],
                                                   batch["loss_mask"], eos_id, cfg.max_new_tokens,
                                                   cfg.gen_temperature)
@@ -1966,9 +1967,10 @@ def file_sha256(path):
 UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
 
 def weights_fingerprint(model_name, blocks=256):
-    """A model by content (a copy elsewhere matches): its config.json and ~1 MiB per weight file
-    (name, size, the first 64 KiB with safetensors' header, 4 KiB at `blocks` offsets). Training
-    changes every block; one weight edited by hand between blocks goes unseen."""
+    """A model by content (a copy elsewhere matches): its config.json (rope or soft-capping change
+    the logits) and ~1 MiB per weight file (name, size, the first 64 KiB with safetensors' header, 4
+    KiB at `blocks` offsets). Training changes every block; one weight edited between blocks goes
+    unseen."""
     from huggingface_hub import snapshot_download  # for a hub name: its downloaded snapshot
     directory = model_name
     if not os.path.isdir(model_name):
@@ -2162,7 +2164,8 @@ def save_checkpoint(run):
     barrier()
 
 def load_checkpoint(run, saved, tensors):
-    """Restore what save_checkpoint saved but the student; tensors: its state file, on the CPU."""
+    """Restore what save_checkpoint saved but the student; tensors: its state file, on the CPU
+    (AdamW moves its state to its parameters' device)."""
     state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
