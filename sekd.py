@@ -339,6 +339,10 @@ def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
                                    chunk_size)
 
+def log_mixture(log_p, log_q, beta):
+    """log m, m = beta p + (1 - beta) q, from log-probabilities: the JSD's midpoint."""
+    return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+
 def divergence_rows(teacher_logits, student_logits, beta, temperature):
     """generalized_jsd's divergence per row [N], before the T^2."""
     if beta == 0:
@@ -347,7 +351,7 @@ def divergence_rows(teacher_logits, student_logits, beta, temperature):
     log_q = log_softmax_t(student_logits, temperature)
     if beta == 1:
         return (log_q.exp() * (log_q - log_p)).sum(-1).clamp(min=0)
-    log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+    log_m = log_mixture(log_p, log_q, beta)
     kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
     kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
     return (beta * kl_p + (1 - beta) * kl_q).clamp(min=0)
@@ -364,7 +368,7 @@ def divergence_grad(teacher_logits, student_logits, beta, temperature):
     if beta == 1:
         g = log_q - log_p
     else:
-        log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        log_m = log_mixture(log_p, log_q, beta)
         g = (1 - beta) * (log_q - log_m)
     return q * (g - (q * g).sum(-1, keepdim=True))
 
