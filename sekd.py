@@ -628,7 +628,10 @@ def batch_stats(loss, samples, weights, valid, input_ids, attention_mask, terms)
     tokens = torch.tensor(input_ids.numel()) if attention_mask is None else attention_mask.sum()
     numbers = dict(loss=loss.detach(), samples=samples, selected=(weights > 0).sum(),
                    valid=valid.sum(), tokens=tokens, **terms)
-    stats = {name: value.item() for name, value in numbers.items()}
+    # float64 holds each float32 mean and count exactly: one copy to the host for them all
+    values = torch.stack([n.to(loss.device, torch.float64) for n in numbers.values()]).tolist()
+    stats = {name: value if number.is_floating_point() else int(value)
+             for (name, number), value in zip(numbers.items(), values)}
     stats["share"] = stats["selected"] / max(stats["valid"], 1)
     return stats
 
