@@ -2445,6 +2445,12 @@ def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
         sekd.Run(run_config(saved_models, tmp_path / "b", **cfg))
 
 
+def sekd3x_run_from_cache(saved_models, built_cache, tmp_path, teacher):
+    """A sekd3x Run that reuses the built cache, its teacher given as a directory."""
+    cfg = dict(method="sekd3x", class_samples=16, cache_dir=built_cache[0], teacher=str(teacher))
+    return sekd.Run(run_config(saved_models, tmp_path, **cfg))
+
+
 def test_a_cache_refuses_its_teacher_once_its_config_changes(saved_models, built_cache, tmp_path):
     import shutil
 
@@ -2453,32 +2459,14 @@ def test_a_cache_refuses_its_teacher_once_its_config_changes(saved_models, built
     # same weights
     (teacher / "config.json").write_text(json.dumps({**config, "rope_theta": 99.0}))
     with pytest.raises(sekd.UsageError, match=r"another teacher \(weights or config.json\)"):
-        sekd.Run(
-            run_config(
-                saved_models,
-                tmp_path,
-                method="sekd3x",
-                class_samples=16,
-                cache_dir=built_cache[0],
-                teacher=str(teacher),
-            )
-        )
+        sekd3x_run_from_cache(saved_models, built_cache, tmp_path, teacher)
 
 
 def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_cache, tmp_path):
     import shutil
 
     copy = shutil.copytree(saved_models["teacher"], tmp_path / "teacher_copy")
-    run = sekd.Run(
-        run_config(
-            saved_models,
-            tmp_path,
-            method="sekd3x",
-            class_samples=16,
-            cache_dir=built_cache[0],
-            teacher=str(copy),
-        )
-    )
+    run = sekd3x_run_from_cache(saved_models, built_cache, tmp_path, copy)
     # reused: trains from the cache, no teacher loaded
     assert run.cache is not None and run.teacher is None
 
