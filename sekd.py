@@ -150,23 +150,24 @@ def uses_teacher(signal):
 def position_scores(signal, student_logits, teacher_logits=None, labels=None):
     """u(t) of paper Table 1 at T = 1 on one sample's [N, V] logit rows -> float32 [N]. A sum adds
     its parts' z-scores over the rows (as the authors' code does)."""
-    s, t, y = student_logits, teacher_logits, labels
     if "+" in signal:
-        return sum(standardize(position_scores(part, s, t, y)) for part in signal.split("+"))
+        return sum(standardize(position_scores(part, student_logits, teacher_logits, labels))
+                   for part in signal.split("+"))
     if signal == "student_entropy":
-        return entropy(s)
+        return entropy(student_logits)
     if signal == "teacher_entropy":
-        return entropy(t)
+        return entropy(teacher_logits)
     if signal == "student_ce":
-        return cross_entropy(s, y)
+        return cross_entropy(student_logits, labels)
     if signal == "teacher_ce":
-        return cross_entropy(t, y)
+        return cross_entropy(teacher_logits, labels)
     if signal == "kl":
-        return kl_rows(t, s)
+        return kl_rows(teacher_logits, student_logits)
     if signal == "reverse_kl":
-        return kl_rows(s, t)
+        return kl_rows(student_logits, teacher_logits)
     if signal == "ce_ratio":
-        return cross_entropy(s, y) / cross_entropy(t, y).clamp(min=CE_FLOOR)
+        teacher_ce = cross_entropy(teacher_logits, labels).clamp(min=CE_FLOOR)
+        return cross_entropy(student_logits, labels) / teacher_ce
     raise ValueError(f"unknown signal {signal!r}: choose one of {', '.join(SIGNALS)}")
 
 @torch.no_grad()
@@ -396,10 +397,10 @@ class ChunkedDivergence(torch.autograd.Function):
         grad = torch.empty_like(student_logits)
         for start in range(0, len(grad), ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
-            rows = divergence_grad(teacher_logits[chunk], student_logits[chunk], ctx.beta,
-                                   temperature)
+            chunk_grad = divergence_grad(teacher_logits[chunk], student_logits[chunk], ctx.beta,
+                                         temperature)
             # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
-            grad[chunk] = rows.mul_(temperature * grad_out[chunk, None])
+            grad[chunk] = chunk_grad.mul_(temperature * grad_out[chunk, None])
         return grad, None, None, None, None
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
@@ -485,16 +486,16 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
         batch = slice(first, first + batch_size)
         ids = input_ids[batch]
         mask = None
-        targets = None
+        is_target = None
         if attention_mask is not None:   # no padding-only columns
             mask = attention_mask[batch]
             width = int(mask.sum(1).max())
             ids = ids[:, :width]
             mask = mask[:, :width].to(device)
         if loss_mask is not None:
-            targets = loss_mask[batch, :ids.shape[1]].to(device)
+            is_target = loss_mask[batch, :ids.shape[1]].to(device)
         ids = ids.to(device)
-        valid = valid_positions(ids, mask, targets)
+        valid = valid_positions(ids, mask, is_target)
         u = model_scores(signal, student, ids, mask, valid, teacher, vocab_size, chunk_size)
         n = valid.sum(1)
         scores[batch] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
@@ -1096,7 +1097,8 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
             if data_format == "messages":
                 rendered.append(render_chat(batch["messages"][j], tokenizer))
             else:
-                prompt, completion = batch["prompt"][j], batch["completion"][j]
+                prompt = batch["prompt"][j]
+                completion = batch["completion"][j]
                 rendered.append(render_prompt_completion(prompt, completion, tokenizer))
         except Exception as err:   # the template's own errors (jinja2's) too
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
@@ -1461,15 +1463,20 @@ class Run:
         self.load_data(saved)
         self.cache = None
         if cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json")):
-            self.open_cache()                                    # reuse: no pre-pass, no teacher
+            self.use_cache()                                     # reuse: no pre-pass, no teacher
             if saved and state["kept"].tolist() != self.cache.sample_ids:
                 raise UsageError(f"--resume: teacher cache {cfg.cache_dir} holds other samples "
                                  "than the checkpoint's run distilled (rebuilt since?): resume "
                                  "with its cache")
         student = self.load_models(saved)
-        self.choose_samples(student, state)
+        if state is not None:   # the sample axis: the examples distilled (cached sample i: kept[i])
+            self.kept = state["kept"]
+        elif self.cache is not None:
+            self.kept = torch.tensor(self.cache.sample_ids)
+        else:
+            self.kept = choose_samples(cfg, student, self.teacher, self.examples)
         if cfg.cache_dir and self.cache is None:
-            self.build_cache()
+            self.build_teacher_cache()
         self.prepare_training(student)
         if saved:
             load_checkpoint(self, saved, state)
@@ -1510,20 +1517,12 @@ class Run:
             self.teacher = load_model(cfg.teacher, self.teacher_device, frozen=True)
         return student
 
-    def choose_samples(self, student, state):
-        """The sample axis: the examples distilled (cached sample i is kept[i])."""
-        if state is not None:
-            self.kept = state["kept"]
-        elif self.cache is not None:
-            self.kept = torch.tensor(self.cache.sample_ids)
-        else:
-            self.kept = choose_samples(self.cfg, student, self.teacher, self.examples)
-
-    def open_cache(self):
+    def use_cache(self):
+        """Train from cfg.cache_dir's targets (checked against this run), its sizes reported."""
         self.cache, report = open_cache(self.cfg, self.examples, self.vocab)
         self.info.update(report)
 
-    def build_cache(self):
+    def build_teacher_cache(self):
         """SE-KD 3X: the teacher's targets for the kept samples, cached once; no teacher after."""
         cfg = self.cfg
         start = time.time()
@@ -1532,7 +1531,7 @@ class Run:
                     batch_size=cfg.batch_size, sample_ids=self.kept, teacher_name=cfg.teacher,
                     vocab_size=self.vocab, shard_size=cfg.cache_shard_size,
                     chunk_size=cfg.chunk_size, seed=cfg.seed, identity=cache_identity(cfg))
-        self.open_cache()
+        self.use_cache()
         self.info["cache_build_s"] = time.time() - start
         self.teacher = None
 
@@ -2482,16 +2481,16 @@ def print_cache_ratios(results, cache):
 @torch.no_grad()
 def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     """One sequence [1, L] scored and selected as a training step would -> scores, selected, valid
-    and KL(teacher || student) (None without a teacher), each [T]."""
+    and KL(teacher || student) (None without a teacher), each [T] on the CPU."""
     valid = valid_positions(input_ids, None, loss_mask)
 
     def scores_of(signal):
         return model_scores(signal, student, input_ids, None, valid, teacher, cfg.vocab_size,
                             cfg.chunk_size)[0]
     scores = scores_of(cfg.signal)
-    kl = None if teacher is None else scores_of("kl")
+    kl = None if teacher is None else scores_of("kl").cpu()
     weights = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())
-    return scores, weights[0] > 0, valid[0], kl
+    return scores.cpu(), weights[0].cpu() > 0, valid[0].cpu(), kl
 
 def token_pieces(offsets):
     """The drawn pieces of a text, [(start, stop, tokens)]: tokens sharing characters (the bytes of
@@ -2584,8 +2583,8 @@ def show(argv):
     check_models(cfg, tokenizer)
     student = load_model(args.student, device).eval()
     teacher = load_model(args.teacher, device, frozen=True) if args.teacher else None
-    scored = selected_positions(student, teacher, ids.to(device), is_target.to(device), cfg)
-    scores, selected, valid, kl = (None if t is None else t.cpu() for t in scored)
+    scores, selected, valid, kl = selected_positions(student, teacher, ids.to(device),
+                                                     is_target.to(device), cfg)
     print_show(args, cfg, text, offsets, scores, selected, valid, kl)
 
 def show_row(args, cfg, tokenizer):
@@ -2610,7 +2609,8 @@ def show_row(args, cfg, tokenizer):
 
 def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     """Print (and with --html write) the drawing: position t's score and mark go on token t + 1."""
-    low, high = scores[valid].min(), scores[valid].max()
+    low = scores[valid].min()
+    high = scores[valid].max()
     shade = torch.where(valid, (scores - low) / (high - low).clamp(min=1e-9), 0.0).tolist()
     rank = (ranks(scores.masked_fill(~valid, -math.inf)[None], True)[0] + 1).tolist()
     n = int(valid.sum())
