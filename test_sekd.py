@@ -86,8 +86,10 @@ def tiny_tokenizer(texts):
 
 def reference_signal(signal, s, t, y):
     """Table 1's signals in float64 from torch.distributions, written independently of sekd."""
-    q, p = Categorical(logits=s.double()), Categorical(logits=t.double())
-    ce_q, ce_p = -q.log_prob(y), -p.log_prob(y)
+    q = Categorical(logits=s.double())
+    p = Categorical(logits=t.double())
+    ce_q = -q.log_prob(y)
+    ce_p = -p.log_prob(y)
     plain = {
         "student_entropy": q.entropy(),
         "teacher_entropy": p.entropy(),
@@ -121,7 +123,8 @@ def test_token_entropy_matches_categorical_in_float64(chunk_size):
 @pytest.mark.parametrize("signal", sekd.SIGNALS)
 def test_position_scores_match_float64_reference(signal):
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(9, 40, generator=g) * 2, torch.randn(9, 40, generator=g) * 3
+    s = torch.randn(9, 40, generator=g) * 2
+    t = torch.randn(9, 40, generator=g) * 3
     y = torch.randint(0, 40, (9,), generator=g)
     got = sekd.position_scores(signal, s, t, y)
     assert got.shape == (9,) and got.dtype == torch.float32
@@ -131,7 +134,8 @@ def test_position_scores_match_float64_reference(signal):
 
 
 def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
-    s, y = torch.randn(6, 20), torch.randint(0, 20, (6,))
+    s = torch.randn(6, 20)
+    y = torch.randint(0, 20, (6,))
     t = s.clone()  # teacher = student: KL is 0 at every position
     got = sekd.position_scores("kl+student_entropy", s, t, y)
     torch.testing.assert_close(
@@ -140,7 +144,9 @@ def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
 
 
 def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
-    s, t, y = torch.zeros(1, 10), torch.full((1, 10), -1e4), torch.tensor([3])
+    s = torch.zeros(1, 10)
+    t = torch.full((1, 10), -1e4)
+    y = torch.tensor([3])
     t[0, 3] = 1e4
     got = sekd.position_scores("ce_ratio", s, t, y)
     assert torch.isfinite(got).all() and got.item() == pytest.approx(
@@ -162,10 +168,8 @@ def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
 
 @pytest.mark.parametrize("signal", ["student_entropy", "kl", "ce_ratio+student_entropy"])
 def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
-    student, teacher = (
-        sharpened(tiny_model("llama")),
-        sharpened(tiny_model("llama", hidden=48, seed=1)),
-    )
+    student = sharpened(tiny_model("llama"))
+    teacher = sharpened(tiny_model("llama", hidden=48, seed=1))
     ids, mask = padded_batch()
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     with torch.no_grad():
@@ -174,7 +178,8 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
         got = sekd.batch_scores(
             signal, h_s, sekd.lm_head(student), ids[:, 1:], valid, h_t, sekd.lm_head(teacher), 4
         )
-        s_all, t_all = sekd.lm_head(student)(h_s), sekd.lm_head(teacher)(h_t)
+        s_all = sekd.lm_head(student)(h_s)
+        t_all = sekd.lm_head(teacher)(h_t)
     for b in range(3):
         v = valid[b]
         want = sekd.position_scores(signal, s_all[b][v], t_all[b][v], ids[b, 1:][v])
@@ -258,7 +263,8 @@ def test_gls_threshold_is_the_queue_quantile_and_counts_vary_per_sample():
 
 
 def test_gls_falls_back_to_per_sample_top_k_while_its_queue_is_empty():
-    scores, valid = torch.randn(3, 10), torch.ones(3, 10, dtype=torch.bool)
+    scores = torch.randn(3, 10)
+    valid = torch.ones(3, 10, dtype=torch.bool)
     got = sekd.GlobalThreshold().select(scores, valid, 0.3)
     assert torch.equal(got, sekd.select_positions(scores, valid, 0.3))
 
@@ -273,10 +279,8 @@ def test_gls_queue_keeps_the_last_scores_first_in_first_out():
 def test_gls_at_k_1_keeps_every_valid_position():
     gls = sekd.GlobalThreshold(size=100)
     gls.queue = torch.arange(100.0)
-    scores, valid = (
-        torch.tensor([[-5.0, 50.0, 200.0, 3.0]]),
-        torch.tensor([[True, True, True, False]]),
-    )
+    scores = torch.tensor([[-5.0, 50.0, 200.0, 3.0]])
+    valid = torch.tensor([[True, True, True, False]])
     assert gls.select(scores, valid, 1.0).tolist() == [[True, True, True, False]]
 
 
@@ -372,8 +376,10 @@ def reference_topk_kl(student_logits, teacher_logits, top_k, temperature):
     out = []
     for p_row, q_row in zip(p, q):
         kept = p_row.argsort(descending=True)[:top_k]
-        pk, qk = p_row[kept], q_row[kept]
-        p_tail, q_tail = 1 - pk.sum(), 1 - qk.sum()
+        pk = p_row[kept]
+        qk = q_row[kept]
+        p_tail = 1 - pk.sum()
+        q_tail = 1 - qk.sum()
         tail = (
             p_tail * torch.log(p_tail / q_tail)
             if p_tail > 1e-12
@@ -385,7 +391,8 @@ def reference_topk_kl(student_logits, teacher_logits, top_k, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 def test_full_kl_matches_torch_distributions(temperature):
-    s, t = torch.randn(5, 40), torch.randn(5, 40) * 2
+    s = torch.randn(5, 40)
+    t = torch.randn(5, 40) * 2
     want = kl_divergence(
         Categorical(logits=t.double() / temperature), Categorical(logits=s.double() / temperature)
     )
@@ -396,7 +403,8 @@ def test_full_kl_matches_torch_distributions(temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
-    s, t = torch.randn(7, 30, requires_grad=True), torch.randn(7, 30)
+    s = torch.randn(7, 30, requires_grad=True)
+    t = torch.randn(7, 30)
     sekd.full_kl(s, t, temperature, chunk_size=3).sum().backward()
     q, p = ((x.detach().double() / temperature).softmax(-1) for x in (s, t))
     want = temperature * (q - p)
@@ -405,7 +413,8 @@ def test_full_kl_gradient_is_temperature_times_q_minus_p(temperature):
 
 @pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (5, 1.0), (5, 2.0), (39, 1.0)])
 def test_topk_class_kl_matches_float64_reference(top_k, temperature):
-    s, t = torch.randn(5, 40), torch.randn(5, 40) * 3
+    s = torch.randn(5, 40)
+    t = torch.randn(5, 40) * 3
     got = sekd.topk_class_kl(s, t, top_k, temperature)
     torch.testing.assert_close(
         got.double(), reference_topk_kl(s, t, top_k, temperature), atol=1e-5, rtol=1e-4
@@ -413,8 +422,10 @@ def test_topk_class_kl_matches_float64_reference(top_k, temperature):
 
 
 def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
-    s, t = torch.randn(8, 30), torch.randn(8, 30) * 3
-    full, previous = sekd.full_kl(s, t), torch.zeros(8)
+    s = torch.randn(8, 30)
+    t = torch.randn(8, 30) * 3
+    full = sekd.full_kl(s, t)
+    previous = torch.zeros(8)
     for top_k in range(1, 31):
         kl = sekd.topk_class_kl(s, t, top_k)
         assert (kl >= -1e-6).all() and (kl <= full + 1e-5).all() and (kl >= previous - 1e-5).all()
@@ -423,7 +434,8 @@ def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
 
 
 def test_topk_class_kl_has_a_finite_gradient_when_it_keeps_every_class():
-    s, t = torch.randn(4, 30, requires_grad=True), torch.randn(4, 30)
+    s = torch.randn(4, 30, requires_grad=True)
+    t = torch.randn(4, 30)
     sekd.topk_class_kl(s, t, 30).sum().backward()
     assert torch.isfinite(s.grad).all()
 
@@ -456,7 +468,8 @@ def test_sample_classes_puts_each_id_at_the_slot_of_its_first_sorted_draw():
 
 
 def test_sparse_kl_matches_the_dense_formula():
-    s, t = torch.randn(4, 30), torch.randn(4, 30)
+    s = torch.randn(4, 30)
+    t = torch.randn(4, 30)
     ids, weights = sekd.sample_classes(t, 16, 2.0, torch.Generator().manual_seed(1))
     target = torch.zeros(4, 30, dtype=torch.float64).scatter_add_(1, ids, weights.double())
     log_q = (s.double() / 2.0).log_softmax(-1)
@@ -467,7 +480,8 @@ def test_sparse_kl_matches_the_dense_formula():
 
 
 def test_sparse_kl_with_the_teachers_exact_probabilities_is_the_full_kl():
-    s, t = torch.randn(4, 30), torch.randn(4, 30)
+    s = torch.randn(4, 30)
+    t = torch.randn(4, 30)
     all_ids = torch.arange(30).expand(4, -1)
     got = sekd.sparse_kl(s, all_ids, (t / 2.0).softmax(-1), 2.0)
     torch.testing.assert_close(got, sekd.full_kl(s, t, 2.0), atol=1e-5, rtol=1e-5)
@@ -476,10 +490,12 @@ def test_sparse_kl_with_the_teachers_exact_probabilities_is_the_full_kl():
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temperature):
     torch.manual_seed(0)
-    student, teacher = torch.randn(1, 25), torch.randn(1, 25) * 2
+    student = torch.randn(1, 25)
+    teacher = torch.randn(1, 25) * 2
     full = torch.zeros(1, 25, requires_grad=True)
     sekd.full_kl(student + full, teacher, temperature).sum().backward()
-    draws, shift = 20_000, torch.zeros(1, 25, requires_grad=True)
+    draws = 20_000
+    shift = torch.zeros(1, 25, requires_grad=True)
     ids, weights = sekd.sample_classes(
         teacher.expand(draws, -1), 16, temperature, torch.Generator().manual_seed(2)
     )
@@ -507,11 +523,13 @@ def test_select_samples_against_brute_force(ell):
 
 @pytest.mark.parametrize("signal", ["student_entropy", "ce_ratio", "kl"])
 def test_sample_scores_are_the_mean_dense_signal(signal):
-    student, teacher = tiny_model("qwen3"), tiny_model("qwen3", hidden=48, seed=1)
+    student = tiny_model("qwen3")
+    teacher = tiny_model("qwen3", hidden=48, seed=1)
     blocks = torch.randint(0, VOCAB, (5, 9))
     got = sekd.sample_scores(student, blocks, signal, teacher, batch_size=2, chunk_size=4)
     with torch.no_grad():
-        s, t = student(blocks).logits[:, :-1], teacher(blocks).logits[:, :-1]
+        s = student(blocks).logits[:, :-1]
+        t = teacher(blocks).logits[:, :-1]
     want = torch.stack(
         [reference_signal(signal, s[i], t[i], blocks[i, 1:]).mean() for i in range(5)]
     )
@@ -519,7 +537,8 @@ def test_sample_scores_are_the_mean_dense_signal(signal):
 
 
 def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_never_kept():
-    student, (ids, mask) = sharpened(tiny_model("llama")), padded_batch()
+    student = sharpened(tiny_model("llama"))
+    ids, mask = padded_batch()
     loss_mask = prompt_mask(ids, (6, 4, 3))  # row 2: all 3 real tokens a prompt
     got = sekd.sample_scores(student, ids, batch_size=2, attention_mask=mask, loss_mask=loss_mask)
     with torch.no_grad():
@@ -546,7 +565,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
         )
         t_all = t_all.double()
     if cfg.vocab_size is not None:
-        s_all, t_all = s_all[..., : cfg.vocab_size], t_all[..., : cfg.vocab_size]
+        s_all = s_all[..., : cfg.vocab_size]
+        t_all = t_all[..., : cfg.vocab_size]
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
     if loss_mask is not None:  # a position counts when its target is one the student learns
         valid &= loss_mask[:, 1:].bool()
@@ -560,7 +580,8 @@ def dense_reference_loss(student, teacher, ids, mask, cfg, targets=None, loss_ma
         k = 1.0 if cfg.positions == "all" else cfg.k
         m = max(math.ceil(Fraction(repr(k)) * len(idx)), 1)
         keep = [idx[j] for j in sorted(range(len(idx)), key=lambda j: -u[j].item())[:m]]
-        s, t = s_all[b, keep], t_all[b, keep]
+        s = s_all[b, keep]
+        t = t_all[b, keep]
         if targets is not None:
             dense = torch.zeros_like(s).scatter_add_(
                 -1, targets[0][b, keep], targets[1][b, keep].double()
@@ -619,7 +640,8 @@ LOSS_CASES = [
 @pytest.mark.parametrize("case", range(len(LOSS_CASES)))
 def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     cfg = sekd.Config(**LOSS_CASES[case])
-    student, teacher = tiny_model(family, seed=0), tiny_model(family, hidden=48, seed=1)
+    student = tiny_model(family, seed=0)
+    teacher = tiny_model(family, hidden=48, seed=1)
     ids, mask = padded_batch()
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg)
     assert_same_value_and_gradient(
@@ -651,7 +673,8 @@ def test_cached_target_loss_equals_dense_loss_in_value_and_gradient(
     cfg = sekd.Config(
         method="sekd", k=k, temperature=temperature, ce_weight=ce_weight, class_samples=16
     )
-    student, teacher = tiny_model(family), tiny_model(family, hidden=48, seed=1)
+    student = tiny_model(family)
+    teacher = tiny_model(family, hidden=48, seed=1)
     ids, mask = padded_batch()
     with torch.no_grad():
         t_logits = teacher(input_ids=ids).logits[:, :-1]
@@ -670,9 +693,11 @@ def test_loss_with_a_loss_mask_equals_the_dense_loss_over_supervised_positions_o
         k=0.3,
         class_samples=16 if case == "cached" else None,
     )
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch()
-    loss_mask, targets = prompt_mask(ids), None
+    loss_mask = prompt_mask(ids)
+    targets = None
     if case == "cached":
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits[:, :-1]
@@ -686,34 +711,40 @@ def test_loss_with_a_loss_mask_equals_the_dense_loss_over_supervised_positions_o
 
 
 def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
-    student, teacher = tiny_model("qwen3"), tiny_model("qwen3", hidden=48, seed=1)
-    ids, cfg = torch.randint(0, VOCAB, (2, 10)), sekd.Config(method="sekd", k=0.3)
+    student = tiny_model("qwen3")
+    teacher = tiny_model("qwen3", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    cfg = sekd.Config(method="sekd", k=0.3)
     with_mask, _ = sekd.distill_loss(student, teacher, ids, torch.ones_like(ids), cfg)
     without, _ = sekd.distill_loss(student, teacher, ids, None, cfg)
     torch.testing.assert_close(without, with_mask, atol=1e-6, rtol=1e-6)
 
 
 def test_pos_rs_unbiased_loss_averages_to_full_kd_in_value_and_gradient():
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     # 400 copies: the batch mean is a Monte Carlo mean
     ids = torch.randint(0, VOCAB, (1, 10)).expand(400, -1)
     head = student.get_output_embeddings().weight
     full, _ = sekd.distill_loss(student, teacher, ids[:1], None, sekd.Config(method="full"))
     full_grad = torch.autograd.grad(full, head)[0]
     torch.manual_seed(0)
-    values, grads = [], []
+    values = []
+    grads = []
     for _ in range(10):
         cfg = sekd.Config(positions="pos_rs_unbiased", k=0.2)
         loss, _ = sekd.distill_loss(student, teacher, ids, None, cfg)
         values.append(loss.detach())
         grads.append(torch.autograd.grad(loss, head)[0])
-    values, grads = torch.stack(values), torch.stack(grads)
+    values = torch.stack(values)
+    grads = torch.stack(grads)
     assert abs(values.mean() - full.detach()) < 5 * values.std() / math.sqrt(10) + 1e-6
     assert ((grads.mean(0) - full_grad).abs() <= 5 * grads.std(0) / math.sqrt(10) + 1e-6).all()
 
 
 def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     with torch.no_grad():
         # a confident teacher: a KL gradient above the noise
         teacher.get_output_embeddings().weight.mul_(30)
@@ -728,14 +759,16 @@ def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
         torch.autograd.grad(sekd.distill_loss(student, teacher, ids, mask, rskd)[0], head)[0]
         for _ in range(40)
     ]
-    single, mean = draws[0].flatten(), torch.stack(draws).mean(0).flatten()
+    single = draws[0].flatten()
+    mean = torch.stack(draws).mean(0).flatten()
     cosine = F.cosine_similarity(mean, full.flatten(), dim=0)
     assert cosine > 0.95 and cosine > F.cosine_similarity(single, full.flatten(), dim=0)
 
 
 def test_loss_over_shared_ids_when_heads_differ_by_padding():
     cfg = sekd.Config(method="sekd", k=0.5, vocab_size=60)
-    student, teacher = tiny_model("llama", vocab=64), tiny_model("llama", vocab=72, seed=1)
+    student = tiny_model("llama", vocab=64)
+    teacher = tiny_model("llama", vocab=72, seed=1)
     ids, mask = padded_batch(vocab=60)
     loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
     torch.testing.assert_close(
@@ -744,7 +777,8 @@ def test_loss_over_shared_ids_when_heads_differ_by_padding():
 
 
 def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
-    student, teacher = tiny_model("llama", vocab=64), tiny_model("llama", vocab=72, seed=1)
+    student = tiny_model("llama", vocab=64)
+    teacher = tiny_model("llama", vocab=72, seed=1)
     ids, mask = padded_batch(vocab=60)
     with pytest.raises(ValueError, match="different vocabulary sizes"):
         sekd.distill_loss(student, teacher, ids, mask, sekd.Config(method="sekd"))
@@ -771,7 +805,8 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
 
 
 def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are_zero():
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch()
     nothing = torch.zeros_like(ids, dtype=torch.bool)   # every response truncated away
     loss, stats = sekd.distill_loss(student, teacher, ids, mask, sekd.Config(), loss_mask=nothing)
@@ -784,7 +819,8 @@ def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are
 @pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.5, 2.0), (1.0, 1.0), (0.1, 0.7)])
 def test_generalized_jsd_equals_trls_generalized_jsd_loss_per_position(beta, temperature):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(9, 40, generator=g) * 3, torch.randn(9, 40, generator=g) * 3
+    s = torch.randn(9, 40, generator=g) * 3
+    t = torch.randn(9, 40, generator=g) * 3
     got = sekd.generalized_jsd(s, t, beta, temperature, chunk_size=4)
     want = trl_jsd(s.double(), t.double(), beta, temperature) * temperature**2
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -793,8 +829,10 @@ def test_generalized_jsd_equals_trls_generalized_jsd_loss_per_position(beta, tem
 @pytest.mark.parametrize("beta", [0.5, 1.0])
 def test_generalized_jsd_gradient_is_autograds_through_trls_loss(beta):
     g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(6, 30, generator=g) * 2, torch.randn(6, 30, generator=g) * 2
-    s_ours, s_ref = s.clone().requires_grad_(), s.double().requires_grad_()
+    s = torch.randn(6, 30, generator=g) * 2
+    t = torch.randn(6, 30, generator=g) * 2
+    s_ours = s.clone().requires_grad_()
+    s_ref = s.double().requires_grad_()
     weights = torch.rand(6, generator=g)
     (sekd.generalized_jsd(s_ours, t, beta, 1.5, chunk_size=4) * weights).sum().backward()
     (trl_jsd(s_ref, t.double(), beta, 1.5) * 1.5**2 * weights.double()).sum().backward()
@@ -813,7 +851,8 @@ def test_generalized_jsd_keeps_only_the_two_logit_tensors_for_backward():
 def test_beta_0_is_the_forward_kl_and_a_cfg_without_beta_reads_as_0():
     from types import SimpleNamespace
 
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch()
     fields = dict(positions="top", k=0.5, signal="student_entropy", temperature=1.0, ce_weight=0.0,
                   top_k_classes=None, class_samples=None, vocab_size=None, chunk_size=1024)
@@ -867,7 +906,8 @@ def test_student_responses_keep_the_prompt_and_supervise_the_response_through_it
     lengths = []
     for b, (prompt, new) in enumerate(zip(prompts, out)):
         response = new[: new.index(eos) + 1] if eos in new else new
-        n, p = len(prompt) + len(response), len(prompt)
+        n = len(prompt) + len(response)
+        p = len(prompt)
         lengths.append(len(response))
         assert (
             got_ids[b, :n].tolist() == prompt.tolist() + response and (got_ids[b, n:] == eos).all()
@@ -924,7 +964,8 @@ def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_c
 
 
 def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, loss_mask, eos = prompts_and_eos(student)
     torch.manual_seed(0)
     ids, mask, targets = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
@@ -1002,7 +1043,8 @@ def trainer_step_weights(tmp_path, batch_size, accumulation):
     import datasets
 
     SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
-    student, teacher = tiny_model("qwen2"), tiny_model("qwen2", hidden=48, seed=1)
+    student = tiny_model("qwen2")
+    teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :4] = -100   # a prompt
@@ -1045,7 +1087,8 @@ def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path,
     tokenizer.pad_token = tokenizer.eos_token   # the collator pads
     student = tiny_model("qwen2", vocab=len(tokenizer))
     teacher = tiny_model("qwen2", vocab=len(tokenizer), hidden=48, seed=1)
-    seen, real = [], sekd.distill_loss
+    seen = []
+    real = sekd.distill_loss
     def record(model, teacher, ids, mask, cfg, targets=None, **kwargs):
         seen.append((ids, kwargs["loss_mask"], cfg.beta))
         return real(model, teacher, ids, mask, cfg, targets, **kwargs)
@@ -1064,7 +1107,8 @@ def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path,
 
 def test_the_hidden_state_recipe_equals_distill_loss_in_value_and_gradient():
     selective_kd = readme_recipe("hidden states")["selective_kd"]
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch()
     loss_mask = prompt_mask(ids) & mask.bool()
     cfg = sekd.Config(k=0.5, beta=0.5, temperature=2.0)
@@ -1162,7 +1206,8 @@ def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
 def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(
     tmp_path,
 ):
-    student, teacher = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1)
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
     ids, mask = padded_batch(batch=4, length=14)
     examples = sekd.Examples(ids, mask.bool(), prompt_mask(ids, (6, 4, 2, 9)))
     valid = sekd.valid_positions(ids, mask, examples.loss_mask)  # [4, 13]
@@ -1265,7 +1310,8 @@ def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, 
     ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
     build = dict(num_samples=8, batch_size=1, shard_size=1)
     sekd.build_cache(qwen_teacher, ids, tmp_path / "whole", **build)
-    calls, real = [], sekd.hidden_states
+    calls = []
+    real = sekd.hidden_states
 
     def interrupted(model, *args):
         if len(calls) == 2:
@@ -1341,7 +1387,9 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
 ):
     tokenizer = tiny_tokenizer(DOCS)
     train, held, info = sekd.load_examples(data_config(write_docs(tmp_path, kind)), tokenizer)
-    eos, stream, first = [tokenizer.eos_token_id], [], []
+    eos = [tokenizer.eos_token_id]
+    stream = []
+    first = []
     for i, d in enumerate(DOCS):
         if i % 10 != 9:  # every 10th document held out at --val-fraction 0.1
             ids = tokenizer(d, add_special_tokens=False)["input_ids"] + eos
@@ -1357,7 +1405,8 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
 
 
 def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_budget(tmp_path):
-    tokenizer, path = tiny_tokenizer(DOCS), write_docs(tmp_path, "jsonl")
+    tokenizer = tiny_tokenizer(DOCS)
+    path = write_docs(tmp_path, "jsonl")
     held_docs = [DOCS[i] for i in (9, 19, 29, 39)]
     want = sekd.pack_blocks(sekd.encode_rows({"text": held_docs}, "text", tokenizer, "text"), 8)
     _, held, _ = sekd.load_examples(data_config(path, seq_len=8), tokenizer)
@@ -1421,10 +1470,8 @@ def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_g
     rows = [i for i in range(len(CHATS)) if i % 10 != 9]
     assert len(train) == len(rows) and len(held) == 2
     for example, i in zip(range(len(train)), rows):
-        ids, targets = (
-            train.input_ids[example],
-            train.loss_mask[example] & train.attention_mask[example],
-        )
+        ids = train.input_ids[example]
+        targets = train.loss_mask[example] & train.attention_mask[example]
         turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(targets)]
         assert turns == [f"it is {2 * i}.<|im_end|>\n", f"{think}{4 * i}, I think.<|im_end|>\n"]
         length = int(train.attention_mask[example].sum())
@@ -1551,10 +1598,8 @@ def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_r
     )
     assert info["data_format"] == "prompt_messages" and len(train) == 18
     for example, i in enumerate(i for i in range(20) if i % 10 != 9):
-        ids, targets = (
-            train.input_ids[example],
-            train.loss_mask[example] & train.attention_mask[example],
-        )
+        ids = train.input_ids[example]
+        targets = train.loss_mask[example] & train.attention_mask[example]
         ((start, end),) = runs_of_true(targets)
         assert tokenizer.decode(ids[start:end]) == f"<think></think>\n\nit is {2 * i}.<|im_end|>\n"
         prompt = tokenizer.apply_chat_template(
@@ -1640,7 +1685,8 @@ def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target
 
 
 def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_past_it(tmp_path):
-    tokenizer, rows = tiny_tokenizer(DOCS), [{"text": d} for d in DOCS * 3]
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"text": d} for d in DOCS * 3]
     budget = lambda path, streaming: data_config(
         path, seq_len=8, max_tokens=100, streaming=streaming
     )
@@ -1742,10 +1788,8 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
     _, val, _ = sekd.load_examples(
         cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     )
-    after, before = (
-        sekd.evaluate(trained, teacher, val, cfg),
-        sekd.evaluate(initial, teacher, val, cfg),
-    )
+    after = sekd.evaluate(trained, teacher, val, cfg)
+    before = sekd.evaluate(initial, teacher, val, cfg)
     assert (
         after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4)
         and after["val_kl"] < 0.7 * before["val_kl"]
@@ -1781,11 +1825,13 @@ def test_chat_rows_train_and_evaluate_from_the_command_line_and_the_student_keep
 
 
 def test_evaluate_matches_dense_perplexity_and_kl():
-    student, teacher = tiny_model("gpt2"), tiny_model("gpt2", hidden=48, seed=1)
+    student = tiny_model("gpt2")
+    teacher = tiny_model("gpt2", hidden=48, seed=1)
     blocks = torch.randint(0, VOCAB, (5, 10))
     got = sekd.evaluate(student, teacher, blocks, sekd.Config(batch_size=2, chunk_size=7))
     with torch.no_grad():
-        s, t = student(blocks).logits[:, :-1].double(), teacher(blocks).logits[:, :-1].double()
+        s = student(blocks).logits[:, :-1].double()
+        t = teacher(blocks).logits[:, :-1].double()
     ce = F.cross_entropy(s.flatten(0, 1), blocks[:, 1:].flatten()).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
     kl = kl_divergence(Categorical(logits=t), Categorical(logits=s)).mean().item()
@@ -1793,16 +1839,15 @@ def test_evaluate_matches_dense_perplexity_and_kl():
 
 
 def test_evaluate_counts_the_supervised_positions_only():
-    student, teacher = tiny_model("gpt2"), tiny_model("gpt2", hidden=48, seed=1)
+    student = tiny_model("gpt2")
+    teacher = tiny_model("gpt2", hidden=48, seed=1)
     ids, mask = padded_batch(batch=3, length=10)
     loss_mask = prompt_mask(ids, (6, 4, 2))
     examples = sekd.Examples(ids, mask.bool(), loss_mask)
     got = sekd.evaluate(student, teacher, examples, sekd.Config(batch_size=2))
     with torch.no_grad():
-        s, t = (
-            student(ids, attention_mask=mask).logits[:, :-1].double(),
-            teacher(ids, attention_mask=mask).logits[:, :-1].double(),
-        )
+        s = student(ids, attention_mask=mask).logits[:, :-1].double()
+        t = teacher(ids, attention_mask=mask).logits[:, :-1].double()
     valid = mask[:, :-1].bool() & mask[:, 1:].bool() & loss_mask[:, 1:]
     ce = F.cross_entropy(s[valid], ids[:, 1:][valid]).item()
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
@@ -1811,7 +1856,8 @@ def test_evaluate_counts_the_supervised_positions_only():
 
 
 def test_prefetch_yields_every_load_in_order_with_exactly_the_next_one_under_way():
-    started, got = [], []
+    started = []
+    got = []
 
     def load(i):
         started.append(i)
@@ -1895,7 +1941,8 @@ def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_another_
 ):
     options = dict(method="topsmp", sample_signal="teacher_entropy", max_steps=1)
     sekd.train(run_config(saved_models, tmp_path, **options))
-    scored, real = [], sekd.sample_scores
+    scored = []
+    real = sekd.sample_scores
     monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
     # the same teacher: reused
     sekd.train(run_config(saved_models, tmp_path, **options, overwrite=True))
@@ -1925,7 +1972,8 @@ def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
 def checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, crash_at=3, **options):
     """A 4-step run with --save-every 2 that crashes in step crash_at: its checkpoint is at
     step 2."""
-    real, calls = sekd.train_step, []
+    real = sekd.train_step
+    calls = []
 
     def crash(*args, **kwargs):
         calls.append(1)
@@ -1952,7 +2000,8 @@ ON_POLICY = dict(on_policy_fraction=0.5, max_new_tokens=6)
 def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
     """A run on prompt/completion rows -> (metrics, [(input_ids, attention_mask, loss_mask)] that
     distill_loss got in each training step, the logged steps)."""
-    real, seen = sekd.distill_loss, []
+    real = sekd.distill_loss
+    seen = []
 
     def record(student, teacher, ids, mask, cfg, targets=None, **kwargs):
         if student.training:
@@ -1976,10 +2025,12 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
     _, seen, log = on_policy_run(saved_models, tmp_path, monkeypatch, on_policy_fraction=1.0)
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     prompts = {tuple(tokenizer(f"document {i} says")["input_ids"]) for i in range(40)}
-    eos, generated = tokenizer.eos_token_id, []
+    eos = tokenizer.eos_token_id
+    generated = []
     for ids, mask, loss_mask in seen:
         for row, real, targets in zip(ids.tolist(), mask.tolist(), loss_mask.tolist()):
-            p, n = targets.index(True), sum(real)
+            p = targets.index(True)
+            n = sum(real)
             # a data prompt, never supervised
             assert tuple(row[:p]) in prompts and not any(targets[:p])
             assert real == [True] * n + [False] * (len(row) - n)
@@ -2016,7 +2067,8 @@ def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit
         for row, m in zip(ids, mask)
     )
     assert not any(r["on_policy"] for r in log) and all(r["gen_len"] is None for r in log)
-    a, b = student_weights(tmp_path / "off" / "run"), student_weights(tmp_path / "never" / "run")
+    a = student_weights(tmp_path / "off" / "run")
+    b = student_weights(tmp_path / "never" / "run")
     assert (
         all(torch.equal(a[name], b[name]) for name in a) and off["train_loss"] == none["train_loss"]
     )
@@ -2057,11 +2109,9 @@ def test_a_failed_final_evaluation_keeps_the_student_and_says_where(
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_fewer_activations():
     ids, mask = padded_batch()
-    cfg, teacher, results = (
-        sekd.Config(method="sekd", k=0.5),
-        tiny_model("llama", hidden=48, seed=1),
-        [],
-    )
+    cfg = sekd.Config(method="sekd", k=0.5)
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    results = []
     for checkpointed in (False, True):
         student = tiny_model("llama").train()
         if checkpointed:
@@ -2082,7 +2132,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_few
 
 
 def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batches():
-    student, cfg, applied = tiny_model("llama"), sekd.Config(method="ce", max_grad_norm=1e9), {}
+    student = tiny_model("llama")
+    cfg = sekd.Config(method="ce", max_grad_norm=1e9)
+    applied = {}
     ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
 
     class Record:  # an optimizer that keeps the gradient it is asked to apply
@@ -2107,13 +2159,15 @@ def ddp_step_facts(rank):
     step counts as finite when only rank 1's loss is not."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    student, facts = tiny_model("llama"), {}
+    student = tiny_model("llama")
+    facts = {}
     ddp = torch.nn.parallel.DistributedDataParallel(sekd.Backbone(student))
     calls = []
     ddp.register_comm_hook(
         None, lambda state, bucket: calls.append(1) or allreduce_hook(None, bucket)
     )
-    optimizer, cfg = torch.optim.AdamW(student.parameters()), sekd.Config(method="ce")
+    optimizer = torch.optim.AdamW(student.parameters())
+    cfg = sekd.Config(method="ce")
     ids = torch.randint(0, VOCAB, (8, 10), generator=torch.Generator().manual_seed(rank))
     for accum in (1, 4):
         calls.clear()
@@ -2169,7 +2223,8 @@ def plain_ddp_facts(rank):
     """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it):
     rank r's half of a batch through distill_loss; DDP's averaged gradient against one process's
     gradient of the whole batch, and the rows the model's own LM head was called on."""
-    student, teacher = tiny_model("qwen2"), tiny_model("qwen2", hidden=48, seed=1)
+    student = tiny_model("qwen2")
+    teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids, mask = padded_batch(batch=4, length=12, seed=3)
     mask[3, 5:] = 0
     cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
@@ -2244,7 +2299,8 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
     assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1
     one = ["--batch-size", "4", "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]
     single = sekd.train(sekd.parse_config(flags + one))
-    a, b = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
+    a = student_weights(tmp_path / "one")
+    b = student_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=2e-5, rtol=1e-4)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -2347,7 +2403,8 @@ def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size
     big = tmp_path / "model.safetensors"
     with open(big, "wb") as f:  # a sparse 4 GB file: no disk space used
         f.truncate(4 << 30)
-    sizes, real_open = [], builtins.open
+    sizes = []
+    real_open = builtins.open
 
     class Counting:
         def __init__(self, *args, **kwargs):
@@ -2505,12 +2562,14 @@ def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student
     )
     whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
     checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
-    real, steps = sekd.train_step, []
+    real = sekd.train_step
+    steps = []
     monkeypatch.setattr(sekd, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
     resumed = sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
     # a resume that restores nothing trains 4 steps
     assert len(steps) == 2 and resumed["steps"] == 4
-    a, b = student_weights(tmp_path / "whole" / "run"), student_weights(tmp_path / "split" / "run")
+    a = student_weights(tmp_path / "whole" / "run")
+    b = student_weights(tmp_path / "split" / "run")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
@@ -2519,7 +2578,8 @@ def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student
 def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also_when_resumed(
     saved_models, tmp_path, monkeypatch
 ):
-    real, seen = sekd.position_weights, []
+    real = sekd.position_weights
+    seen = []
 
     def record(policy, *args, **kwargs):
         if policy == "curriculum":
@@ -2567,7 +2627,8 @@ def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_sampl
 
     options = dict(method="sekd3x", class_samples=16, max_steps=4, save_every=2)
     checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options)
-    reads, real = [], sekd.load_file
+    reads = []
+    real = sekd.load_file
     monkeypatch.setattr(
         sekd, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k)
     )
@@ -2586,7 +2647,9 @@ def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_sampl
 def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(
     saved_models, tmp_path, monkeypatch
 ):
-    events, real_fsync, real_replace = [], os.fsync, os.replace
+    events = []
+    real_fsync = os.fsync
+    real_replace = os.replace
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -2612,7 +2675,8 @@ def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(
 def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
     saved_models, tmp_path, monkeypatch
 ):
-    real, calls = sekd.train_step, []
+    real = sekd.train_step
+    calls = []
 
     def interrupt_at_step_2(*args, **kwargs):
         calls.append(1)
@@ -2784,11 +2848,14 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     # the step row's older name
     assert report["results"]["sekd3x"] == report["results"]["sekd3x_reuse"]
     assert all(r["s"] > 0 for r in report["epoch"].values())
-    base, results, cache = report["epoch"]["full_dense"]["s"], report["results"], report["cache"]
+    base = report["epoch"]["full_dense"]["s"]
+    results = report["results"]
+    cache = report["cache"]
     assert all(
         r["over_full_dense"] == pytest.approx(r["s"] / base) for r in report["epoch"].values()
     )
-    build, forward = cache["cache_build_s"], cache["teacher_forward_s"]
+    build = cache["cache_build_s"]
+    forward = cache["teacher_forward_s"]
     assert cache["build_over_teacher_forward"] == pytest.approx(build / forward)
     assert cache["read_over_sekd3x_step"] == pytest.approx(
         results["sekd3x_reuse"]["cache_read_ms"] / results["sekd3x_reuse"]["step_ms"]
@@ -2797,7 +2864,9 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
 
 
 def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_targets(tmp_path):
-    shape, cpu, cache = sekd.BENCH_SHAPES["tiny"], torch.device("cpu"), str(tmp_path / "cache")
+    shape = sekd.BENCH_SHAPES["tiny"]
+    cpu = torch.device("cpu")
+    cache = str(tmp_path / "cache")
     built = sekd.bench_method("sekd3x_build", shape, cpu, 1, 16, 10, cache)
     reused = sekd.bench_method("sekd3x_reuse", shape, cpu, 1, 16, 10, cache)
     assert len(sekd.TeacherCache(cache)) == 2  # l = 20% of 10 blocks
@@ -2809,7 +2878,9 @@ def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_ta
 def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_student_wrote_it(
     monkeypatch,
 ):
-    student, teacher, seen = tiny_model("llama"), tiny_model("llama", hidden=48, seed=1), []
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    seen = []
     monkeypatch.setattr(sekd, "train_step", lambda student, teacher, micro, *a: seen.extend(micro))
     blocks = torch.randint(1, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     list(
@@ -2817,10 +2888,8 @@ def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_stu
             "sekd", student, teacher, blocks, torch.device("cpu"), batch=2, on_policy=True
         )
     )
-    ids, targets = (
-        torch.cat([m["input_ids"] for m in seen]),
-        torch.cat([m["loss_mask"] for m in seen]),
-    )
+    ids = torch.cat([m["input_ids"] for m in seen])
+    targets = torch.cat([m["loss_mask"] for m in seen])
     assert torch.equal(ids[:, :8], blocks[:, :8]) and not torch.equal(ids[:, 8:], blocks[:, 8:])
     assert not targets[:, :8].any() and targets[:, 8].all()  # the prompt, then the response
 
@@ -2844,7 +2913,8 @@ def shown(argv, capsys):
 def marked_spans(body):
     """The plain body's ⟦marked⟧ pieces as character spans of the text without markers, and that
     text."""
-    spans, text = [], ""
+    spans = []
+    text = ""
     for i, part in enumerate(re.split("[⟦⟧]", body)):
         if i % 2:
             spans.append((len(text), len(text) + len(part)))
@@ -2877,10 +2947,8 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(
     )
     valid = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool)
     with torch.no_grad():
-        h_student, h_teacher = (
-            sekd.hidden_states(student, ids)[:, :-1],
-            sekd.teacher_hidden(teacher, ids),
-        )
+        h_student = sekd.hidden_states(student, ids)[:, :-1]
+        h_teacher = sekd.teacher_hidden(teacher, ids)
         scores = sekd.batch_scores(
             signal,
             h_student,
@@ -2951,7 +3019,8 @@ def test_show_scores_exactly_the_ids_and_masks_training_builds_for_a_row(
     else:
         rows = [{"messages": CHATS[1][:3]}] * 2
     data = write_rows(tmp_path / "rows.jsonl", rows)
-    seen, real = [], sekd.selected_positions
+    seen = []
+    real = sekd.selected_positions
     monkeypatch.setattr(
         sekd,
         "selected_positions",
@@ -2991,7 +3060,8 @@ def test_show_dims_exactly_the_prompt_of_a_data_row(saved_models, tmp_path, caps
         ],
         capsys,
     )
-    pieces, at = html_pieces((tmp_path / "p.html").read_text()), 0
+    pieces = html_pieces((tmp_path / "p.html").read_text())
+    at = 0
     for i, (classes, text) in enumerate(pieces):
         in_prompt = at < len(rows[0]["prompt"])
         # the first: no position
@@ -3080,7 +3150,8 @@ def test_help_shows_each_numeric_flags_valid_range(capsys):
 
 def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_one(capsys):
     values = {"int": "3", "float": "0.5", "str": "x"}
-    dashes, underscores = [], []
+    dashes = []
+    underscores = []
     for f in sekd.dataclasses.fields(sekd.Config):
         if f.metadata["choices"]:
             value = [f.metadata["choices"][0]]
