@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end SE-KD example that runs offline on a fresh machine (about 14 minutes on 2 CPU cores; 7 more per seed).
+# End-to-end SE-KD example that runs offline on a fresh machine (14-23 minutes on 2 CPU cores by machine; 7-11 more per seed).
 #
 # Without settings it builds everything locally: a corpus from the Python standard library's own source
 # (about 11 MB of .py outside its test folders) and the language reference (pydoc_data.topics), one document

@@ -2490,7 +2490,7 @@ def selected_positions(student, teacher, input_ids, loss_mask, cfg):
     scores = scores_of(cfg.signal)
     kl = None if teacher is None else scores_of("kl").cpu()
     weights = position_weights(cfg.positions, scores[None], valid, cfg.k, gls=GlobalThreshold())
-    return scores.cpu(), weights[0].cpu() > 0, valid[0].cpu(), kl
+    return scores.cpu(), (weights[0] > 0).cpu(), valid[0].cpu(), kl
 
 def token_pieces(offsets):
     """The drawn pieces of a text, [(start, stop, tokens)]: tokens sharing characters (the bytes of

@@ -968,12 +968,12 @@ def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequen
     teacher = tiny_model("llama", hidden=48, seed=1)
     ids, loss_mask, eos = prompts_and_eos(student)
     torch.manual_seed(0)
-    ids, mask, targets = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
+    ids, mask, is_target = sekd.student_responses(student, ids, loss_mask, eos, max_new_tokens=12)
     cfg = sekd.Config(method="sekd", k=0.3)
-    loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=targets)
-    want = dense_reference_loss(student, teacher, ids, mask.long(), cfg, loss_mask=targets)
+    loss, stats = sekd.distill_loss(student, teacher, ids, mask, cfg, loss_mask=is_target)
+    want = dense_reference_loss(student, teacher, ids, mask.long(), cfg, loss_mask=is_target)
     assert_same_value_and_gradient(student, loss, want)
-    assert stats["valid"] == targets.sum()  # every generated token is a target, and only those
+    assert stats["valid"] == is_target.sum()  # every generated token is a target, and only those
 
 
 # The method alone: sekd.py's text above section 6, saved as a module of its own, trains a student.
@@ -1471,8 +1471,8 @@ def test_chat_rows_supervise_exactly_the_assistant_turns_of_a_template_without_g
     assert len(train) == len(rows) and len(held) == 2
     for example, i in zip(range(len(train)), rows):
         ids = train.input_ids[example]
-        targets = train.loss_mask[example] & train.attention_mask[example]
-        turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(targets)]
+        is_target = train.loss_mask[example] & train.attention_mask[example]
+        turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(is_target)]
         assert turns == [f"it is {2 * i}.<|im_end|>\n", f"{think}{4 * i}, I think.<|im_end|>\n"]
         length = int(train.attention_mask[example].sum())
         assert tokenizer.decode(ids[:length]) == tokenizer.apply_chat_template(
@@ -1513,8 +1513,8 @@ CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
 
 def supervised_turns(tokenizer, messages):
     """The decoded runs of targets of one conversation as load_examples builds it."""
-    ids, targets = sekd.encode_rows({"messages": [messages]}, "messages", tokenizer, "text")[0]
-    return [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(torch.from_numpy(targets))]
+    ids, is_target = sekd.encode_rows({"messages": [messages]}, "messages", tokenizer, "text")[0]
+    return [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(torch.from_numpy(is_target))]
 
 
 @pytest.mark.parametrize("content", ["", None])
@@ -1599,8 +1599,8 @@ def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_r
     assert info["data_format"] == "prompt_messages" and len(train) == 18
     for example, i in enumerate(i for i in range(20) if i % 10 != 9):
         ids = train.input_ids[example]
-        targets = train.loss_mask[example] & train.attention_mask[example]
-        ((start, end),) = runs_of_true(targets)
+        is_target = train.loss_mask[example] & train.attention_mask[example]
+        ((start, end),) = runs_of_true(is_target)
         assert tokenizer.decode(ids[start:end]) == f"<think></think>\n\nit is {2 * i}.<|im_end|>\n"
         prompt = tokenizer.apply_chat_template(
             rows[i]["prompt"], tokenize=False, add_generation_prompt=True
@@ -2028,13 +2028,13 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
     eos = tokenizer.eos_token_id
     generated = []
     for ids, mask, loss_mask in seen:
-        for row, real, targets in zip(ids.tolist(), mask.tolist(), loss_mask.tolist()):
-            p = targets.index(True)
+        for row, real, is_target in zip(ids.tolist(), mask.tolist(), loss_mask.tolist()):
+            p = is_target.index(True)
             n = sum(real)
             # a data prompt, never supervised
-            assert tuple(row[:p]) in prompts and not any(targets[:p])
+            assert tuple(row[:p]) in prompts and not any(is_target[:p])
             assert real == [True] * n + [False] * (len(row) - n)
-            assert all(targets[p:n]) and not any(targets[n:])
+            assert all(is_target[p:n]) and not any(is_target[n:])
             # generated up to its first EOS, then padding
             response = row[p:n]
             assert len(response) <= 6 and eos not in response[:-1]
@@ -2889,9 +2889,9 @@ def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_stu
         )
     )
     ids = torch.cat([m["input_ids"] for m in seen])
-    targets = torch.cat([m["loss_mask"] for m in seen])
+    is_target = torch.cat([m["loss_mask"] for m in seen])
     assert torch.equal(ids[:, :8], blocks[:, :8]) and not torch.equal(ids[:, 8:], blocks[:, 8:])
-    assert not targets[:, :8].any() and targets[:, 8].all()  # the prompt, then the response
+    assert not is_target[:, :8].any() and is_target[:, 8].all()  # the prompt, then the response
 
 
 # ============================================================================================
