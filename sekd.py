@@ -473,6 +473,14 @@ def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None
         return batch_scores(signal, h_student, student_head, input_ids[:, 1:], valid, h_teacher,
                             teacher_head, chunk_size)
 
+def padded_width(attention_mask):
+    """The columns up to the last one holding a real token in any row (0 for none): the padding-only
+    columns at the end, which no row needs, are dropped; left padding keeps every column."""
+    real_columns = attention_mask.bool().any(0).nonzero()
+    if len(real_columns) == 0:
+        return 0
+    return int(real_columns.max()) + 1
+
 @torch.no_grad()
 def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8,
                   chunk_size=1024, vocab_size=None, *, attention_mask=None, loss_mask=None):
@@ -489,7 +497,7 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
         is_target = None
         if attention_mask is not None:   # no padding-only columns
             mask = attention_mask[batch]
-            width = int(mask.sum(1).max())
+            width = padded_width(mask)
             ids = ids[:, :width]
             mask = mask[:, :width].to(device)
         if loss_mask is not None:
@@ -947,7 +955,7 @@ class Examples:
     def __getitem__(self, index):
         """The examples at index (a slice or indices), without padding columns none needs."""
         mask = self.attention_mask[index]
-        width = int(mask.sum(1).max()) if len(mask) else 0
+        width = padded_width(mask)
         ids = self.input_ids[index][:, :width]
         return Examples(ids, mask[:, :width], self.loss_mask[index][:, :width])
 

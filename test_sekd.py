@@ -551,6 +551,17 @@ def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_
     assert sekd.select_samples(got, 1.0).tolist() == [0, 1]
 
 
+def test_sample_scores_of_a_left_padded_batch_are_each_sample_scored_alone():
+    student = sharpened(tiny_model("llama"))
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in every row: no column is padding-only
+    mask[1, :4] = 0
+    got = sekd.sample_scores(student, ids, batch_size=2, attention_mask=mask)
+    alone = [sekd.sample_scores(student, ids[i:i + 1, mask[i].bool()])[0] for i in range(2)]
+    torch.testing.assert_close(got, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
 # ============================================================================================
 # 5. The loss
 # ============================================================================================
