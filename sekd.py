@@ -28,7 +28,8 @@ import torch.nn.functional as F
 # ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks
 #      from hidden states and LM heads, so that the heads can later run on selected rows only
 def unwrap(model):
-    """The Hugging Face model itself, also inside DDP or sekd's Backbone (section 8)."""
+    """The Hugging Face model itself, also inside DDP, DataParallel (Trainer's wrapper on several
+    GPUs in one process) or sekd's Backbone (section 8)."""
     model = getattr(model, "module", model)
     return getattr(model, "causal_lm", model)
 
@@ -36,7 +37,7 @@ def hidden_states(model, input_ids, attention_mask=None):
     """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return ddp_hidden_states(model, input_ids, attention_mask)
-    decoder = model.get_decoder()
+    decoder = unwrap(model).get_decoder()   # DataParallel's model runs on its first device
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return output.last_hidden_state
 

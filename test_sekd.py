@@ -827,6 +827,21 @@ def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are
     assert all(g is not None and g.abs().max() == 0 for g in grads)   # every parameter reached
 
 
+def test_distill_loss_of_a_data_parallel_student_is_the_models_in_value_and_gradient():
+    """Trainer wraps the model in DataParallel on several GPUs in one process."""
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    results = []
+    for model in (student, torch.nn.DataParallel(student)):
+        student.zero_grad()
+        loss, _ = sekd.distill_loss(model, teacher, ids, mask, sekd.Config(k=0.5))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (loss, grads), (dp_loss, dp_grads) = results
+    assert dp_loss == loss and all(torch.equal(g, h) for g, h in zip(grads, dp_grads))
+
+
 @pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.5, 2.0), (1.0, 1.0), (0.1, 0.7)])
 def test_generalized_jsd_equals_trls_generalized_jsd_loss_per_position(beta, temperature):
     g = torch.Generator().manual_seed(0)
