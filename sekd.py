@@ -1410,6 +1410,8 @@ def check_field(f, value):
     unset = value is None and f.default is None
     if rules and not unset and not satisfies(value, rules):
         raise UsageError(f"{name} must be {' and '.join(rules)}; got {value}")
+    if isinstance(value, float) and abs(value) > torch.finfo(torch.float32).max:
+        raise UsageError(f"{name} {value} is beyond float32, in which the run computes")
 
 def check_combination(cfg):
     """The rules between fields, each message naming the flags and the fix."""
@@ -1843,6 +1845,12 @@ def save_and_evaluate(run, start_time):
     except Exception as err:
         raise RunStopped(f"training finished and the student is saved in {path}, but the final "
                          f"evaluation failed: {type(err).__name__}: {err}") from err
+    if not math.isfinite(final["val_ppl"]):   # the last update overflowed: no later step saw it
+        if rank == 0:
+            remove_path(path)
+        raise RunStopped(f"step {run.step}: the student's held-out perplexity is not finite "
+                         f"({final['val_ppl']}); no student or metrics.json written (checkpoints "
+                         f"in {cfg.out_dir}/checkpoint stay). Lower --lr")
     log_record(run, {"step": run.step, **final})
     if run.log is not None:
         run.log.close()

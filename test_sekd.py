@@ -2124,6 +2124,18 @@ def test_a_non_finite_loss_stops_the_run_without_a_student(saved_models, tmp_pat
     )
 
 
+def test_a_last_step_that_overflows_the_student_stops_the_run_without_a_student(
+    saved_models, tmp_path
+):
+    # lr 1e20: the first step's loss is finite, its update leaves a student whose outputs are not
+    with pytest.raises(sekd.RunStopped, match="step 1: the student's held-out perplexity is not"):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, max_steps=1))
+    assert (
+        not (tmp_path / "run" / "student").exists()
+        and not (tmp_path / "run" / "metrics.json").exists()
+    )
+
+
 def test_a_failed_final_evaluation_keeps_the_student_and_says_where(
     saved_models, tmp_path, monkeypatch
 ):
@@ -3224,6 +3236,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--top-k-classes", "100000"], "--top-k-classes 100000 is above the vocabulary"),
         (base + ["--temperature", "inf"], "--temperature must be > 0"),
         (base + ["--lr", "1e400"], "--lr must be > 0"),
+        (base + ["--lr", "1e39"], "--lr 1e+39 is beyond float32"),
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
