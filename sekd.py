@@ -2100,8 +2100,9 @@ RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_ba
 
 def check_out_dir(cfg):
     """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise UsageError(f"--out-dir {cfg.out_dir} is a file: choose a directory")
+    for name, path in (("--out-dir", cfg.out_dir), ("--cache-dir", cfg.cache_dir)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{name} {path} is a file: choose a directory")
     state = os.path.join(cfg.out_dir, "checkpoint", "checkpoint.json")
     if cfg.resume:
         if not os.path.exists(state):
