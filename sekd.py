@@ -2587,6 +2587,8 @@ def show(argv):
                  seq_len=args.seq_len)
     if not args.student or (args.text is None) == (args.data is None):
         raise UsageError("show needs --student, and --text or --data (one of them)")
+    if args.index < 0:
+        raise UsageError(f"--index must be >= 0 (a row of --data); got {args.index}")
     if uses_teacher(cfg.signal) and not args.teacher:
         raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give "
                          "--teacher")

@@ -3240,7 +3240,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
-        (base + ["--cache-dir", str(tmp_path / "a_file"), "--method", "sekd3x"], "a_file is a file"),
+        (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
         (base + ["--data", str(tmp_path / "data.csv")], "unsupported file type '.csv'"),
         (base + ["--data", str(tmp_path / "chat.jsonl")], "tokenizer has no chat template"),
@@ -3271,6 +3271,11 @@ def usage_errors(saved_models, tmp_path):
             "give --teacher",
         ),
         (["show", "--student", saved_models["student"]], "--text or --data"),
+        (
+            ["show", "--student", saved_models["student"], "--data", saved_models["data"],
+             "--index", "-1"],
+            "--index must be >= 0",
+        ),
         (
             ["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"],
             "--k must be",
