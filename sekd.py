@@ -658,8 +658,8 @@ def prompt_lengths(loss_mask):
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
     """The model (a Hugging Face one, in eval mode while it samples) answers each prompt with up to
     max_new_tokens tokens drawn from softmax(z / temperature), until its EOS. input_ids, loss_mask
-    [B, L] -> input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt,
-    then the response (EOS included) as targets."""
+    [B, L] (right-padded: a prompt starts each row) -> input_ids, attention_mask, loss_mask [B, L'],
+    right-padded with eos_id: the prompt, then the response (EOS included) as targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
