@@ -1047,30 +1047,44 @@ def end_of_turn(tokenizer, context):
 def render_chat(messages, tokenizer):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
     tool calls and end-of-turn text included). Most templates mark no {% generation %} span, so turn
-    i starts where messages[:i] with a generation prompt ends and ends where messages[:i + 1] does;
-    where the last turn renders otherwise (Qwen3's think block), at the first end-of-turn text after
-    its start. A first message has no prompt: an assistant turn there is context."""
+    i starts where messages[:i] with a generation prompt ends (turn_start) and ends where
+    messages[:i + 1] does; where the last turn renders otherwise (Qwen3's think block), at the first
+    end-of-turn text after its start. A first message has no prompt: an assistant turn there is
+    context."""
     text = chat_text(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
-        before = chat_text(tokenizer, messages[:i], generation_prompt=True)
+        start = turn_start(tokenizer, messages[:i], text)
         through = chat_text(tokenizer, messages[:i + 1])
-        if not text.startswith(before):
-            raise ValueError(f"the chat template renders the turns before message {i} otherwise in "
-                             "the whole conversation, so where that turn starts is unknown")
         if text.startswith(through):
-            spans.append((len(before), len(through)))
+            spans.append((start, len(through)))
             continue
         eot = end_of_turn(tokenizer, messages[:i])
-        end = text.find(eot, len(before)) if eot else -1
+        end = text.find(eot, start) if eot else -1
         if end < 0:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
                              "conversation, and ends its turns with no text of its own to find it "
                              "by")
-        spans.append((len(before), end + len(eot)))
+        spans.append((start, end + len(eot)))
     return text, spans
+
+def turn_start(tokenizer, context, text):
+    """Where the assistant turn after context starts in text: after context with a generation
+    prompt; or, where that prompt opens more than an earlier turn shows (the <think> of Qwen3's
+    thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn shares."""
+    prompt = chat_text(tokenizer, context, generation_prompt=True)
+    if text.startswith(prompt):
+        return len(prompt)
+    rendered = chat_text(tokenizer, context)
+    earlier_turn = [{"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}]
+    probe = chat_text(tokenizer, context + earlier_turn)
+    opening = os.path.commonprefix([prompt, probe])   # "A" ends it where a turn's text begins
+    if prompt.startswith(rendered) and len(opening) > len(rendered) and text.startswith(opening):
+        return len(opening)
+    raise ValueError(f"the chat template renders the turns before message {len(context)} "
+                     "otherwise in the whole conversation, so where that turn starts is unknown")
 
 def render_prompt_completion(prompt, completion, tokenizer):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a

@@ -1572,6 +1572,31 @@ def test_turns_whose_reasoning_the_template_rewrites_are_supervised_as_rendered(
     ]
 
 
+# Like the Qwen3 thinking models' (and DeepSeek-R1's): the generation prompt opens a think block
+# that only the turns after the last user query render.
+THINKING_PROMPT = QWEN_LIKE.replace(
+    "<think>{{ reasoning }}</think>", "<think>\n{{ reasoning }}\n</think>"
+).replace("{% if add_generation_prompt %}<|im_start|>assistant\n", "{% if add_generation_prompt %}"
+          "<|im_start|>assistant\n<think>\n")
+
+
+def test_earlier_turns_start_after_the_part_of_a_thinking_generation_prompt_they_render():
+    tokenizer = chat_tokenizer(THINKING_PROMPT)
+    chat = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": None, "tool_calls": CALL},  # <tool_call> as <think> opens
+        {"role": "tool", "content": "2"},
+        {"role": "assistant", "content": "it is 2."},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "done."},
+    ]
+    assert supervised_turns(tokenizer, chat) == [
+        "<tool_call>add</tool_call><|im_end|>\n",
+        "it is 2.<|im_end|>\n",
+        "\n</think>\n\ndone.<|im_end|>\n",
+    ]
+
+
 def test_turns_the_template_trims_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.bos_token = "<eos>"
