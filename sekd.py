@@ -1507,10 +1507,15 @@ class Run:
             load_checkpoint(self, saved, state)
 
     def load_data(self, saved):
-        """The training and held-out examples; refused where on-policy steps lack prompts, or a
-        resume finds other data than its checkpoint's."""
+        """The training and held-out examples; refused where a token is outside the distilled
+        classes, on-policy steps lack prompts, or a resume finds other data than its checkpoint's."""
         cfg = self.cfg
         self.examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
+        highest = max(int(part.input_ids.max()) for part in (self.examples, self.val_examples))
+        if highest >= self.vocab:
+            raise UsageError(f"--data {cfg.data} has token id {highest}, beyond the {self.vocab} "
+                             "classes distilled (--vocab-size, or the models' heads): raise "
+                             "--vocab-size to the tokenizer's length, or resize the models")
         self.data_fingerprint = fingerprint(self.examples)   # a checkpoint's kept rows name these
         if saved and saved.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
             raise UsageError(f"--resume: --data {cfg.data} now gives other training examples than "

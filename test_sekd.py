@@ -3263,6 +3263,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--lr", "1e400"], "--lr must be > 0"),
         (base + ["--lr", "1e39"], "--lr 1e+39 is beyond float32"),
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
+        (base + ["--vocab-size", "100"], "beyond the 100 classes distilled"),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
