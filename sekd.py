@@ -1046,11 +1046,10 @@ def end_of_turn(tokenizer, context):
 
 def render_chat(messages, tokenizer):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
-    tool calls and end-of-turn text included). Most templates mark no {% generation %} span, so turn
-    i starts where messages[:i] with a generation prompt ends (turn_start) and ends where
-    messages[:i + 1] does; where the last turn renders otherwise (Qwen3's think block), at the first
-    end-of-turn text after its start. A first message has no prompt: an assistant turn there is
-    context."""
+    tool calls and end-of-turn text included). Most templates mark no {% generation %} span: turn i
+    starts where messages[:i] with a generation prompt ends (turn_start) and ends where
+    messages[:i + 1] does, or, where the last turn renders otherwise (Qwen3's think block), at the
+    first end-of-turn text after its start. A first message has no prompt: its turn is context."""
     text = chat_text(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
@@ -1507,8 +1506,9 @@ class Run:
             load_checkpoint(self, saved, state)
 
     def load_data(self, saved):
-        """The training and held-out examples; refused where a token is outside the distilled
-        classes, on-policy steps lack prompts, or a resume finds other data than its checkpoint's."""
+        """The training and held-out examples; refused where a token is outside the classes
+        distilled, on-policy steps lack prompts, or a resume finds other data than the checkpoint's
+        run trained on."""
         cfg = self.cfg
         self.examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
         highest = max(int(part.input_ids.max()) for part in (self.examples, self.val_examples))
