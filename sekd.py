@@ -1163,15 +1163,18 @@ def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
 
 def encode_prompts(batch, tokenizer, first_row, with_offsets):
     """Prompt/completion rows -> [(ids, is_target, text, offsets)]: the prompt (with the tokenizer's
-    BOS, if any) as context, the completion and an EOS, tokenized apart, as targets."""
+    BOS, if any, but no EOS it appends) as context, the completion and an EOS, tokenized apart, as
+    targets."""
     prompts = column_strings(batch, "prompt", first_row)
     completions = column_strings(batch, "completion", first_row)
     prompt_tokens = tokenizer(prompts, return_offsets_mapping=with_offsets)
+    appended = appended_specials(tokenizer)   # a prompt is context: no EOS ends it
     completion_tokens = tokenizer(completions, add_special_tokens=False,
                                   return_offsets_mapping=with_offsets)
     encoded = []
     for j, (prompt, completion) in enumerate(zip(prompts, completions)):
         p = prompt_tokens["input_ids"][j]
+        p = p[:len(p) - appended]
         c = completion_tokens["input_ids"][j]
         ids = p + c + [tokenizer.eos_token_id]
         is_target = [0] * len(p) + [1] * (len(c) + 1)
@@ -1180,9 +1183,15 @@ def encode_prompts(batch, tokenizer, first_row, with_offsets):
         if with_offsets:   # the completion's spans shifted past the prompt; the EOS has none
             shifted = [(a + len(prompt), b + len(prompt))
                        for a, b in completion_tokens["offset_mapping"][j]]
-            offsets = prompt_tokens["offset_mapping"][j] + shifted + [(len(text), len(text))]
+            prompt_offsets = prompt_tokens["offset_mapping"][j][:len(p)]
+            offsets = prompt_offsets + shifted + [(len(text), len(text))]
         encoded.append((ids, is_target, text, offsets))
     return encoded
+
+def appended_specials(tokenizer):
+    """How many special tokens the tokenizer puts after a text (an EOS, as add_eos_token does)."""
+    last = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+    return tokenizer("a")["input_ids"][::-1].index(last)
 
 def pack_blocks(documents, seq_len):
     """Documents [(ids, is_target)] -> Examples of consecutive seq_len-token blocks of their

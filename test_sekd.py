@@ -1725,6 +1725,25 @@ def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
         assert train.attention_mask[example].sum() == length
 
 
+def test_a_prompt_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_to_every_text():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tiny_tokenizer(DOCS)
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(  # Llama's add_eos_token
+        single="<eos> $A <eos>", special_tokens=[("<eos>", eos)]
+    )
+    row = {"prompt": ["question 1:"], "completion": [" answer 3"]}
+    [(ids, is_target, _, offsets)] = sekd.encode_rows(
+        row, "prompt", tokenizer, "text", with_offsets=True
+    )
+    prompt = tokenizer(row["prompt"][0], add_special_tokens=False)["input_ids"]
+    completion = tokenizer(row["completion"][0], add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == [eos] + prompt + completion + [eos]
+    assert is_target.tolist() == [False] * (1 + len(prompt)) + [True] * (len(completion) + 1)
+    assert len(offsets) == len(ids)
+
+
 def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     rows = [{"prompt": "question " * (1 + 9 * (i % 2)), "completion": " answer"} for i in range(20)]
