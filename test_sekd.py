@@ -1742,10 +1742,12 @@ def test_a_token_budget_on_prompt_completion_rows_stops_at_the_first_row_that_re
         )
     ]
     train_lengths = [n for i, n in enumerate(lengths) if i % 10 != 9]
-    want = next(i + 1 for i in range(len(train_lengths)) if sum(train_lengths[: i + 1]) >= 50)
+    # past row 9, the first held out: held-out tokens count for no budget
+    want = next(i + 1 for i in range(len(train_lengths)) if sum(train_lengths[: i + 1]) >= 200)
+    assert want > 9
     path = write_rows(tmp_path / "pc.jsonl", rows)
-    train, _, _ = sekd.load_examples(data_config(path, seq_len=64, max_tokens=50), tokenizer)
-    assert len(train) == want and int(train.attention_mask.sum()) >= 50
+    train, _, _ = sekd.load_examples(data_config(path, seq_len=64, max_tokens=200), tokenizer)
+    assert len(train) == want and int(train.attention_mask.sum()) >= 200
 
 
 def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
@@ -2045,7 +2047,7 @@ def test_topsmp_persists_its_sample_selection(saved_models, tmp_path, monkeypatc
     )
 
 
-def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_another_teacher(
+def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_other_teacher_or_data(
     saved_models, tmp_path, monkeypatch
 ):
     options = dict(method="topsmp", sample_signal="teacher_entropy", max_steps=1)
@@ -2062,6 +2064,9 @@ def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_another_
         )
     )
     assert scored == [1]
+    options.update(overwrite=True, teacher=saved_models["other_student"])
+    sekd.train(run_config(saved_models, tmp_path, **options, val_fraction=0.1))
+    assert scored == [1, 1]  # other held-out rows: other training examples
 
 
 def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
