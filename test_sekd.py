@@ -2076,6 +2076,11 @@ def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_pa
     assert metrics["train_tokens"] == 3 * 2 * 4 * 16  # steps x micro-batches x blocks x seq_len
 
 
+def test_epochs_round_the_steps_up_so_that_every_distilled_block_is_trained_on():
+    cfg = sekd.Config(epochs=2, batch_size=4, grad_accum=2)
+    assert sekd.total_steps(cfg, 10) == 3  # 20 blocks, 8 a step
+
+
 def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
     metrics = sekd.train(
         run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60, epochs=1)
