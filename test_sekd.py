@@ -2076,6 +2076,21 @@ def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_pa
     assert metrics["train_tokens"] == 3 * 2 * 4 * 16  # steps x micro-batches x blocks x seq_len
 
 
+def test_each_step_draws_random_positions_of_its_own(saved_models, tmp_path, monkeypatch):
+    drawn = []
+    real = sekd.position_weights
+
+    def recorded(policy, scores, valid, *args, **kwargs):
+        weights = real(policy, scores, valid, *args, **kwargs)
+        if policy == "random":
+            drawn.append(weights > 0)
+        return weights
+
+    monkeypatch.setattr(sekd, "position_weights", recorded)
+    sekd.train(run_config(saved_models, tmp_path, method="random", max_steps=2))
+    assert len(drawn) == 2 and not torch.equal(drawn[0], drawn[1])  # blocks alike: all valid
+
+
 def test_epochs_round_the_steps_up_so_that_every_distilled_block_is_trained_on():
     cfg = sekd.Config(epochs=2, batch_size=4, grad_accum=2)
     assert sekd.total_steps(cfg, 10) == 3  # 20 blocks, 8 a step
