@@ -2541,6 +2541,17 @@ def test_config_refuses_bad_values_naming_the_flag(bad, match):
 # 9. Plumbing: cache and resume checks, checkpoints, out-dir rules, fingerprints
 # ============================================================================================
 
+def test_fingerprint_tells_examples_apart_by_their_ids_attention_mask_or_loss_mask():
+    ids = torch.arange(12).view(2, 6)
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    prompt = ones.clone()
+    prompt[:, :2] = False  # the same tokens, other targets (another chat template's turns)
+    padded = ones.clone()
+    padded[1, 4:] = False
+    variants = [(ids, ones, ones), (ids, ones, prompt), (ids, padded, ones), (ids + 1, ones, ones)]
+    assert len({sekd.fingerprint(sekd.Examples(*v)) for v in variants}) == 4
+
+
 def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size(
     tmp_path, monkeypatch
 ):
