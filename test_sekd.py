@@ -238,6 +238,8 @@ def test_budget_is_exact_ceiling():
         for k in (0.01, 0.1, 0.2, 0.28, 1 / 3, 0.5, 0.7, 1.0):
             want = max(math.ceil(Fraction(repr(k)) * n), 1) if n else 0
             assert sekd.budget(n, k) == want and sekd.budget(torch.tensor([n]), k).item() == want
+    # a share below 1e-6 reads as the fraction 0: still one position
+    assert sekd.budget(5, 1e-9) == sekd.budget(torch.tensor([5]), 1e-9).item() == 1
 
 
 @pytest.mark.parametrize("k", [0.01, 0.2, 0.28, 0.5, 1.0])
