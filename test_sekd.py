@@ -1676,6 +1676,16 @@ def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
     assert supervised_turns(tokenizer, chat) == ["<think></think>\n\na<|im_end|>\n"]
 
 
+def test_a_template_whose_generation_prompt_opens_no_turn_is_refused_not_guessed():
+    tokenizer = chat_tokenizer(
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<gen>{% endif %}"
+    )
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(sekd.UsageError, match="row 0: cannot read .* starts is unknown"):
+        sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+
+
 def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_rendered(tmp_path):
     tokenizer = chat_tokenizer(QWEN_LIKE)
     rows = [
@@ -2983,6 +2993,17 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
     assert sekd.shared_vocab_size(64, 64, 60) is None and sekd.shared_vocab_size(64, 72, 60) == 60
     with pytest.raises(sekd.UsageError, match="differ beyond padding"):
         sekd.shared_vocab_size(64, 72, 70)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(saved_models, tmp_path):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    tiny_tokenizer(["other words entirely"] * 5).save_pretrained(teacher)
+    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher))
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    with pytest.raises(sekd.UsageError, match="use different tokenizers"):
+        sekd.check_models(cfg, tokenizer)
 
 
 # ============================================================================================
