@@ -2081,6 +2081,14 @@ def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_other_te
     assert scored == [1, 1]  # other held-out rows: other training examples
 
 
+def test_train_loss_is_the_mean_over_the_last_tenth_of_the_logged_steps(saved_models, tmp_path):
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=10))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    steps = [record for record in log if "loss" in record]
+    assert len(steps) == 10 and metrics["train_loss"] == steps[-1]["loss"]
+    assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 10)
+
+
 def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
     metrics = sekd.train(
         run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3, grad_accum=2)
@@ -2789,6 +2797,15 @@ def test_resume_refuses_a_budget_it_has_passed_a_moved_curriculum_and_another_vo
         )
 
 
+def test_a_resume_at_its_last_step_trains_no_step_and_saves_the_student(
+    saved_models, tmp_path, monkeypatch
+):
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch)
+    monkeypatch.setattr(sekd, "train_step", lambda *a, **k: pytest.fail("a step trained"))
+    cfg = run_config(saved_models, tmp_path, max_steps=2, save_every=2, resume=True)
+    assert sekd.train(cfg)["steps"] == 2 and (tmp_path / "run" / "student").is_dir()
+
+
 def test_resume_reads_its_state_once_and_refuses_a_cache_rebuilt_for_other_samples(
     saved_models, tmp_path, monkeypatch
 ):
@@ -3365,6 +3382,8 @@ def usage_errors(saved_models, tmp_path):
         saved_models["data"], "--seq-len", "16", "--device", "cpu", "--out-dir",
         str(tmp_path / "run"),
     ]
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    highest = max(map(max, tokenizer(DOCS, add_special_tokens=False)["input_ids"]))  # in the data
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
@@ -3380,7 +3399,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--lr", "1e400"], "--lr must be > 0"),
         (base + ["--lr", "1e39"], "--lr 1e+39 is beyond float32"),
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
-        (base + ["--vocab-size", "100"], "beyond the 100 classes distilled"),
+        (base + ["--vocab-size", str(highest)], f"id {highest}, beyond the {highest} classes"),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
