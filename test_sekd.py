@@ -2881,7 +2881,7 @@ def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
 
 
 def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
-    sekd.train(run_config(saved_models, tmp_path, max_steps=1))
+    sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
     with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
         sekd.train(run_config(saved_models, tmp_path, method="full", max_steps=1))
     metrics = sekd.train(
@@ -2889,6 +2889,7 @@ def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_mode
     )
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["config"]["method"] == metrics["config"]["method"] == "full"
+    assert not (tmp_path / "run" / "checkpoint").exists()  # the earlier run's: no --resume to it
 
 
 def test_resume_refuses_changed_settings(saved_models, tmp_path):
