@@ -497,6 +497,13 @@ def test_inverse_cdf_draws_follow_probabilities_that_do_not_sum_to_one():
     assert draws.float().mean().item() == pytest.approx(0.75, abs=0.02)
 
 
+def test_inverse_cdf_draws_no_class_of_probability_0_at_a_uniform_of_exactly_0(monkeypatch):
+    # torch.rand gives 0.0 about once in 2^24 draws, which a real cache build makes many times
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.zeros(*shape))
+    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    assert sekd.inverse_cdf_draws(probs, 3).tolist() == [[2, 2, 2]]
+
+
 def test_sparse_kl_matches_the_dense_formula():
     s = torch.randn(4, 30)
     t = torch.randn(4, 30)
