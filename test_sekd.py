@@ -2890,6 +2890,18 @@ def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
     assert not (tmp_path / "run" / "student").exists()
 
 
+def test_a_first_signal_is_noted_and_a_second_stops_at_once_then_the_handlers_return():
+    before = signal.getsignal(signal.SIGTERM)
+    with sekd.caught_signals() as caught:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs in the main thread, once it checks for signals
+        assert caught == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
     sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
     with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
