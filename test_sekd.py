@@ -3301,6 +3301,24 @@ def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models,
     assert re.search(rf", {len(spans)} marks drawn$", summary)
 
 
+def test_show_dims_a_character_only_when_all_its_tokens_are_prompt():
+    offsets = [(0, 1), (0, 1), (1, 2)]  # tokens 0 and 1: the bytes of "a"
+    drawing, marks = sekd.render_marks(
+        "ab", offsets, [False] * 3, [0.0] * 3, [True, False, True], "html", [""] * 3
+    )
+    assert drawing.count(" dim") == 1 and marks == 0  # "b" alone
+
+
+def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(data=saved_models["prompts"], index=3, text=None)
+    cfg = sekd.Config(data=saved_models["prompts"], seq_len=4)
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    ids, is_target, _, offsets = sekd.show_row(args, cfg, tokenizer)
+    assert len(ids) == len(is_target) == len(offsets) == 4
+
+
 def test_show_on_a_chat_row_marks_exactly_its_assistant_turns(saved_models, tmp_path, capsys):
     student = student_with_template(saved_models, tmp_path, CHATML)
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS[:2]])
