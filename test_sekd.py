@@ -3301,16 +3301,19 @@ def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models,
     assert re.search(rf", {len(spans)} marks drawn$", summary)
 
 
-def test_show_titles_rank_the_positions_from_1_by_score(tmp_path, capsys):
+def test_show_ranks_positions_from_1_and_gives_the_selected_share_of_the_kl(tmp_path, capsys):
     from types import SimpleNamespace
 
     args = SimpleNamespace(student="s", plain=True, html=str(tmp_path / "p.html"))
     scores = torch.tensor([0.5, 0.9])  # positions 0 and 1, drawn on tokens 1 and 2
+    kl = torch.tensor([1.0, 3.0])
     sekd.print_show(
         args, sekd.Config(k=0.5), "abc", [(0, 1), (1, 2), (2, 3)], scores,
-        torch.tensor([False, True]), torch.tensor([True, True]), None,
+        torch.tensor([False, True]), torch.tensor([True, True]), kl,
     )
     assert re.findall(r"rank (\d+) of 2", (tmp_path / "p.html").read_text()) == ["2", "1"]
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.endswith("they hold 75% of the KL(teacher || student) (random ones: 50%)")
 
 
 def test_show_dims_a_character_only_when_all_its_tokens_are_prompt():
