@@ -2091,11 +2091,11 @@ def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_other_te
     assert scored == [1, 1]  # other held-out rows: other training examples
 
 
-def test_train_loss_is_the_mean_over_the_last_tenth_of_the_logged_steps(saved_models, tmp_path):
+def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=10))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     steps = [record for record in log if "loss" in record]
-    assert len(steps) == 10 and metrics["train_loss"] == steps[-1]["loss"]
+    assert len(steps) == 10 and metrics["train_loss"] == steps[-1]["loss"]  # the last tenth
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 10)
 
 
@@ -3301,18 +3301,28 @@ def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models,
     assert re.search(rf", {len(spans)} marks drawn$", summary)
 
 
-def test_show_ranks_positions_from_1_and_gives_the_selected_share_of_the_kl(tmp_path, capsys):
+def show_two_positions(tmp_path, capsys):
+    """print_show on "abc": positions 0 and 1 (drawn on tokens 1 and 2), scored 0.5 and 0.9, KL 1
+    and 3, the second selected -> (the HTML page, the summary line)."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(student="s", plain=True, html=str(tmp_path / "p.html"))
-    scores = torch.tensor([0.5, 0.9])  # positions 0 and 1, drawn on tokens 1 and 2
+    selected = torch.tensor([False, True])
+    valid = torch.tensor([True, True])
+    scores = torch.tensor([0.5, 0.9])
     kl = torch.tensor([1.0, 3.0])
-    sekd.print_show(
-        args, sekd.Config(k=0.5), "abc", [(0, 1), (1, 2), (2, 3)], scores,
-        torch.tensor([False, True]), torch.tensor([True, True]), kl,
-    )
-    assert re.findall(r"rank (\d+) of 2", (tmp_path / "p.html").read_text()) == ["2", "1"]
-    summary = capsys.readouterr().out.splitlines()[-1]
+    offsets = [(0, 1), (1, 2), (2, 3)]
+    sekd.print_show(args, sekd.Config(k=0.5), "abc", offsets, scores, selected, valid, kl)
+    return (tmp_path / "p.html").read_text(), capsys.readouterr().out.splitlines()[-1]
+
+
+def test_show_titles_rank_the_positions_from_1_by_score(tmp_path, capsys):
+    page, _ = show_two_positions(tmp_path, capsys)
+    assert re.findall(r"rank (\d+) of 2", page) == ["2", "1"]
+
+
+def test_show_summary_gives_the_selected_positions_share_of_the_kl_sum(tmp_path, capsys):
+    _, summary = show_two_positions(tmp_path, capsys)
     assert summary.endswith("they hold 75% of the KL(teacher || student) (random ones: 50%)")
 
 
