@@ -1036,8 +1036,8 @@ def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_c
     )
     frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
-    # the checkpoint's config is left as it was
-    assert student.generation_config.suppress_tokens == [top]
+    # the checkpoint's config, and its eval mode, are left as they were
+    assert student.generation_config.suppress_tokens == [top] and not student.training
 
 
 def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
@@ -1988,6 +1988,14 @@ def test_evaluate_counts_the_supervised_positions_only():
     assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
 
 
+def test_on_policy_steps_are_drawn_at_the_fraction_and_differ_by_seed():
+    def drawn(seed):
+        cfg = sekd.Config(seed=seed, on_policy_fraction=0.3)
+        return [sekd.on_policy_step(cfg, step) for step in range(400)]
+
+    assert drawn(0) != drawn(1) and sum(drawn(0)) / 400 == pytest.approx(0.3, abs=0.07)
+
+
 def test_prefetch_yields_every_load_in_order_with_exactly_the_next_one_under_way():
     started = []
     got = []
@@ -2024,8 +2032,10 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
         first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
         and "cache_build_s" in first
     )
-    # only l of the samples cached
+    # only l of the samples cached; the paper's size: 3 B per drawn class, for l of the samples
     assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]
+    assert first["paper_bytes_per_position"] == 3 * 16
+    assert first["paper_bytes_per_token"] == pytest.approx(3 * 16 * 0.2)
 
 
 @pytest.fixture(scope="module")
