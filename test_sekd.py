@@ -1345,10 +1345,11 @@ def small_cache(qwen_teacher, tmp_path):
         dict(temperature=2.0),
         dict(seq_len=9),
         dict(fingerprint="another dataset"),
+        dict(student_weights="a student the cache does not record"),
     ],
 )
 def test_cache_refuses_other_settings_or_data_naming_them(small_cache, wrong):
-    with pytest.raises(sekd.UsageError, match="built with another|built with other"):
+    with pytest.raises(sekd.UsageError, match="built with (samples chosen by )?(an)?other"):
         sekd.TeacherCache(small_cache[0]).check(**wrong)
 
 
@@ -1410,14 +1411,16 @@ def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, 
         ).read_bytes()
 
 
-def test_a_rebuild_removes_the_shards_of_an_earlier_build(qwen_teacher, tmp_path):
+def test_a_rebuild_removes_the_shards_of_an_earlier_build_and_nothing_else(qwen_teacher, tmp_path):
     ids = torch.randint(0, QWEN_VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
     sekd.build_cache(qwen_teacher, ids, tmp_path / "c", num_samples=8, shard_size=1)
     # as if the earlier build never finished
     (tmp_path / "c" / "manifest.json").unlink()
     (tmp_path / "c" / "shard_00003.safetensors.tmp").write_bytes(b"half")
+    (tmp_path / "c" / "NOTES.txt").write_text("the user's")
     sekd.build_cache(qwen_teacher, ids[:2], tmp_path / "c", num_samples=4, shard_size=1)
     assert sorted(os.listdir(tmp_path / "c")) == [
+        "NOTES.txt",
         "manifest.json",
         "shard_00000.safetensors",
         "shard_00001.safetensors",
@@ -1817,6 +1820,21 @@ def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target
     assert len(train) == 9 and train.input_ids.shape[1] == short
 
 
+def test_an_example_whose_only_target_is_its_first_token_is_dropped(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)  # no BOS: an empty prompt and completion leave the EOS alone
+    rows = [{"prompt": "", "completion": ""}] + [{"prompt": "q", "completion": " a"}] * 19
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    train, _, info = sekd.load_examples(data_config(path), tokenizer)
+    assert info["dropped_examples"] == 1 and len(train) == 17
+
+
+def test_a_tokenizer_without_an_eos_is_refused_before_any_row_is_read(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    tokenizer.eos_token = None
+    with pytest.raises(sekd.UsageError, match="tokenizer has no EOS token"):
+        sekd.load_examples(data_config(write_docs(tmp_path, "text")), tokenizer)
+
+
 def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_past_it(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     rows = [{"text": d} for d in DOCS * 3]
@@ -1848,6 +1866,7 @@ def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_pa
         ("missing.jsonl", None, "does not exist"),
         ("one.jsonl", '{"text": "a"}\n', "need 2"),
         ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no 'text' in"),
+        ("lists.jsonl", '{"text": ["a", "b"]}\n' * 2, "row 0: its 'text' is list, not a string"),
     ],
 )
 def test_bad_data_files_are_usage_errors_naming_the_problem(tmp_path, name, content, match):
@@ -1986,6 +2005,13 @@ def test_evaluate_counts_the_supervised_positions_only():
     assert got["val_ppl"] == pytest.approx(math.exp(ce), rel=1e-4)
     kl = kl_divergence(Categorical(logits=t[valid]), Categorical(logits=s[valid])).mean().item()
     assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_leaves_the_student_in_the_mode_it_found_it_in(training):
+    student = tiny_model("gpt2").train(training)
+    sekd.evaluate(student, None, torch.randint(0, VOCAB, (2, 6)), sekd.Config(batch_size=2))
+    assert student.training == training
 
 
 def test_on_policy_steps_are_drawn_at_the_fraction_and_differ_by_seed():
@@ -2626,14 +2652,15 @@ def test_weights_fingerprint_reads_about_one_mebibyte_per_file_whatever_its_size
     assert sum(sizes) <= (1 << 16) + 256 * 4096
 
 
-def test_weights_fingerprint_sees_a_changed_header_but_not_a_byte_between_its_blocks(tmp_path):
+def test_weights_fingerprint_sees_the_header_and_its_blocks_but_not_a_byte_between_them(tmp_path):
     payload = bytearray(range(256)) * 8192  # 2 MiB
     (tmp_path / "model.safetensors").write_bytes(payload)
     before = sekd.weights_fingerprint(str(tmp_path))
-    payload[100] ^= 1  # in the first 64 KiB: seen
-    (tmp_path / "model.safetensors").write_bytes(payload)
-    assert sekd.weights_fingerprint(str(tmp_path)) != before
-    payload[100] ^= 1
+    for seen in (100, len(payload) // 2):  # in the first 64 KiB; block 128 of 256
+        payload[seen] ^= 1
+        (tmp_path / "model.safetensors").write_bytes(payload)
+        assert sekd.weights_fingerprint(str(tmp_path)) != before
+        payload[seen] ^= 1
     # between sampled 4 KiB blocks 8 KiB apart: unseen
     payload[100 * 8192 + 6000] ^= 1
     (tmp_path / "model.safetensors").write_bytes(payload)
@@ -3041,6 +3068,7 @@ def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_
 
 def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
     assert sekd.shared_vocab_size(64, 64, 60) is None and sekd.shared_vocab_size(64, 72, 60) == 60
+    assert sekd.shared_vocab_size(72, 64, 64) == 64  # the smaller head is exactly the tokenizer
     with pytest.raises(sekd.UsageError, match="differ beyond padding"):
         sekd.shared_vocab_size(64, 72, 70)
 
@@ -3342,6 +3370,30 @@ def test_show_dims_a_character_only_when_all_its_tokens_are_prompt():
         "ab", offsets, [False] * 3, [0.0] * 3, [True, False, True], "html", [""] * 3
     )
     assert drawing.count(" dim") == 1 and marks == 0  # "b" alone
+
+
+def test_show_on_a_terminal_shades_by_score_bolds_the_selected_and_dims_the_prompt():
+    drawing, marks = sekd.render_marks(
+        "abc", [(0, 1), (1, 2), (2, 3)], [True, False, False], [1.0, 0.0, 0.5],
+        [False, True, False], "ansi", [""] * 3,
+    )
+    assert marks == 1
+    assert drawing == (
+        "\x1b[1;4;48;2;255;105;105ma\x1b[0m"  # selected, the highest score: the reddest
+        "\x1b[2;48;2;255;255;255mb\x1b[0m"  # prompt, score 0: white
+        "\x1b[48;2;255;180;180mc\x1b[0m"
+    )
+
+
+def test_show_on_a_terminal_draws_colours_and_a_legend_instead_of_markers(
+    saved_models, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    student = saved_models["student"]
+    sekd.main(["show", "--device", "cpu", "--student", student, "--text", SHOW_TEXT])
+    out = capsys.readouterr().out
+    assert "\x1b[1;4;" in out and "⟦" not in out
+    assert "\nbackground: the score; bold underlined: selected; dim: prompt" in out
 
 
 def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
