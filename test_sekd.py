@@ -2905,6 +2905,13 @@ def test_a_checkpoint_is_on_disk_before_checkpoint_json_names_it(
         assert ("fsync", events[i][1]) in events[:i] and events[i + 1] == ("fsync", directory)
 
 
+def test_a_checkpoint_keeps_only_the_newest_student_and_state(saved_models, tmp_path):
+    sekd.train(run_config(saved_models, tmp_path, max_steps=2, save_every=1))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoint")) == [
+        "checkpoint.json", "state-00000002.safetensors", "student", "student-00000002",
+    ]
+
+
 def test_sigint_during_training_saves_a_checkpoint_and_stops_with_status_130(
     saved_models, tmp_path, monkeypatch
 ):
@@ -2954,8 +2961,10 @@ def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_mode
 def test_resume_refuses_changed_settings(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
-    with pytest.raises(sekd.UsageError, match="changes k"):
+    with pytest.raises(sekd.UsageError, match="changes k, lr, max_grad_norm from the checkpoint"):
         sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
+    with pytest.raises(sekd.UsageError, match="changes lr from the checkpoint"):  # lr alone
+        sekd.train(run_config(saved_models, tmp_path, max_grad_norm=1e30, resume=True))
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(
@@ -3071,6 +3080,14 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
     assert sekd.shared_vocab_size(72, 64, 64) == 64  # the smaller head is exactly the tokenizer
     with pytest.raises(sekd.UsageError, match="differ beyond padding"):
         sekd.shared_vocab_size(64, 72, 70)
+
+
+def test_a_vocab_size_of_exactly_the_smaller_head_is_accepted(saved_models):
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    rows = sekd.load_pretrained("AutoConfig", saved_models["student"]).vocab_size  # both heads'
+    cfg = sekd.Config(student=saved_models["student"], teacher=saved_models["teacher"],
+                      vocab_size=rows)
+    assert sekd.check_models(cfg, tokenizer) == rows
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(saved_models, tmp_path):
