@@ -3521,6 +3521,20 @@ def test_command_line_parses_flags_into_config():
     assert parsed == ("random", "random", 0.3, 8, "t", True)
 
 
+@pytest.mark.parametrize(
+    "status,line", [(130, "sekd.py: stopped\n"), (1, "sekd.py: error: stopped\n")]
+)
+def test_a_stopped_run_is_one_line_with_its_exit_status_an_interrupt_not_called_an_error(
+    monkeypatch, capsys, status, line
+):
+    def stopped(cfg):
+        raise sekd.RunStopped("stopped", status)
+    monkeypatch.setattr(sekd, "train", stopped)
+    with pytest.raises(SystemExit) as exited:
+        sekd.main(["--method", "ce", "--student", "s", "--data", "d"])
+    assert exited.value.code == status and capsys.readouterr().err == line
+
+
 def usage_errors(saved_models, tmp_path):
     base = [
         "--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
