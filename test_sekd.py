@@ -2162,6 +2162,12 @@ def test_epochs_round_the_steps_up_so_that_every_distilled_block_is_trained_on()
     assert sekd.total_steps(cfg, 10) == 3  # 20 blocks, 8 a step
 
 
+def test_an_epoch_under_two_processes_takes_half_the_steps(monkeypatch):
+    monkeypatch.setattr(sekd, "rank_world", lambda: (0, 2))
+    cfg = sekd.Config(epochs=2, batch_size=4, grad_accum=2)
+    assert sekd.total_steps(cfg, 10) == 2  # 20 blocks, 16 a step
+
+
 def test_max_steps_wins_over_epochs_by_cycling_the_data(saved_models, tmp_path):
     metrics = sekd.train(
         run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=60, epochs=1)
@@ -2786,6 +2792,8 @@ def test_a_resumed_run_runs_only_the_remaining_steps_and_trains_the_same_student
     )
     whole = sekd.train(run_config(saved_models, tmp_path / "whole", **options))
     checkpoint_at_step_2(saved_models, tmp_path / "split", monkeypatch, **options)
+    if method == "topsmp":  # the checkpoint holds the samples distilled: the file is not needed
+        os.remove(tmp_path / "split" / "run" / "sample_selection.json")
     real = sekd.train_step
     steps = []
     monkeypatch.setattr(sekd, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
