@@ -1828,10 +1828,10 @@ def test_an_example_whose_only_target_is_its_first_token_is_dropped(tmp_path):
     assert info["dropped_examples"] == 1 and len(train) == 17
 
 
-def test_a_tokenizer_without_an_eos_is_refused_before_any_row_is_read(tmp_path):
+def test_a_tokenizer_without_an_eos_is_a_usage_error_naming_the_fix(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     tokenizer.eos_token = None
-    with pytest.raises(sekd.UsageError, match="tokenizer has no EOS token"):
+    with pytest.raises(sekd.UsageError, match="tokenizer has no EOS token .*: set its eos_token"):
         sekd.load_examples(data_config(write_docs(tmp_path, "text")), tokenizer)
 
 
@@ -3090,7 +3090,7 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
         sekd.shared_vocab_size(64, 72, 70)
 
 
-def test_a_vocab_size_of_exactly_the_smaller_head_is_accepted(saved_models):
+def test_a_vocab_size_of_exactly_the_heads_rows_is_accepted(saved_models):
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     rows = sekd.load_pretrained("AutoConfig", saved_models["student"]).vocab_size  # both heads'
     cfg = sekd.Config(student=saved_models["student"], teacher=saved_models["teacher"],
@@ -3537,6 +3537,7 @@ def test_a_stopped_run_is_one_line_with_its_exit_status_an_interrupt_not_called_
 ):
     def stopped(cfg):
         raise sekd.RunStopped("stopped", status)
+
     monkeypatch.setattr(sekd, "train", stopped)
     with pytest.raises(SystemExit) as exited:
         sekd.main(["--method", "ce", "--student", "s", "--data", "d"])
