@@ -2551,6 +2551,38 @@ def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_fo
     assert all(0 < r["gen_len"] <= 6 for r in log if r["on_policy"])
 
 
+# sekd.py's command line, each rank writing the positions RandomPos kept at each step
+RECORD_RANDOM_POSITIONS = """import json, os
+import sekd
+kept, position_weights = [], sekd.position_weights
+def recorded(policy, scores, valid, *args, **kwargs):
+    weights = position_weights(policy, scores, valid, *args, **kwargs)
+    if policy == "random":
+        kept.append((weights > 0).tolist())
+    return weights
+sekd.position_weights = recorded
+sekd.main()
+with open(os.path.join(os.path.dirname(__file__), f"kept{os.environ['RANK']}.json"), "w") as f:
+    json.dump(kept, f)
+"""
+
+
+def test_two_processes_draw_random_positions_of_their_own(saved_models, tmp_path):
+    (tmp_path / "record.py").write_text(RECORD_RANDOM_POSITIONS)
+    done = torchrun(
+        "--method", "random", "--teacher", saved_models["teacher"], "--student",
+        saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
+        "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--val-fraction", "0.2",
+        "--out-dir", str(tmp_path / "two"),
+        script=tmp_path / "record.py",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = [json.loads((tmp_path / f"kept{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(kept[0]) == len(kept[1]) == 2  # a draw per step on each rank
+    for step in (0, 1):  # packed blocks alike (all valid): one seed for both would draw alike
+        assert kept[0][step] != kept[1][step]
+
+
 def test_config_presets_set_the_three_axes():
     three = sekd.Config(method="sekd3x", out_dir="o")
     axes = (three.positions, three.k, three.class_samples, three.ell, three.cache_dir)
