@@ -143,6 +143,13 @@ def test_a_constant_component_adds_nothing_to_a_sum_of_signals():
     )
 
 
+def test_standardize_takes_z_scores_over_the_valid_entries_and_zeroes_the_others():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    z = sekd.standardize(scores, torch.tensor([[True, True, True, False]]))
+    population_sd = torch.tensor([1.0, 2.0, 3.0]).std(correction=0)
+    torch.testing.assert_close(z, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]) / population_sd)
+
+
 def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
     s = torch.zeros(1, 10)
     t = torch.full((1, 10), -1e4)
@@ -378,6 +385,22 @@ def test_pos_rs_draws_the_budget_from_valid_positions_only():
     assert torch.allclose(weights * draws, (weights * draws).round())  # counts / ceil(0.3 n_i)
 
 
+def test_pos_rs_draws_uniformly_from_the_valid_positions_where_every_score_is_zero():
+    torch.manual_seed(0)
+    valid = torch.ones(4000, 5, dtype=torch.bool)
+    valid[:, 4] = False
+    weights = sekd.position_weights("pos_rs", torch.zeros(4000, 5), valid, 0.5)
+    assert (weights[:, 4] == 0).all()
+    torch.testing.assert_close(weights.mean(0)[:4], torch.full((4,), 0.25), atol=0.02, rtol=0)
+
+
+def test_pos_rs_never_draws_a_position_whose_score_is_negative():
+    torch.manual_seed(0)
+    scores = torch.tensor([[-5.0, 1.0, -1.0, 1.0]]).expand(100, -1)
+    weights = sekd.drawn_positions(scores, torch.ones(100, 4, dtype=torch.bool), 1.0, False)
+    assert (weights[:, [0, 2]] == 0).all() and (weights[:, [1, 3]] > 0).any(0).all()
+
+
 # ============================================================================================
 # 3. Class axis
 # ============================================================================================
@@ -445,15 +468,6 @@ def test_topk_class_kl_is_a_bounded_divergence_that_grows_to_the_full_kl():
         assert (kl >= -1e-6).all() and (kl <= full + 1e-5).all() and (kl >= previous - 1e-5).all()
         previous = kl
     torch.testing.assert_close(previous, full, atol=1e-5, rtol=1e-5)
-
-
-def test_pos_rs_draws_uniformly_from_the_valid_positions_where_every_score_is_zero():
-    torch.manual_seed(0)
-    valid = torch.ones(4000, 5, dtype=torch.bool)
-    valid[:, 4] = False
-    weights = sekd.position_weights("pos_rs", torch.zeros(4000, 5), valid, 0.5)
-    assert (weights[:, 4] == 0).all()
-    torch.testing.assert_close(weights.mean(0)[:4], torch.full((4,), 0.25), atol=0.02, rtol=0)
 
 
 def test_topk_class_kl_has_a_finite_gradient_when_it_keeps_every_class():
@@ -825,6 +839,22 @@ def test_online_rskd_gradient_averages_to_the_full_kd_gradient():
     mean = torch.stack(draws).mean(0).flatten()
     cosine = F.cosine_similarity(mean, full.flatten(), dim=0)
     assert cosine > 0.95 and cosine > F.cosine_similarity(single, full.flatten(), dim=0)
+
+
+def test_online_rskd_draws_its_classes_from_the_teacher_at_the_temperature():
+    torch.manual_seed(0)
+    student = torch.randn(1, 25)
+    teacher = torch.randn(1, 25) * 2
+    full = torch.zeros(1, 25, requires_grad=True)
+    sekd.full_kl(student + full, teacher, 2.0).sum().backward()
+    draws = 20_000
+    shift = torch.zeros(1, 25, requires_grad=True)
+    cfg = sekd.Config(method="rskd", class_samples=16, temperature=2.0)
+    rows = (student + shift).expand(draws, -1)
+    sekd.class_kl(rows, cfg, teacher.expand(draws, -1)).mean().backward()
+    p = (teacher / 2.0).softmax(-1)
+    stderr = 2.0 * (p * (1 - p) / (16 * draws)).sqrt()  # as for sparse_kl's estimate
+    assert ((shift.grad - full.grad).abs() < 5 * stderr + 1e-6).all()
 
 
 def test_loss_over_shared_ids_when_heads_differ_by_padding():
