@@ -2020,6 +2020,14 @@ def test_evaluate_matches_dense_perplexity_and_kl():
     assert got["val_kl"] == pytest.approx(kl, rel=1e-4)
 
 
+def test_evaluate_reads_at_most_max_batches_held_out_batches():
+    student = tiny_model("gpt2")
+    blocks = torch.randint(0, VOCAB, (5, 10), generator=torch.Generator().manual_seed(0))
+    cfg = sekd.Config(batch_size=2)
+    first_two = sekd.evaluate(student, None, blocks[:4], cfg)
+    assert sekd.evaluate(student, None, blocks, cfg, max_batches=2) == first_two
+
+
 def test_evaluate_counts_the_supervised_positions_only():
     student = tiny_model("gpt2")
     teacher = tiny_model("gpt2", hidden=48, seed=1)
@@ -2155,6 +2163,13 @@ def test_a_saved_sample_selection_by_a_teacher_signal_is_not_reused_for_other_te
     options.update(overwrite=True, teacher=saved_models["other_student"])
     sekd.train(run_config(saved_models, tmp_path, **options, val_fraction=0.1))
     assert scored == [1, 1]  # other held-out rows: other training examples
+
+
+def test_a_saved_sample_selection_is_not_reused_for_another_ell(saved_models, tmp_path):
+    sekd.train(run_config(saved_models, tmp_path, method="topsmp", ell=0.5, max_steps=1))
+    options = dict(method="topsmp", ell=0.25, max_steps=1, overwrite=True)
+    metrics = sekd.train(run_config(saved_models, tmp_path, **options))
+    assert metrics["distilled_blocks"] == sekd.budget(metrics["train_blocks"], 0.25)
 
 
 def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_models, tmp_path):
