@@ -2802,6 +2802,18 @@ def test_reusing_a_cache_for_another_run_is_refused_naming_the_difference(
         sekd.Run(cfg)
 
 
+def test_a_cache_of_samples_beyond_the_data_is_refused(saved_models, built_cache, tmp_path):
+    cache = sekd.TeacherCache(built_cache[0])
+    n = max(cache.sample_ids)  # data that ends before the cache's last sample
+    ell = len(cache) / n  # and keeps as many samples as the cache holds
+    cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, ell=ell,
+                     cache_dir=built_cache[0])
+    examples = sekd.as_examples(torch.zeros(n, 8, dtype=torch.long))
+    assert sekd.budget(n, ell) == len(cache)
+    with pytest.raises(sekd.UsageError, match=f"keeps {len(cache)} of {n} examples"):
+        sekd.open_cache(cfg, examples, cache.manifest["vocab_size"])
+
+
 def test_a_cache_refuses_its_teacher_directory_once_other_weights_overwrite_it(
     saved_models, built_cache, tmp_path
 ):
