@@ -1769,12 +1769,13 @@ def test_a_row_that_cannot_be_read_is_one_line_naming_it(tmp_path, row):
     assert "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("max_documents,examples", [(4, 4), (5, 4), (6, 5)])
+# 260: the N-th row lies in the second batch of 256 rows read
+@pytest.mark.parametrize("max_documents,examples", [(4, 4), (5, 4), (6, 5), (260, 259)])
 def test_max_documents_stops_after_n_rows_counting_a_dropped_one(tmp_path, max_documents, examples):
     tokenizer = tiny_tokenizer(DOCS)
     rows = [
         {"prompt": "question " * (30 if i == 4 else 1), "completion": f" answer {i}"}
-        for i in range(40)
+        for i in range(300)
     ]
     rows[max_documents] = {"prompt": None, "completion": None}  # a row past the N-th is never read
     path = write_rows(tmp_path / "pc.jsonl", rows)
