@@ -3655,6 +3655,10 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "data.csv").write_text("text\nhello\n")
     write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     no_prompt = write_rows(tmp_path / "no_prompt.jsonl", [{"prompt": "", "completion": "a b"}] * 20)
+    has_highest = [highest in ids for ids in tokenizer(DOCS, add_special_tokens=False)["input_ids"]]
+    rows = [{"text": DOCS[has_highest.index(False)]}] * 19  # row 19 held out (every 20th)
+    rows.append({"text": DOCS[has_highest.index(True)] * 3})
+    highest_held_out = write_rows(tmp_path / "highest_held_out.jsonl", rows)
     return [
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -3666,6 +3670,10 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--lr", "1e39"], "--lr 1e+39 is beyond float32"),
         (base + ["--vocab-size", "100000"], "--vocab-size 100000 is beyond"),
         (base + ["--vocab-size", str(highest)], f"id {highest}, beyond the {highest} classes"),
+        (
+            base + ["--vocab-size", str(highest), "--data", str(highest_held_out)],
+            f"id {highest}, beyond",
+        ),
         (base + ["--device", "cuda"], "does not exist on this machine"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
