@@ -3695,6 +3695,10 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "or an empty prompt"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
+        (
+            base[2:] + ["--method", "ce", "--ell", "0.5", "--sample-signal", "teacher_entropy"],
+            "--method ce needs --teacher",  # the teacher ranks the samples
+        ),
         (["bench", "--methods", "sekd,best"], "--methods sekd,best: choose from full_dense,"),
         (["bench", "--methods", "sekd3x_reuse"], "reads the cache that sekd3x_build builds"),
         (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
