@@ -2563,13 +2563,14 @@ def test_two_processes_train_the_same_student_as_one_with_twice_the_batch(
         "--lr", "3e-3", "--max-steps", "3", "--device", "cpu", "--val-fraction", "0.2",
     ]
     flags += ["--class-samples", "16"] if method == "sekd3x" else []
-    done = torchrun(
-        *flags, "--batch-size", "2", "--grad-accum", "2", "--out-dir", str(tmp_path / "two")
-    )
+    # both evaluate on the first 4 held-out blocks: the ranks split the first N batches
+    two = ["--batch-size", "2", "--grad-accum", "2", "--eval-batches", "2"]
+    done = torchrun(*flags, *two, "--out-dir", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
     # rank 0 prints
     assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1
-    one = ["--batch-size", "4", "--grad-accum", "2", "--out-dir", str(tmp_path / "one")]
+    one = ["--batch-size", "4", "--grad-accum", "2", "--eval-batches", "1"]
+    one += ["--out-dir", str(tmp_path / "one")]
     single = sekd.train(sekd.parse_config(flags + one))
     a = student_weights(tmp_path / "one")
     b = student_weights(tmp_path / "two")
