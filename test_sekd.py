@@ -3197,13 +3197,28 @@ def test_a_vocab_size_of_exactly_the_heads_rows_is_accepted(saved_models):
     assert sekd.check_models(cfg, tokenizer) == rows
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(saved_models, tmp_path):
+def test_a_vocab_size_beyond_the_smaller_head_is_refused(saved_models, tmp_path):
     import shutil
 
     teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
-    tiny_tokenizer(["other words entirely"] * 5).save_pretrained(teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    rows = config["vocab_size"]  # the student's
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 16}))
+    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher), vocab_size=rows + 8)
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    with pytest.raises(sekd.UsageError, match=rf"beyond a model's head \({rows} rows\)"):
+        sekd.check_models(cfg, tokenizer)
+
+
+def test_a_teacher_with_another_tokenizer_of_as_many_ids_is_refused(saved_models, tmp_path):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    theirs = tiny_tokenizer([doc[::-1] for doc in DOCS])  # other merges
+    theirs.save_pretrained(teacher)
     cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher))
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    assert len(theirs) == len(tokenizer)
     with pytest.raises(sekd.UsageError, match="use different tokenizers"):
         sekd.check_models(cfg, tokenizer)
 
