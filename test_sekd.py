@@ -3162,6 +3162,19 @@ def test_the_step_log_has_every_step_once_across_an_interrupted_and_resumed_run(
     )
 
 
+def test_a_resumed_runs_metrics_count_the_evaluations_and_time_before_its_checkpoint(
+    saved_models, tmp_path, monkeypatch
+):
+    options = dict(max_steps=4, save_every=2, eval_every=2)
+    checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, **options)
+    state = tmp_path / "run" / "checkpoint" / "checkpoint.json"
+    # as if steps 1-2 took 1000 s
+    state.write_text(json.dumps({**json.loads(state.read_text()), "train_time_s": 1000.0}))
+    metrics = sekd.train(run_config(saved_models, tmp_path, **options, resume=True))
+    assert [record["step"] for record in metrics["evals"]] == [2, 4]
+    assert metrics["train_time_s"] > 1000.0
+
+
 def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_step(
     saved_models, tmp_path, monkeypatch
 ):
