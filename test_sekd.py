@@ -2528,14 +2528,14 @@ def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_n
         assert facts["finite"] is False  # rank 0's loss was finite
 
 
-def torchrun(*args, script=sekd.__file__):
+def torchrun(*args, script=sekd.__file__, timeout=None):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(script), *args,
     ]
     path = os.pathsep.join([os.path.dirname(sekd.__file__), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run(command, capture_output=True, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 # sekd.py's command line, each rank writing the steps (from 0) at which it generated responses
@@ -3051,6 +3051,35 @@ def test_a_first_signal_is_noted_and_a_second_stops_at_once_then_the_handlers_re
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# sekd.py's command line, rank 1 alone signalled during its second step
+SIGNAL_RANK_1 = """import os, signal
+import sekd
+steps, train_step = [], sekd.train_step
+def signalled(*args, **kwargs):
+    steps.append(1)
+    if len(steps) == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)
+    return train_step(*args, **kwargs)
+sekd.train_step = signalled
+sekd.main()
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(saved_models, tmp_path):
+    (tmp_path / "signal_rank_1.py").write_text(SIGNAL_RANK_1)
+    done = torchrun(
+        "--method", "sekd", "--teacher", saved_models["teacher"], "--student",
+        saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
+        "--max-steps", "4", "--batch-size", "2", "--device", "cpu", "--val-fraction", "0.2",
+        "--out-dir", str(tmp_path / "two"),
+        # a rank that went on past step 2 would wait on the other
+        script=tmp_path / "signal_rank_1.py", timeout=300,
+    )
+    assert done.stderr.count("sekd.py: interrupted at step 2 of 4") == 2, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "two" / "checkpoint" / "checkpoint.json").read_text())
+    assert saved["step"] == 2
 
 
 def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
