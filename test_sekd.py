@@ -3101,6 +3101,9 @@ def test_resume_refuses_changed_settings(saved_models, tmp_path):
         sekd.train(run_config(saved_models, tmp_path, k=0.5, resume=True))
     with pytest.raises(sekd.UsageError, match="changes lr from the checkpoint"):  # lr alone
         sekd.train(run_config(saved_models, tmp_path, max_grad_norm=1e30, resume=True))
+    same = dict(lr=1e20, max_grad_norm=1e30, resume=True)
+    with pytest.raises(sekd.UsageError, match="changes seed from"):  # its data order and draws
+        sekd.train(run_config(saved_models, tmp_path, **same, seed=1))
 
 
 def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(
