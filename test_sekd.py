@@ -1306,8 +1306,9 @@ def test_cache_item_is_one_row_of_a_batch(qwen_teacher, tmp_path):
     batch_ids, batch_weights = decode_rows(cache, [2, 0], 4)
     assert cache[2][0].shape == (4, 8) and torch.equal(batch_ids[0], cache[2][0])
     assert torch.equal(batch_weights[1], cache[0][1])
-    with pytest.raises(IndexError):
-        cache[3]
+    for outside in (3, -1):  # no wrap-around as in a list: -1 names no cached sample
+        with pytest.raises(IndexError):
+            cache[outside]
 
 
 def test_a_cache_of_prompt_completion_examples_holds_online_rskd_draws_at_response_positions_only(
