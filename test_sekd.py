@@ -2539,6 +2539,15 @@ def torchrun(*args, script=sekd.__file__, timeout=None):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def short_run_flags(saved_models, out_dir, *flags):
+    """sekd.py's flags for a short run on the saved models, 2 blocks a micro-batch."""
+    return [
+        "--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
+        saved_models["data"], "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
+        "--val-fraction", "0.2", "--out-dir", str(out_dir), *flags,
+    ]
+
+
 # sekd.py's command line, each rank writing the steps (from 0) at which it generated responses
 RECORD_GENERATION = """import json, os, sys
 import sekd
@@ -2625,13 +2634,9 @@ with open(os.path.join(os.path.dirname(__file__), f"kept{os.environ['RANK']}.jso
 
 def test_two_processes_draw_random_positions_of_their_own(saved_models, tmp_path):
     (tmp_path / "record.py").write_text(RECORD_RANDOM_POSITIONS)
-    done = torchrun(
-        "--method", "random", "--teacher", saved_models["teacher"], "--student",
-        saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
-        "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--val-fraction", "0.2",
-        "--out-dir", str(tmp_path / "two"),
-        script=tmp_path / "record.py",
-    )
+    flags = short_run_flags(saved_models, tmp_path / "two", "--method", "random")
+    flags += ["--max-steps", "2"]
+    done = torchrun(*flags, script=tmp_path / "record.py")
     assert done.returncode == 0, done.stderr[-3000:]
     kept = [json.loads((tmp_path / f"kept{rank}.json").read_text()) for rank in (0, 1)]
     assert len(kept[0]) == len(kept[1]) == 2  # a draw per step on each rank
@@ -3070,14 +3075,9 @@ sekd.main()
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(saved_models, tmp_path):
     (tmp_path / "signal_rank_1.py").write_text(SIGNAL_RANK_1)
-    done = torchrun(
-        "--method", "sekd", "--teacher", saved_models["teacher"], "--student",
-        saved_models["student"], "--data", saved_models["data"], "--seq-len", "16",
-        "--max-steps", "4", "--batch-size", "2", "--device", "cpu", "--val-fraction", "0.2",
-        "--out-dir", str(tmp_path / "two"),
-        # a rank that went on past step 2 would wait on the other
-        script=tmp_path / "signal_rank_1.py", timeout=300,
-    )
+    flags = short_run_flags(saved_models, tmp_path / "two", "--method", "sekd", "--max-steps", "4")
+    # a rank that went on past step 2 would wait on the other
+    done = torchrun(*flags, script=tmp_path / "signal_rank_1.py", timeout=300)
     assert done.stderr.count("sekd.py: interrupted at step 2 of 4") == 2, done.stderr[-3000:]
     saved = json.loads((tmp_path / "two" / "checkpoint" / "checkpoint.json").read_text())
     assert saved["step"] == 2
