@@ -3365,16 +3365,18 @@ def marked_spans(body):
     return spans, text
 
 
-@pytest.mark.parametrize("signal", ["student_entropy", "kl"])
+@pytest.mark.parametrize(
+    "signal,positions", [("student_entropy", "top"), ("kl", "top"), ("student_entropy", "gls")]
+)
 def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(
-    saved_models, capsys, signal
+    saved_models, capsys, signal, positions
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, body, summary = shown(
         [
             "--student", saved_models["student"], "--teacher", saved_models["teacher"], "--text",
-            SHOW_TEXT, "--k", "0.3", "--signal", signal,
+            SHOW_TEXT, "--k", "0.3", "--signal", signal, "--positions", positions,
         ],
         capsys,
     )
@@ -3401,7 +3403,9 @@ def test_show_marks_the_tokens_position_weights_selects_on_the_same_scores(
             h_teacher,
             sekd.lm_head(teacher),
         )
-    picked = (sekd.position_weights("top", scores, valid, 0.3)[0] > 0).nonzero().flatten().tolist()
+    # gls: a queue of this text's scores alone
+    weights = sekd.position_weights(positions, scores, valid, 0.3, gls=sekd.GlobalThreshold())
+    picked = (weights[0] > 0).nonzero().flatten().tolist()
     # EOS: none
     drawn = [tuple(tokens["offset_mapping"][t + 1]) for t in picked if t + 2 < ids.shape[1]]
     assert spans == drawn  # each on the token it predicts
@@ -3512,7 +3516,9 @@ def test_show_dims_exactly_the_prompt_of_a_data_row(saved_models, tmp_path, caps
         at += len(text)
 
 
-def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models, capsys):
+def test_show_at_k_1_marks_every_character_after_the_first_of_a_multibyte_text(
+    saved_models, capsys
+):
     text = "hello 世界 🙂 world"  # byte-level tokens: several per character
     _, body, summary = shown(
         ["--student", saved_models["student"], "--text", text, "--k", "1"], capsys
@@ -3524,19 +3530,23 @@ def test_show_marks_a_character_when_any_of_its_tokens_is_selected(saved_models,
     assert re.search(rf", {len(spans)} marks drawn$", summary)
 
 
-def show_two_positions(tmp_path, capsys):
-    """print_show on "abc": positions 0 and 1 (drawn on tokens 1 and 2), scored 0.5 and 0.9, KL 1
-    and 3, the second selected -> (the HTML page, the summary line)."""
+def print_show_page(tmp_path, capsys, scores, valid, selected, kl):
+    """print_show on a text of a character a token, position t drawn on token t + 1 -> (the HTML
+    page, the summary line)."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(student="s", plain=True, html=str(tmp_path / "p.html"))
-    selected = torch.tensor([False, True])
-    valid = torch.tensor([True, True])
-    scores = torch.tensor([0.5, 0.9])
-    kl = torch.tensor([1.0, 3.0])
-    offsets = [(0, 1), (1, 2), (2, 3)]
-    sekd.print_show(args, sekd.Config(k=0.5), "abc", offsets, scores, selected, valid, kl)
+    text = "abcdefgh"[: len(scores) + 1]
+    offsets = [(i, i + 1) for i in range(len(text))]
+    tensors = [torch.tensor(values) for values in (scores, selected, valid, kl)]
+    sekd.print_show(args, sekd.Config(k=0.5), text, offsets, *tensors)
     return (tmp_path / "p.html").read_text(), capsys.readouterr().out.splitlines()[-1]
+
+
+def show_two_positions(tmp_path, capsys):
+    """print_show on "abc": positions 0 and 1 (drawn on tokens 1 and 2), scored 0.5 and 0.9, KL 1
+    and 3, the second selected -> (the HTML page, the summary line)."""
+    return print_show_page(tmp_path, capsys, [0.5, 0.9], [True, True], [False, True], [1.0, 3.0])
 
 
 def test_show_titles_rank_the_positions_from_1_by_score(tmp_path, capsys):
@@ -3547,6 +3557,33 @@ def test_show_titles_rank_the_positions_from_1_by_score(tmp_path, capsys):
 def test_show_summary_gives_the_selected_positions_share_of_the_kl_sum(tmp_path, capsys):
     _, summary = show_two_positions(tmp_path, capsys)
     assert summary.endswith("they hold 75% of the KL(teacher || student) (random ones: 50%)")
+
+
+def test_show_shades_ranks_and_shares_kl_over_the_valid_positions_only(tmp_path, capsys):
+    # two prompt positions, scored below and above the rest, with KL of their own
+    scores = [-5.0, 9.0, 0.5, 0.9]
+    valid = [False, False, True, True]
+    page, summary = print_show_page(tmp_path, capsys, scores, valid, [False] * 3 + [True],
+                                    [4.0, 4.0, 1.0, 3.0])
+    strengths = re.findall(r"rgba\(255,60,60,([\d.]+)\)", page)
+    assert strengths == ["0.00", "0.00", "0.00", "0.00", "1.00"]  # token 0: no position
+    assert re.findall(r"rank (\d+) of 2", page) == ["2", "1"]
+    assert "they hold 75% of the KL" in summary
+
+
+def test_show_marks_a_character_when_any_of_its_tokens_is_selected():
+    offsets = [(0, 1), (0, 1), (1, 2)]  # tokens 0 and 1: the bytes of "a"
+    drawing, marks = sekd.render_marks(
+        "ab", offsets, [False, True, False], [0.0] * 3, [False] * 3, "plain", [""] * 3
+    )
+    assert (drawing, marks) == ("⟦a⟧b", 1)
+
+
+def test_show_keeps_the_text_that_no_token_covers():
+    drawing, marks = sekd.render_marks(
+        "ab  cd", [(0, 2), (4, 6)], [True, False], [0.0] * 2, [False] * 2, "plain", [""] * 2
+    )
+    assert (drawing, marks) == ("⟦ab⟧  cd", 1)
 
 
 def test_show_dims_a_character_only_when_all_its_tokens_are_prompt():
