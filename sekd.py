@@ -1755,7 +1755,10 @@ def evaluate(student, teacher, examples, cfg, max_batches=None):
         dist.all_reduce(sums)
     student.train(was_training)
     ce, kl, count = sums.tolist()
-    return {"val_ppl": math.exp(ce / count), "val_kl": kl / count if teacher is not None else None}
+    val_kl = kl / count if teacher is not None else None
+    # a diverged student's CE can pass 709 nats, where math.exp overflows: its perplexity is inf
+    val_ppl = math.inf if ce / count > 709 else math.exp(ce / count)
+    return {"val_ppl": val_ppl, "val_kl": val_kl}
 
 def train(cfg):
     """Distill cfg.teacher into cfg.student on cfg.data -> the metrics written to metrics.json."""

@@ -2371,6 +2371,18 @@ def test_a_last_step_that_overflows_the_student_stops_the_run_without_a_student(
     )
 
 
+def test_a_held_out_ce_past_exps_range_is_an_infinite_perplexity_that_stops_the_run(
+    saved_models, tmp_path
+):
+    # lr 10: finite losses and weights, but a held-out CE past 709 nats (math.exp overflowed: a
+    # traceback at --eval-every's evaluation, and a student kept after the final one)
+    with pytest.raises(sekd.RunStopped, match="held-out perplexity is not finite \\(inf\\)"):
+        sekd.train(run_config(saved_models, tmp_path, lr=10.0, max_steps=2, eval_every=1))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert log[1] == {**log[1], "step": 1, "val_ppl": math.inf}
+    assert not (tmp_path / "run" / "student").exists()
+
+
 def test_a_failed_final_evaluation_keeps_the_student_and_says_where(
     saved_models, tmp_path, monkeypatch
 ):
