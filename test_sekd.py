@@ -3325,6 +3325,7 @@ def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_ta
     built = sekd.bench_method("sekd3x_build", shape, cpu, 1, 16, 10, cache)
     reused = sekd.bench_method("sekd3x_reuse", shape, cpu, 1, 16, 10, cache)
     assert len(sekd.TeacherCache(cache)) == 2  # l = 20% of 10 blocks
+    assert len(sekd.TeacherCache(cache + "_all")) == 10   # the build timed: every block
     assert built["cache_build_s"] > 0 and built["teacher_forward_s"] > 0
     assert set(reused) == {"s", "step_ms", "peak_mb", "tokens_per_s", "cache_read_ms"}
     assert reused["step_ms"] > reused["cache_read_ms"] >= 0 and reused["peak_mb"] > 0
@@ -3347,6 +3348,124 @@ def test_bench_on_policy_steps_train_on_the_second_half_of_each_block_as_the_stu
     is_target = torch.cat([m["loss_mask"] for m in seen])
     assert torch.equal(ids[:, :8], blocks[:, :8]) and not torch.equal(ids[:, 8:], blocks[:, 8:])
     assert not is_target[:, :8].any() and is_target[:, 8].all()  # the prompt, then the response
+    assert ids.shape == blocks.shape   # responses as long as the second halves
+
+
+# A bench shape small enough for tests that check what the rows train, not how fast
+MICRO_SHAPE = dict(name="micro", family="llama", vocab=VOCAB, seq=16, teacher=(32, 1, 4, 2, 64),
+                   student=(16, 1, 4, 2, 32))
+
+
+def test_each_bench_row_trains_as_its_name_says(monkeypatch, tmp_path):
+    seen = {}
+
+    def record(step, method, student, teacher, beta=0.0, cached=False, on_policy=False):
+        gc = sekd.unwrap(student).is_activation_checkpointing
+        seen[current].append((step, method, beta, gc, teacher is not None, cached, on_policy))
+
+    def train_step(student, teacher, micro, cfg, optimizer):
+        cached = micro[0]["targets"] is not None
+        on_policy = not micro[0]["loss_mask"][:, :8].any()   # the first half a prompt
+        record("selective", cfg.method, student, teacher, cfg.beta, cached, on_policy)
+
+    def dense_step(method, student, teacher, ids, optimizer):
+        record("dense", method, student, teacher)
+
+    monkeypatch.setattr(sekd, "train_step", train_step)
+    monkeypatch.setattr(sekd, "dense_step", dense_step)
+    for current in sekd.BENCH_METHODS:
+        seen[current] = []
+        sekd.bench_method(current, MICRO_SHAPE, torch.device("cpu"), 1, 16, 10,
+                          str(tmp_path / "cache"))
+    # each step after the warm-up: (step, trains as, beta, checkpointing, teacher, cached targets,
+    # on-policy); 10 blocks, or the l = 20% of them kept
+    assert {method: steps[1:] for method, steps in seen.items()} == {
+        "full_dense": [("dense", "full_dense", 0.0, False, True, False, False)] * 10,
+        "ce": [("dense", "ce", 0.0, False, False, False, False)] * 10,
+        "full": [("selective", "full", 0.0, False, True, False, False)] * 10,
+        "sekd": [("selective", "sekd", 0.0, False, True, False, False)] * 10,
+        "sekd_gc": [("selective", "sekd", 0.0, True, True, False, False)] * 10,
+        "sekd_jsd": [("selective", "sekd", 0.5, False, True, False, False)] * 10,
+        "sekd_onpolicy": [("selective", "sekd", 0.0, False, True, False, True)] * 10,
+        "topsmp": [("selective", "full", 0.0, False, True, False, False)] * 2,
+        "sekd3x_build": [("selective", "sekd3x", 0.0, False, False, True, False)] * 2,
+        "sekd3x_reuse": [("selective", "sekd3x", 0.0, False, False, True, False)] * 2,
+    }
+
+
+def test_the_bench_qwen3_shape_has_the_parameters_of_qwen3_1_7b_and_0_6b():
+    # per the model cards: (all parameters, those outside the tied embedding), in billions
+    for role, want in (("teacher", (1.7, 1.4)), ("student", (0.6, 0.44))):
+        model = sekd.bench_model(sekd.BENCH_SHAPES["qwen3"], role, torch.device("meta"))
+        total = sum(p.numel() for p in model.parameters()) / 1e9
+        embedding = model.get_input_embeddings().weight.numel() / 1e9
+        assert (total, total - embedding) == pytest.approx(want, rel=0.02), role
+
+
+def test_bench_defaults_to_the_tiny_shape_and_its_sequence_length_on_a_cpu():
+    args = sekd.bench_arguments(["--device", "cpu"])
+    assert (args.shape["name"], args.seq_len) == ("tiny", 256)
+
+
+def test_bench_steps_train_every_block_the_last_batch_partial(monkeypatch):
+    trained = []
+    monkeypatch.setattr(sekd, "train_step", lambda s, t, micro, *a: trained.append(micro[0]))
+    blocks = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama")
+    list(sekd.bench_steps("full", model, model, blocks, torch.device("cpu"), batch=2))
+    assert torch.equal(torch.cat([micro["input_ids"] for micro in trained]), blocks)
+
+
+def test_a_bench_row_reports_the_median_step_of_its_pass_without_the_warm_up(monkeypatch):
+    passes = iter([[(9.0, 0.0)], [(0.1, 0.0), (0.2, 0.0), (0.9, 0.0)]])   # the warm-up's first
+    monkeypatch.setattr(sekd, "bench_steps", lambda *args: iter(next(passes)))
+    result = sekd.bench_method("ce", MICRO_SHAPE, torch.device("cpu"), 1, 16, 3, None)
+    assert result["step_ms"] == pytest.approx(200.0)
+
+
+def test_a_bench_row_reports_tokens_per_second_of_its_median_step():
+    result = sekd.bench_method("ce", MICRO_SHAPE, torch.device("cpu"), 2, 16, 3, None)
+    assert result["tokens_per_s"] == pytest.approx(2 * 16 / (result["step_ms"] / 1000))
+
+
+def test_a_bench_row_prints_its_numbers_and_their_ratios_to_full_dense_and_ce(capsys):
+    row = dict(s=3.0, step_ms=30.0, tokens_per_s=500.0, peak_mb=200.0)
+    results = {"full_dense": dict(s=4.0, step_ms=60.0, tokens_per_s=250.0, peak_mb=800.0),
+               "ce": dict(s=2.5, step_ms=20.0, tokens_per_s=750.0, peak_mb=100.0), "sekd": row}
+    report = {"epoch": {}}
+    sekd.print_bench_row("sekd", results, report)
+    printed = capsys.readouterr().out.split()
+    # method, pass s, /full_dense, step ms, tokens/s, peak MB, step/, peak/full_dense, step/ce
+    assert printed == ["sekd", "3.00", "0.75", "30.0", "500", "200", "0.50", "0.25", "1.50"]
+    assert report["epoch"]["sekd"] == {"s": 3.0, "over_full_dense": 0.75}
+
+
+@pytest.mark.parametrize("method, trains_as", [("full_dense", "full"), ("ce", "ce")])
+def test_a_bench_dense_baselines_step_updates_the_student_as_train_step_does(method, trains_as):
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    students = [tiny_model("llama").train() for _ in range(2)]
+    optimizers = [torch.optim.SGD(s.parameters(), lr=1.0) for s in students]   # the update: -grad
+    sekd.dense_step(method, students[0], teacher, ids, optimizers[0])
+    batch = dict(input_ids=ids, attention_mask=None, loss_mask=None, targets=None)
+    sekd.train_step(students[1], teacher, [batch], sekd.Config(method=trains_as), optimizers[1])
+    before = tiny_model("llama").state_dict()
+    for name, weight in students[0].state_dict().items():
+        assert not torch.equal(weight, before[name]) or "rotary" in name
+        assert torch.allclose(weight, students[1].state_dict()[name], atol=1e-6), name
+
+
+def test_the_bench_teacher_forward_runs_the_head_on_every_position(monkeypatch):
+    rows = []
+    head = sekd.lm_head
+
+    def counting_head(model):
+        return lambda hidden: rows.append(len(hidden)) or head(model)(hidden)
+
+    monkeypatch.setattr(sekd, "lm_head", counting_head)
+    blocks = torch.randint(0, VOCAB, (5, 12), generator=torch.Generator().manual_seed(0))
+    sekd.teacher_forward(tiny_model("llama"), blocks, batch=2)
+    assert sum(rows) == 5 * 11
 
 
 # ============================================================================================
