@@ -1387,7 +1387,8 @@ class Config:
     max_grad_norm: float = flag(1.0, "gradient-norm clip (paper: 1.0)", "> 0")
     epochs: int = flag(1, "passes over the distilled blocks (paper: 1); --max-steps wins", ">= 1")
     max_steps: int | None = flag(None, "optimizer steps; the data order cycles as needed", ">= 1")
-    seed: int = flag(0, "seeds the data order, random positions and RS-KD draws")
+    seed: int = flag(0, "seeds the data order, random positions and RS-KD draws", ">= 0",
+                     "< 4294967296")
     eval_every: int = flag(0, "evaluate every N steps and at the end (0: at the end)", ">= 0")
     eval_batches: int | None = flag(None, "evaluate on at most N held-out batches", ">= 1")
     save_every: int = flag(0, "write OUT_DIR/checkpoint every N steps (0: when interrupted)",

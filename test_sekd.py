@@ -3893,6 +3893,7 @@ def usage_errors(saved_models, tmp_path):
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
         (base + ["--eval-batches", "0"], "--eval-batches must be >= 1"),
+        (base + ["--seed", "100000000000"], "--seed must be >= 0 and < 4294967296"),   # torch's
         (base + ["--eval-every", "-1"], "--eval-every"),
         (base + ["--top-k-classes", "100000"], "--top-k-classes 100000 is above the vocabulary"),
         (base + ["--temperature", "inf"], "--temperature must be > 0"),
