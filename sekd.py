@@ -1542,6 +1542,7 @@ class Run:
             raise UsageError(f"--on-policy-fraction: the student answers the data's prompts, and "
                              f"--data {cfg.data} has rows without one (plain text, or an empty "
                              "prompt): use prompt/completion or chat rows")
+        check_positions(cfg, (self.examples, self.val_examples))
 
     def load_models(self, saved):
         """The student (resumed: the checkpoint's) and, where training needs one, the teacher."""
@@ -2082,6 +2083,25 @@ def check_models(cfg, tokenizer):
         raise UsageError(f"--top-k-classes {cfg.top_k_classes} is above the vocabulary ({vocab} "
                          "classes)")
     return vocab
+
+def check_positions(cfg, examples):
+    """Each model has the positions of the run's longest sequence: an example (a block of --seq-len
+    tokens, or a row cut to it), or on-policy a prompt and --max-new-tokens (GPT-2's learned
+    positions would index past their end mid-run; RoPE models were not trained beyond)."""
+    longest = max(part.input_ids.shape[1] for part in examples)
+    what = f"--data {cfg.data} at --seq-len {cfg.seq_len} gives"
+    fix = "lower --seq-len"
+    if cfg.on_policy_fraction > 0:
+        prompt = int(prompt_lengths(examples[0].loss_mask).max())   # the training examples'
+        longest = max(longest, prompt + cfg.max_new_tokens)
+        what += f", with --max-new-tokens {cfg.max_new_tokens},"
+        fix += " or --max-new-tokens"
+    for name in filter(None, (cfg.student, cfg.teacher)):
+        config = load_pretrained("AutoConfig", name).get_text_config()
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and longest > positions:
+            raise UsageError(f"{what} sequences of {longest} tokens, beyond the {positions} "
+                             f"positions of '{name}' (max_position_embeddings): {fix}")
 
 # What a cache key's mismatch means, for the message that refuses a cache.
 CACHE_KEYS = {

@@ -43,7 +43,7 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=hidden // 4,
-            max_position_embeddings=64,
+            max_position_embeddings=256,
             tie_word_embeddings=False,
             **extra,
         )
@@ -3168,9 +3168,7 @@ def test_resume_continues_a_checkpoint_from_before_on_policy_whose_config_lacks_
     resumed = sekd.train(run_config(saved_models, tmp_path, max_steps=4, save_every=2, resume=True))
     assert resumed["steps"] == 4
     with pytest.raises(sekd.UsageError, match="changes on_policy_fraction"):
-        sekd.train(
-            run_config(saved_models, tmp_path, max_steps=5, resume=True, on_policy_fraction=0.5)
-        )
+        sekd.train(run_config(saved_models, tmp_path, max_steps=5, resume=True, **ON_POLICY))
 
 
 def test_resume_refuses_another_number_of_processes(saved_models, tmp_path):
@@ -3889,6 +3887,8 @@ def usage_errors(saved_models, tmp_path):
     rows = [{"text": DOCS[has_highest.index(False)]}] * 19  # row 19 held out (every 20th)
     rows.append({"text": DOCS[has_highest.index(True)] * 3})
     highest_held_out = write_rows(tmp_path / "highest_held_out.jsonl", rows)
+    short = write_rows(tmp_path / "short.jsonl", [{"text": "hello world"}] * 3)
+    on_policy = ["--on-policy-fraction", "0.5", "--max-new-tokens", "6"]
     return [
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -3911,19 +3911,21 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
         (base + ["--data", str(tmp_path / "data.csv")], "unsupported file type '.csv'"),
         (base + ["--data", str(tmp_path / "chat.jsonl")], "tokenizer has no chat template"),
-        (base + ["--seq-len", "100000"], "give no block"),
+        (base + ["--data", str(short)], "give no block"),
+        (
+            base + ["--seq-len", "257", "--val-fraction", "0.5"],   # a held-out block of 257
+            "gives sequences of 257 tokens, beyond the 256 positions of",
+        ),
+        (
+            base + on_policy + ["--data", saved_models["prompts"], "--max-new-tokens", "253"],
+            "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
+        ),
         (base + ["--resume"], "no checkpoint"),
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
-        (
-            base + ["--on-policy-fraction", "0.5", "--method", "sekd3x"],
-            "targets for the data's own text",
-        ),
-        (
-            base + ["--on-policy-fraction", "0.5", "--method", "ce"],
-            "--ce-weight 1 (--method ce) uses none",
-        ),
-        (base + ["--on-policy-fraction", "0.5"], "has rows without one (plain text"),
-        (base + ["--on-policy-fraction", "0.5", "--data", str(no_prompt)], "or an empty prompt"),
+        (base + on_policy + ["--method", "sekd3x"], "targets for the data's own text"),
+        (base + on_policy + ["--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
+        (base + on_policy, "has rows without one (plain text"),
+        (base + on_policy + ["--data", str(no_prompt)], "or an empty prompt"),
         (base + ["--method", "best"], "invalid choice"),
         (base[2:] + ["--method", "sekd"], "--method sekd needs --teacher"),
         (
