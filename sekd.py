@@ -2097,11 +2097,15 @@ def check_positions(cfg, examples):
         what += f", with --max-new-tokens {cfg.max_new_tokens},"
         fix += " or --max-new-tokens"
     for name in filter(None, (cfg.student, cfg.teacher)):
-        config = load_pretrained("AutoConfig", name).get_text_config()
-        positions = getattr(config, "max_position_embeddings", None)
+        positions = model_positions(name)
         if positions is not None and longest > positions:
             raise UsageError(f"{what} sequences of {longest} tokens, beyond the {positions} "
                              f"positions of '{name}' (max_position_embeddings): {fix}")
+
+def model_positions(name):
+    """The positions a model's config declares (max_position_embeddings); None if it has none."""
+    config = load_pretrained("AutoConfig", name).get_text_config()
+    return getattr(config, "max_position_embeddings", None)
 
 # What a cache key's mismatch means, for the message that refuses a cache.
 CACHE_KEYS = {
@@ -2653,6 +2657,10 @@ def show(argv):
         raise UsageError("the text has no position to score: it needs 2 tokens or more, and a "
                          "target")
     check_models(cfg, tokenizer)
+    for name in filter(None, (args.student, args.teacher)):
+        if ids.shape[1] > (model_positions(name) or math.inf):
+            raise UsageError(f"the text has {ids.shape[1]} tokens, beyond the positions of "
+                             f"'{name}' (max_position_embeddings): show a shorter one")
     student = load_model(args.student, device).eval()
     teacher = load_model(args.teacher, device, frozen=True) if args.teacher else None
     scores, selected, valid, kl = selected_positions(student, teacher, ids.to(device),

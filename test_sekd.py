@@ -3945,6 +3945,10 @@ def usage_errors(saved_models, tmp_path):
         ),
         (["show", "--student", saved_models["student"]], "--text or --data"),
         (
+            ["show", "--student", saved_models["student"], "--text", "hello world " * 150],
+            "tokens, beyond the positions of",
+        ),
+        (
             ["show", "--student", saved_models["student"], "--data", saved_models["data"],
              "--index", "-1"],
             "--index must be >= 0",
