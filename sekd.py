@@ -1517,8 +1517,8 @@ class Run:
 
     def load_data(self, saved):
         """The training and held-out examples; refused where a token is outside the classes
-        distilled, on-policy steps lack prompts, or a resume finds other data than the checkpoint's
-        run trained on."""
+        distilled, on-policy steps lack prompts, a sequence passes a model's positions, or a resume
+        finds other data than the checkpoint's run trained on."""
         cfg = self.cfg
         self.examples, self.val_examples, self.info = load_examples(cfg, self.tokenizer)
         highest = max(int(part.input_ids.max()) for part in (self.examples, self.val_examples))

@@ -1,6 +1,7 @@
 """Tests for sekd.py, section by section in the same order. Each formula is checked against an
 independent reference (torch.distributions, float64, dense logits, exact fractions, Monte Carlo)."""
 
+import dataclasses
 import html
 import json
 import math
@@ -3264,6 +3265,35 @@ def test_a_vocab_size_beyond_the_smaller_head_is_refused(saved_models, tmp_path)
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     with pytest.raises(sekd.UsageError, match=rf"beyond a model's head \({rows} rows\)"):
         sekd.check_models(cfg, tokenizer)
+
+
+def test_a_run_may_take_every_position_its_models_declare_but_not_one_more(saved_models):
+    cfg = sekd.Config(student=saved_models["student"], teacher=saved_models["teacher"])
+    fits = sekd.as_examples(torch.zeros(2, 256, dtype=torch.long))   # both models: 256
+    sekd.check_positions(cfg, (fits, fits))
+    longer = sekd.as_examples(torch.zeros(1, 257, dtype=torch.long))
+    with pytest.raises(sekd.UsageError, match="sequences of 257 tokens, beyond the 256 positions"):
+        sekd.check_positions(cfg, (fits, longer))   # a held-out example counts too
+
+
+def test_on_policy_a_training_prompt_and_its_response_must_fit_the_teacher_too(
+    saved_models, tmp_path
+):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    ids = torch.zeros(1, 20, dtype=torch.long)
+    is_target = torch.arange(20)[None] >= 10   # a prompt of 10 tokens
+    examples = (sekd.Examples(ids, torch.ones_like(is_target), is_target), sekd.as_examples(ids))
+    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher),
+                      on_policy_fraction=0.5, max_new_tokens=118)
+    sekd.check_positions(cfg, examples)
+    cfg = dataclasses.replace(cfg, max_new_tokens=119)
+    refused = f"129 tokens, beyond the 128 positions of '{re.escape(str(teacher))}'"
+    with pytest.raises(sekd.UsageError, match=refused):
+        sekd.check_positions(cfg, examples)
 
 
 def test_a_teacher_with_another_tokenizer_of_as_many_ids_is_refused(saved_models, tmp_path):
