@@ -655,17 +655,20 @@ def prompt_lengths(loss_mask):
     return (run_starts * places).amax(1)
 
 @torch.no_grad()
-def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0):
+def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0,
+                      vocab_size=None):
     """The model (a Hugging Face one, in eval mode while it samples) answers each prompt with up to
-    max_new_tokens tokens drawn from softmax(z / temperature), until its EOS. input_ids, loss_mask
-    [B, L] (right-padded: a prompt starts each row) -> input_ids, attention_mask, loss_mask [B, L'],
-    right-padded with eos_id: the prompt, then the response (EOS included) as targets."""
+    max_new_tokens tokens drawn from softmax(z / temperature) over its first vocab_size ids (None:
+    all), until its EOS. input_ids, loss_mask [B, L] (right-padded: a prompt starts each row) ->
+    input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the
+    response (EOS included) as targets."""
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
     prompt_mask = at >= 0                                                         # left-padded
     prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), eos_id)
-    out = sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature)
+    out = sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature,
+                             vocab_size)
     eos = out[:, width:] == eos_id                                                # [B, G]
     response = eos.cumsum(1) - eos.long() == 0                  # up to the first EOS, included
     real = torch.cat([prompt_mask, response], 1)                                  # [B, P + G]
@@ -675,14 +678,17 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
     ids = torch.where(real, out, eos_id).gather(1, order)
     return ids, real.gather(1, order), is_target.gather(1, order)
 
-def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature):
+def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature,
+                       vocab_size=None):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
     from transformers import GenerationConfig
+    # the head's padding rows past vocab_size are never drawn: the loss sees the first ids only
+    padding = list(range(vocab_size or head_size(model), head_size(model))) or None
     # A fresh config: generate() would fill every unset field from generation_config.json
     # (repetition_penalty, suppress_tokens, ...), and draw from softmax(z / T) no more.
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                                pad_token_id=eos_id)
+                                pad_token_id=eos_id, suppress_tokens=padding)
     was_training = model.training
     checkpoint_config = model.generation_config
     model.generation_config = sampling
@@ -1729,7 +1735,7 @@ def on_policy_batch(student, batch, cfg, eos_id):
     with autocast(batch["input_ids"].device):   # generate() on the model: DDP's wrapper has none
         ids, mask, is_target = student_responses(unwrap(student), batch["input_ids"],
                                                   batch["loss_mask"], eos_id, cfg.max_new_tokens,
-                                                  cfg.gen_temperature)
+                                                  cfg.gen_temperature, cfg.vocab_size)
     return dict(input_ids=ids, attention_mask=real_mask(mask), loss_mask=is_target, targets=None)
 
 @torch.no_grad()

@@ -1044,6 +1044,22 @@ def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_un
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
 
 
+def test_student_responses_sample_the_softmax_over_the_first_vocab_size_ids_only():
+    student = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
+        20_000, -1
+    )
+    with torch.no_grad():   # the head's rows 40-63 as padding: never drawn
+        want = student(ids[:1, :4]).logits[0, -1, :40].double().softmax(-1)
+    torch.manual_seed(0)
+    got, _, _ = sekd.student_responses(
+        student, ids, prompt_mask(ids, [4] * len(ids)), eos_id=0, max_new_tokens=1, vocab_size=40
+    )
+    frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
+    assert frequency[40:].sum() == 0
+    assert ((frequency[:40] - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
+
+
 def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_config():
     from transformers import GenerationConfig
 
@@ -2304,6 +2320,18 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
             generated.append(len(response))
     assert [r["on_policy"] for r in log] == [True] * 4 and max(generated) == 6
     assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)  # its mean per step
+
+
+def test_an_on_policy_batch_draws_no_id_past_the_distilled_vocabulary():
+    student = tiny_model("llama")
+    with torch.no_grad():   # ids 40-63, the padding rows of a 40-id vocabulary, most likely
+        student.get_output_embeddings().weight[40:] *= 50
+    ids = torch.randint(1, 40, (8, 6), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=ids, loss_mask=prompt_mask(ids, [3] * 8))
+    cfg = sekd.Config(vocab_size=40, max_new_tokens=8)
+    torch.manual_seed(0)
+    responses = sekd.on_policy_batch(student, batch, cfg, eos_id=0)
+    assert responses["loss_mask"].sum() > 8 and responses["input_ids"].max() < 40
 
 
 def test_with_on_policy_fraction_0_the_run_equals_the_off_policy_run_bit_for_bit(
