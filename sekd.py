@@ -1237,11 +1237,13 @@ def load_examples(cfg, tokenizer):
         raise UsageError(f"--data {cfg.data} holds {reader.read} document(s); training and "
                          "evaluation need 2+")
     train, held = reader.examples(tokenizer.eos_token_id)
+    fix = "lower --seq-len, raise --val-fraction, or add rows"   # text: more, shorter blocks
+    if reader.data_format != "text":   # an example cut to --seq-len can lose every target
+        fix = f"raise --seq-len ({reader.dropped} row(s) have no target within it), or add rows"
     for part, what in ((train, "training"), (held, "held-out")):
         if len(part) == 0:
             raise UsageError(f"--data {cfg.data}: the {what} rows give no block or example of "
-                             f"--seq-len {cfg.seq_len} tokens with a target: lower --seq-len, "
-                             "raise --val-fraction, or add rows")
+                             f"--seq-len {cfg.seq_len} tokens with a target: {fix}")
     return train, held, {"data_format": reader.data_format, "dropped_examples": reader.dropped}
 
 class RowReader:

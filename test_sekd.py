@@ -1869,6 +1869,14 @@ def test_examples_longer_than_seq_len_are_truncated_and_dropped_without_a_target
     assert len(train) == 9 and train.input_ids.shape[1] == short
 
 
+def test_rows_whose_targets_all_lie_past_seq_len_are_refused_naming_a_longer_seq_len(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    rows = [{"prompt": "question " * 10, "completion": " answer"}] * 20
+    path = write_rows(tmp_path / "pc.jsonl", rows)
+    with pytest.raises(sekd.UsageError, match=r"raise --seq-len \(20 row\(s\) have no target"):
+        sekd.load_examples(data_config(path, seq_len=8), tokenizer)
+
+
 def test_an_example_whose_only_target_is_its_first_token_is_dropped(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)  # no BOS: an empty prompt and completion leave the EOS alone
     rows = [{"prompt": "", "completion": ""}] + [{"prompt": "q", "completion": " a"}] * 19
