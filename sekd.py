@@ -1976,8 +1976,14 @@ def checkpoint_activations(model):
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file sekd.py wrote (a manifest, a checkpoint's, a sample selection), refused in one
+    line where it was edited or damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} does not parse as JSON ({first_line(err)}): it was edited or "
+                         "damaged; restore it, or delete it to start that part anew") from None
 
 def remove_path(path):
     """Delete a file, a link or a directory tree, if there."""
@@ -2177,6 +2183,11 @@ def check_out_dir(cfg):
         if "tokens" not in saved:   # before save_pretrained checkpoints
             raise UsageError(f"--resume: {state} was written by an earlier sekd.py, whose "
                              "checkpoints this one cannot continue: start a new run (--overwrite)")
+        for name in (saved["student"], saved["state"]):
+            if not os.path.exists(os.path.join(cfg.out_dir, "checkpoint", name)):
+                raise UsageError(f"--resume: {cfg.out_dir}/checkpoint lacks the {name} its "
+                                 "checkpoint.json names (removed or moved?): restore it, or start "
+                                 "a new run (--overwrite)")
         return saved
     earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
     if earlier and not cfg.overwrite:

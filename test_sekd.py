@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -3191,6 +3192,26 @@ def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_mode
                 saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1, resume=True
             )
         )
+
+
+def test_resume_refuses_a_damaged_checkpoint_in_one_line_before_any_model_loads(
+    saved_models, tmp_path, monkeypatch
+):
+    with pytest.raises(sekd.RunStopped):
+        sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "checkpoint.json").read_text())
+    monkeypatch.setattr(sekd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    for damage in ("student", "state", "checkpoint.json"):
+        out_dir = tmp_path / damage
+        shutil.copytree(tmp_path / "run", out_dir, symlinks=True)
+        if damage == "checkpoint.json":   # edited by hand, or written by another tool
+            (out_dir / "checkpoint" / damage).write_text('{"step": 1, "tok')
+        else:
+            sekd.remove_path(str(out_dir / "checkpoint" / saved[damage]))
+        match = "does not parse as JSON" if damage == "checkpoint.json" else "lacks the"
+        with pytest.raises(sekd.UsageError, match=match):
+            sekd.train(run_config(saved_models, tmp_path, out_dir=str(out_dir), lr=1e20,
+                                  max_grad_norm=1e30, resume=True))
 
 
 def test_resume_continues_a_checkpoint_from_before_on_policy_whose_config_lacks_its_fields(
