@@ -2664,6 +2664,8 @@ def show(argv):
         raise UsageError("show needs --student, and --text or --data (one of them)")
     if args.index < 0:
         raise UsageError(f"--index must be >= 0 (a row of --data); got {args.index}")
+    if args.html and os.path.isdir(args.html):
+        raise UsageError(f"--html {args.html} is a directory: name the page's file in it")
     if uses_teacher(cfg.signal) and not args.teacher:
         raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give "
                          "--teacher")

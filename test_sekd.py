@@ -4041,6 +4041,11 @@ def usage_errors(saved_models, tmp_path):
             "--index must be >= 0",
         ),
         (
+            ["show", "--student", saved_models["student"], "--text", "a b", "--html",
+             str(tmp_path)],
+            "is a directory: name the page's file",
+        ),
+        (
             ["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"],
             "--k must be",
         ),
