@@ -1039,8 +1039,12 @@ def row_format(batch, cfg, tokenizer):
                          "prompt/completion strings")
     return data_format
 
+# Llama 3.2's and 3.3's templates stamp today's date unless given one: data rendered on another day
+# would be other examples (a resume or a reused cache refused). Llama 3.1's template fixes this one.
+CHAT_DATE = "26 Jul 2024"
+
 def chat_text(tokenizer, messages, generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+    return tokenizer.apply_chat_template(messages, tokenize=False, date_string=CHAT_DATE,
                                          add_generation_prompt=generation_prompt)
 
 def end_of_turn(tokenizer, context):

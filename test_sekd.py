@@ -1638,6 +1638,13 @@ LLAMA_LIKE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+# Like Llama 3.2's and 3.3's: today's date in a system header, unless the caller gives one.
+DATED = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}'
+    '{%- set date_string = "26 Jul 2024" %}{%- endif %}{%- endif %}'
+    "<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ date_string }}<|eot_id|>"
+) + LLAMA_LIKE.removeprefix("{{ bos_token }}")
 
 
 def supervised_turns(tokenizer, messages):
@@ -1710,6 +1717,25 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
         {"role": "assistant", "content": " a two"},
     ]
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
+
+
+def test_a_template_stamping_todays_date_renders_the_same_examples_on_any_day(monkeypatch):
+    from datetime import datetime
+
+    from transformers.utils import chat_template_utils
+
+    class AnotherDay(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2031, 1, 2)
+
+    tokenizer = chat_tokenizer(DATED)
+    today = sekd.encode_rows({"messages": [CHATS[0]]}, "messages", tokenizer, "text")
+    monkeypatch.setattr(chat_template_utils, "datetime", AnotherDay)
+    assert "02 Jan 2031" in tokenizer.apply_chat_template(CHATS[0], tokenize=False)
+    another_day = sekd.encode_rows({"messages": [CHATS[0]]}, "messages", tokenizer, "text")
+    assert [a.tolist() for a in another_day[0]] == [t.tolist() for t in today[0]]
+    assert supervised_turns(tokenizer, CHATS[0]) == ["it is 0.<|eot_id|>", "0, I think.<|eot_id|>"]
 
 
 def test_a_later_turn_repeating_an_earlier_ones_content_is_found_at_its_own_place():
