@@ -1043,34 +1043,48 @@ def row_format(batch, cfg, tokenizer):
 # would be other examples (a resume or a reused cache refused). Llama 3.1's template fixes this one.
 CHAT_DATE = "26 Jul 2024"
 
-def chat_text(tokenizer, messages, generation_prompt=False):
-    return tokenizer.apply_chat_template(messages, tokenize=False, date_string=CHAT_DATE,
-                                         add_generation_prompt=generation_prompt)
+def chat_text(tokenizer, messages, options=None, generation_prompt=False):
+    """messages as the template renders them; options: the row's tools and template arguments."""
+    options = {"date_string": CHAT_DATE, **(options or {})}
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt, **options)
 
-def end_of_turn(tokenizer, context):
+def template_options(batch, j):
+    """Row j's own template inputs, as TRL's SFTTrainer reads them: a `tools` column (a list, or
+    its JSON text) and `chat_template_kwargs` (Qwen3's enable_thinking; a None: a key the datasets
+    library added, as it does to the rows that lack one)."""
+    tools = batch["tools"][j] if "tools" in batch else None
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    arguments = batch["chat_template_kwargs"][j] if "chat_template_kwargs" in batch else None
+    arguments = {k: v for k, v in (arguments or {}).items() if v is not None}
+    return {"tools": tools or None, **arguments}   # tools=[]: Llama's renders its tool preamble
+
+def end_of_turn(tokenizer, context, options=None):
     """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>)."""
-    one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}])
-    other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}])
+    one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}], options)
+    other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}], options)
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
 
-def render_chat(messages, tokenizer):
+def render_chat(messages, tokenizer, options=None):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
     tool calls and end-of-turn text included). Most templates mark no {% generation %} span: turn i
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
     messages[:i + 1] does, or, where the last turn renders otherwise (Qwen3's think block), at the
-    first end-of-turn text after its start. A first message has no prompt: its turn is context."""
-    text = chat_text(tokenizer, messages)
+    first end-of-turn text after its start. A first message has no prompt: its turn is context.
+    options: the row's tools and template arguments (template_options)."""
+    text = chat_text(tokenizer, messages, options)
     spans = []
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
-        start = turn_start(tokenizer, messages[:i], text)
-        through = chat_text(tokenizer, messages[:i + 1])
+        start = turn_start(tokenizer, messages[:i], text, options)
+        through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
             continue
-        eot = end_of_turn(tokenizer, messages[:i])
+        eot = end_of_turn(tokenizer, messages[:i], options)
         end = text.find(eot, start) if eot else -1
         if end < 0:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
@@ -1079,27 +1093,27 @@ def render_chat(messages, tokenizer):
         spans.append((start, end + len(eot)))
     return text, spans
 
-def turn_start(tokenizer, context, text):
+def turn_start(tokenizer, context, text, options=None):
     """Where the assistant turn after context starts in text: after context with a generation
     prompt; or, where that prompt opens more than an earlier turn shows (the <think> of Qwen3's
     thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn shares."""
-    prompt = chat_text(tokenizer, context, generation_prompt=True)
+    prompt = chat_text(tokenizer, context, options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
-    rendered = chat_text(tokenizer, context)
+    rendered = chat_text(tokenizer, context, options)
     earlier_turn = [{"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}]
-    probe = chat_text(tokenizer, context + earlier_turn)
+    probe = chat_text(tokenizer, context + earlier_turn, options)
     opening = os.path.commonprefix([prompt, probe])   # "A" ends it where a turn's text begins
     if prompt.startswith(rendered) and len(opening) > len(rendered) and text.startswith(opening):
         return len(opening)
     raise ValueError(f"the chat template renders the turns before message {len(context)} "
                      "otherwise in the whole conversation, so where that turn starts is unknown")
 
-def render_prompt_completion(prompt, completion, tokenizer):
+def render_prompt_completion(prompt, completion, tokenizer, options=None):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a
     generation prompt are context, the completion's messages after them the target."""
-    before = chat_text(tokenizer, prompt, generation_prompt=True)
-    text = chat_text(tokenizer, prompt + completion)
+    before = chat_text(tokenizer, prompt, options, generation_prompt=True)
+    text = chat_text(tokenizer, prompt + completion, options)
     if not text.startswith(before):
         raise ValueError("the chat template renders the prompt's messages otherwise when a "
                          "completion follows them, so where the completion starts is unknown")
@@ -1126,12 +1140,13 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
     rendered = []
     for j in range(len(batch[list(batch)[0]])):
         try:
+            options = template_options(batch, j)
             if data_format == "messages":
-                rendered.append(render_chat(batch["messages"][j], tokenizer))
+                rendered.append(render_chat(batch["messages"][j], tokenizer, options))
             else:
                 prompt = batch["prompt"][j]
                 completion = batch["completion"][j]
-                rendered.append(render_prompt_completion(prompt, completion, tokenizer))
+                rendered.append(render_prompt_completion(prompt, completion, tokenizer, options))
         except Exception as err:   # the template's own errors (jinja2's) too
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
                              f"({first_line(err)})") from None

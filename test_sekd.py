@@ -1798,6 +1798,50 @@ def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_r
         assert tokenizer.decode(ids[:start]) == prompt
 
 
+# Like Qwen3's: the tools a conversation offers in a system turn (Llama's: even none); a false
+# enable_thinking opens the answer of a generation prompt with an empty think block.
+TOOLS_THINKING = (
+    "{% if tools is not none %}<|im_start|>system\n"
+    "{% for t in tools %}{{ t.function.name }};{% endfor %}<|im_end|>\n{% endif %}"
+) + THINKING.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}",
+)
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("stored", ["parquet", "jsonl"])
+def test_a_rows_tools_and_template_arguments_render_as_trl_renders_them(tmp_path, stored):
+    import pyarrow
+    import pyarrow.parquet
+
+    tokenizer = chat_tokenizer(TOOLS_THINKING)
+    tools = [TOOLS, []]   # odd rows offer none, rendered as TRL does (tools=None)
+    if stored == "jsonl":   # a list, or its JSON text
+        tools = [json.dumps(offered) for offered in tools]
+    arguments = [{"enable_thinking": False}, {}]   # a parquet column fills {} with a None
+    rows = [
+        {"messages": CHATS[i], "tools": tools[i % 2], "chat_template_kwargs": arguments[i % 2]}
+        for i in range(20)
+    ]
+    path = tmp_path / f"tools.{stored}"
+    if stored == "parquet":   # as the hub stores datasets
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    else:
+        write_rows(path, rows)
+    train, _, _ = sekd.load_examples(data_config(path, seq_len=1000), tokenizer)
+    for example, i in enumerate(i for i in range(20) if i % 10 != 9):
+        ids = train.input_ids[example]
+        is_target = train.loss_mask[example] & train.attention_mask[example]
+        turns = [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(is_target)]
+        think = "" if i % 2 == 0 else "<think>\n\n</think>\n\n"   # a prompt's, or the answer's
+        assert turns == [f"it is {2 * i}.<|im_end|>\n", f"{think}{4 * i}, I think.<|im_end|>\n"]
+        text = tokenizer.decode(ids[:int(train.attention_mask[example].sum())])
+        offered = TOOLS if i % 2 == 0 else None
+        assert text == tokenizer.apply_chat_template(CHATS[i], tools=offered, tokenize=False)
+
+
 @pytest.mark.parametrize(
     "row", [{"text": None}, {"prompt": "q", "completion": None}, {"messages": []}]
 )
