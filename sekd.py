@@ -2213,6 +2213,23 @@ def check_out_dir(cfg):
         raise UsageError(f"--out-dir {cfg.out_dir} holds another run's {', '.join(earlier)}: pass "
                          "--resume to continue it, --overwrite to replace it, or choose another "
                          "--out-dir")
+    if cfg.overwrite:
+        check_inputs_outlive_overwrite(cfg)
+
+def check_inputs_outlive_overwrite(cfg):
+    """--overwrite removes OUT_DIR's outputs: refuse a model or data among them (distilling
+    OUT_DIR/student further), which the run would delete once loaded."""
+    removed = [os.path.realpath(os.path.join(cfg.out_dir, name)) for name in OUTPUTS]
+    for name in ("student", "teacher", "data"):
+        path = getattr(cfg, name)
+        if path is None:
+            continue
+        path_real = os.path.realpath(path)
+        inside = [r for r in removed if os.path.commonpath([path_real, r]) == r]
+        if inside:
+            raise UsageError(f"--{name} {path} lies in the {os.path.basename(inside[0])} of "
+                             f"--out-dir {cfg.out_dir}, which --overwrite removes: choose another "
+                             "--out-dir")
 
 def check_resume(cfg, saved, num_kept):
     """Refuse a resume that would not continue the checkpoint's run: other settings or processes, a

@@ -4078,6 +4078,10 @@ def usage_errors(saved_models, tmp_path):
             "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
         ),
         (base + ["--resume"], "no checkpoint"),
+        (
+            base + ["--student", str(tmp_path / "run" / "student"), "--overwrite"],
+            "run/student lies in the student of --out-dir",   # distilled further, then deleted
+        ),
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
         (base + on_policy + ["--method", "sekd3x"], "targets for the data's own text"),
         (base + on_policy + ["--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
