@@ -321,6 +321,8 @@ def position_weights(policy, scores, valid, k, progress=0.0, gls=None):
     elif policy == "random":   # RandomPos
         keep = select_positions(torch.rand(valid.shape, device=valid.device), valid, k)
     elif policy == "gls":
+        if gls is None:   # the threshold comes from earlier steps' scores: state the caller keeps
+            raise ValueError("positions 'gls' needs gls=GlobalThreshold(), one for the whole run")
         keep = gls.select(scores, valid, k)
     elif policy == "curriculum":
         keep = curriculum_positions(scores, valid, k, progress)

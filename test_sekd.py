@@ -325,6 +325,13 @@ def test_gls_takes_a_queue_larger_than_torch_quantile_accepts():
     assert gls.select(scores, torch.ones(1, 2, dtype=torch.bool), 0.2).tolist() == [[False, True]]
 
 
+def test_gls_without_its_queue_is_refused_naming_the_object_to_keep():
+    scores = torch.rand(2, 5)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs gls=GlobalThreshold"):  # not an AttributeError
+        sekd.position_weights("gls", scores, valid, 0.2)
+
+
 # 10 valid positions of 13, windows of ceil(0.3 * 10) = 3 starting at round((10 - 3) * progress) in
 # ascending-u order; the padding scores lowest, so that a window that counts padding as positions
 # starts on it
