@@ -121,7 +121,8 @@ def entropy(logits):
     return torch.special.entr(softmax_t(logits, 1)).sum(-1)
 
 def cross_entropy(logits, labels):
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+    """CE of each row's label (int32 ids too, as some collators give them): [N, V], [N] -> [N]."""
+    return F.cross_entropy(logits.float(), labels.long(), reduction="none")
 
 def kl_rows(p_logits, q_logits, temperature=1.0):
     """KL(p_T || q_T) per row: [N, V] x 2 -> [N], clamped at 0 (rounding dips below at p = q)."""

@@ -905,6 +905,15 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
     assert stats["share"] == 1.0
 
 
+def test_int32_token_ids_give_the_loss_of_int64_ones():
+    student = tiny_model("llama")
+    ids, mask = padded_batch()
+    cfg = sekd.Config(method="ce", positions="top", signal="student_ce")   # CE as loss and signal
+    loss, _ = sekd.distill_loss(student, None, ids, mask, cfg)
+    loss_int32, _ = sekd.distill_loss(student, None, ids.int(), mask, cfg)
+    assert loss_int32 == loss
+
+
 def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are_zero():
     student = tiny_model("llama")
     teacher = tiny_model("llama", hidden=48, seed=1)
