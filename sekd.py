@@ -541,7 +541,7 @@ def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None
         scores = batch_scores(cfg.signal, h_student, student_head, labels, valid, h_teacher,
                               teacher_head, cfg.chunk_size)                       # [B, T]
     weights = position_weights(cfg.positions, scores, valid, cfg.k, progress, gls)
-    if gls is not None:   # the threshold of later steps sees this batch's scores
+    if cfg.positions == "gls":   # the threshold of later steps sees this batch's scores
         gls.push(scores, valid)
     return weights
 

@@ -795,6 +795,16 @@ def test_gls_selects_by_the_scores_before_the_batch_and_then_queues_the_batchs()
     assert len(gls.queue) == 20
 
 
+def test_a_gls_queue_passed_to_another_policy_is_left_as_it_is():
+    logits = torch.randn(2, 10, 20, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    gls = sekd.GlobalThreshold()   # a trainer that passes its queue whatever the policy
+    for positions in ("all", "top"):
+        cfg = sekd.Config(positions=positions, k=0.3)
+        sekd.chosen_positions(cfg, logits, lambda rows: rows, valid.long(), valid, gls=gls)
+    assert len(gls.queue) == 0
+
+
 def test_loss_without_attention_mask_equals_the_loss_with_an_all_ones_mask():
     student = tiny_model("qwen3")
     teacher = tiny_model("qwen3", hidden=48, seed=1)
