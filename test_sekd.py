@@ -4108,6 +4108,10 @@ def usage_errors(saved_models, tmp_path):
             base + ["--student", str(tmp_path / "run" / "student"), "--overwrite"],
             "run/student lies in the student of --out-dir",   # distilled further, then deleted
         ),
+        (
+            base + ["--data", str(tmp_path / "run" / "log.jsonl"), "--overwrite"],
+            "run/log.jsonl lies in the log.jsonl of --out-dir",
+        ),
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
         (base + on_policy + ["--method", "sekd3x"], "targets for the data's own text"),
         (base + on_policy + ["--method", "ce"], "--ce-weight 1 (--method ce) uses none"),
