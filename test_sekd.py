@@ -1868,6 +1868,17 @@ def test_a_rows_tools_and_template_arguments_render_as_trl_renders_them(tmp_path
         assert text == tokenizer.apply_chat_template(CHATS[i], tools=offered, tokenize=False)
 
 
+def test_conversational_prompt_completion_rows_render_their_tools_too():
+    tokenizer = chat_tokenizer(TOOLS_THINKING)
+    prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
+    completion = [{"role": "assistant", "content": "it is 2."}]
+    batch = {"prompt": [prompt], "completion": [completion], "tools": [TOOLS]}
+    ids, is_target = sekd.encode_rows(batch, "prompt_messages", tokenizer, "text")[0]
+    want = tokenizer.apply_chat_template(prompt + completion, tools=TOOLS, tokenize=False)
+    assert tokenizer.decode(ids) == want and want.startswith("<|im_start|>system\nadd;")
+    assert tokenizer.decode(ids[is_target]) == "<think>\n\n</think>\n\nit is 2.<|im_end|>\n"
+
+
 @pytest.mark.parametrize(
     "row", [{"text": None}, {"prompt": "q", "completion": None}, {"messages": []}]
 )
