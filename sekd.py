@@ -1054,8 +1054,8 @@ def chat_text(tokenizer, messages, options=None, generation_prompt=False):
 
 def template_options(batch, j):
     """Row j's own template inputs, as TRL's SFTTrainer reads them: a `tools` column (a list, or
-    its JSON text) and `chat_template_kwargs` (Qwen3's enable_thinking; a None: a key the datasets
-    library added, as it does to the rows that lack one)."""
+    its JSON text) and `chat_template_kwargs` (Qwen3's enable_thinking; a value None: a key that a
+    parquet column adds to the rows that lack it)."""
     tools = batch["tools"][j] if "tools" in batch else None
     if isinstance(tools, str):
         tools = json.loads(tools)
