@@ -1079,6 +1079,7 @@ def render_chat(messages, tokenizer, options=None):
     options: the row's tools and template arguments (template_options)."""
     text = chat_text(tokenizer, messages, options)
     spans = []
+    eot = None   # probed once a conversation: a template ends its assistant turns alike
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
@@ -1087,7 +1088,8 @@ def render_chat(messages, tokenizer, options=None):
         if text.startswith(through):
             spans.append((start, len(through)))
             continue
-        eot = end_of_turn(tokenizer, messages[:i], options)
+        if eot is None:   # Qwen3's template comes here for every turn but the last
+            eot = end_of_turn(tokenizer, messages[:i], options)
         end = text.find(eot, start) if eot else -1
         if end < 0:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
