@@ -1944,6 +1944,8 @@ def resolve_device(name, local_rank=0):
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:i") from None
+    if device.type not in ("cpu", "cuda"):   # mps, xpu, meta: untried, and models fail to move
+        raise UsageError(f"--device {name!r}: sekd.py runs on auto, cpu, cuda or cuda:i")
     if device.type == "cuda":
         device = torch.device("cuda", (device.index or 0) + local_rank)
         if device.index >= torch.cuda.device_count():
@@ -1973,7 +1975,10 @@ def process_group(cfg):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    # This process image's peak (ru_maxrss keeps a forking parent's).
+    if not os.path.exists("/proc/self/status"):   # macOS: no /proc; its ru_maxrss is in bytes
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    # This process image's peak (Linux's ru_maxrss keeps a forking parent's).
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from fractions import Fraction
 
 import pytest
@@ -3403,6 +3404,16 @@ def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_
     )
 
 
+def test_without_proc_the_cpu_peak_is_getrusages_maxrss_in_bytes(monkeypatch):
+    import resource
+
+    exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p != "/proc/self/status" and exists(p))
+    usage = types.SimpleNamespace(ru_maxrss=3 * 2**20)   # macOS counts bytes, Linux KiB
+    monkeypatch.setattr(resource, "getrusage", lambda who: usage)
+    assert sekd.peak_memory_mb(torch.device("cpu")) == 3.0
+
+
 def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
     assert sekd.shared_vocab_size(64, 64, 60) is None and sekd.shared_vocab_size(64, 72, 60) == 60
     assert sekd.shared_vocab_size(72, 64, 64) == 64  # the smaller head is exactly the tokenizer
@@ -4100,6 +4111,7 @@ def usage_errors(saved_models, tmp_path):
             f"id {highest}, beyond",
         ),
         (base + ["--device", "cuda"], "does not exist on this machine"),
+        (base + ["--device", "mps"], "--device 'mps': sekd.py runs on auto, cpu, cuda"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
