@@ -2060,8 +2060,12 @@ def fingerprint(examples):
     return digest.hexdigest()
 
 def file_sha256(path):
+    """A file's sha256, read 1 MiB at a time (hashlib.file_digest would need Python 3.11)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 UNUSED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")   # change no logit
 

@@ -3404,6 +3404,14 @@ def test_a_mid_run_checkpoint_loads_with_from_pretrained_as_the_student_at_that_
     )
 
 
+def test_file_sha256_is_the_sha256_of_every_byte_past_its_first_block(tmp_path):
+    import hashlib
+
+    data = os.urandom(5 * 2**19 + 7)   # two whole 1 MiB blocks and a partial one
+    (tmp_path / "f").write_bytes(data)
+    assert sekd.file_sha256(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
+
+
 def test_without_proc_the_cpu_peak_is_getrusages_maxrss_in_bytes(monkeypatch):
     import resource
 
