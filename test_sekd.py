@@ -1229,6 +1229,26 @@ def test_the_trainer_recipe_with_accumulation_2_makes_the_update_of_twice_the_ba
         torch.testing.assert_close(twice[name], once[name], atol=1e-6, rtol=1e-5)
 
 
+def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batch(tmp_path):
+    import datasets
+
+    SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
+    student = tiny_model("qwen2")
+    teacher = tiny_model("qwen2", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100   # a prompt
+    rows = datasets.Dataset.from_dict(dict(input_ids=ids.tolist(), labels=labels.tolist()))
+    args = sekd_trainer_args(tmp_path, per_device_eval_batch_size=8)
+    cfg = sekd.Config(k=0.5)
+    trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=cfg, args=args,
+                          eval_dataset=rows)
+    held_out = trainer.evaluate()["eval_loss"]   # the recipe returned a bare loss: a TypeError
+    with torch.no_grad():
+        loss, _ = sekd.distill_loss(student, teacher, ids, None, cfg, loss_mask=labels != -100)
+    assert held_out == pytest.approx(loss.item(), rel=1e-6)
+
+
 def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path, monkeypatch):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
