@@ -1190,18 +1190,24 @@ def readme_recipe(name):
     return namespace
 
 
-def trainer_step_weights(tmp_path, batch_size, accumulation):
-    """The student's weights after one Trainer step (SGD) of the README's SEKDTrainer."""
+def recipe_rows():
+    """8 rows of 12 token ids whose first 4 are a prompt: (ids, labels, the rows as a Dataset)."""
     import datasets
 
-    SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
-    student = tiny_model("qwen2")
-    teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :4] = -100   # a prompt
     rows = datasets.Dataset.from_dict(dict(input_ids=ids.tolist(), labels=labels.tolist(),
                                            attention_mask=torch.ones_like(ids).tolist()))
+    return ids, labels, rows
+
+
+def trainer_step_weights(tmp_path, batch_size, accumulation):
+    """The student's weights after one Trainer step (SGD) of the README's SEKDTrainer."""
+    SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
+    student = tiny_model("qwen2")
+    teacher = tiny_model("qwen2", hidden=48, seed=1)
+    _, _, rows = recipe_rows()
     args = sekd_trainer_args(tmp_path, per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=accumulation)
     trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=sekd.Config(k=0.5),
@@ -1230,15 +1236,10 @@ def test_the_trainer_recipe_with_accumulation_2_makes_the_update_of_twice_the_ba
 
 
 def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batch(tmp_path):
-    import datasets
-
     SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
     student = tiny_model("qwen2")
     teacher = tiny_model("qwen2", hidden=48, seed=1)
-    ids = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :4] = -100   # a prompt
-    rows = datasets.Dataset.from_dict(dict(input_ids=ids.tolist(), labels=labels.tolist()))
+    ids, labels, rows = recipe_rows()
     args = sekd_trainer_args(tmp_path, per_device_eval_batch_size=8)
     cfg = sekd.Config(k=0.5)
     trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=cfg, args=args,
