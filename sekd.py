@@ -59,7 +59,8 @@ def ddp_hidden_states(model, input_ids, attention_mask=None):
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids, post-head
-    steps included (Cohere's logit_scale, Gemma 2's soft cap): on gathered rows, its own logits."""
+    steps included (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's soft cap): on
+    gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     weight = head.weight[:vocab_size]
@@ -69,12 +70,15 @@ def lm_head(model, vocab_size=None):
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     scale = getattr(model.config, "logit_scale", None)
+    divisor = getattr(model.config, "logits_scaling", None)
     cap = getattr(model.config, "final_logit_softcapping", None)
 
     def logits(hidden):
         z = F.linear(hidden, weight, bias)
         if scale:
             z = z * scale
+        if divisor:
+            z = z / divisor
         if cap:
             z = torch.tanh(z / cap) * cap
         return z
@@ -1995,7 +1999,23 @@ def load_model(name, device, frozen=False):
     """A causal LM in float32 on device; frozen (a teacher): eval, no grad, bf16 on CUDA (paper)."""
     dtype = torch.bfloat16 if frozen and device.type == "cuda" else torch.float32
     model = load_pretrained("AutoModelForCausalLM", name, dtype=dtype).to(device)
+    check_lm_head(model, name)
     return model.eval().requires_grad_(False) if frozen else model
+
+@torch.no_grad()
+def check_lm_head(model, name):
+    """Refuse a model whose own logits are not lm_head's on its decoder's hidden states: a step
+    after its head that lm_head does not know (Gemma 3n's soft cap, kept in its text config)."""
+    ids = torch.arange(8, device=model.device)[None] % head_size(model)
+    was_training = model.training
+    theirs = model.eval()(input_ids=ids, use_cache=False).logits.float()         # [1, 8, V]
+    ours = lm_head(model)(hidden_states(model, ids)).float()
+    model.train(was_training)
+    tolerance = 1e-2 * (1 + theirs.abs().max())   # bf16 rounding, not a missing step
+    if (ours - theirs).abs().max() > tolerance:
+        raise UsageError(f"'{name}' ({type(model).__name__}) computes its logits with a step "
+                         "after its LM head that sekd.py does not apply: its selective heads "
+                         "would distill other distributions; use a model of another family")
 
 def checkpoint_activations(model):
     """Each decoder layer recomputes its activations in backward (non-reentrant, as DDP needs)."""

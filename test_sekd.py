@@ -35,8 +35,10 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                "qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
-               "gemma2": transformers.Gemma2Config, "phi": transformers.PhiConfig}[family]
-        extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0)}
+               "gemma2": transformers.Gemma2Config, "phi": transformers.PhiConfig,
+               "granite": transformers.GraniteConfig}[family]
+        extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0),
+                 "granite": dict(logits_scaling=8.0)}
         extra = extra.get(family, {})
         config = cls(
             vocab_size=vocab,
@@ -171,7 +173,7 @@ def test_kl_rows_never_dips_below_zero_where_the_two_distributions_nearly_agree(
     assert (sekd.kl_rows(near, z) >= 0).all() and (sekd.kl_rows(z, near) >= 0).all()
 
 
-@pytest.mark.parametrize("family", ["cohere", "gemma2", "phi", "llama"])  # phi: a head bias
+@pytest.mark.parametrize("family", ["cohere", "gemma2", "granite", "phi", "llama"])  # phi: bias
 def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     model = tiny_model(family)
     if family == "phi":  # initialised to zeros
@@ -3511,6 +3513,20 @@ def test_a_teacher_with_another_tokenizer_of_as_many_ids_is_refused(saved_models
     assert len(theirs) == len(tokenizer)
     with pytest.raises(sekd.UsageError, match="use different tokenizers"):
         sekd.check_models(cfg, tokenizer)
+
+
+def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch):
+    import transformers
+
+    class DoubledLlama(transformers.LlamaForCausalLM):   # a step after the head, unknown to sekd
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 2
+            return output
+    model = DoubledLlama(tiny_model("llama").config)
+    monkeypatch.setattr(sekd, "load_pretrained", lambda *args, **kwargs: model)
+    with pytest.raises(sekd.UsageError, match="a step after its LM head that sekd.py does not"):
+        sekd.load_model("doubled", torch.device("cpu"))
 
 
 # ============================================================================================
