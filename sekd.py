@@ -1067,6 +1067,22 @@ def template_options(batch, j):
     arguments = {k: v for k, v in (arguments or {}).items() if v is not None}
     return {"tools": tools or None, **arguments}   # tools=[]: Llama's renders its tool preamble
 
+def text_messages(messages):
+    """messages whose content is a list of text parts ([{"type": "text", "text": ...}]) with it
+    joined into one string, as list-aware templates render it: Qwen3's renders a list as empty,
+    Llama 3's as its Python repr. A part of another type (an image) is refused."""
+    plain = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text"
+                       and isinstance(part.get("text"), str) for part in content):
+                raise UsageError(f"message {i} has a content part that is not text "
+                                 "({'type': 'text', 'text': ...}): sekd.py distills text only")
+            message = {**message, "content": "".join(part["text"] for part in content)}
+        plain.append(message)
+    return plain
+
 def end_of_turn(tokenizer, context, options=None):
     """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>)."""
     one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}], options)
@@ -1151,10 +1167,11 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
         try:
             options = template_options(batch, j)
             if data_format == "messages":
-                rendered.append(render_chat(batch["messages"][j], tokenizer, options))
+                messages = text_messages(batch["messages"][j])
+                rendered.append(render_chat(messages, tokenizer, options))
             else:
-                prompt = batch["prompt"][j]
-                completion = batch["completion"][j]
+                prompt = text_messages(batch["prompt"][j])
+                completion = text_messages(batch["completion"][j])
                 rendered.append(render_prompt_completion(prompt, completion, tokenizer, options))
         except Exception as err:   # the template's own errors (jinja2's) too
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "

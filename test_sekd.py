@@ -1769,6 +1769,35 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
 
 
+def as_text_parts(messages):
+    """The messages with each content split into two text parts, as OpenAI-style rows give it."""
+    def parts(text):
+        return [{"type": "text", "text": text[:3]}, {"type": "text", "text": text[3:]}]
+    return [{**m, "content": parts(m["content"])} for m in messages]
+
+
+@pytest.mark.parametrize("data_format", ["messages", "prompt_messages"])
+def test_a_content_given_as_text_parts_is_encoded_as_the_same_text_given_as_a_string(data_format):
+    tokenizer = chat_tokenizer(CHATML)   # renders a list as its Python repr, as Llama 3's does
+    chat = CHATS[3]
+    if data_format == "messages":
+        rows = [{"messages": [chat]}, {"messages": [as_text_parts(chat)]}]
+    else:
+        rows = [{"prompt": [chat[:-1]], "completion": [chat[-1:]]},
+                {"prompt": [as_text_parts(chat[:-1])], "completion": [as_text_parts(chat[-1:])]}]
+    strings, parts = [sekd.encode_rows(row, data_format, tokenizer, "text")[0] for row in rows]
+    assert [a.tolist() for a in parts] == [a.tolist() for a in strings]
+
+
+def test_a_content_part_that_is_not_text_is_refused_naming_its_row():
+    tokenizer = chat_tokenizer(CHATML)
+    image = [{"type": "image"}, {"type": "text", "text": "what is it?"}]
+    about_an_image = [{"role": "user", "content": image}, {"role": "assistant", "content": "a cat"}]
+    rows = [CHATS[0], about_an_image]
+    with pytest.raises(sekd.UsageError, match="row 1: .* a content part that is not text"):
+        sekd.encode_rows({"messages": rows}, "messages", tokenizer, "text")
+
+
 def test_a_template_stamping_todays_date_renders_the_same_examples_on_any_day(monkeypatch):
     from datetime import datetime
 
