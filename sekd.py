@@ -33,26 +33,28 @@ def unwrap(model):
     model = getattr(model, "module", model)
     return getattr(model, "causal_lm", model)
 
-def hidden_states(model, input_ids, attention_mask=None):
-    """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real."""
+def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
+    """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real.
+    position_ids [B, L] restarting at 0 mark packed sequences, each attending to itself alone."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return ddp_hidden_states(model, input_ids, attention_mask)
+        return ddp_hidden_states(model, input_ids, attention_mask, position_ids)
     decoder = unwrap(model).get_decoder()   # DataParallel's model runs on its first device
-    output = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False)
     return output.last_hidden_state
 
-def ddp_hidden_states(model, input_ids, attention_mask=None):
+def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     """hidden_states through DDP's forward, which alone syncs gradients: a Hugging Face model (as
     Trainer wraps it) runs with logits at no position, its decoder's output caught by a hook."""
     if not hasattr(model.module, "get_decoder"):   # sekd's Backbone returns them
-        return model(input_ids, attention_mask)
+        return model(input_ids, attention_mask, position_ids)
     caught = []
     decoder = model.module.get_decoder()
     hook = decoder.register_forward_hook(lambda module, inputs, output: caught.append(output[0]))
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-              logits_to_keep=no_position)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              use_cache=False, logits_to_keep=no_position)
     finally:
         hook.remove()
     return caught[0]
@@ -210,16 +212,19 @@ def batch_scores(signal, h_student, student_head, labels, valid, h_teacher=None,
 
 # ==== 2. Position axis (paper Eq. 3: the mask m_t; Table 1 policies): SE-KD keeps the top
 #      ceil(k n_i) valid positions of each sample by u(t); the alternatives are a few lines each
-def valid_positions(input_ids, attention_mask=None, loss_mask=None):
+def valid_positions(input_ids, attention_mask=None, loss_mask=None, position_ids=None):
     """The positions a loss may supervise, bool [B, T]: tokens t and t + 1 are real (attention
-    mask) and token t + 1 is a target (loss mask: a response token, not the prompt). None: every
-    token is real, or a target. k and every policy count valid positions."""
+    mask), token t + 1 is a target (loss mask: a response token, not the prompt) and of the same
+    packed sequence (position_ids: t + 1's is t's + 1). None: every token is real, a target, of
+    one sequence. k and every policy count valid positions."""
     valid = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
     if attention_mask is not None:
         real = attention_mask.bool()
         valid = valid & real[:, :-1] & real[:, 1:]
     if loss_mask is not None:
         valid = valid & loss_mask[:, 1:].bool()
+    if position_ids is not None:   # the next token starts another packed sequence
+        valid = valid & (position_ids[:, 1:] == position_ids[:, :-1] + 1)
     return valid
 
 def budget(n, share):
@@ -530,11 +535,12 @@ def select_samples(scores, ell):
 #      steps: which positions (Eq. 3), the loss at each (Eq. 2), the means over positions and
 #      samples (Eq. 3-4); then the same loss on the student's own responses (on-policy)
 @torch.no_grad()
-def teacher_hidden(teacher, input_ids, attention_mask=None):
+def teacher_hidden(teacher, input_ids, attention_mask=None, position_ids=None):
     """The teacher's final hidden states [B, T, H_t] at the positions that predict a token."""
     device = unwrap(teacher).device
     mask = None if attention_mask is None else attention_mask.to(device)
-    return hidden_states(teacher, input_ids.to(device), mask)[:, :-1]
+    positions = None if position_ids is None else position_ids.to(device)
+    return hidden_states(teacher, input_ids.to(device), mask, positions)[:, :-1]
 
 def chosen_positions(cfg, h_student, student_head, labels, valid, h_teacher=None, teacher_head=None,
                      progress=0.0, gls=None):
@@ -593,23 +599,24 @@ def mean_over_samples(losses, weights, selected):
     return per_sample.sum() / samples.clamp(min=1), samples
 
 def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
-                 progress=0.0, gls=None):
+                 progress=0.0, gls=None, position_ids=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
     Each backbone runs once; the LM heads run on the selected rows only. attention_mask None: all
     tokens real. loss_mask [B, L] (bool or 0/1): position t is supervised only where
     loss_mask[:, t + 1] (None: everywhere). targets: cached sparse (ids, weights) [B, T, U]
     (teacher may then be None). progress (step / last step) drives the curriculum; gls is GLS's
-    queue. Reads cfg's positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
-    vocab_size, chunk_size and beta."""
+    queue. position_ids: packed rows (TRL's padding-free batches), as in valid_positions. Reads
+    cfg's positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
+    chunk_size and beta."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
-    valid = valid_positions(input_ids, attention_mask, loss_mask)                 # [B, T]
-    h_student = hidden_states(student, input_ids, attention_mask)[:, :-1]         # [B, T, H]
+    valid = valid_positions(input_ids, attention_mask, loss_mask, position_ids)   # [B, T]
+    h_student = hidden_states(student, input_ids, attention_mask, position_ids)[:, :-1]  # [B, T, H]
     student_head = lm_head(student, cfg.vocab_size)
     online = cfg.ce_weight < 1 and targets is None
     h_teacher = teacher_head = None
     if online or (cfg.positions in SCORED_POLICIES and uses_teacher(cfg.signal)):
-        h_teacher = teacher_hidden(teacher, input_ids, attention_mask)            # [B, T, H_t]
+        h_teacher = teacher_hidden(teacher, input_ids, attention_mask, position_ids)   # [B, T, H_t]
         teacher_head = lm_head(teacher, cfg.vocab_size)
 
     # Which positions (Eq. 3): the heads below run on those rows alone.
@@ -1525,8 +1532,8 @@ class Backbone(torch.nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
 
-    def forward(self, input_ids, attention_mask=None):
-        return hidden_states(self.causal_lm, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return hidden_states(self.causal_lm, input_ids, attention_mask, position_ids)
 
 class Run:
     """A training run, set up cheapest first (bad input fails before any model loads); it then holds

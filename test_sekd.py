@@ -954,6 +954,22 @@ def test_distill_loss_of_a_data_parallel_student_is_the_models_in_value_and_grad
     assert dp_loss == loss and all(torch.equal(g, h) for g, h in zip(grads, dp_grads))
 
 
+def test_a_packed_row_distills_its_sequences_apart_as_trls_padding_free_batches_mark_them():
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    first = torch.randint(0, VOCAB, (1, 7))
+    second = torch.randint(0, VOCAB, (1, 5))
+    packed = torch.cat([first, second], 1)                                        # [1, 12]
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]   # TRL's collator's
+    loss, stats = sekd.distill_loss(student, teacher, packed, None, sekd.Config(method="full"),
+                                    position_ids=position_ids)
+    with torch.no_grad():   # each sequence alone; none predicts the other's first token
+        kls = [sekd.kl_rows(teacher(ids).logits[0, :-1], student(ids).logits[0, :-1])
+               for ids in (first, second)]
+    assert stats["valid"] == 6 + 4
+    torch.testing.assert_close(loss.detach(), torch.cat(kls).mean(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.5, 2.0), (1.0, 1.0), (0.1, 0.7)])
 def test_generalized_jsd_equals_trls_generalized_jsd_loss_per_position(beta, temperature):
     g = torch.Generator().manual_seed(0)
@@ -1250,6 +1266,27 @@ def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batc
     with torch.no_grad():
         loss, _ = sekd.distill_loss(student, teacher, ids, None, cfg, loss_mask=labels != -100)
     assert held_out == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_the_trainer_recipe_distills_the_sequences_of_trls_padding_free_batches_apart(tmp_path):
+    import datasets
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
+    student = tiny_model("qwen2")
+    teacher = tiny_model("qwen2", hidden=48, seed=1)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, VOCAB, (n,), generator=g) for n in (9, 6, 12)]
+    rows = datasets.Dataset.from_dict({"input_ids": [s.tolist() for s in sequences]})
+    packing = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)   # one row
+    trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=sekd.Config(method="full"),
+                          args=sekd_trainer_args(tmp_path, per_device_eval_batch_size=3),
+                          eval_dataset=rows, data_collator=packing)
+    held_out = trainer.evaluate()["eval_loss"]
+    with torch.no_grad():   # each sequence alone, all its positions
+        kls = [sekd.kl_rows(teacher(s[None]).logits[0, :-1], student(s[None]).logits[0, :-1])
+               for s in sequences]
+    assert held_out == pytest.approx(torch.cat(kls).mean().item(), rel=1e-5)
 
 
 def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path, monkeypatch):
