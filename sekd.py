@@ -1833,9 +1833,8 @@ def train(cfg):
         batches = micro_batches(run)
         bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, dynamic_ncols=True,
                    disable=rank != 0)
-        with caught_signals() as caught:
+        with bar, caught_signals() as caught:   # the bar ends its line before any error's
             train_loop(run, batches, bar, caught)
-        bar.close()
         return save_and_evaluate(run, start_time)
 
 def train_loop(run, batches, bar, caught):
