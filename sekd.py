@@ -2035,7 +2035,7 @@ def check_lm_head(model, name):
     ours = lm_head(model)(hidden_states(model, ids)).float()
     model.train(was_training)
     tolerance = 1e-2 * (1 + theirs.abs().max())   # bf16 rounding, not a missing step
-    if (ours - theirs).abs().max() > tolerance:
+    if ours.shape != theirs.shape or (ours - theirs).abs().max() > tolerance:
         raise UsageError(f"'{name}' ({type(model).__name__}) computes its logits with a step "
                          "after its LM head that sekd.py does not apply: its selective heads "
                          "would distill other distributions; use a model of another family")
