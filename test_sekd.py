@@ -3591,15 +3591,16 @@ def test_a_teacher_with_another_tokenizer_of_as_many_ids_is_refused(saved_models
         sekd.check_models(cfg, tokenizer)
 
 
-def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch):
+@pytest.mark.parametrize("step", ["doubles", "slices"])   # the logits, or their width
+def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch, step):
     import transformers
 
-    class DoubledLlama(transformers.LlamaForCausalLM):   # a step after the head, unknown to sekd
+    class OtherLlama(transformers.LlamaForCausalLM):   # a step after the head, unknown to sekd
         def forward(self, *args, **kwargs):
             output = super().forward(*args, **kwargs)
-            output.logits = output.logits * 2
+            output.logits = output.logits * 2 if step == "doubles" else output.logits[..., :50]
             return output
-    model = DoubledLlama(tiny_model("llama").config)
+    model = OtherLlama(tiny_model("llama").config)
     monkeypatch.setattr(sekd, "load_pretrained", lambda *args, **kwargs: model)
     with pytest.raises(sekd.UsageError, match="a step after its LM head that sekd.py does not"):
         sekd.load_model("doubled", torch.device("cpu"))
