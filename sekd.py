@@ -28,10 +28,9 @@ import torch.nn.functional as F
 # ==== 1. Scores (paper Table 1: the importance signal u(t) of each position), computed in chunks
 #      from hidden states and LM heads, so that the heads can later run on selected rows only
 def unwrap(model):
-    """The Hugging Face model itself, also inside DDP, DataParallel (Trainer's wrapper on several
-    GPUs in one process) or sekd's Backbone (section 8)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "causal_lm", model)
+    """The Hugging Face model itself, also inside DDP or DataParallel (Trainer's wrapper on several
+    GPUs in one process)."""
+    return getattr(model, "module", model)
 
 def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real.
@@ -44,10 +43,8 @@ def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     return output.last_hidden_state
 
 def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None):
-    """hidden_states through DDP's forward, which alone syncs gradients: a Hugging Face model (as
-    Trainer wraps it) runs with logits at no position, its decoder's output caught by a hook."""
-    if not hasattr(model.module, "get_decoder"):   # sekd's Backbone returns them
-        return model(input_ids, attention_mask, position_ids)
+    """hidden_states through DDP's forward, which alone syncs gradients: the model (as Trainer and
+    sekd's loop wrap it) runs with logits at no position, its decoder's output caught by a hook."""
     caught = []
     decoder = model.module.get_decoder()
     hook = decoder.register_forward_hook(lambda module, inputs, output: caught.append(output[0]))
@@ -1525,16 +1522,6 @@ def check_combination(cfg):
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues OUT_DIR's run, --overwrite replaces it")
 
-class Backbone(torch.nn.Module):
-    """What DDP wraps: the student's decoder alone; its LM head runs on selected rows outside."""
-
-    def __init__(self, causal_lm):
-        super().__init__()
-        self.causal_lm = causal_lm
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        return hidden_states(self.causal_lm, input_ids, attention_mask, position_ids)
-
 class Run:
     """A training run, set up cheapest first (bad input fails before any model loads); it then holds
     what changes between steps (step, optimizer, GLS queue, history), which a checkpoint saves."""
@@ -1637,7 +1624,7 @@ class Run:
         self.teacher = None
 
     def prepare_training(self, student):
-        """The student in training mode (torchrun: DDP of its Backbone), AdamW, GLS, a history."""
+        """The student in training mode (torchrun: in DDP), AdamW, GLS, a history."""
         cfg = self.cfg
         if self.device.type == "cuda":  # the peak memory then reports training, not building
             torch.cuda.empty_cache()
@@ -1645,8 +1632,7 @@ class Run:
         self.student = student.train()
         if dist.is_initialized():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student = torch.nn.parallel.DistributedDataParallel(Backbone(student),
-                                                                     device_ids=device_ids)
+            self.student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, fused=fused)
