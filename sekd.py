@@ -728,7 +728,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 from safetensors import safe_open
@@ -1626,9 +1626,7 @@ class Run:
     def prepare_training(self, student):
         """The student in training mode (torchrun: in DDP), AdamW, GLS, a history."""
         cfg = self.cfg
-        if self.device.type == "cuda":  # the peak memory then reports training, not building
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_memory(self.device)   # the peak then reports training, not loading or building
         self.student = student.train()
         if dist.is_initialized():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -1984,6 +1982,16 @@ def process_group(cfg):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+def reset_peak_memory(device):
+    """Start peak_memory_mb's count now (Linux: VmHWM back to the current resident memory), so that
+    a run in a process that ran others reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with suppress(OSError), open("/proc/self/clear_refs", "w") as f:   # read-only: kept
+            f.write("5")
 
 def peak_memory_mb(device):
     if device.type == "cuda":

@@ -3521,6 +3521,15 @@ def test_without_proc_the_cpu_peak_is_getrusages_maxrss_in_bytes(monkeypatch):
     assert sekd.peak_memory_mb(torch.device("cpu")) == 3.0
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux resets VmHWM")
+def test_a_run_reports_its_own_cpu_peak_not_an_earlier_one_of_its_process(saved_models, tmp_path):
+    earlier = torch.ones(2**28)   # 1 GiB touched, then freed: an earlier run's peak
+    del earlier
+    peak_before = sekd.peak_memory_mb(torch.device("cpu"))
+    cfg = run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=1)
+    assert sekd.train(cfg)["peak_memory_mb"] < peak_before - 512
+
+
 def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
     assert sekd.shared_vocab_size(64, 64, 60) is None and sekd.shared_vocab_size(64, 72, 60) == 60
     assert sekd.shared_vocab_size(72, 64, 64) == 64  # the smaller head is exactly the tokenizer
