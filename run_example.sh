@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end SE-KD example that runs offline on a fresh machine (14-23 minutes on 2 CPU cores by machine; 7-11 more per seed).
+# End-to-end SE-KD example that runs offline on a fresh machine (about 8 minutes on 2 CPU cores; under 3 more per seed).
 #
 # Without settings it builds everything locally: a corpus from the Python standard library's own source
 # (about 11 MB of .py outside its test folders) and the language reference (pydoc_data.topics), one document
@@ -21,14 +21,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 SEEDS=${SEEDS:-0}
-QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about a minute on 2 cores) to check an install or a change
+QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about half a minute on 2 cores) to check an install or a change
 if [ "$QUICK" = 1 ]; then   # every method a few steps on a small corpus: the tables, not results
   WORK=${WORK:-example_quick} STEPS=${STEPS:-4} KD_DOCUMENTS=${KD_DOCUMENTS:-12} EVAL_BATCHES=${EVAL_BATCHES:-2}
   export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-60}
   echo "== QUICK=1: a smoke run; its numbers check that everything runs, they are not results"
 fi
 WORK=${WORK:-example_run}
-STEPS=${STEPS:-150}
+STEPS=${STEPS:-100}
 TEACHER_STEPS=${TEACHER_STEPS:-600}
 STUDENT_STEPS=${STUDENT_STEPS:-400}
 KD_DOCUMENTS=${KD_DOCUMENTS:-200}  # the distillation runs use the first 200 documents (held-out ones excepted)
@@ -73,7 +73,7 @@ texts = [json.loads(line)["text"] for line in open(data)]
 bpe = ByteLevelBPETokenizer()
 bpe.train_from_iterator(texts, vocab_size=2048, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
 tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-for name, hidden, layers in [("teacher_init", 256, 4), ("student_init", 96, 2)]:
+for name, hidden, layers in [("teacher_init", 192, 4), ("student_init", 96, 2)]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
@@ -100,15 +100,20 @@ COMMON+=(--max-documents "$KD_DOCUMENTS" --lr "$LR")
 for seed in $SEEDS; do
   mkdir -p "$WORK/seed$seed"
   rm -rf "$WORK/seed$seed/sekd3x/teacher_cache"  # so that the first sekd3x run measures a cache build
-  if [ "$QUICK" = 1 ]; then   # a smoke run: the same runs through sekd.main in one process (start-ups are slow)
-    "$PYTHON" - "$WORK/seed$seed" "$seed" "$STEPS" "$METHODS" --teacher "$TEACHER" --student "$STUDENT" \
-      --data "$DATA" "${COMMON[@]}" <<'EOF'
+  # Every run through sekd.main in one process (a start-up costs seconds), each with its own log and
+  # its own peak memory; the second sekd3x run reuses the first's cache.
+  "$PYTHON" - "$WORK/seed$seed" "$seed" "$STEPS" "$METHODS" --teacher "$TEACHER" --student "$STUDENT" \
+    --data "$DATA" "${COMMON[@]}" <<'EOF'
 import contextlib, sys
 import sekd
 out, seed, steps, methods, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5:]
 for run in methods + ["sekd3x_reuse"] * ("sekd3x" in methods):
-    print(f"== seed {seed}, student: {run} ({steps} steps)", flush=True)
-    method = ["--method", run] if run != "sekd3x_reuse" else ["--method", "sekd3x", "--cache-dir", f"{out}/sekd3x/teacher_cache"]
+    if run == "sekd3x_reuse":
+        print(f"== seed {seed}, student: sekd3x again, reusing the cache ({steps} steps)", flush=True)
+        method = ["--method", "sekd3x", "--cache-dir", f"{out}/sekd3x/teacher_cache"]
+    else:
+        print(f"== seed {seed}, student: {run} ({steps} steps)", flush=True)
+        method = ["--method", run]
     try:
         with open(f"{out}/{run}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             sekd.main([*method, "--max-steps", steps, "--seed", seed, "--out-dir", f"{out}/{run}", *flags])
@@ -116,20 +121,6 @@ for run in methods + ["sekd3x_reuse"] * ("sekd3x" in methods):
         print("".join(open(f"{out}/{run}.log").readlines()[-5:]), end="")
         raise
 EOF
-    continue
-  fi
-  for method in $METHODS; do
-    echo "== seed $seed, student: $method ($STEPS steps)"
-    "$PYTHON" sekd.py --method "$method" --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
-      --max-steps "$STEPS" --seed "$seed" --out-dir "$WORK/seed$seed/$method" "${COMMON[@]}" \
-      > "$WORK/seed$seed/$method.log" 2>&1 || { tail -5 "$WORK/seed$seed/$method.log"; exit 1; }
-  done
-  if [[ " $METHODS " == *" sekd3x "* ]]; then
-    echo "== seed $seed, student: sekd3x again, reusing the cache ($STEPS steps)"
-    "$PYTHON" sekd.py --method sekd3x --teacher "$TEACHER" --student "$STUDENT" --data "$DATA" \
-      --cache-dir "$WORK/seed$seed/sekd3x/teacher_cache" --max-steps "$STEPS" --seed "$seed" \
-      --out-dir "$WORK/seed$seed/sekd3x_reuse" "${COMMON[@]}" > "$WORK/seed$seed/sekd3x_reuse.log" 2>&1
-  fi
 done
 
 echo "== held-out quality of the teacher and of each student, and where each student's gain lands"
