@@ -347,71 +347,52 @@ def full_kl(student_logits, teacher_logits, temperature=1.0, chunk_size=1024):
 def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk_size=1024):
     """TRL's divergences x T^2 per row, [N, V] x 2 -> [N]: beta 0 KL(p_T || q_T), 1 KL(q_T || p_T);
     between, the JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q."""
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
-                                   chunk_size)
+                                   chunk_size, needs_grad)
 
-def log_mixture(log_p, log_q, beta):
-    """log m, m = beta p + (1 - beta) q, from log-probabilities: the JSD's midpoint."""
-    return torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
-
-def divergence_rows(teacher_logits, student_logits, beta, temperature):
-    """generalized_jsd's divergence per row [N], before the T^2."""
-    if beta == 0:
-        return kl_rows(teacher_logits, student_logits, temperature)
-    log_p = log_softmax_t(teacher_logits, temperature)
-    log_q = log_softmax_t(student_logits, temperature)
-    if beta == 1:
-        return (log_q.exp() * (log_q - log_p)).sum(-1).clamp(min=0)
-    log_m = log_mixture(log_p, log_q, beta)
-    kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
-    kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
-    return (beta * kl_p + (1 - beta) * kl_q).clamp(min=0)
-
-def divergence_grad(teacher_logits, student_logits, beta, temperature):
-    """d divergence_rows / d (student_logits / T), [N, V]: q - p at beta 0; else q (g - E_q g) with
-    g = log(q / p) at beta 1, (1 - beta) log(q / m) between."""
-    if beta == 0:
-        q = softmax_t(student_logits, temperature)
-        return q.sub_(softmax_t(teacher_logits, temperature))
+def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
+    """generalized_jsd per row [N] before the T^2, and its gradient with respect to the student's
+    logits / T, [N, V]: q - p at beta 0; else q (g - E_q g) with g = log(q / p) at beta 1 and
+    (1 - beta) log(q / m) between, where E_q g is (1 - beta) KL(q || m)."""
     log_p = log_softmax_t(teacher_logits, temperature)
     log_q = log_softmax_t(student_logits, temperature)
     q = log_q.exp()
+    if beta == 0:
+        rows = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        return rows.clamp(min=0), q.sub_(log_p.exp_())
     if beta == 1:
         g = log_q - log_p
+        rows = (q * g).sum(-1)
     else:
-        log_m = log_mixture(log_p, log_q, beta)
+        log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
         g = (1 - beta) * (log_q - log_m)
-    return q * (g - (q * g).sum(-1, keepdim=True))
+        rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (q * g).sum(-1)
+    return rows.clamp(min=0), g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
 
 class ChunkedDivergence(torch.autograd.Function):
-    """generalized_jsd with its gradient written out, chunk_size rows at a time in both passes: it
-    keeps the two logit tensors for backward, where autograd would keep float32 [N, V] ones."""
+    """generalized_jsd chunk_size rows at a time, its gradient found in the same pass (as Liger's
+    fused losses do) and kept for backward, in the logits' dtype: one [N, V] tensor, where autograd
+    would keep several float32 ones."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size):
-        ctx.save_for_backward(student_logits, teacher_logits)
-        ctx.beta = beta
-        ctx.temperature = temperature
-        ctx.chunk_size = chunk_size
+    def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size, needs_grad):
         out = torch.empty(len(student_logits), dtype=torch.float32, device=student_logits.device)
+        grad = torch.empty_like(student_logits) if needs_grad else None
         for start in range(0, len(out), chunk_size):
             chunk = slice(start, start + chunk_size)
-            out[chunk] = divergence_rows(teacher_logits[chunk], student_logits[chunk], beta,
-                                         temperature)
+            rows, chunk_grad = divergence_and_grad(teacher_logits[chunk], student_logits[chunk],
+                                                   beta, temperature)
+            out[chunk] = rows
+            if needs_grad:   # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
+                grad[chunk] = chunk_grad if temperature == 1 else chunk_grad.mul_(temperature)
+        ctx.save_for_backward(grad)
         return out.mul_(temperature ** 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        student_logits, teacher_logits = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.empty_like(student_logits)
-        for start in range(0, len(grad), ctx.chunk_size):
-            chunk = slice(start, start + ctx.chunk_size)
-            chunk_grad = divergence_grad(teacher_logits[chunk], student_logits[chunk], ctx.beta,
-                                         temperature)
-            # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
-            grad[chunk] = chunk_grad.mul_(temperature * grad_out[chunk, None])
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None, None, None
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a tail bucket: [N]. The
@@ -2417,8 +2398,8 @@ def stop_requested(caught, device):
 
 # ==== 10. Benchmark: `python sekd.py bench` (paper: the memory and wall-time measurements)
 # Each method makes one pass over the same random blocks with random-init models of its own, built
-# on the device in their training dtypes, and its own peak memory (CUDA: a reset counter; CPU: a
-# fresh process).
+# on the device in their training dtypes, and its own peak memory from the warm-up's end (CPU: in
+# a fresh process, where VmHWM knows no other method's).
 
 # Teacher and student share the family and vocabulary; qwen3: Qwen3-1.7B -> Qwen3-0.6B. Each model:
 # (hidden, layers, heads, kv heads, ffn).
@@ -2540,8 +2521,7 @@ def bench_method(method, shape, device, batch, seq, num_batches, cache_dir):
     beta = 0.5 if method.endswith("_jsd") else 0.0
     warm_up = blocks[kept[:batch]]
     list(bench_steps(trains_as, student, teacher, warm_up, device, cache, batch, on_policy, beta))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)   # the pass's peak, as a run's counts its training
 
     def one_pass():
         nonlocal kept, cache
