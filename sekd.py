@@ -357,10 +357,11 @@ def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
     (1 - beta) log(q / m) between, where E_q g is (1 - beta) KL(q || m)."""
     log_p = log_softmax_t(teacher_logits, temperature)
     log_q = log_softmax_t(student_logits, temperature)
+    if beta == 0:   # in place: three [N, V] tensors at most
+        p = log_p.exp()
+        rows = log_p.sub_(log_q).mul_(p).sum(-1)                  # E_p log(p / q)
+        return rows.clamp(min=0), log_q.exp_().sub_(p)            # q - p
     q = log_q.exp()
-    if beta == 0:
-        rows = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-        return rows.clamp(min=0), q.sub_(log_p.exp_())
     if beta == 1:
         g = log_q - log_p
         rows = (q * g).sum(-1)
