@@ -374,7 +374,7 @@ def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
 class ChunkedDivergence(torch.autograd.Function):
     """generalized_jsd chunk_size rows at a time, its gradient found in the same pass (as Liger's
     fused losses do) and kept for backward, in the logits' dtype: one [N, V] tensor, where autograd
-    would keep several float32 ones."""
+    would keep several float32 ones. Backward scales it in place: a graph is run backward once."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, beta, temperature, chunk_size, needs_grad):
@@ -386,14 +386,15 @@ class ChunkedDivergence(torch.autograd.Function):
                                                    beta, temperature)
             out[chunk] = rows
             if needs_grad:   # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
-                grad[chunk] = chunk_grad if temperature == 1 else chunk_grad.mul_(temperature)
+                torch.mul(chunk_grad, temperature, out=grad[chunk])
         ctx.save_for_backward(grad)
         return out.mul_(temperature ** 2)
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out[:, None].to(grad.dtype), None, None, None, None, None
+        grad.mul_(grad_out[:, None])   # in place (in float32, for bf16 too): no second [N, V]
+        return grad, None, None, None, None, None
 
 def topk_class_kl(student_logits, teacher_logits, top_k, temperature=1.0):
     """KL between p_T and q_T coarsened to the teacher's top_k classes plus a tail bucket: [N]. The
