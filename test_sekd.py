@@ -125,6 +125,11 @@ def test_token_entropy_matches_categorical_in_float64(chunk_size):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_token_entropy_of_no_rows_keeps_the_leading_shape():
+    head = torch.nn.Linear(16, 50)
+    assert sekd.token_entropy(torch.randn(3, 0, 16), head).shape == (3, 0)
+
+
 @pytest.mark.parametrize("signal", sekd.SIGNALS)
 def test_position_scores_match_float64_reference(signal):
     g = torch.Generator().manual_seed(3)
@@ -310,6 +315,15 @@ def test_gls_at_k_1_keeps_every_valid_position():
     assert gls.select(scores, valid, 1.0).tolist() == [[True, True, True, False]]
 
 
+def test_gls_threshold_between_two_queued_scores_keeps_the_scores_above_it():
+    # (1 - 0.7) quantile of 0..4: 0.3 * 4 = 1.2, tied by no queued score, exceeded by 3 of 5 < k
+    gls = sekd.GlobalThreshold(size=5)
+    gls.queue = torch.arange(5.0)
+    scores = torch.tensor([[1.1, 1.3, 4.0, 0.0]])
+    got = gls.select(scores, torch.ones(1, 4, dtype=torch.bool), 0.7)
+    assert got.tolist() == [[False, True, True, False]]
+
+
 def test_gls_keeps_k_of_a_batch_drawn_like_a_queue_of_tied_scores():
     torch.manual_seed(0)
     gls = sekd.GlobalThreshold(size=1000)
@@ -404,6 +418,13 @@ def test_pos_rs_draws_uniformly_from_the_valid_positions_where_every_score_is_ze
     weights = sekd.position_weights("pos_rs", torch.zeros(4000, 5), valid, 0.5)
     assert (weights[:, 4] == 0).all()
     torch.testing.assert_close(weights.mean(0)[:4], torch.full((4,), 0.25), atol=0.02, rtol=0)
+
+
+def test_pos_rs_draws_in_proportion_to_scores_that_sum_below_1():
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.01, 0.03]]).expand(4000, -1)
+    weights = sekd.position_weights("pos_rs", scores, torch.ones(4000, 2, dtype=torch.bool), 0.5)
+    assert weights.mean(0).tolist() == pytest.approx([0.25, 0.75], abs=0.03)
 
 
 def test_pos_rs_never_draws_a_position_whose_score_is_negative():
@@ -570,6 +591,17 @@ def test_sparse_kl_gradient_is_an_unbiased_estimate_of_the_full_kl_gradient(temp
     assert ((shift.grad - full.grad).abs() < 5 * stderr + 1e-6).all()
 
 
+@pytest.mark.parametrize("loss", ["full_kl", "generalized_jsd", "topk_class_kl", "sparse_kl"])
+def test_the_class_axis_losses_default_to_temperature_1(loss):
+    s = torch.randn(5, 30)
+    t = torch.randn(5, 30)
+    ids, weights = sekd.sample_classes(t, 8)
+    arguments = {"full_kl": (s, t), "generalized_jsd": (s, t, 0.5), "topk_class_kl": (s, t, 4),
+                 "sparse_kl": (s, ids, weights)}[loss]
+    function = getattr(sekd, loss)
+    assert torch.equal(function(*arguments), function(*arguments, 1.0))
+
+
 # ============================================================================================
 # 4. Sample axis
 # ============================================================================================
@@ -612,6 +644,18 @@ def test_sample_scores_average_valid_positions_only_and_a_sample_without_any_is_
     want = [entropy[b][valid[b]].mean().item() for b in range(2)]
     assert got[:2].tolist() == pytest.approx(want, rel=1e-4) and got[2] == -math.inf
     assert sekd.select_samples(got, 1.0).tolist() == [0, 1]
+
+
+def test_sample_scores_of_a_sample_with_one_valid_position_are_its_score():
+    student = sharpened(tiny_model("llama"))
+    ids, mask = padded_batch()
+    loss_mask = prompt_mask(ids, (11, 7, 2))  # a target each: its last real token
+    got = sekd.sample_scores(student, ids, attention_mask=mask, loss_mask=loss_mask)
+    with torch.no_grad():
+        logits = student(ids, attention_mask=mask).logits.double()
+    entropy = Categorical(logits=logits).entropy()
+    want = [entropy[0, 10].item(), entropy[1, 6].item(), entropy[2, 1].item()]
+    assert got.tolist() == pytest.approx(want, rel=1e-4)
 
 
 def test_sample_scores_of_a_left_padded_batch_are_each_sample_scored_alone():
@@ -937,6 +981,14 @@ def test_a_batch_with_nothing_to_supervise_gives_a_zero_loss_whose_gradients_are
     assert loss.item() == 0 and (stats["valid"], stats["selected"], stats["share"]) == (0, 0, 0)
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and g.abs().max() == 0 for g in grads)   # every parameter reached
+
+
+def test_a_batch_with_one_valid_position_reports_it_selected_in_full():
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    ids = torch.randint(0, VOCAB, (1, 2))
+    _, stats = sekd.distill_loss(student, teacher, ids, None, sekd.Config())
+    assert (stats["valid"], stats["selected"], stats["share"]) == (1, 1, 1.0)
 
 
 def test_distill_loss_of_a_data_parallel_student_is_the_models_in_value_and_gradient():
