@@ -1401,6 +1401,7 @@ def test_entry_layout_has_room_for_every_id():
     assert sekd.entry_layout(131_072, 64) == (17, 6, 3)
     assert sekd.entry_layout(50_257, 64) == (16, 6, 3)
     assert sekd.entry_layout(300, 1) == (9, 0, 2)
+    assert sekd.entry_layout(257, 64) == (9, 6, 2)  # id 256 needs a ninth bit
 
 
 def test_pack_entries_round_trips_ids_above_two_to_the_17():
@@ -1550,6 +1551,21 @@ def test_cache_accepts_its_own_settings(small_cache):
         seq_len=5,
         fingerprint=sekd.fingerprint(ids),
     )
+
+
+def test_the_manifest_counts_the_valid_positions_and_their_bytes(small_cache):
+    path, ids = small_cache
+    manifest = json.loads((path / "manifest.json").read_text())
+    shard_bytes = sum(os.path.getsize(path / shard["file"]) for shard in manifest["shards"])
+    assert manifest["positions"] == ids.shape[0] * (ids.shape[1] - 1)
+    assert manifest["data_bytes"] == shard_bytes
+    assert manifest["bytes_per_position"] == pytest.approx(shard_bytes / manifest["positions"])
+
+
+def test_a_cache_draws_the_papers_64_classes_at_temperature_1_by_default(qwen_teacher, tmp_path):
+    ids = torch.randint(0, QWEN_VOCAB, (1, 4), generator=torch.Generator().manual_seed(2))
+    manifest = sekd.build_cache(qwen_teacher, ids, tmp_path / "c")
+    assert (manifest["num_samples"], manifest["temperature"]) == (64, 1.0)
 
 
 def test_cache_refuses_a_corrupt_shard(small_cache):
@@ -1846,6 +1862,35 @@ def test_earlier_turns_start_after_the_part_of_a_thinking_generation_prompt_they
     ]
 
 
+def test_an_earlier_turn_of_several_lines_is_supervised_whole_where_the_last_renders_otherwise():
+    tokenizer = chat_tokenizer(THINKING)   # found by its end-of-turn text: not the first newline
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "line one\nline two"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a two"},
+    ]
+    assert supervised_turns(tokenizer, chat) == [
+        "line one\nline two<|im_end|>\n",
+        "<think>\n\n</think>\n\na two<|im_end|>\n",
+    ]
+
+
+def test_a_template_that_renders_the_last_turn_otherwise_and_ends_turns_bare_is_refused():
+    tokenizer = chat_tokenizer(
+        "{% for m in messages %}{{ m['role'] }}: "
+        "{% if m['role'] == 'assistant' and loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a one"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a two"},
+    ]
+    with pytest.raises(sekd.UsageError, match="no text of its own"):
+        sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+
+
 def test_turns_the_template_trims_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.bos_token = "<eos>"
@@ -2090,13 +2135,14 @@ def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
         assert train.attention_mask[example].sum() == length
 
 
-def test_a_prompt_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_to_every_text():
+@pytest.mark.parametrize("specials", ["<eos> $A <eos>", "<eos> $A"])  # add_eos_token; BOS alone
+def test_a_prompt_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_to_every_text(specials):
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = tiny_tokenizer(DOCS)
     eos = tokenizer.eos_token_id
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(  # Llama's add_eos_token
-        single="<eos> $A <eos>", special_tokens=[("<eos>", eos)]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=specials, special_tokens=[("<eos>", eos)]
     )
     row = {"prompt": ["question 1:"], "completion": [" answer 3"]}
     [(ids, is_target, _, offsets)] = sekd.encode_rows(
@@ -2163,6 +2209,41 @@ def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_pa
     assert len(whole[0]) == math.ceil(100 / 8)
     with pytest.raises(sekd.UsageError, match="cannot load it"):  # the whole file does not parse
         sekd.load_examples(budget(broken, False), tokenizer)
+
+
+@pytest.mark.parametrize("files", [{}, {"a.txt": "x\n", "b.jsonl": '{"text": "y"}\n'}])
+def test_a_directory_of_no_data_files_or_of_two_types_is_a_usage_error(tmp_path, files):
+    (tmp_path / "d").mkdir()
+    for name, content in files.items():
+        (tmp_path / "d" / name).write_text(content)
+    with pytest.raises(sekd.UsageError, match="of one type"):
+        sekd.load_examples(data_config(tmp_path / "d"), tiny_tokenizer(DOCS))
+
+
+def test_reading_keeps_the_row_that_brings_training_to_max_tokens_and_no_more(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    row = {"prompt": "q", "completion": " a"}
+    length = len(sekd.encode_rows({k: [v] for k, v in row.items()}, "prompt", tokenizer, "")[0][0])
+    path = write_rows(tmp_path / "rows.jsonl", [row] * 30)
+    for budget in (3 * length, 2 * length + 1):   # met by the third row exactly; passed by it
+        train, held, _ = sekd.load_examples(data_config(path, max_tokens=budget), tokenizer)
+        assert (len(train), len(held)) == (3, 1)
+
+
+def test_held_out_rows_count_nothing_toward_max_tokens(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    row = {"prompt": "q", "completion": " a"}
+    length = len(sekd.encode_rows({k: [v] for k, v in row.items()}, "prompt", tokenizer, "")[0][0])
+    path = write_rows(tmp_path / "rows.jsonl", [row] * 30)
+    config = data_config(path, max_tokens=2 * length + 1, val_fraction=0.5)   # rows 1, 3 held out
+    train, held, _ = sekd.load_examples(config, tokenizer)
+    assert (len(train), len(held)) == (3, 2)
+
+
+def test_two_rows_give_a_training_and_a_held_out_example(tmp_path):
+    path = write_rows(tmp_path / "two.jsonl", [{"prompt": "q", "completion": " a"}] * 2)
+    train, held, _ = sekd.load_examples(data_config(path), tiny_tokenizer(DOCS))
+    assert (len(train), len(held)) == (1, 1)
 
 
 @pytest.mark.parametrize(
