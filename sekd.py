@@ -354,22 +354,26 @@ def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk
 def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
     """generalized_jsd per row [N] before the T^2, and its gradient with respect to the student's
     logits / T, [N, V]: q - p at beta 0; else q (g - E_q g) with g = log(q / p) at beta 1 and
-    (1 - beta) log(q / m) between, where E_q g is (1 - beta) KL(q || m)."""
+    (1 - beta) log(q / m) between."""
     log_p = log_softmax_t(teacher_logits, temperature)
     log_q = log_softmax_t(student_logits, temperature)
     if beta == 0:   # in place: three [N, V] tensors at most
         p = log_p.exp()
-        rows = log_p.sub_(log_q).mul_(p).sum(-1)                  # E_p log(p / q)
-        return rows.clamp(min=0), log_q.exp_().sub_(p)            # q - p
+        log_ratio = log_p.sub_(log_q)                             # log(p / q), in log_p's memory
+        rows = log_ratio.mul_(p).sum(-1)                          # E_p log(p / q)
+        grad = log_q.exp_().sub_(p)                               # q - p, in log_q's memory
+        return rows.clamp(min=0), grad
     q = log_q.exp()
+    rows = 0.0
     if beta == 1:
         g = log_q - log_p
-        rows = (q * g).sum(-1)
     else:
         log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
         g = (1 - beta) * (log_q - log_m)
-        rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (q * g).sum(-1)
-    return rows.clamp(min=0), g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
+        rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1)    # beta KL(p || m)
+    expected_g = (q * g).sum(-1)        # KL(q || p) at beta 1; (1 - beta) KL(q || m) between
+    rows = rows + expected_g
+    return rows.clamp(min=0), g.sub_(expected_g[:, None]).mul_(q)
 
 class ChunkedDivergence(torch.autograd.Function):
     """generalized_jsd chunk_size rows at a time, its gradient found in the same pass (as Liger's
