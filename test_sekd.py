@@ -2794,11 +2794,12 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient_and_keeps_few
     assert ckpt_saved < 0.5 * plain_saved
 
 
-def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batches():
+@pytest.mark.parametrize("sizes", [[3, 1], [1]])   # unequal micro-batches; one sample alone
+def test_train_step_loss_and_gradient_are_the_means_over_the_samples_of_its_micro_batches(sizes):
     student = tiny_model("llama")
     cfg = sekd.Config(method="ce", max_grad_norm=1e9)
     applied = {}
-    ids = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (sum(sizes), 10), generator=torch.Generator().manual_seed(0))
 
     class Record:  # an optimizer that keeps the gradient it is asked to apply
         def step(self):
@@ -2807,11 +2808,11 @@ def test_train_step_gradient_is_the_mean_over_the_samples_of_unequal_micro_batch
         def zero_grad(self, set_to_none):
             student.zero_grad(set_to_none=set_to_none)
 
-    sekd.train_step(
-        student, None, [dict(input_ids=ids[:3]), dict(input_ids=ids[3:])], cfg, Record()
-    )
-    # the mean over all 4
+    batches = [dict(input_ids=part) for part in ids.split(sizes)]
+    stats = sekd.train_step(student, None, batches, cfg, Record())
+    # the mean over all of them
     loss, _ = sekd.distill_loss(student, None, ids, None, cfg)
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for got, want in zip(applied["grads"], torch.autograd.grad(loss, list(student.parameters()))):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
