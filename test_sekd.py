@@ -2538,6 +2538,13 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 10)
 
 
+def test_a_runs_wall_time_holds_its_training_time_and_lies_within_the_call(saved_models, tmp_path):
+    began = time.time()
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=2))
+    elapsed = time.time() - began
+    assert 0 < metrics["train_time_s"] <= metrics["wall_time_s"] <= elapsed
+
+
 def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_path):
     metrics = sekd.train(
         run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3, grad_accum=2)
