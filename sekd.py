@@ -657,26 +657,29 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
                       vocab_size=None):
     """The model (a Hugging Face one, in eval mode while it samples) answers each prompt with up to
     max_new_tokens tokens drawn from softmax(z / temperature) over its first vocab_size ids (None:
-    all), until its EOS. input_ids, loss_mask [B, L] (right-padded: a prompt starts each row) ->
-    input_ids, attention_mask, loss_mask [B, L'], right-padded with eos_id: the prompt, then the
-    response (EOS included) as targets."""
+    all), until an EOS: eos_id, an id or a list of ids (a chat's end-of-turn token too), the first
+    of which pads. input_ids, loss_mask [B, L] (right-padded: a prompt starts each row) ->
+    input_ids, attention_mask, loss_mask [B, L'], right-padded: the prompt, then the response (its
+    EOS included) as targets."""
+    stop_ids = torch.tensor(eos_id).flatten().tolist()
+    pad_id = stop_ids[0]
     lengths = prompt_lengths(loss_mask)
     width = int(lengths.max())
     at = torch.arange(width, device=input_ids.device) - (width - lengths[:, None])   # [B, P]
     prompt_mask = at >= 0                                                         # left-padded
-    prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), eos_id)
-    out = sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature,
+    prompts = torch.where(prompt_mask, input_ids.gather(1, at.clamp(min=0)), pad_id)
+    out = sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, temperature,
                              vocab_size)
-    eos = out[:, width:] == eos_id                                                # [B, G]
+    eos = torch.isin(out[:, width:], torch.tensor(stop_ids, device=out.device))  # [B, G]
     response = eos.cumsum(1) - eos.long() == 0                  # up to the first EOS, included
     real = torch.cat([prompt_mask, response], 1)                                  # [B, P + G]
     is_target = torch.cat([torch.zeros_like(prompt_mask), response], 1)
     # Right-pad again: each row's real tokens first, in order.
     order = (~real).long().argsort(dim=1, stable=True)[:, :int(real.sum(1).max())]
-    ids = torch.where(real, out, eos_id).gather(1, order)
+    ids = torch.where(real, out, pad_id).gather(1, order)
     return ids, real.gather(1, order), is_target.gather(1, order)
 
-def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temperature,
+def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, temperature,
                        vocab_size=None):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
     from transformers import GenerationConfig
@@ -685,8 +688,8 @@ def sample_untruncated(model, prompts, prompt_mask, eos_id, max_new_tokens, temp
     # A fresh config: generate() would fill every unset field from generation_config.json
     # (repetition_penalty, suppress_tokens, ...), and draw from softmax(z / T) no more.
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                                pad_token_id=eos_id, suppress_tokens=padding)
+                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                pad_token_id=stop_ids[0], suppress_tokens=padding)
     was_training = model.training
     checkpoint_config = model.generation_config
     model.generation_config = sampling
@@ -1080,6 +1083,22 @@ def end_of_turn(tokenizer, context, options=None):
     other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}], options)
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
+
+def response_stop_ids(tokenizer, data_format):
+    """The ids that end a response the student writes on-policy: the EOS and, for chat rows, the
+    first token of the template's end of turn where it is a special one (Qwen's <|im_end|>, Llama
+    3's <|eot_id|>): a base model's EOS is another, and the data's turns end there."""
+    stop_ids = [tokenizer.eos_token_id]
+    if data_format == "text" or data_format == "prompt":
+        return stop_ids
+    eot = end_of_turn(tokenizer, [{"role": "user", "content": "Q"}]).strip()
+    ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+    if not ids:   # the template ends a turn with no text of its own
+        return stop_ids
+    token = tokenizer.added_tokens_decoder.get(ids[0])
+    if token is not None and token.special:   # an EOS twice stops as once
+        stop_ids.append(ids[0])
+    return stop_ids
 
 def render_chat(messages, tokenizer, options=None):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
@@ -1570,6 +1589,7 @@ class Run:
         if dropped and rank_world()[0] == 0:
             print(f"data: dropped {dropped} example(s) with no target within --seq-len "
                   f"{cfg.seq_len}", file=sys.stderr)
+        self.stop_ids = response_stop_ids(self.tokenizer, self.info["data_format"])
         no_prompt = self.info["data_format"] == "text"
         no_prompt = no_prompt or prompt_lengths(self.examples.loss_mask).min() == 0
         if cfg.on_policy_fraction and no_prompt:
@@ -1819,8 +1839,7 @@ def train_loop(run, batches, bar, caught):
         micro = [to_device(next(batches), run.cache, run.device) for _ in range(cfg.grad_accum)]
         on_policy = on_policy_step(cfg, step)
         if on_policy:
-            eos_id = run.tokenizer.eos_token_id
-            micro = [on_policy_batch(run.student, b, cfg, eos_id) for b in micro]
+            micro = [on_policy_batch(run.student, b, cfg, run.stop_ids) for b in micro]
         # step: forward, backward, clip, AdamW
         progress = step / max(run.total - 1, 1)
         stats = train_step(run.student, run.teacher, micro, cfg, run.optimizer,
