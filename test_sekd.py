@@ -1126,6 +1126,25 @@ def test_student_responses_keep_the_prompt_and_supervise_the_response_through_it
     assert lengths == [1, 12, 4, 5]
 
 
+def test_student_responses_end_at_the_first_of_several_stop_ids_and_pad_with_the_first():
+    student = sharpened(tiny_model("llama")).train()
+    ids, loss_mask, eos = prompts_and_eos(student)
+    with torch.no_grad():
+        likeliest = student(ids).logits.softmax(-1).sum((0, 1)).argsort(descending=True)
+    stops = [int(likeliest[1]), eos]  # the second likeliest id first: it pads
+    torch.manual_seed(1)
+    got_ids, got_mask, got_targets = sekd.student_responses(
+        student, ids, loss_mask, stops, max_new_tokens=12
+    )
+    endings = []
+    for row, real, is_target in zip(got_ids, got_mask, got_targets):
+        response = row[is_target].tolist()
+        assert not set(response[:-1]) & set(stops) and (row[~real] == stops[0]).all()
+        assert response[-1] in stops or len(response) == 12
+        endings.append(response[-1])
+    assert set(stops) <= set(endings)  # responses ended at each of the two ids
+
+
 def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_untruncated():
     student = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
@@ -2011,6 +2030,29 @@ def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_r
         assert tokenizer.decode(ids[:start]) == prompt
 
 
+@pytest.mark.parametrize("template, eot", [(QWEN_LIKE, "<|im_end|>"), (LLAMA_LIKE, "<|eot_id|>")])
+def test_on_policy_chat_responses_stop_at_the_eos_and_the_templates_special_end_of_turn(
+    template, eot
+):
+    tokenizer = chat_tokenizer(template)
+    tokenizer.add_tokens([eot], special_tokens=True)
+    eos = tokenizer.eos_token_id
+    want = [eos, tokenizer.convert_tokens_to_ids(eot)]
+    assert sekd.response_stop_ids(tokenizer, "messages") == want
+    assert sekd.response_stop_ids(tokenizer, "prompt_messages") == want
+    assert sekd.response_stop_ids(tokenizer, "prompt") == [eos]  # the completion ends at the EOS
+
+
+@pytest.mark.parametrize("end", ["pieces", "added", "none"])
+def test_an_end_of_turn_of_plain_text_or_none_is_no_stop_id(end):
+    tokenizer = chat_tokenizer(CHATML)  # pieces: stopping at "<" would cut a response writing one
+    if end == "added":  # an added token, not a special one
+        tokenizer.add_tokens(["<|im_end|>"])
+    if end == "none":
+        tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id]
+
+
 # Like Qwen3's: the tools a conversation offers in a system turn (Llama's: even none); a false
 # enable_thinking opens the answer of a generation prompt with an empty think block.
 TOOLS_THINKING = (
@@ -2666,6 +2708,30 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
             generated.append(len(response))
     assert [r["on_policy"] for r in log] == [True] * 4 and max(generated) == 6
     assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)  # its mean per step
+
+
+def test_an_on_policy_chat_run_stops_responses_at_the_templates_end_of_turn_too(
+    tmp_path, monkeypatch
+):
+    tokenizer = chat_tokenizer(CHATML)
+    tokenizer.add_tokens(["<|im_end|>"], special_tokens=True)
+    for name, hidden in (("teacher", 48), ("student", 32)):
+        tiny_model("llama", vocab=len(tokenizer), hidden=hidden).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    stops = []
+    real = sekd.student_responses
+
+    def record(model, input_ids, loss_mask, eos_id, *args):
+        stops.append(eos_id)
+        return real(model, input_ids, loss_mask, eos_id, *args)
+
+    monkeypatch.setattr(sekd, "student_responses", record)
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    models = dict(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "student"))
+    cfg = run_config({**models, "data": str(data)}, tmp_path, seq_len=99, max_steps=1,
+                     on_policy_fraction=1.0, max_new_tokens=4)
+    sekd.train(cfg)
+    assert stops == [[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]]
 
 
 def test_an_on_policy_batch_draws_no_id_past_the_distilled_vocabulary():
@@ -3329,6 +3395,9 @@ def test_curriculum_progress_runs_from_0_at_the_first_step_to_1_at_the_last_also
     seen.clear()
     sekd.train(run_config(saved_models, tmp_path / "split", **options, resume=True))
     assert seen == pytest.approx([2 / 3, 1])
+    seen.clear()  # a run of two steps: the last at 1 too
+    sekd.train(run_config(saved_models, tmp_path / "two", **{**options, "max_steps": 2}))
+    assert seen == [0, 1]
 
 
 @pytest.mark.parametrize(
