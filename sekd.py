@@ -1077,12 +1077,26 @@ def text_messages(messages):
         plain.append(message)
     return plain
 
-def end_of_turn(tokenizer, context, options=None):
-    """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>)."""
-    one = chat_text(tokenizer, context + [{"role": "assistant", "content": "A"}], options)
-    other = chat_text(tokenizer, context + [{"role": "assistant", "content": "B"}], options)
+def after_turn(tokenizer, context, following, options=None):
+    """The text a template renders after an assistant turn between context and following: the end
+    that the renderings with the turn's text "A" and with "B" share."""
+    with_a = context + [{"role": "assistant", "content": "A"}] + following
+    with_b = context + [{"role": "assistant", "content": "B"}] + following
+    one = chat_text(tokenizer, with_a, options)
+    other = chat_text(tokenizer, with_b, options)
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
+
+def end_of_turn(tokenizer, context, options=None):
+    """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>): the
+    whole tokens that follow a last turn and also a turn a user's follows; not what ends a whole
+    conversation only (Phi-3's template adds an EOS there: "<|end|>\n" + "<eos>" vs "<|user|>")."""
+    at_end = after_turn(tokenizer, context, [], options)
+    before_user = after_turn(tokenizer, context, [{"role": "user", "content": "Q"}], options)
+    shared = len(os.path.commonprefix([at_end, before_user]))
+    tokens = tokenizer(at_end, add_special_tokens=False, return_offsets_mapping=True)
+    whole = [stop for _, stop in tokens["offset_mapping"] if stop <= shared]   # tokens not cut
+    return at_end[:max(whole, default=0)]
 
 def response_stop_ids(tokenizer, data_format):
     """The ids that end a response the student writes on-policy: the EOS and, for chat rows, the
@@ -1091,7 +1105,10 @@ def response_stop_ids(tokenizer, data_format):
     stop_ids = [tokenizer.eos_token_id]
     if data_format == "text" or data_format == "prompt":
         return stop_ids
-    eot = end_of_turn(tokenizer, [{"role": "user", "content": "Q"}]).strip()
+    try:   # a template may refuse the probe (one that wants a system turn first): the EOS alone
+        eot = end_of_turn(tokenizer, [{"role": "user", "content": "Q"}]).strip()
+    except Exception:
+        return stop_ids
     ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
     if not ids:   # the template ends a turn with no text of its own
         return stop_ids
@@ -1104,9 +1121,9 @@ def render_chat(messages, tokenizer, options=None):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
     tool calls and end-of-turn text included). Most templates mark no {% generation %} span: turn i
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
-    messages[:i + 1] does, or, where the last turn renders otherwise (Qwen3's think block), at the
-    first end-of-turn text after its start. A first message has no prompt: its turn is context.
-    options: the row's tools and template arguments (template_options)."""
+    messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
+    EOS after it), at the first end-of-turn text after its start. A first message has no prompt:
+    its turn is context. options: the row's tools and template arguments (template_options)."""
     text = chat_text(tokenizer, messages, options)
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
