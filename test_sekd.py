@@ -1922,6 +1922,19 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
 
 
+# Like Phi-3's: a whole conversation, but not one with a generation prompt, ends with an EOS.
+PHI_LIKE = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_turn_ends_at_its_own_end_where_the_template_ends_a_conversation_with_more_text():
+    tokenizer = chat_tokenizer(PHI_LIKE)  # the EOS and "<|user|>" share a first character
+    want = ["it is 0.<|end|>\n", "0, I think.<|end|>\n<eos>"]
+    assert supervised_turns(tokenizer, CHATS[0]) == want
+
+
 def as_text_parts(messages):
     """The messages with each content split into two text parts, as OpenAI-style rows give it."""
     def parts(text):
@@ -2043,13 +2056,15 @@ def test_on_policy_chat_responses_stop_at_the_eos_and_the_templates_special_end_
     assert sekd.response_stop_ids(tokenizer, "prompt") == [eos]  # the completion ends at the EOS
 
 
-@pytest.mark.parametrize("end", ["pieces", "added", "none"])
-def test_an_end_of_turn_of_plain_text_or_none_is_no_stop_id(end):
+@pytest.mark.parametrize("end", ["pieces", "added", "none", "unknown"])
+def test_an_end_of_turn_of_plain_text_none_or_unknown_is_no_stop_id(end):
     tokenizer = chat_tokenizer(CHATML)  # pieces: stopping at "<" would cut a response writing one
     if end == "added":  # an added token, not a special one
         tokenizer.add_tokens(["<|im_end|>"])
     if end == "none":
         tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    if end == "unknown":  # the template refuses the probe's conversation
+        tokenizer.chat_template = "{{ raise_exception('a system turn first') }}"
     assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id]
 
 
