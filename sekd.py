@@ -1172,10 +1172,13 @@ def render_prompt_completion(prompt, completion, tokenizer, options=None):
     return text, [(len(before), len(text))]
 
 def in_spans(offsets, spans):
-    """Token targets from character spans: bool [N], tokens whose first character is in a span."""
-    starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, :1]                  # [N, 1]
+    """Token targets from character spans: bool [N], tokens holding a character of a span (as
+    transformers' assistant masks): " it" after a prompt "assistant: " is its turn's first."""
+    offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+    starts = offsets[:, :1]                                                       # [N, 1]
+    stops = np.maximum(offsets[:, 1:], starts + 1)   # a token of no characters: at its place
     spans = np.asarray(spans, np.int64).reshape(-1, 2)                            # [S, 2]
-    return ((starts >= spans[:, 0]) & (starts < spans[:, 1])).any(1)
+    return ((starts < spans[:, 1]) & (stops > spans[:, 0])).any(1)
 
 def column_strings(batch, column, first_row):
     """A batch's column, refused (one line naming the row) where a value is not a string."""
