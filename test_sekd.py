@@ -1922,6 +1922,21 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
 
 
+def test_tokens_holding_a_character_of_a_span_are_targets_and_one_of_none_where_it_lies():
+    offsets = [(0, 2), (1, 3), (2, 2), (3, 5), (6, 6), (6, 8)]  # span [2, 6): chars 2-5
+    want = [False, True, True, True, False, False]
+    assert sekd.in_spans(offsets, [(2, 6)]).tolist() == want
+
+
+def test_a_token_straddling_a_turns_start_is_the_turns_first_target():
+    tokenizer = tiny_tokenizer(DOCS + [" it is"] * 99)  # " it": one token
+    tokenizer.chat_template = (  # a generation prompt ending in a space
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert supervised_turns(tokenizer, CHATS[1]) == [" it is 2.\n", "4, I think.\n"]
+
+
 # Like Phi-3's: a whole conversation, but not one with a generation prompt, ends with an EOS.
 PHI_LIKE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
