@@ -1163,13 +1163,10 @@ def turn_start(tokenizer, context, text, options=None):
 
 def render_prompt_completion(prompt, completion, tokenizer, options=None):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a
-    generation prompt are context, the completion's messages after them the target."""
-    before = chat_text(tokenizer, prompt, options, generation_prompt=True)
+    generation prompt are context (turn_start: also where that prompt opens a <think> the
+    completion's turn does not render, as DeepSeek-R1's), the completion's messages the target."""
     text = chat_text(tokenizer, prompt + completion, options)
-    if not text.startswith(before):
-        raise ValueError("the chat template renders the prompt's messages otherwise when a "
-                         "completion follows them, so where the completion starts is unknown")
-    return text, [(len(before), len(text))]
+    return text, [(turn_start(tokenizer, prompt, text, options), len(text))]
 
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N], tokens holding a character of a span (as
