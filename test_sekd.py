@@ -2024,14 +2024,18 @@ def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
     assert supervised_turns(tokenizer, chat) == ["<think></think>\n\na<|im_end|>\n"]
 
 
-def test_a_template_whose_generation_prompt_opens_no_turn_is_refused_not_guessed():
+@pytest.mark.parametrize("data_format", ["messages", "prompt_messages"])
+def test_a_template_whose_generation_prompt_opens_no_turn_is_refused_not_guessed(data_format):
     tokenizer = chat_tokenizer(
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<gen>{% endif %}"
     )
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    row = {"messages": [chat]}
+    if data_format == "prompt_messages":
+        row = {"prompt": [chat[:1]], "completion": [chat[1:]]}
     with pytest.raises(sekd.UsageError, match="row 0: cannot read .* starts is unknown"):
-        sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+        sekd.encode_rows(row, data_format, tokenizer, "text")
 
 
 def test_trl_conversational_prompt_completion_rows_supervise_the_completion_as_rendered(tmp_path):
@@ -2081,6 +2085,23 @@ def test_an_end_of_turn_of_plain_text_none_or_unknown_is_no_stop_id(end):
     if end == "unknown":  # the template refuses the probe's conversation
         tokenizer.chat_template = "{{ raise_exception('a system turn first') }}"
     assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id]
+
+
+# Like DeepSeek-R1's: the generation prompt opens a think block that no rendered turn shows.
+R1_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}"
+    "{% else %}<|Assistant|>{{ m.content }}<eos>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+
+
+def test_a_completion_starts_after_the_part_of_a_thinking_generation_prompt_it_renders():
+    tokenizer = chat_tokenizer(R1_LIKE)
+    row = {"prompt": [CHATS[2][1:2]], "completion": [CHATS[2][2:3]]}
+    ids, is_target = sekd.encode_rows(row, "prompt_messages", tokenizer, "text")[0]
+    ((start, end),) = runs_of_true(torch.from_numpy(is_target))
+    assert tokenizer.decode(ids[:start]) == "<|User|>what is 2 plus 2?<|Assistant|>"
+    assert tokenizer.decode(ids[start:end]) == "it is 4.<eos>" and end == len(ids)
 
 
 # Like Qwen3's: the tools a conversation offers in a system turn (Llama's: even none); a false
