@@ -1895,11 +1895,17 @@ def test_an_earlier_turn_of_several_lines_is_supervised_whole_where_the_last_ren
     ]
 
 
-def test_a_template_that_renders_the_last_turn_otherwise_and_ends_turns_bare_is_refused():
-    tokenizer = chat_tokenizer(
-        "{% for m in messages %}{{ m['role'] }}: "
-        "{% if m['role'] == 'assistant' and loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}"
-    )
+BARE_TURNS = [  # the last turn opens with "!"; or only a whole conversation ends, with an EOS
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['role'] == 'assistant' and loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}",
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% else %}{{ eos_token }}{% endif %}",
+]
+
+
+@pytest.mark.parametrize("template", BARE_TURNS)
+def test_a_template_that_renders_the_last_turn_otherwise_and_ends_turns_bare_is_refused(template):
+    tokenizer = chat_tokenizer(template)
     chat = [
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a one"},
