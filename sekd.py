@@ -1130,7 +1130,7 @@ def render_chat(messages, tokenizer, options=None):
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
-        start = turn_start(tokenizer, messages[:i], text, options)
+        start = turn_start(tokenizer, messages, i, text, options)
         through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
@@ -1145,28 +1145,49 @@ def render_chat(messages, tokenizer, options=None):
         spans.append((start, end + len(eot)))
     return text, spans
 
-def turn_start(tokenizer, context, text, options=None):
-    """Where the assistant turn after context starts in text: after context with a generation
-    prompt; or, where that prompt opens more than an earlier turn shows (the <think> of Qwen3's
-    thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn shares."""
-    prompt = chat_text(tokenizer, context, options, generation_prompt=True)
+def turn_start(tokenizer, messages, i, text, options=None):
+    """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
+    generation prompt; or, where that prompt opens more than an earlier turn shows (the <think> of
+    Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
+    shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
+    system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
+    content starts, if what the generation prompt adds comes just before it."""
+    prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
-    rendered = chat_text(tokenizer, context, options)
+    rendered = chat_text(tokenizer, messages[:i], options)
     earlier_turn = [{"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}]
-    probe = chat_text(tokenizer, context + earlier_turn, options)
+    probe = chat_text(tokenizer, messages[:i] + earlier_turn, options)
     opening = os.path.commonprefix([prompt, probe])   # "A" ends it where a turn's text begins
     if prompt.startswith(rendered) and len(opening) > len(rendered) and text.startswith(opening):
         return len(opening)
-    raise ValueError(f"the chat template renders the turns before message {len(context)} "
-                     "otherwise in the whole conversation, so where that turn starts is unknown")
+    start = content_start(tokenizer, messages, i, text, options)
+    header = prompt[len(os.path.commonprefix([prompt, rendered])):]   # the generation prompt's
+    if start is not None and text[:start].endswith(header):
+        return start
+    raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
+                     "whole conversation, so where that turn starts is unknown")
+
+def content_start(tokenizer, messages, i, text, options=None):
+    """Where message i's content starts in text: where the conversation rendered with that content
+    "A" and with "B" differs, if in that one character and text agrees up to it (else None)."""
+    with_a = messages[:i] + [{**messages[i], "content": "A"}] + messages[i + 1:]
+    with_b = messages[:i] + [{**messages[i], "content": "B"}] + messages[i + 1:]
+    one = chat_text(tokenizer, with_a, options)
+    other = chat_text(tokenizer, with_b, options)
+    start = len(os.path.commonprefix([one, other]))
+    after = len(os.path.commonprefix([one[::-1], other[::-1]]))
+    if start + 1 + after != len(one) or not text.startswith(one[:start]):
+        return None   # the content is rendered twice, or what comes before it depends on it
+    return start
 
 def render_prompt_completion(prompt, completion, tokenizer, options=None):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a
     generation prompt are context (turn_start: also where that prompt opens a <think> the
     completion's turn does not render, as DeepSeek-R1's), the completion's messages the target."""
     text = chat_text(tokenizer, prompt + completion, options)
-    return text, [(turn_start(tokenizer, prompt, text, options), len(text))]
+    start = turn_start(tokenizer, prompt + completion, len(prompt), text, options)
+    return text, [(start, len(text))]
 
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N], tokens holding a character of a span (as
