@@ -2030,6 +2030,60 @@ def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
     assert supervised_turns(tokenizer, chat) == ["<think></think>\n\na<|im_end|>\n"]
 
 
+# Like Mistral's: the system prompt goes into the last user turn only (a generation's prompt);
+# like Hermes 3's: a last tool message ends otherwise. Both render earlier turns otherwise.
+MISTRAL_LIKE = (
+    "{% if messages[0].role == 'system' %}{% set system = messages[0].content %}{% endif %}"
+    "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}[INST]"
+    "{% if loop.last and system is defined %}{{ system }}\n\n{% endif %}{{ m.content }}[/INST]"
+    "{% else %}{{ m.content }}<eos>{% endif %}{% endfor %}"
+)
+HERMES_LIKE = CHATML.replace(
+    "<|im_end|>\n{% endfor %}",
+    "<|im_end|>{% if not (m.role == 'tool' and loop.last) %}{{ '\\n' }}{% endif %}{% endfor %}",
+)
+
+
+TOOL_LAST_PHI = PHI_LIKE.replace(  # and its generation prompt takes the place of its EOS
+    "<|end|>\n{% endfor %}",
+    "<|end|>{% if not (m.role == 'tool' and loop.last) %}{{ '\\n' }}{% endif %}{% endfor %}",
+)
+ENDS = {"mistral": ("<eos>",) * 2, "hermes": ("<|im_end|>\n",) * 2,
+        "phi": ("<|end|>\n", "<|end|>\n<eos>")}
+
+
+@pytest.mark.parametrize("template", ["mistral", "hermes", "phi"])
+def test_a_turn_after_turns_rendered_otherwise_in_the_whole_conversation_starts_at_its_content(
+    template
+):
+    templates = {"mistral": MISTRAL_LIKE, "hermes": HERMES_LIKE, "phi": TOOL_LAST_PHI}
+    tokenizer = chat_tokenizer(templates[template])
+    chat = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": "it is 2."},
+        {"role": "user", "content": "and?"},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4, I think."},
+    ]
+    first, last = ENDS[template]
+    assert supervised_turns(tokenizer, chat) == [f"it is 2.{first}", f"4, I think.{last}"]
+
+
+LAST_ANSWER = "{% if messages[-1].role == 'assistant' %}"  # then its content, or its length
+
+
+@pytest.mark.parametrize("template", [
+    LAST_ANSWER + "({{ messages[-1].content }}){% endif %}" + MISTRAL_LIKE,  # rendered twice
+    LAST_ANSWER + "({{ messages[-1].content | length }}){% endif %}" + MISTRAL_LIKE,  # before it
+])
+def test_a_turn_located_by_its_content_is_refused_where_the_content_shows_elsewhere(template):
+    tokenizer = chat_tokenizer(template)
+    chat = [{"role": "system", "content": "be brief"}] + CHATS[0][1:]
+    with pytest.raises(sekd.UsageError, match="row 0: cannot read .* starts is unknown"):
+        sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+
+
 @pytest.mark.parametrize("data_format", ["messages", "prompt_messages"])
 def test_a_template_whose_generation_prompt_opens_no_turn_is_refused_not_guessed(data_format):
     tokenizer = chat_tokenizer(
