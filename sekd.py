@@ -1077,13 +1077,18 @@ def text_messages(messages):
         plain.append(message)
     return plain
 
+def rendered_a_and_b(tokenizer, before, message, after, options=None):
+    """The conversation before + [message] + after rendered with the message's content "A", and
+    with "B": where the two differ, the template put the content."""
+    one = chat_text(tokenizer, before + [{**message, "content": "A"}] + after, options)
+    other = chat_text(tokenizer, before + [{**message, "content": "B"}] + after, options)
+    return one, other
+
 def after_turn(tokenizer, context, following, options=None):
     """The text a template renders after an assistant turn between context and following: the end
     that the renderings with the turn's text "A" and with "B" share."""
-    with_a = context + [{"role": "assistant", "content": "A"}] + following
-    with_b = context + [{"role": "assistant", "content": "B"}] + following
-    one = chat_text(tokenizer, with_a, options)
-    other = chat_text(tokenizer, with_b, options)
+    turn = {"role": "assistant"}
+    one, other = rendered_a_and_b(tokenizer, context, turn, following, options)
     shared = len(os.path.commonprefix([one[::-1], other[::-1]]))
     return one[len(one) - shared:]
 
@@ -1171,10 +1176,7 @@ def turn_start(tokenizer, messages, i, text, options=None):
 def content_start(tokenizer, messages, i, text, options=None):
     """Where message i's content starts in text: where the conversation rendered with that content
     "A" and with "B" differs, if in that one character and text agrees up to it (else None)."""
-    with_a = messages[:i] + [{**messages[i], "content": "A"}] + messages[i + 1:]
-    with_b = messages[:i] + [{**messages[i], "content": "B"}] + messages[i + 1:]
-    one = chat_text(tokenizer, with_a, options)
-    other = chat_text(tokenizer, with_b, options)
+    one, other = rendered_a_and_b(tokenizer, messages[:i], messages[i], messages[i + 1:], options)
     start = len(os.path.commonprefix([one, other]))
     after = len(os.path.commonprefix([one[::-1], other[::-1]]))
     if start + 1 + after != len(one) or not text.startswith(one[:start]):
