@@ -1224,8 +1224,13 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
                 completion = text_messages(batch["completion"][j])
                 rendered.append(render_prompt_completion(prompt, completion, tokenizer, options))
         except Exception as err:   # the template's own errors (jinja2's) too
+            fix = ""
+            columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
+            messages = [m for c in columns for m in batch[c][j] or [] if isinstance(m, dict)]
+            if any("content" in m and m["content"] is None for m in messages):
+                fix = ': a content is None, which transformers drops unseen by the template: use ""'
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
-                             f"({first_line(err)})") from None
+                             f"({first_line(err)}){fix}") from None
     return rendered
 
 def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_offsets=False):
