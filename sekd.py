@@ -351,16 +351,18 @@ def generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0, chunk
     return ChunkedDivergence.apply(student_logits, teacher_logits.detach(), beta, temperature,
                                    chunk_size, needs_grad)
 
-def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
+def divergence_and_grad(teacher_logits, student_logits, beta, temperature, needs_grad=True):
     """generalized_jsd per row [N] before the T^2, and its gradient with respect to the student's
     logits / T, [N, V]: q - p at beta 0; else q (g - E_q g) with g = log(q / p) at beta 1 and
-    (1 - beta) log(q / m) between."""
+    (1 - beta) log(q / m) between. needs_grad False (evaluation): the gradient is None."""
     log_p = log_softmax_t(teacher_logits, temperature)
     log_q = log_softmax_t(student_logits, temperature)
     if beta == 0:   # in place: three [N, V] tensors at most
         p = log_p.exp()
         log_ratio = log_p.sub_(log_q)                             # log(p / q), in log_p's memory
         rows = log_ratio.mul_(p).sum(-1)                          # E_p log(p / q)
+        if not needs_grad:
+            return rows.clamp(min=0), None
         grad = log_q.exp_().sub_(p)                               # q - p, in log_q's memory
         return rows.clamp(min=0), grad
     q = log_q.exp()
@@ -373,6 +375,8 @@ def divergence_and_grad(teacher_logits, student_logits, beta, temperature):
         rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1)    # beta KL(p || m)
     expected_g = (q * g).sum(-1)        # KL(q || p) at beta 1; (1 - beta) KL(q || m) between
     rows = rows + expected_g
+    if not needs_grad:
+        return rows.clamp(min=0), None
     return rows.clamp(min=0), g.sub_(expected_g[:, None]).mul_(q)
 
 class ChunkedDivergence(torch.autograd.Function):
@@ -387,7 +391,7 @@ class ChunkedDivergence(torch.autograd.Function):
         for start in range(0, len(out), chunk_size):
             chunk = slice(start, start + chunk_size)
             rows, chunk_grad = divergence_and_grad(teacher_logits[chunk], student_logits[chunk],
-                                                   beta, temperature)
+                                                   beta, temperature, needs_grad)
             out[chunk] = rows
             if needs_grad:   # d (divergence x T^2) / d logits = T x d divergence / d (logits / T)
                 torch.mul(chunk_grad, temperature, out=grad[chunk])
