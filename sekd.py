@@ -2295,9 +2295,10 @@ RESUME_MAY_CHANGE = {"max_steps", "epochs", "save_every", "eval_every", "eval_ba
 
 def check_out_dir(cfg):
     """Refuse to mix runs in OUT_DIR; with --resume, return the checkpoint's checkpoint.json."""
-    for name, path in (("--out-dir", cfg.out_dir), ("--cache-dir", cfg.cache_dir)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f"{name} {path} is a file: choose a directory")
+    check_writable("--out-dir", cfg.out_dir)
+    built = cfg.cache_dir and os.path.exists(os.path.join(cfg.cache_dir, "manifest.json"))
+    if cfg.cache_dir and not built:   # a built cache is only read: it may be read-only
+        check_writable("--cache-dir", cfg.cache_dir)
     state = os.path.join(cfg.out_dir, "checkpoint", "checkpoint.json")
     if cfg.resume:
         if not os.path.exists(state):
@@ -2321,6 +2322,18 @@ def check_out_dir(cfg):
                          "--out-dir")
     if cfg.overwrite:
         check_inputs_outlive_overwrite(cfg)
+
+def check_writable(flag, directory):
+    """Refuse a directory the run could not create or write in, before any work: it is a file, or
+    its nearest existing ancestor is a file or not writable (a read-only mount)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{flag} {directory} is a file: choose a directory")
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UsageError(f"{flag} {directory}: {existing} is not a directory sekd.py can write "
+                         "in: choose another")
 
 def check_inputs_outlive_overwrite(cfg):
     """--overwrite removes OUT_DIR's outputs: refuse a model or data among them (distilling
@@ -2807,6 +2820,9 @@ def show(argv):
         raise UsageError(f"--index must be >= 0 (a row of --data); got {args.index}")
     if args.html and os.path.isdir(args.html):
         raise UsageError(f"--html {args.html} is a directory: name the page's file in it")
+    if args.html:
+        page_directory = os.path.dirname(os.path.abspath(args.html))
+        check_writable(f"--html {args.html}: its directory", page_directory)
     if uses_teacher(cfg.signal) and not args.teacher:
         raise UsageError(f"show: --signal {cfg.signal} scores with the teacher's logits: give "
                          "--teacher")

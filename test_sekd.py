@@ -3675,6 +3675,24 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(saved_mode
     assert saved["step"] == 2
 
 
+def test_an_out_dir_or_cache_dir_on_a_read_only_mount_is_refused_but_a_built_cache_is_read(
+    tmp_path, monkeypatch
+):
+    read_only = tmp_path / "mount"
+    (read_only / "cache").mkdir(parents=True)
+    monkeypatch.setattr(sekd.os, "access", lambda path, mode: not str(path).startswith(
+        str(read_only)))
+    cfg = sekd.Config(method="sekd3x", out_dir=str(tmp_path / "run"))
+    cfg.cache_dir = str(read_only / "cache")
+    with pytest.raises(sekd.UsageError, match="--cache-dir .* is not a directory sekd.py can "):
+        sekd.check_out_dir(cfg)
+    (read_only / "cache" / "manifest.json").write_text("{}")   # built: only read
+    assert sekd.check_out_dir(cfg) is None
+    cfg.out_dir = str(read_only / "new" / "run")
+    with pytest.raises(sekd.UsageError, match="--out-dir .*mount is not a directory sekd.py can "):
+        sekd.check_out_dir(cfg)
+
+
 def test_starting_in_another_runs_out_dir_is_refused_unless_overwrite(saved_models, tmp_path):
     sekd.train(run_config(saved_models, tmp_path, max_steps=1, save_every=1))
     with pytest.raises(sekd.UsageError, match="holds another run's metrics.json, student"):
@@ -4580,6 +4598,7 @@ def usage_errors(saved_models, tmp_path):
         (base + ["--device", "mps"], "--device 'mps': sekd.py runs on auto, cpu, cuda"),
         (base + ["--out-dir", str(tmp_path / "a_file")], "is a file"),
         (base + ["--method", "sekd3x", "--cache-dir", str(tmp_path / "a_file")], "is a file"),
+        (base + ["--out-dir", str(tmp_path / "a_file" / "run")], "a_file is not a directory"),
         (base + ["--data", str(tmp_path / "empty.jsonl")], "is empty"),
         (base + ["--data", str(tmp_path / "data.csv")], "unsupported file type '.csv'"),
         (base + ["--data", str(tmp_path / "chat.jsonl")], "tokenizer has no chat template"),
@@ -4637,6 +4656,11 @@ def usage_errors(saved_models, tmp_path):
             ["show", "--student", saved_models["student"], "--text", "a b", "--html",
              str(tmp_path)],
             "is a directory: name the page's file",
+        ),
+        (
+            ["show", "--student", saved_models["student"], "--text", "a b", "--html",
+             str(tmp_path / "a_file" / "page.html")],
+            "its directory " + str(tmp_path / "a_file") + " is a file",
         ),
         (
             ["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"],
