@@ -1107,24 +1107,41 @@ def end_of_turn(tokenizer, context, options=None):
     whole = [stop for _, stop in tokens["offset_mapping"] if stop <= shared]   # tokens not cut
     return at_end[:max(whole, default=0)]
 
-def response_stop_ids(tokenizer, data_format):
-    """The ids that end a response the student writes on-policy: the EOS and, for chat rows, the
-    first token of the template's end of turn where it is a special one (Qwen's <|im_end|>, Llama
-    3's <|eot_id|>): a base model's EOS is another, and the data's turns end there."""
+def response_stop_ids(tokenizer, data_format, student=None):
+    """The ids that end a response the student writes on-policy: the EOS, then the special tokens
+    among the student's own stop ids (its generation_config.json's, where TRL's GKD stops: GLM's
+    <|user|>) and, for chat rows, the first token of the template's end of turn (Qwen's
+    <|im_end|>, Llama 3's <|eot_id|>): a base model's EOS is another, and the data's turns end
+    there. A plain token is no stop: a model built from a bare config names one at random."""
+    candidates = generation_stop_ids(student) if student else []
+    if data_format == "messages" or data_format == "prompt_messages":
+        candidates += end_of_turn_ids(tokenizer)[:1]
     stop_ids = [tokenizer.eos_token_id]
-    if data_format == "text" or data_format == "prompt":
-        return stop_ids
-    try:   # a template may refuse the probe (one that wants a system turn first): the EOS alone
+    for token_id in candidates:
+        token = tokenizer.added_tokens_decoder.get(token_id)
+        if token is not None and token.special and token_id not in stop_ids:
+            stop_ids.append(token_id)
+    return stop_ids
+
+def generation_stop_ids(model_name):
+    """The ids a model's generation_config.json ends a generation at; none without the file."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_name).eos_token_id
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return torch.tensor(eos).flatten().tolist()   # an id or a list of ids
+
+def end_of_turn_ids(tokenizer):
+    """The token ids of the template's end of turn; none where the template refuses the probe (one
+    that wants a system turn first) or ends a turn with no text of its own."""
+    try:
         eot = end_of_turn(tokenizer, [{"role": "user", "content": "Q"}]).strip()
     except Exception:
-        return stop_ids
-    ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
-    if not ids:   # the template ends a turn with no text of its own
-        return stop_ids
-    token = tokenizer.added_tokens_decoder.get(ids[0])
-    if token is not None and token.special:   # an EOS twice stops as once
-        stop_ids.append(ids[0])
-    return stop_ids
+        return []
+    return tokenizer(eot, add_special_tokens=False)["input_ids"]
 
 def render_chat(messages, tokenizer, options=None):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
@@ -1638,7 +1655,8 @@ class Run:
         if dropped and rank_world()[0] == 0:
             print(f"data: dropped {dropped} example(s) with no target within --seq-len "
                   f"{cfg.seq_len}", file=sys.stderr)
-        self.stop_ids = response_stop_ids(self.tokenizer, self.info["data_format"])
+        self.stop_ids = response_stop_ids(self.tokenizer, self.info["data_format"],
+                                          cfg.student)
         no_prompt = self.info["data_format"] == "text"
         no_prompt = no_prompt or prompt_lengths(self.examples.loss_mask).min() == 0
         if cfg.on_policy_fraction and no_prompt:

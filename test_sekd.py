@@ -2161,6 +2161,21 @@ def test_an_end_of_turn_of_plain_text_none_or_unknown_is_no_stop_id(end):
     assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id]
 
 
+def test_the_special_stop_ids_of_a_students_generation_config_end_its_responses(tmp_path):
+    from transformers import GenerationConfig
+
+    tokenizer = chat_tokenizer(CHATML)
+    tokenizer.add_tokens(["<|user|>"], special_tokens=True)   # GLM's: its turns end at the next
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"][0]
+    eos = tokenizer.eos_token_id
+    GenerationConfig(eos_token_id=[plain, user, eos]).save_pretrained(tmp_path / "student")
+    assert sekd.response_stop_ids(tokenizer, "text", str(tmp_path / "student")) == [eos, user]
+    GenerationConfig(eos_token_id=user).save_pretrained(tmp_path / "one")   # an id, not a list
+    assert sekd.response_stop_ids(tokenizer, "prompt", str(tmp_path / "one")) == [eos, user]
+    assert sekd.response_stop_ids(tokenizer, "text", str(tmp_path)) == [eos]   # no file there
+
+
 # Like DeepSeek-R1's: the generation prompt opens a think block that no rendered turn shows.
 R1_LIKE = (
     "{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}"
@@ -2835,13 +2850,16 @@ def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_gen
     assert sum(r["gen_len"] for r in log) == pytest.approx(sum(generated) / 4)  # its mean per step
 
 
-def test_an_on_policy_chat_run_stops_responses_at_the_templates_end_of_turn_too(
+def test_an_on_policy_chat_run_stops_responses_at_the_students_and_the_templates_stop_tokens(
     tmp_path, monkeypatch
 ):
     tokenizer = chat_tokenizer(CHATML)
-    tokenizer.add_tokens(["<|im_end|>"], special_tokens=True)
+    tokenizer.add_tokens(["<|im_end|>", "<|user|>"], special_tokens=True)
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
     for name, hidden in (("teacher", 48), ("student", 32)):
-        tiny_model("llama", vocab=len(tokenizer), hidden=hidden).save_pretrained(tmp_path / name)
+        model = tiny_model("llama", vocab=len(tokenizer), hidden=hidden)
+        model.generation_config.eos_token_id = [user, 2]   # 2: a plain token, left out
+        model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     stops = []
     real = sekd.student_responses
@@ -2856,7 +2874,7 @@ def test_an_on_policy_chat_run_stops_responses_at_the_templates_end_of_turn_too(
     cfg = run_config({**models, "data": str(data)}, tmp_path, seq_len=99, max_steps=1,
                      on_policy_fraction=1.0, max_new_tokens=4)
     sekd.train(cfg)
-    assert stops == [[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]]
+    assert stops == [[tokenizer.eos_token_id, user, tokenizer.convert_tokens_to_ids("<|im_end|>")]]
 
 
 def test_an_on_policy_batch_draws_no_id_past_the_distilled_vocabulary():
