@@ -715,6 +715,7 @@ import json
 import multiprocessing
 import operator
 import os
+import re
 import shutil
 import signal as os_signal
 import sys
@@ -723,6 +724,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from functools import lru_cache
 
 import numpy as np
 from safetensors import safe_open
@@ -1044,15 +1046,27 @@ def row_format(batch, cfg, tokenizer):
                          "prompt/completion strings")
     return data_format
 
-# Llama 3.2's and 3.3's templates stamp today's date unless given one: data rendered on another day
-# would be other examples (a resume or a reused cache refused). Llama 3.1's template fixes this one.
+# Templates that stamp today's date (Llama 3.2's and 3.3's unless given a date_string; Granite 3's
+# and Mistral Small 3's always) would render other examples on another day: a resume or a reused
+# cache refused. They all get the date that Llama 3.1's template fixes.
 CHAT_DATE = "26 Jul 2024"
 
 def chat_text(tokenizer, messages, options=None, generation_prompt=False):
     """messages as the template renders them; options: the row's tools and template arguments."""
     options = {"date_string": CHAT_DATE, **(options or {})}
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+    template = dated_template(tokenizer.get_chat_template(None, options.get("tools")))
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
                                          add_generation_prompt=generation_prompt, **options)
+
+@lru_cache
+def dated_template(template):
+    """The template with each strftime_now("format") call replaced by CHAT_DATE so formatted."""
+    day = time.strptime(CHAT_DATE, "%d %b %Y")
+    call = r"""strftime_now\(\s*(['"])(.*?)\1\s*\)"""   # its format: group 2
+
+    def formatted(found):   # a Jinja string literal
+        return json.dumps(time.strftime(found[2], day))
+    return re.sub(call, formatted, template)
 
 def template_options(batch, j):
     """Row j's own template inputs, as TRL's SFTTrainer reads them: a `tools` column (a list, or
