@@ -1019,8 +1019,27 @@ def load_rows(cfg):
                                      split=cfg.split, streaming=cfg.streaming)
     except (ConnectionError, OSError, ValueError,
             datasets.exceptions.DatasetGenerationError) as err:
-        raise UsageError(f"--data {cfg.data}: cannot load it as a local file or directory, nor "
-                         f"from the hub ({first_line(err)})") from None
+        raise unreadable_data(cfg, err) from None
+
+def row_batches(cfg):
+    """The rows of cfg.data in batches (dicts of 256-row columns). Streamed, datasets reads the
+    file or the hub as the loop asks: an error there is refused in one line too."""
+    batches = iter(load_rows(cfg).iter(batch_size=256))
+    while True:
+        try:
+            batch = next(batches, None)
+        except (ConnectionError, OSError, ValueError) as err:   # pyarrow's ArrowInvalid too
+            raise unreadable_data(cfg, err) from None
+        if batch is None:
+            return
+        yield batch
+
+def unreadable_data(cfg, err):
+    """The refusal of --data that datasets cannot read or find, with the reason's first line."""
+    if data_files(cfg.data):   # a local file: the reader's own error, which datasets may wrap
+        return UsageError(f"--data {cfg.data}: cannot load it ({first_line(err.__cause__ or err)})")
+    return UsageError(f"--data {cfg.data}: cannot load it as a local file or directory, nor from "
+                      f"the hub ({first_line(err)})")
 
 def first_line(err):
     """An exception's first line of text, or its type's name when it has none."""
@@ -1365,7 +1384,7 @@ def load_examples(cfg, tokenizer):
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
     reader = RowReader(cfg)
-    for batch in load_rows(cfg).iter(batch_size=256):
+    for batch in row_batches(cfg):
         if reader.add_batch(batch, tokenizer):
             break
     if reader.read < 2:

@@ -2403,6 +2403,17 @@ def test_streaming_to_a_token_budget_gives_the_same_examples_and_reads_no_row_pa
         sekd.load_examples(budget(broken, False), tokenizer)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_data_file_that_does_not_parse_is_refused_with_the_readers_reason_also_streamed(
+    tmp_path, streaming
+):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a b"}\n{"text": "c\n')   # streamed: met as the loop reads it
+    config = data_config(data, streaming=streaming)
+    with pytest.raises(sekd.UsageError, match=r"bad.jsonl: cannot load it \(JSON parse error"):
+        sekd.load_examples(config, tiny_tokenizer(DOCS))
+
+
 @pytest.mark.parametrize("files", [{}, {"a.txt": "x\n", "b.jsonl": '{"text": "y"}\n'}])
 def test_a_directory_of_no_data_files_or_of_two_types_is_a_usage_error(tmp_path, files):
     (tmp_path / "d").mkdir()
