@@ -1229,8 +1229,16 @@ def turn_start(tokenizer, messages, i, text, options=None):
 
 def content_start(tokenizer, messages, i, text, options=None):
     """Where message i's content starts in text: where the conversation rendered with that content
-    "A" and with "B" differs, if in that one character and text agrees up to it (else None)."""
-    one, other = rendered_a_and_b(tokenizer, messages[:i], messages[i], messages[i + 1:], options)
+    "A" and with "B" differs, if in that one character and text agrees up to it (else None). A
+    tool call whose content the template does not render (Hermes 3's) is probed as a plain turn."""
+    start = a_b_start(tokenizer, messages, i, messages[i], text, options)
+    if start is None and messages[i].get("tool_calls"):
+        start = a_b_start(tokenizer, messages, i, {"role": messages[i]["role"]}, text, options)
+    return start
+
+def a_b_start(tokenizer, messages, i, message, text, options=None):
+    """content_start with message in the place of message i."""
+    one, other = rendered_a_and_b(tokenizer, messages[:i], message, messages[i + 1:], options)
     start = len(os.path.commonprefix([one, other]))
     after = len(os.path.commonprefix([one[::-1], other[::-1]]))
     if start + 1 + after != len(one) or not text.startswith(one[:start]):

@@ -2094,6 +2094,23 @@ def test_a_turn_after_turns_rendered_otherwise_in_the_whole_conversation_starts_
     assert supervised_turns(tokenizer, chat) == [f"it is 2.{first}", f"4, I think.{last}"]
 
 
+# Like Hermes 3's tool-use template: a tool call renders no content, after its role and a newline.
+HERMES_CALLS = HERMES_LIKE.replace(
+    "\n{{ m['content'] }}",
+    "{% for c in m.tool_calls or [] %}{{ '\\n' }}<tool_call>{{ c.function.name }}</tool_call>"
+    "{% else %}{{ '\\n' + m.content }}{% endfor %}",
+)
+
+
+def test_a_tool_call_right_after_a_tool_message_rendered_otherwise_starts_after_its_header():
+    tokenizer = chat_tokenizer(HERMES_CALLS)
+    call = {"role": "assistant", "content": None, "tool_calls": CALL}
+    chat = [{"role": "user", "content": "add"}, call, {"role": "tool", "content": "2"}, call,
+            {"role": "tool", "content": "2"}, {"role": "assistant", "content": "it is 2."}]
+    turns = supervised_turns(tokenizer, chat)
+    assert turns == ["<tool_call>add</tool_call><|im_end|>\n"] * 2 + ["it is 2.<|im_end|>\n"]
+
+
 LAST_ANSWER = "{% if messages[-1].role == 'assistant' %}"  # then its content, or its length
 
 
