@@ -1196,13 +1196,25 @@ def render_chat(messages, tokenizer, options=None):
             continue
         if eot is None:   # Qwen3's template comes here for every turn but the last
             eot = end_of_turn(tokenizer, messages[:i], options)
-        end = text.find(eot, start) if eot else -1
-        if end < 0:
+        end = None
+        if eot and eot in text[start:]:
+            end = text.index(eot, start) + len(eot)
+        elif not eot and not message.get("tool_calls"):   # GLM's turns end with no text
+            end = content_end(tokenizer, messages, i, text, options)
+        if end is None or end < start:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
                              "conversation, and ends its turns with no text of its own to find it "
                              "by")
-        spans.append((start, end + len(eot)))
+        spans.append((start, end))
     return text, spans
+
+def content_end(tokenizer, messages, i, text, options=None):
+    """Where message i's content ends in text (content_place), if text ends as that rendering does
+    after it (else None)."""
+    place = content_place(tokenizer, messages, i, messages[i], options)
+    if place is None or not text.endswith(place[1]):
+        return None   # what follows the content depends on it
+    return len(text) - len(place[1])
 
 def turn_start(tokenizer, messages, i, text, options=None):
     """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
@@ -1228,22 +1240,26 @@ def turn_start(tokenizer, messages, i, text, options=None):
                      "whole conversation, so where that turn starts is unknown")
 
 def content_start(tokenizer, messages, i, text, options=None):
-    """Where message i's content starts in text: where the conversation rendered with that content
-    "A" and with "B" differs, if in that one character and text agrees up to it (else None). A
-    tool call whose content the template does not render (Hermes 3's) is probed as a plain turn."""
-    start = a_b_start(tokenizer, messages, i, messages[i], text, options)
-    if start is None and messages[i].get("tool_calls"):
-        start = a_b_start(tokenizer, messages, i, {"role": messages[i]["role"]}, text, options)
-    return start
+    """Where message i's content starts in text (content_place), if text agrees up to it (else
+    None). A tool call whose content the template does not show (Hermes 3's) is probed as a plain
+    turn."""
+    place = content_place(tokenizer, messages, i, messages[i], options)
+    if place is None and messages[i].get("tool_calls"):
+        place = content_place(tokenizer, messages, i, {"role": messages[i]["role"]}, options)
+    if place is None or not text.startswith(place[0]):
+        return None   # what comes before the content depends on it
+    return len(place[0])
 
-def a_b_start(tokenizer, messages, i, message, text, options=None):
-    """content_start with message in the place of message i."""
+def content_place(tokenizer, messages, i, message, options=None):
+    """The conversation rendered with message in the place of message i, around its content "A":
+    (the text before it, the text after it); None where the renderings with "A" and with "B"
+    differ elsewhere too (the content shown twice) or nowhere (not shown)."""
     one, other = rendered_a_and_b(tokenizer, messages[:i], message, messages[i + 1:], options)
     start = len(os.path.commonprefix([one, other]))
     after = len(os.path.commonprefix([one[::-1], other[::-1]]))
-    if start + 1 + after != len(one) or not text.startswith(one[:start]):
-        return None   # the content is rendered twice, or what comes before it depends on it
-    return start
+    if start + 1 + after != len(one):
+        return None
+    return one[:start], one[start + 1:]
 
 def render_prompt_completion(prompt, completion, tokenizer, options=None):
     """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a

@@ -1917,15 +1917,41 @@ BARE_TURNS = [  # the last turn opens with "!"; or only a whole conversation end
 ]
 
 
-@pytest.mark.parametrize("template", BARE_TURNS)
-def test_a_template_that_renders_the_last_turn_otherwise_and_ends_turns_bare_is_refused(template):
-    tokenizer = chat_tokenizer(template)
+@pytest.mark.parametrize("template, want", [
+    (BARE_TURNS[0], ["assistant: a one", "assistant: !a two"]),   # no generation prompt
+    (BARE_TURNS[1], ["a one", "a two<eos>"]),
+])
+def test_a_turn_rendered_otherwise_last_ends_where_its_content_does_when_turns_end_bare(
+    template, want
+):
+    tokenizer = chat_tokenizer(template)   # like GLM's, where an earlier turn's <think> is dropped
     chat = [
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a one"},
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a two"},
     ]
+    assert supervised_turns(tokenizer, chat) == want
+
+
+CALLS = "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}{% endfor %}"
+EARLIER = "messages[loop.index0 - 1].content"
+
+
+def quoted(expression):
+    """A user turn after the first quotes expression in parentheses."""
+    return "{% if m.role == 'user' and not loop.first %}({{ " + expression + " }}){% endif %}"
+
+
+@pytest.mark.parametrize("after, calls", [
+    (CALLS, CALL), (quoted(EARLIER), None), (quoted(EARLIER + " | length"), None),
+])
+def test_a_turn_rendered_otherwise_last_is_refused_where_its_content_end_is_unclear(after, calls):
+    content = "{{ m['content'] }}"
+    tokenizer = chat_tokenizer(BARE_TURNS[0].replace(content, content + after))
+    turn = {"role": "assistant", "content": "a one", "tool_calls": calls}
+    chat = [{"role": "user", "content": "add"}, turn, {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": "it is 2."}]
     with pytest.raises(sekd.UsageError, match="no text of its own"):
         sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
 
