@@ -1181,8 +1181,9 @@ def render_chat(messages, tokenizer, options=None):
     tool calls and end-of-turn text included). Most templates mark no {% generation %} span: turn i
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
-    EOS after it), at the first end-of-turn text after its start. A first message has no prompt:
-    its turn is context. options: the row's tools and template arguments (template_options)."""
+    EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
+    content ends). A first message has no prompt: its turn is context. options: the row's tools
+    and template arguments (template_options)."""
     text = chat_text(tokenizer, messages, options)
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
