@@ -1190,7 +1190,10 @@ def render_chat(messages, tokenizer, options=None):
     for i, message in enumerate(messages):
         if i == 0 or message.get("role") != "assistant":
             continue
-        start = turn_start(tokenizer, messages, i, text, options)
+        previous_end = None   # an assistant turn just before: where it ends in text
+        if messages[i - 1].get("role") == "assistant" and spans:
+            previous_end = spans[-1][1]
+        start = turn_start(tokenizer, messages, i, text, options, previous_end)
         through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
@@ -1217,13 +1220,14 @@ def content_end(tokenizer, messages, i, text, options=None):
         return None   # what follows the content depends on it
     return len(text) - len(place[1])
 
-def turn_start(tokenizer, messages, i, text, options=None):
+def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
     """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
     generation prompt; or, where that prompt opens more than an earlier turn shows (the <think> of
     Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
     shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
     system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
-    content starts, if what the generation prompt adds comes just before it."""
+    content starts, if what the generation prompt adds comes just before it, or right after an
+    assistant turn just before it (ending at previous_end: two in a row under Qwen3's)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1237,6 +1241,8 @@ def turn_start(tokenizer, messages, i, text, options=None):
     header = prompt[len(os.path.commonprefix([prompt, rendered])):]   # the generation prompt's
     if start is not None and text[:start].endswith(header):
         return start
+    if previous_end is not None and header and text.startswith(header, previous_end):
+        return previous_end + len(header)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
                      "whole conversation, so where that turn starts is unknown")
 

@@ -2070,6 +2070,18 @@ def test_a_later_turn_repeating_an_earlier_ones_content_is_found_at_its_own_plac
     ]
 
 
+def test_two_assistant_turns_in_a_row_are_each_supervised_as_rendered():
+    tokenizer = chat_tokenizer(QWEN_LIKE)   # the first renders otherwise when last
+    chat = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "part one"},
+        {"role": "assistant", "content": "part two"},
+    ]
+    assert supervised_turns(tokenizer, chat) == [
+        "part one<|im_end|>\n", "<think></think>\n\npart two<|im_end|>\n"
+    ]
+
+
 def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
     tokenizer = chat_tokenizer(QWEN_LIKE)  # renders no empty conversation
     chat = [
