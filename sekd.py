@@ -1201,8 +1201,9 @@ def render_chat(messages, tokenizer, options=None):
         if eot is None:   # Qwen3's template comes here for every turn but the last
             eot = end_of_turn(tokenizer, messages[:i], options)
         end = None
-        if eot and eot in text[start:]:
-            end = text.index(eot, start) + len(eot)
+        found = text.find(eot, start) if eot else -1   # one search, no copy of the text
+        if found >= 0:
+            end = found + len(eot)
         elif not eot and not message.get("tool_calls"):   # GLM's turns end with no text
             end = content_end(tokenizer, messages, i, text, options)
         if end is None or end < start:
