@@ -68,19 +68,15 @@ def lm_head(model, vocab_size=None):
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    scale = getattr(model.config, "logit_scale", None)
-    divisor = getattr(model.config, "logits_scaling", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)                 # Cohere
+    divisor = getattr(model.config, "logits_scaling", None)            # Granite
+    cap = getattr(model.config, "final_logit_softcapping", None)       # Gemma 2
 
     def logits(hidden):
         z = F.linear(hidden, weight, bias)
-        if scale:
-            z = z * scale
-        if divisor:
-            z = z / divisor
-        if cap:
-            z = torch.tanh(z / cap) * cap
-        return z
+        z = z * scale if scale else z
+        z = z / divisor if divisor else z
+        return torch.tanh(z / cap) * cap if cap else z
     return logits
 
 def head_size(model):
@@ -127,13 +123,6 @@ def cross_entropy(logits, labels):
     """CE of each row's label (int32 ids too, as some collators give them): [N, V], [N] -> [N]."""
     return F.cross_entropy(logits.float(), labels.long(), reduction="none")
 
-def kl_rows(p_logits, q_logits, temperature=1.0):
-    """KL(p_T || q_T) per row: [N, V] x 2 -> [N], clamped at 0 (rounding dips below at p = q)."""
-    log_p = log_softmax_t(p_logits, temperature)
-    log_q = log_softmax_t(q_logits, temperature)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-    return kl.clamp(min=0)
-
 def standardize(scores, valid=None):
     """z-scores over the last axis's valid entries (population sd); 0 where constant or invalid."""
     if valid is None:
@@ -166,10 +155,10 @@ def position_scores(signal, student_logits, teacher_logits=None, labels=None):
         return cross_entropy(student_logits, labels)
     if signal == "teacher_ce":
         return cross_entropy(teacher_logits, labels)
-    if signal == "kl":
-        return kl_rows(teacher_logits, student_logits)
-    if signal == "reverse_kl":
-        return kl_rows(student_logits, teacher_logits)
+    if signal == "kl":   # KL(p || q), the loss's own divergence (section 3)
+        return full_kl(student_logits, teacher_logits)
+    if signal == "reverse_kl":   # KL(q || p)
+        return generalized_jsd(student_logits, teacher_logits, beta=1.0)
     if signal == "ce_ratio":
         teacher_ce = cross_entropy(teacher_logits, labels).clamp(min=CE_FLOOR)
         return cross_entropy(student_logits, labels) / teacher_ce
@@ -359,11 +348,8 @@ def divergence_and_grad(teacher_logits, student_logits, beta, temperature, needs
     log_q = log_softmax_t(student_logits, temperature)
     if beta == 0:   # in place: three [N, V] tensors at most
         p = log_p.exp()
-        log_ratio = log_p.sub_(log_q)                             # log(p / q), in log_p's memory
-        rows = log_ratio.mul_(p).sum(-1)                          # E_p log(p / q)
-        if not needs_grad:
-            return rows.clamp(min=0), None
-        grad = log_q.exp_().sub_(p)                               # q - p, in log_q's memory
+        rows = log_p.sub_(log_q).mul_(p).sum(-1)          # E_p log(p / q), in log_p's memory
+        grad = log_q.exp_().sub_(p) if needs_grad else None       # q - p, in log_q's memory
         return rows.clamp(min=0), grad
     q = log_q.exp()
     rows = 0.0
@@ -375,9 +361,8 @@ def divergence_and_grad(teacher_logits, student_logits, beta, temperature, needs
         rows = beta * (log_p.exp() * (log_p - log_m)).sum(-1)    # beta KL(p || m)
     expected_g = (q * g).sum(-1)        # KL(q || p) at beta 1; (1 - beta) KL(q || m) between
     rows = rows + expected_g
-    if not needs_grad:
-        return rows.clamp(min=0), None
-    return rows.clamp(min=0), g.sub_(expected_g[:, None]).mul_(q)
+    grad = g.sub_(expected_g[:, None]).mul_(q) if needs_grad else None
+    return rows.clamp(min=0), grad
 
 class ChunkedDivergence(torch.autograd.Function):
     """generalized_jsd chunk_size rows at a time, its gradient found in the same pass (as Liger's
@@ -478,9 +463,7 @@ def padded_width(attention_mask):
     """The columns up to the last one holding a real token in any row (0 for none): the padding-only
     columns at the end, which no row needs, are dropped; left padding keeps every column."""
     real_columns = attention_mask.bool().any(0).nonzero()
-    if len(real_columns) == 0:
-        return 0
-    return int(real_columns.max()) + 1
+    return int(real_columns.max()) + 1 if len(real_columns) else 0
 
 @torch.no_grad()
 def sample_scores(student, input_ids, signal="student_entropy", teacher=None, batch_size=8,
@@ -493,17 +476,12 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
     scores = torch.zeros(len(input_ids), device=device)
     for first in range(rank * batch_size, len(input_ids), world * batch_size):   # this rank's
         batch = slice(first, first + batch_size)
-        ids = input_ids[batch]
-        mask = None
-        is_target = None
+        width = input_ids.shape[1]
         if attention_mask is not None:   # no padding-only columns
-            mask = attention_mask[batch]
-            width = padded_width(mask)
-            ids = ids[:, :width]
-            mask = mask[:, :width].to(device)
-        if loss_mask is not None:
-            is_target = loss_mask[batch, :ids.shape[1]].to(device)
-        ids = ids.to(device)
+            width = padded_width(attention_mask[batch])
+        ids = input_ids[batch, :width].to(device)
+        mask = None if attention_mask is None else attention_mask[batch, :width].to(device)
+        is_target = None if loss_mask is None else loss_mask[batch, :width].to(device)
         valid = valid_positions(ids, mask, is_target)
         u = model_scores(signal, student, ids, mask, valid, teacher, vocab_size, chunk_size)
         n = valid.sum(1)
@@ -589,13 +567,12 @@ def mean_over_samples(losses, weights, selected):
 def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
                  progress=0.0, gls=None, position_ids=None):
     """The selective KD loss of one batch (paper Eq. 2-4) -> (scalar loss, dict of plain numbers).
-    Each backbone runs once; the LM heads run on the selected rows only. attention_mask None: all
-    tokens real. loss_mask [B, L] (bool or 0/1): position t is supervised only where
-    loss_mask[:, t + 1] (None: everywhere). targets: cached sparse (ids, weights) [B, T, U]
-    (teacher may then be None). progress (step / last step) drives the curriculum; gls is GLS's
-    queue. position_ids: packed rows (TRL's padding-free batches), as in valid_positions. Reads
-    cfg's positions, k, signal, temperature, ce_weight, top_k_classes, class_samples, vocab_size,
-    chunk_size and beta."""
+    Each backbone runs once; the LM heads run on the selected rows only. attention_mask,
+    loss_mask and position_ids [B, L] as in valid_positions (None: all real, all targets, one
+    sequence a row). targets: cached sparse (ids, weights) [B, T, U] (teacher may then be None).
+    progress (step / last step) drives the curriculum; gls is GLS's queue. Read from cfg (a
+    Config): positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
+    vocab_size, chunk_size, beta."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask, position_ids)   # [B, T]
@@ -659,12 +636,10 @@ def prompt_lengths(loss_mask):
 @torch.no_grad()
 def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, temperature=1.0,
                       vocab_size=None):
-    """The model (a Hugging Face one, in eval mode while it samples) answers each prompt with up to
-    max_new_tokens tokens drawn from softmax(z / temperature) over its first vocab_size ids (None:
-    all), until an EOS: eos_id, an id or a list of ids (a chat's end-of-turn token too), the first
-    of which pads. input_ids, loss_mask [B, L] (right-padded: a prompt starts each row) ->
-    input_ids, attention_mask, loss_mask [B, L'], right-padded: the prompt, then the response (its
-    EOS included) as targets."""
+    """The model answers each prompt (input_ids, loss_mask [B, L], right-padded) with up to
+    max_new_tokens tokens from softmax(z / temperature) over its first vocab_size ids, until eos_id
+    (an id or a list: a chat's end of turn too; the first pads) -> input_ids, attention_mask,
+    loss_mask [B, L'], right-padded: the prompt, then the response (its EOS included) as targets."""
     stop_ids = torch.tensor(eos_id).flatten().tolist()
     pad_id = stop_ids[0]
     lengths = prompt_lengths(loss_mask)
