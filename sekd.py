@@ -1773,7 +1773,8 @@ def choose_samples(cfg, student, teacher, examples):
     if uses_teacher(cfg.sample_signal):
         teacher_weights = weights_fingerprint(cfg.teacher)
     key = {"student_weights": weights_fingerprint(cfg.student), "signal": cfg.sample_signal,
-           "ell": cfg.ell, "fingerprint": fingerprint(examples), "teacher_weights": teacher_weights}
+           "ell": cfg.ell, "fingerprint": fingerprint(examples), "teacher_weights": teacher_weights,
+           "vocab_size": cfg.vocab_size}   # the classes a score's softmax runs over
     if os.path.exists(path) and read_json(path)["key"] == key:   # this student's, data's, signal's
         return torch.tensor(read_json(path)["kept"])
     scores = sample_scores(student.eval(), examples.input_ids, cfg.sample_signal, teacher,

@@ -2796,6 +2796,18 @@ def test_a_saved_sample_selection_is_not_reused_for_another_ell(saved_models, tm
     assert metrics["distilled_blocks"] == sekd.budget(metrics["train_blocks"], 0.25)
 
 
+def test_a_saved_sample_selection_is_not_reused_for_another_vocab_size(
+    saved_models, tmp_path, monkeypatch
+):
+    scored = []
+    monkeypatch.setattr(sekd, "sample_scores", lambda *a, **k: scored.append(1) or torch.ones(10))
+    examples = sekd.as_examples(torch.zeros(10, 4, dtype=torch.long))
+    for vocab_size in (None, None, 200):
+        cfg = run_config(saved_models, tmp_path, method="topsmp", vocab_size=vocab_size)
+        sekd.choose_samples(cfg, tiny_model("llama"), None, examples)
+    assert scored == [1, 1]  # the same settings reuse it; another vocabulary scores anew
+
+
 def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=10))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
