@@ -2118,13 +2118,17 @@ def peak_memory_mb(device):
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 def load_pretrained(auto_class, name, **kwargs):
-    """transformers' auto_class (AutoTokenizer, AutoConfig, ...) from a directory or the hub."""
+    """transformers' auto_class (AutoTokenizer, AutoConfig, ...) from a directory or the hub. No
+    custom code runs: a model that needs some is refused at once (transformers would ask)."""
     import transformers
     try:
-        return getattr(transformers, auto_class).from_pretrained(name, **kwargs)
+        loader = getattr(transformers, auto_class)
+        return loader.from_pretrained(name, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load {auto_class} from '{name}': not a local model directory, "
-                         f"and the hub could not provide it ({first_line(err)})") from None
+        source = f"the directory '{name}'"
+        if not os.path.isdir(name):
+            source = f"'{name}': not a local model directory, and the hub could not provide it"
+        raise UsageError(f"cannot load {auto_class} from {source} ({first_line(err)})") from None
 
 def load_model(name, device, frozen=False):
     """A causal LM in float32 on device; frozen (a teacher): eval, no grad, bf16 on CUDA (paper)."""

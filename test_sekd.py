@@ -4694,6 +4694,10 @@ def usage_errors(saved_models, tmp_path):
     highest_held_out = write_rows(tmp_path / "highest_held_out.jsonl", rows)
     short = write_rows(tmp_path / "short.jsonl", [{"text": "hello world"}] * 3)
     on_policy = ["--on-policy-fraction", "0.5", "--max-new-tokens", "6"]
+    custom_code = shutil.copytree(saved_models["student"], tmp_path / "custom_code")
+    config = json.loads((custom_code / "config.json").read_text())
+    config.update(model_type="custom", auto_map={"AutoConfig": "configuration_custom.Config"})
+    (custom_code / "config.json").write_text(json.dumps(config))
     return [
         (["--method", "sekd", "--data", "d"], "--method sekd needs --student and --teacher"),
         (base + ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -4728,6 +4732,10 @@ def usage_errors(saved_models, tmp_path):
             "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
         ),
         (base + ["--resume"], "no checkpoint"),
+        (
+            base + ["--student", str(custom_code)],
+            f"AutoConfig from the directory '{custom_code}' (The repository",   # no custom code runs
+        ),
         (
             base + ["--student", str(tmp_path / "run" / "student"), "--overwrite"],
             "run/student lies in the student of --out-dir",   # distilled further, then deleted
