@@ -4732,9 +4732,9 @@ def usage_errors(saved_models, tmp_path):
             "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
         ),
         (base + ["--resume"], "no checkpoint"),
-        (
+        (   # no custom code runs, and no prompt asks
             base + ["--student", str(custom_code)],
-            f"AutoConfig from the directory '{custom_code}' (The repository",   # no custom code runs
+            f"AutoConfig from the directory '{custom_code}' (The repository",
         ),
         (
             base + ["--student", str(tmp_path / "run" / "student"), "--overwrite"],
