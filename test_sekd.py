@@ -950,6 +950,24 @@ def test_loss_refuses_heads_of_different_sizes_without_a_shared_vocab_size():
         sekd.distill_loss(student, teacher, ids, mask, sekd.Config(method="sekd"))
 
 
+def test_loss_refuses_kd_without_a_teacher_or_cached_targets_but_trains_ce_alone():
+    student = tiny_model("llama")
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="KD needs a teacher or cached targets"):
+        sekd.distill_loss(student, None, ids, mask, sekd.Config(method="sekd"))
+    loss, _ = sekd.distill_loss(student, None, ids, mask, sekd.Config(method="ce"))
+    assert torch.isfinite(loss)
+
+
+def test_loss_refuses_beta_above_0_on_cached_targets_which_hold_sampled_classes():
+    student = tiny_model("llama")
+    ids, mask = padded_batch()
+    drawn = sekd.sample_classes(torch.randn(ids[:, 1:].numel(), VOCAB), 8)   # [B T, U] each
+    targets = tuple(t.view(*ids[:, 1:].shape, 8) for t in drawn)
+    with pytest.raises(ValueError, match="needs the teacher's full distribution"):
+        sekd.distill_loss(student, None, ids, mask, sekd.Config(method="sekd", beta=0.5), targets)
+
+
 def test_random_positions_have_the_budget_and_cover_positions_uniformly():
     valid = torch.ones(400, 8, dtype=torch.bool)
     torch.manual_seed(0)
