@@ -2946,8 +2946,13 @@ def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     marked = [False] + selected.tolist()
     shade = [0.0] + shade
     dim = [False] + (~valid).tolist()
-    header = (f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}; a "
-              "marked token is one the student was unsure of, given the text before it")
+    meaning = "a marked token is one the policy selected"   # curriculum: low scores first
+    if cfg.positions in ("top", "gls"):
+        meaning = f"a marked token is one whose position ranks high by {cfg.signal}"
+    if cfg.positions in ("top", "gls") and cfg.signal == "student_entropy":
+        meaning = "a marked token is one the student was unsure of, given the text before it"
+    header = f"sekd.py show: {cfg.positions} k = {cfg.k} by {cfg.signal} of {args.student}"
+    header += f"; {meaning}"
     style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
     drawing, marks = render_marks(text, offsets, marked, shade, dim, style, titles)
     summary = f"{chosen} of {n} positions selected, {marks} marks drawn"

@@ -4305,6 +4305,27 @@ def shown(argv, capsys):
     return header, body, summary
 
 
+@pytest.mark.parametrize(
+    "signal,positions,meaning",
+    [
+        ("student_entropy", "top", "the student was unsure of, given the text before it"),
+        ("kl", "top", "one whose position ranks high by kl"),
+        ("student_entropy", "curriculum", "one the policy selected"),   # the lowest scores first
+    ],
+)
+def test_shows_header_says_what_a_mark_means_under_the_signal_and_policy(
+    saved_models, capsys, signal, positions, meaning
+):
+    header, _, _ = shown(
+        [
+            "--student", saved_models["student"], "--teacher", saved_models["teacher"], "--text",
+            SHOW_TEXT, "--signal", signal, "--positions", positions,
+        ],
+        capsys,
+    )
+    assert header.endswith(meaning)
+
+
 def marked_spans(body):
     """The plain body's ⟦marked⟧ pieces as character spans of the text without markers, and that
     text."""
