@@ -1385,8 +1385,9 @@ def pad_examples(encoded, pad_id):
 def load_examples(cfg, tokenizer):
     """(training Examples, held-out Examples, {data_format, dropped_examples}) of cfg.data. Row i is
     held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows
-    for any budget, no block shared with training. Reading stops at --max-documents rows, or once
-    training holds --max-tokens tokens and a held-out row has come (streamed: no more is read)."""
+    for any budget, no block shared with training; an empty text (a .txt's blank line) is no row
+    there. Reading stops at --max-documents rows, or once training holds --max-tokens tokens and a
+    held-out row has come (streamed: no more is read)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
@@ -1394,8 +1395,9 @@ def load_examples(cfg, tokenizer):
     for batch in row_batches(cfg):
         if reader.add_batch(batch, tokenizer):
             break
-    if reader.read < 2:
-        raise UsageError(f"--data {cfg.data} holds {reader.read} document(s); training and "
+    documents = reader.read - reader.blank
+    if documents < 2:
+        raise UsageError(f"--data {cfg.data} holds {documents} document(s); training and "
                          "evaluation need 2+")
     train, held = reader.examples(tokenizer.eos_token_id)
     fix = "lower --seq-len, raise --val-fraction, or add rows"   # text: more, shorter blocks
@@ -1415,7 +1417,8 @@ class RowReader:
         self.share = Fraction(repr(float(cfg.val_fraction)))
         self.parts = ([], [])                                           # training, held out
         self.data_format = None
-        self.read = 0
+        self.read = 0                                           # rows, --max-documents' count
+        self.blank = 0                                          # empty documents: no row held out
         self.tokens = 0                                         # in the training examples kept
         self.dropped = 0
 
@@ -1440,19 +1443,27 @@ class RowReader:
         self.data_format = self.data_format or row_format(batch, cfg, tokenizer)
         for ids, is_target in encode_rows(batch, self.data_format, tokenizer, cfg.text_column,
                                           self.read):
-            held = math.floor((self.read + 1) * self.share) > math.floor(self.read * self.share)
+            document = self.read - self.blank
             self.read += 1
-            if self.data_format != "text":   # an example is truncated to --seq-len
-                ids = ids[:cfg.seq_len]
-                is_target = is_target[:cfg.seq_len]
-            if self.data_format != "text" and not is_target[1:].any():   # and dropped untargeted
-                self.dropped += 1
-            elif held or not self.budget_full():   # past the budget, only held-out rows are kept
-                self.parts[held].append((ids, is_target))
-                self.tokens += 0 if held else len(ids)
+            if self.data_format == "text" and len(ids) == 1:   # its EOS alone: a blank line
+                self.blank += 1
+            else:
+                self.add_example(ids, is_target, document)
             if self.done():
                 return True
         return False
+
+    def add_example(self, ids, is_target, document):
+        """Keep the document-th one's example: held out by the rule, else training's in budget."""
+        held = math.floor((document + 1) * self.share) > math.floor(document * self.share)
+        if self.data_format != "text":   # an example is truncated to --seq-len
+            ids = ids[:self.cfg.seq_len]
+            is_target = is_target[:self.cfg.seq_len]
+        if self.data_format != "text" and not is_target[1:].any():   # and dropped untargeted
+            self.dropped += 1
+        elif held or not self.budget_full():   # past the budget, only held-out rows are kept
+            self.parts[held].append((ids, is_target))
+            self.tokens += 0 if held else len(ids)
 
     def examples(self, pad_id):
         """(training, held-out) Examples: text packed into blocks (the budget's), other rows padded;

@@ -1747,6 +1747,27 @@ def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_bu
     assert torch.equal(held_early.input_ids, want.input_ids[: len(held_early)])
 
 
+def test_blank_lines_of_a_txt_are_no_documents_so_the_same_documents_are_held_out(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    (tmp_path / "paragraphs.txt").write_text("\n\n".join(DOCS) + "\n")   # a blank line between
+    one_per_line = sekd.load_examples(data_config(write_docs(tmp_path, "text")), tokenizer)
+    paragraphs = sekd.load_examples(data_config(tmp_path / "paragraphs.txt"), tokenizer)
+    for want, got in zip(one_per_line[:2], paragraphs[:2]):   # training, held out
+        assert torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.loss_mask, want.loss_mask)
+
+
+def test_max_documents_counts_a_txts_blank_lines_as_rows(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    (tmp_path / "paragraphs.txt").write_text("\n\n".join(DOCS) + "\n")
+    first_20 = data_config(write_docs(tmp_path, "text"), max_documents=20, seq_len=8)
+    rows_39 = data_config(tmp_path / "paragraphs.txt", max_documents=39, seq_len=8)  # 19 blank
+    want = sekd.load_examples(first_20, tokenizer)
+    got = sekd.load_examples(rows_39, tokenizer)
+    assert torch.equal(got[0].input_ids, want[0].input_ids)
+    assert torch.equal(got[1].input_ids, want[1].input_ids)
+
+
 def test_a_directory_loads_every_file_in_name_order_whatever_the_names_say(tmp_path):
     (tmp_path / "d").mkdir()  # datasets alone would put the "test" file in another split
     for name, part in (("a-train.jsonl", DOCS[:25]), ("b-test.jsonl", DOCS[25:])):
