@@ -1385,9 +1385,9 @@ def pad_examples(encoded, pad_id):
 def load_examples(cfg, tokenizer):
     """(training Examples, held-out Examples, {data_format, dropped_examples}) of cfg.data. Row i is
     held out when floor((i + 1) f) > floor(i f), f = --val-fraction: evenly spread, the same rows
-    for any budget, no block shared with training; an empty text (a .txt's blank line) is no row
-    there. Reading stops at --max-documents rows, or once training holds --max-tokens tokens and a
-    held-out row has come (streamed: no more is read)."""
+    for any budget, no block shared with training; i counts rows, and an empty text (a .txt's
+    blank line) as none. Reading stops at --max-documents rows, or once training holds --max-tokens
+    tokens and a held-out row has come (streamed: no more is read)."""
     if tokenizer.eos_token_id is None:
         raise UsageError("the student's tokenizer has no EOS token to end documents: set its "
                          "eos_token")
@@ -1418,7 +1418,7 @@ class RowReader:
         self.parts = ([], [])                                           # training, held out
         self.data_format = None
         self.read = 0                                           # rows, --max-documents' count
-        self.blank = 0                                          # empty documents: no row held out
+        self.blank = 0                                          # empty texts among them
         self.tokens = 0                                         # in the training examples kept
         self.dropped = 0
 
@@ -1443,19 +1443,19 @@ class RowReader:
         self.data_format = self.data_format or row_format(batch, cfg, tokenizer)
         for ids, is_target in encode_rows(batch, self.data_format, tokenizer, cfg.text_column,
                                           self.read):
-            document = self.read - self.blank
+            index = self.read - self.blank   # the held-out rule's row number
             self.read += 1
             if self.data_format == "text" and len(ids) == 1:   # its EOS alone: a blank line
                 self.blank += 1
             else:
-                self.add_example(ids, is_target, document)
+                self.add_example(ids, is_target, index)
             if self.done():
                 return True
         return False
 
-    def add_example(self, ids, is_target, document):
-        """Keep the document-th one's example: held out by the rule, else training's in budget."""
-        held = math.floor((document + 1) * self.share) > math.floor(document * self.share)
+    def add_example(self, ids, is_target, index):
+        """Keep row index's example: held out by the rule, else training's within the budget."""
+        held = math.floor((index + 1) * self.share) > math.floor(index * self.share)
         if self.data_format != "text":   # an example is truncated to --seq-len
             ids = ids[:self.cfg.seq_len]
             is_target = is_target[:self.cfg.seq_len]
