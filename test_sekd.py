@@ -4334,7 +4334,7 @@ def shown(argv, capsys):
         ("student_entropy", "curriculum", "one the policy selected"),   # the lowest scores first
     ],
 )
-def test_shows_header_says_what_a_mark_means_under_the_signal_and_policy(
+def test_show_header_says_what_a_mark_means_under_the_signal_and_policy(
     saved_models, capsys, signal, positions, meaning
 ):
     header, _, _ = shown(
