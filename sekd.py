@@ -1107,13 +1107,24 @@ def after_turn(tokenizer, context, following, options=None):
 def end_of_turn(tokenizer, context, options=None):
     """The text a template puts after an assistant turn (<|im_end|> and newline, <|eot_id|>): the
     whole tokens that follow a last turn and also a turn a user's follows; not what ends a whole
-    conversation only (Phi-3's template adds an EOS there: "<|end|>\n" + "<eos>" vs "<|user|>")."""
+    conversation only (Phi-3's template adds an EOS there: "<|end|>\n" + "<eos>" vs "<|user|>").
+    None ("") where the two share a fragment only: gpt-oss's "<|return|>" vs "<|end|>", in text
+    a tokenizer splits, share "<|"; what follows the end of turn must then be special tokens."""
     at_end = after_turn(tokenizer, context, [], options)
     before_user = after_turn(tokenizer, context, [{"role": "user", "content": "Q"}], options)
     shared = len(os.path.commonprefix([at_end, before_user]))
     tokens = tokenizer(at_end, add_special_tokens=False, return_offsets_mapping=True)
     whole = [stop for _, stop in tokens["offset_mapping"] if stop <= shared]   # tokens not cut
-    return at_end[:max(whole, default=0)]
+    eot = at_end[:max(whole, default=0)]
+    conversation_end = tokenizer(at_end[len(eot):].strip(), add_special_tokens=False)
+    if not all(is_special(tokenizer, i) for i in conversation_end["input_ids"]):
+        return ""
+    return eot
+
+def is_special(tokenizer, token_id):
+    """Whether token_id is one of the tokenizer's special tokens (an EOS, <|im_end|>)."""
+    token = tokenizer.added_tokens_decoder.get(token_id)
+    return token is not None and token.special
 
 def response_stop_ids(tokenizer, data_format, student=None):
     """The ids that end a response the student writes on-policy: the EOS, then the special tokens
@@ -1126,8 +1137,7 @@ def response_stop_ids(tokenizer, data_format, student=None):
         candidates += end_of_turn_ids(tokenizer)[:1]
     stop_ids = [tokenizer.eos_token_id]
     for token_id in candidates:
-        token = tokenizer.added_tokens_decoder.get(token_id)
-        if token is not None and token.special and token_id not in stop_ids:
+        if is_special(tokenizer, token_id) and token_id not in stop_ids:
             stop_ids.append(token_id)
     return stop_ids
 

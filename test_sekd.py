@@ -1981,6 +1981,24 @@ def test_a_turn_rendered_otherwise_last_ends_where_its_content_does_when_turns_e
     assert supervised_turns(tokenizer, chat) == want
 
 
+GPT_OSS_LIKE = (   # the last turn ends with <|return|>, the others with <|end|>
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' and loop.last %}<|return|>{% else %}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+
+def test_an_earlier_turn_ends_with_its_content_where_the_last_turn_ends_with_other_text():
+    tokenizer = chat_tokenizer(GPT_OSS_LIKE)   # its marks split: both ends start with "<|" alone
+    chat = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a one"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a two"},
+    ]
+    assert supervised_turns(tokenizer, chat) == ["<|message|>a one", "<|message|>a two<|return|>"]
+
+
 CALLS = "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}{% endfor %}"
 EARLIER = "messages[loop.index0 - 1].content"
 
