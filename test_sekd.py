@@ -1956,6 +1956,12 @@ def test_an_earlier_turn_of_several_lines_is_supervised_whole_where_the_last_ren
     ]
 
 
+TWO_TURNS = [
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "a one"},
+    {"role": "user", "content": "q2"},
+    {"role": "assistant", "content": "a two"},
+]
 BARE_TURNS = [  # the last turn opens with "!"; or only a whole conversation ends, with an EOS
     "{% for m in messages %}{{ m['role'] }}: "
     "{% if m['role'] == 'assistant' and loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}",
@@ -1972,13 +1978,7 @@ def test_a_turn_rendered_otherwise_last_ends_where_its_content_does_when_turns_e
     template, want
 ):
     tokenizer = chat_tokenizer(template)   # like GLM's, where an earlier turn's <think> is dropped
-    chat = [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a one"},
-        {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a two"},
-    ]
-    assert supervised_turns(tokenizer, chat) == want
+    assert supervised_turns(tokenizer, TWO_TURNS) == want
 
 
 GPT_OSS_LIKE = (   # the last turn ends with <|return|>, the others with <|end|>
@@ -1990,13 +1990,8 @@ GPT_OSS_LIKE = (   # the last turn ends with <|return|>, the others with <|end|>
 
 def test_an_earlier_turn_ends_with_its_content_where_the_last_turn_ends_with_other_text():
     tokenizer = chat_tokenizer(GPT_OSS_LIKE)   # its marks split: both ends start with "<|" alone
-    chat = [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a one"},
-        {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a two"},
-    ]
-    assert supervised_turns(tokenizer, chat) == ["<|message|>a one", "<|message|>a two<|return|>"]
+    want = ["<|message|>a one", "<|message|>a two<|return|>"]
+    assert supervised_turns(tokenizer, TWO_TURNS) == want
 
 
 CALLS = "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}{% endfor %}"
