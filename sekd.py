@@ -1109,17 +1109,21 @@ def end_of_turn(tokenizer, context, options=None):
     whole tokens that follow a last turn and also a turn a user's follows; not what ends a whole
     conversation only (Phi-3's template adds an EOS there: "<|end|>\n" + "<eos>" vs "<|user|>").
     None ("") where the two share a fragment only: gpt-oss's "<|return|>" vs "<|end|>", in text
-    a tokenizer splits, share "<|"; what follows the end of turn must then be special tokens."""
+    a tokenizer splits, share "<|". An end of turn holds a special token, or what a conversation's
+    end adds after it is special tokens alone."""
     at_end = after_turn(tokenizer, context, [], options)
     before_user = after_turn(tokenizer, context, [{"role": "user", "content": "Q"}], options)
     shared = len(os.path.commonprefix([at_end, before_user]))
     tokens = tokenizer(at_end, add_special_tokens=False, return_offsets_mapping=True)
     whole = [stop for _, stop in tokens["offset_mapping"] if stop <= shared]   # tokens not cut
     eot = at_end[:max(whole, default=0)]
-    conversation_end = tokenizer(at_end[len(eot):].strip(), add_special_tokens=False)
-    if not all(is_special(tokenizer, i) for i in conversation_end["input_ids"]):
-        return ""
-    return eot
+    eot_ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+    added_ids = tokenizer(at_end[len(eot):].strip(), add_special_tokens=False)["input_ids"]
+    if any(is_special(tokenizer, i) for i in eot_ids):
+        return eot
+    if all(is_special(tokenizer, i) for i in added_ids):
+        return eot
+    return ""
 
 def is_special(tokenizer, token_id):
     """Whether token_id is one of the tokenizer's special tokens (an EOS, <|im_end|>)."""

@@ -1994,6 +1994,17 @@ def test_an_earlier_turn_ends_with_its_content_where_the_last_turn_ends_with_oth
     assert supervised_turns(tokenizer, TWO_TURNS) == want
 
 
+def test_an_end_of_turn_holding_a_special_token_stands_where_a_conversation_ends_with_text():
+    tokenizer = chat_tokenizer(  # the last turn opens with "!"; a whole conversation ends "(end)"
+        "{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and loop.last %}!"
+        "{% endif %}{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% else %}(end){% endif %}"
+    )
+    tokenizer.add_tokens(["<|im_end|>"], special_tokens=True)
+    want = ["a one<|im_end|>", "!a two<|im_end|>(end)"]
+    assert supervised_turns(tokenizer, TWO_TURNS) == want
+
+
 CALLS = "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}{% endfor %}"
 EARLIER = "messages[loop.index0 - 1].content"
 
