@@ -1859,6 +1859,12 @@ LLAMA_LIKE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 CALL = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+TWO_TURNS = [
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "a one"},
+    {"role": "user", "content": "q2"},
+    {"role": "assistant", "content": "a two"},
+]
 # Like Llama 3.2's and 3.3's: today's date in a system header, unless the caller gives one.
 DATED = (
     "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
@@ -1872,6 +1878,33 @@ def supervised_turns(tokenizer, messages):
     """The decoded runs of targets of one conversation as load_examples builds it."""
     ids, is_target = sekd.encode_rows({"messages": [messages]}, "messages", tokenizer, "text")[0]
     return [tokenizer.decode(ids[a:b]) for a, b in runs_of_true(torch.from_numpy(is_target))]
+
+
+# QWEN_LIKE with its assistant turns marked, as LFM2's real template marks them: transformers'
+# assistant masks then give the targets, an independent reference for every turn.
+TURN_END = "{% endfor %}<|im_end|>\n"   # after a turn's tool calls
+QWEN_MARKED = QWEN_LIKE.replace(
+    "<|im_start|>assistant\n{% if loop", "<|im_start|>assistant\n{% generation %}{% if loop"
+).replace(TURN_END + "{% endif %}", TURN_END + "{% endgeneration %}{% endif %}")
+
+
+@pytest.mark.parametrize("chat", [
+    CHATS[0],
+    [{"role": "system", "content": "be brief"}, *TWO_TURNS],
+    [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>t</think>a one"},
+     {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a two"}],
+    [{"role": "user", "content": "add"}, {"role": "assistant", "content": "", "tool_calls": CALL},
+     {"role": "tool", "content": "2"}, {"role": "assistant", "content": "it is 2."}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "part one"},
+     {"role": "assistant", "content": "part two"}],
+])
+def test_chat_targets_are_transformers_assistant_masks_where_the_template_marks_its_turns(chat):
+    tokenizer = chat_tokenizer(QWEN_MARKED)
+    ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")[0]
+    marked = tokenizer.apply_chat_template(chat, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ids.tolist() == marked["input_ids"]
+    assert is_target.tolist() == [bool(m) for m in marked["assistant_masks"]]
 
 
 @pytest.mark.parametrize("content", ["", None])
@@ -1956,12 +1989,6 @@ def test_an_earlier_turn_of_several_lines_is_supervised_whole_where_the_last_ren
     ]
 
 
-TWO_TURNS = [
-    {"role": "user", "content": "q1"},
-    {"role": "assistant", "content": "a one"},
-    {"role": "user", "content": "q2"},
-    {"role": "assistant", "content": "a two"},
-]
 BARE_TURNS = [  # the last turn opens with "!"; or only a whole conversation ends, with an EOS
     "{% for m in messages %}{{ m['role'] }}: "
     "{% if m['role'] == 'assistant' and loop.last %}!{% endif %}{{ m['content'] }}{% endfor %}",
