@@ -1907,6 +1907,42 @@ def test_chat_targets_are_transformers_assistant_masks_where_the_template_marks_
     assert is_target.tolist() == [bool(m) for m in marked["assistant_masks"]]
 
 
+def random_chat(rng):
+    """A messy conversation: turns of words and newlines, <think> in content or as
+    reasoning_content, tool calls with and without content, two assistant turns in a row."""
+    words = ["the", "cat", "12", "hello\n", "ok ", "<think>", "</think>", "\n\n"]
+
+    def text():
+        return "".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+    chat = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 3)):
+        chat.append({"role": "user", "content": text()})
+        for _ in range(rng.choice([1, 1, 2])):
+            turn = {"role": "assistant", "content": text()}
+            if rng.random() < 0.3:
+                turn["reasoning_content"] = text()
+            if rng.random() < 0.3:
+                turn.update(content=rng.choice(["", text()]), tool_calls=CALL)
+                chat += [turn, {"role": "tool", "content": text()}]
+                continue
+            chat.append(turn)
+    return chat
+
+
+def test_chat_targets_are_transformers_assistant_masks_on_random_messy_conversations():
+    import random
+
+    tokenizer = chat_tokenizer(QWEN_MARKED)
+    rng = random.Random(0)
+    for _ in range(100):
+        chat = random_chat(rng)
+        ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")[0]
+        marked = tokenizer.apply_chat_template(chat, return_dict=True,
+                                               return_assistant_tokens_mask=True)
+        assert ids.tolist() == marked["input_ids"], chat
+        assert is_target.tolist() == [bool(m) for m in marked["assistant_masks"]], chat
+
+
 @pytest.mark.parametrize("content", ["", None])
 def test_a_tool_call_turn_is_supervised_as_the_template_renders_it(content):
     tokenizer = chat_tokenizer(QWEN_LIKE)
