@@ -2143,13 +2143,11 @@ def peak_memory_mb(device):
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 def load_pretrained(auto_class, name, **kwargs):
-    """transformers' auto_class (AutoTokenizer, AutoConfig, ...) from a directory or the hub. No
-    custom code runs: a model that needs some is refused at once (transformers would ask)."""
+    """transformers' auto_class (AutoTokenizer, AutoConfig, ...) from a directory or the hub."""
     import transformers
     try:
-        loader = getattr(transformers, auto_class)
-        return loader.from_pretrained(name, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as err:
+        return getattr(transformers, auto_class).from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:   # also: custom model code the user did not allow
         source = f"the directory '{name}'"
         if not os.path.isdir(name):
             source = f"'{name}': not a local model directory, and the hub could not provide it"

@@ -4879,7 +4879,7 @@ def usage_errors(saved_models, tmp_path):
             "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
         ),
         (base + ["--resume"], "no checkpoint"),
-        (   # no custom code runs, and no prompt asks
+        (   # transformers asks first on a terminal
             base + ["--student", str(custom_code)],
             f"AutoConfig from the directory '{custom_code}' (The repository",
         ),
