@@ -1117,7 +1117,7 @@ def end_of_turn(tokenizer, context, options=None):
     tokens = tokenizer(at_end, add_special_tokens=False, return_offsets_mapping=True)
     whole = [stop for _, stop in tokens["offset_mapping"] if stop <= shared]   # tokens not cut
     eot = at_end[:max(whole, default=0)]
-    eot_ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+    eot_ids = tokens["input_ids"][:len(whole)]   # the whole tokens, in order
     added_ids = tokenizer(at_end[len(eot):].strip(), add_special_tokens=False)["input_ids"]
     if any(is_special(tokenizer, i) for i in eot_ids):
         return eot
