@@ -1198,7 +1198,7 @@ def render_chat(messages, tokenizer, options=None):
         if end is None or end < start:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
                              "conversation, and ends its turns with no text of its own to find it "
-                             "by")
+                             "by: give such rows as prompt/completion strings you render")
         spans.append((start, end))
     return text, spans
 
@@ -1234,7 +1234,8 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
     if previous_end is not None and header and text.startswith(header, previous_end):
         return previous_end + len(header)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
-                     "whole conversation, so where that turn starts is unknown")
+                     "whole conversation, so where that turn starts is unknown: give such rows as "
+                     "prompt/completion strings you render")
 
 def content_start(tokenizer, messages, i, text, options=None):
     """Where message i's content starts in text (content_place), if text agrees up to it (else
