@@ -999,7 +999,8 @@ def load_rows(cfg):
 def row_batches(cfg):
     """The rows of cfg.data in batches (dicts of 256-row columns). Streamed, datasets reads the
     file or the hub as the loop asks: an error there is refused in one line too."""
-    batches = iter(load_rows(cfg).iter(batch_size=256))
+    rows = load_rows(cfg)
+    batches = iter(rows.iter(batch_size=256))
     while True:
         try:
             batch = next(batches, None)
@@ -1007,7 +1008,29 @@ def row_batches(cfg):
             raise unreadable_data(cfg, err) from None
         if batch is None:
             return
-        yield batch
+        yield without_filled_nones(batch, rows.features)
+
+def without_filled_nones(batch, features):
+    """batch without the Nones that Arrow fills in: a column whose dicts it stores as structs (a
+    parquet written without datasets' Json type; any file under datasets before 4.7) gives each
+    dict every key that any row's has, None where its own has none, which a template renders (a
+    tool call's arguments {"city": null, "a": 1}). As trl's remove_none_values, at struct levels
+    only: a Json value keeps its nulls."""
+    if not features:
+        return batch
+    return {name: [drop_filled(value, features.get(name)) for value in column]
+            for name, column in batch.items()}
+
+def drop_filled(value, feature):
+    """value with the None-valued keys of its structs dropped, walking its datasets feature."""
+    if isinstance(feature, dict) and isinstance(value, dict):   # a struct: None is a lacking key
+        return {key: drop_filled(item, feature.get(key)) for key, item in value.items()
+                if item is not None}
+    if isinstance(feature, (list, tuple)) and isinstance(value, list):   # datasets 3's [feature]
+        return [drop_filled(item, feature[0]) for item in value]
+    if hasattr(feature, "feature") and isinstance(value, list):   # List, Sequence
+        return [drop_filled(item, feature.feature) for item in value]
+    return value   # a plain value, or datasets' Json: as written
 
 def unreadable_data(cfg, err):
     """The refusal of --data that datasets cannot read or find, with the reason's first line."""
@@ -2936,10 +2959,11 @@ def show_row(args, cfg, tokenizer):
     """The row to show, encoded as training encodes it (encode_rows, cut to --seq-len): ids,
     is_target, its text and each token's span in it. --text is a document (a text row)."""
     if args.data:
-        row = next(iter(load_rows(cfg).skip(args.index).take(1)), None)
+        rows = load_rows(cfg)
+        row = next(iter(rows.skip(args.index).take(1)), None)
         if row is None:
             raise UsageError(f"--index {args.index} is past the rows of --data {args.data}")
-        batch = {name: [value] for name, value in row.items()}
+        batch = without_filled_nones({name: [value] for name, value in row.items()}, rows.features)
     else:
         batch = {cfg.text_column: [args.text]}
     data_format = row_format(batch, cfg, tokenizer)

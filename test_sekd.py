@@ -2436,6 +2436,51 @@ def test_a_rows_tools_and_template_arguments_render_as_trl_renders_them(tmp_path
         assert text == tokenizer.apply_chat_template(CHATS[i], tools=offered, tokenize=False)
 
 
+def tool_call_rows(path, stored):
+    """Two rows whose tool calls pass other arguments (the second a null one on purpose), stored as
+    a parquet of Arrow structs (as older datasets and pandas write them) or as JSON lines."""
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = []
+    for arguments in ({"city": "Paris"}, {"a": 1, "unit": None}):
+        call = {"type": "function", "function": {"name": "f", "arguments": arguments}}
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]}]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": arguments}}]
+        rows.append({"messages": turns, "tools": tools})
+    if stored == "jsonl":
+        return write_rows(path / "calls.jsonl", rows)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path / "calls.parquet")
+    return path / "calls.parquet"
+
+
+@pytest.mark.parametrize("stored, want", [
+    ("parquet", [{"city": "Paris"}, {"a": 1}]),   # the Nones of other rows' keys dropped
+    ("jsonl", [{"city": "Paris"}, {"a": 1, "unit": None}]),   # datasets' Json type: as written
+])
+def test_rows_hold_no_none_that_an_arrow_struct_column_fills_in_for_other_rows_keys(
+    tmp_path, stored, want
+):
+    batch = next(sekd.row_batches(data_config(tool_call_rows(tmp_path, stored))))
+    calls = [turns[1]["tool_calls"][0]["function"]["arguments"] for turns in batch["messages"]]
+    parameters = [tools[0]["function"]["parameters"] for tools in batch["tools"]]
+    assert calls == parameters == want
+
+
+def test_show_renders_a_parquet_row_without_the_nones_of_other_rows_keys(tmp_path):
+    from types import SimpleNamespace
+
+    tokenizer = chat_tokenizer(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}|"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    data = tool_call_rows(tmp_path, "parquet")
+    args = SimpleNamespace(data=str(data), index=0, text=None)
+    _, _, text, _ = sekd.show_row(args, sekd.Config(data=str(data)), tokenizer)
+    assert text.endswith('assistant: {"city": "Paris"}|')
+
+
 def test_conversational_prompt_completion_rows_render_their_tools_too():
     tokenizer = chat_tokenizer(TOOLS_THINKING)
     prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
