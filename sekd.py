@@ -1326,8 +1326,8 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
             fix = ""
             columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
             messages = [m for c in columns for m in batch[c][j] or [] if isinstance(m, dict)]
-            if any("content" in m and m["content"] is None for m in messages):
-                fix = ': a content is None, which transformers drops unseen by the template: use ""'
+            if any(m.get("content") is None for m in messages):   # a None: transformers drops it
+                fix = ': a message has no content (or None), which the template reads: use ""'
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
                              f"({first_line(err)}){fix}") from None
     return rendered
