@@ -1112,6 +1112,65 @@ def text_messages(messages):
         plain.append(message)
     return plain
 
+def row_messages(batch, column, j, tokenizer, options):
+    """Row j's messages in column as its template takes them: text parts joined (text_messages),
+    tool calls' arguments in the form it renders (arguments_in_form)."""
+    messages = text_messages(batch[column][j])
+    template = tokenizer.get_chat_template(None, options.get("tools"))
+    takes_objects, takes_text = argument_forms(tokenizer, template)
+    if takes_objects == takes_text:   # both, as Qwen3's; or neither: as given
+        return messages
+    in_form = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            calls = [arguments_in_form(call, takes_objects) for call in calls]
+            message = {**message, "tool_calls": calls}
+        in_form.append(message)
+    return in_form
+
+PROBE_ARGUMENTS = {"probe_key": "probe_value"}
+
+@lru_cache
+def argument_forms(tokenizer, template):
+    """Whether a template renders a tool call's arguments given as an object (its value shown, not
+    the dict's Python repr) and as JSON text (shown as given: Llama 3's escapes it into a string,
+    MiniMax-M2's drops it, DeepSeek-V3.1's takes text only). OpenAI's format holds text,
+    transformers documents objects, and a template may take one form only."""
+    shown = []
+    for arguments in (PROBE_ARGUMENTS, json.dumps(PROBE_ARGUMENTS)):
+        call = {"id": "call12345", "type": "function",   # Mistral's wants 9-character ids
+                "function": {"name": "probe", "arguments": arguments}}
+        turns = [{"role": "user", "content": "Q"},
+                 {"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": "call12345", "content": "R"}]
+        try:
+            shown.append(tokenizer.apply_chat_template(turns, tokenize=False,
+                                                       chat_template=template,
+                                                       date_string=CHAT_DATE))
+        except Exception:   # the template's own errors, jinja2's
+            shown.append("")
+    as_object, as_text = shown
+    takes_objects = "probe_value" in as_object and str(PROBE_ARGUMENTS) not in as_object
+    return takes_objects, json.dumps(PROBE_ARGUMENTS) in as_text
+
+def arguments_in_form(call, takes_objects):
+    """A tool call (OpenAI's {"function": {...}}, or flat) with its arguments as an object parsed
+    from JSON text (takes_objects), else as JSON text dumped from an object."""
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
+        return {**call, "function": arguments_in_form(call["function"], takes_objects)}
+    arguments = call.get("arguments")
+    if takes_objects and isinstance(arguments, str):
+        with suppress(json.JSONDecodeError):
+            parsed = json.loads(arguments)
+            if isinstance(parsed, dict):
+                return {**call, "arguments": parsed}
+    if not takes_objects and isinstance(arguments, dict):
+        return {**call, "arguments": json.dumps(arguments, ensure_ascii=False)}
+    return call
+
 def rendered_a_and_b(tokenizer, before, message, after, options=None):
     """The conversation before + [message] + after rendered with the message's content "A", and
     with "B": where the two differ, the template put the content."""
@@ -1316,11 +1375,11 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
         try:
             options = template_options(batch, j)
             if data_format == "messages":
-                messages = text_messages(batch["messages"][j])
+                messages = row_messages(batch, "messages", j, tokenizer, options)
                 rendered.append(render_chat(messages, tokenizer, options))
             else:
-                prompt = text_messages(batch["prompt"][j])
-                completion = text_messages(batch["completion"][j])
+                prompt = row_messages(batch, "prompt", j, tokenizer, options)
+                completion = row_messages(batch, "completion", j, tokenizer, options)
                 rendered.append(render_prompt_completion(prompt, completion, tokenizer, options))
         except Exception as err:   # the template's own errors (jinja2's) too
             fix = ""

@@ -2484,6 +2484,67 @@ def test_show_renders_a_parquet_row_without_the_nones_of_other_rows_keys(tmp_pat
     assert text.endswith('assistant: {"city": "Paris"}|')
 
 
+def arguments_template(arguments):
+    """A template that renders each message and its tool calls' arguments as `arguments` says."""
+    return (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
+        + arguments
+        + "{% endfor %}|{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+
+
+def call_row(arguments, flat=False):
+    """A conversation with a tool call passing `arguments` (OpenAI's form, or a flat call)."""
+    call = {"name": "f", "arguments": arguments}
+    if not flat:
+        call = {"type": "function", "function": call}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    return [{"role": "user", "content": "q"}, turn, {"role": "tool", "content": "r"}]
+
+
+OBJECTS_ONLY = {   # Llama 3's and gpt-oss's escape JSON text; MiniMax-M2's and Qwen3-Coder's fail
+    "tojson": "{{ (c.function or c).arguments | tojson }}",
+    "items": "{% for k, v in (c.function or c).arguments | items %}<{{ k }}={{ v }}>{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("form", list(OBJECTS_ONLY))
+def test_json_text_arguments_render_as_objects_where_a_template_takes_objects_only(form, flat):
+    tokenizer = chat_tokenizer(arguments_template(OBJECTS_ONLY[form]))
+    row = call_row('{"city": "Paris", "days": 2}', flat)
+    text = sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)[0][0]
+    as_documented = call_row({"city": "Paris", "days": 2}, flat)   # transformers' form
+    assert text == tokenizer.apply_chat_template(as_documented, tokenize=False)
+    assert "Paris" in text and "\\" not in text
+
+
+TEXT_ONLY = {   # DeepSeek-V3.1's fails on an object; a plain {{ }} shows the dict's Python repr
+    "concatenated": "{{ '<args>' + c.function.arguments }}",
+    "shown": "<args>{{ c.function.arguments }}",
+}
+
+
+@pytest.mark.parametrize("form", list(TEXT_ONLY))
+def test_object_arguments_render_as_json_text_where_a_template_takes_text_only(form):
+    tokenizer = chat_tokenizer(arguments_template(TEXT_ONLY[form]))
+    row = call_row({"city": "Zürich", "note": None})
+    batch = {"prompt": [row[:1]], "completion": [row[1:]]}
+    text = sekd.rendered_rows(batch, "prompt_messages", tokenizer, 0)[0][0]
+    assert '<args>{"city": "Zürich", "note": null}|' in text
+
+
+@pytest.mark.parametrize("arguments", ['{"city":"Paris"}', {"city": "Paris"}])
+def test_arguments_render_as_given_where_a_template_takes_both_forms(arguments):
+    tokenizer = chat_tokenizer(arguments_template(
+        "{% if c.function.arguments is string %}{{ c.function.arguments }}"
+        "{% else %}{{ c.function.arguments | tojson }}{% endif %}"   # Qwen3's
+    ))
+    row = call_row(arguments)
+    text = sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)[0][0]
+    assert text == tokenizer.apply_chat_template(row, tokenize=False)
+
+
 def test_conversational_prompt_completion_rows_render_their_tools_too():
     tokenizer = chat_tokenizer(TOOLS_THINKING)
     prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
