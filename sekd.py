@@ -1130,6 +1130,9 @@ def row_messages(batch, column, j, tokenizer, options):
     return in_form
 
 PROBE_ARGUMENTS = {"probe_key": "probe_value"}
+PROBE_TOOLS = [{"type": "function", "function": {   # Phi-4-mini's renders calls only with tools
+    "name": "probe", "description": "a probe",
+    "parameters": {"type": "object", "properties": {"probe_key": {"type": "string"}}}}}]
 
 @lru_cache
 def argument_forms(tokenizer, template):
@@ -1145,7 +1148,7 @@ def argument_forms(tokenizer, template):
                  {"role": "assistant", "content": "", "tool_calls": [call]},
                  {"role": "tool", "tool_call_id": "call12345", "content": "R"}]
         try:
-            shown.append(tokenizer.apply_chat_template(turns, tokenize=False,
+            shown.append(tokenizer.apply_chat_template(turns, PROBE_TOOLS, tokenize=False,
                                                        chat_template=template,
                                                        date_string=CHAT_DATE))
         except Exception:   # the template's own errors, jinja2's

@@ -2519,6 +2519,16 @@ def test_json_text_arguments_render_as_objects_where_a_template_takes_objects_on
     assert "Paris" in text and "\\" not in text
 
 
+def test_a_template_that_renders_tool_calls_only_with_tools_is_probed_with_one():
+    tokenizer = chat_tokenizer(arguments_template(
+        "{% if tools %}{{ c.function.arguments | tojson }}{% endif %}"   # as Phi-4-mini's
+    ))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    batch = {"messages": [call_row('{"city": "Paris"}')], "tools": [tools]}
+    text = sekd.rendered_rows(batch, "messages", tokenizer, 0)[0][0]
+    assert 'assistant: {"city": "Paris"}|' in text
+
+
 TEXT_ONLY = {   # DeepSeek-V3.1's fails on an object; a plain {{ }} shows the dict's Python repr
     "concatenated": "{{ '<args>' + c.function.arguments }}",
     "shown": "<args>{{ c.function.arguments }}",
