@@ -1113,19 +1113,19 @@ def text_messages(messages):
     return plain
 
 def row_messages(batch, column, j, tokenizer, options):
-    """Row j's messages in column as its template takes them: text parts joined (text_messages),
-    tool calls' arguments in the form it renders (arguments_in_form)."""
-    messages = text_messages(batch[column][j])
+    """Row j's messages in column as its template takes them: text parts joined (text_messages); a
+    tool call's turn with no content (OpenAI's None) given "", which Qwen3's template needs and
+    every template that takes a None renders alike; its arguments in the form the template renders
+    (arguments_in_form)."""
     template = tokenizer.get_chat_template(None, options.get("tools"))
     takes_objects, takes_text = argument_forms(tokenizer, template)
-    if takes_objects == takes_text:   # both, as Qwen3's; or neither: as given
-        return messages
     in_form = []
-    for message in messages:
+    for message in text_messages(batch[column][j]):
         calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            calls = [arguments_in_form(call, takes_objects) for call in calls]
-            message = {**message, "tool_calls": calls}
+        if isinstance(calls, list) and calls:
+            if takes_objects != takes_text:   # else both, as Qwen3's; or neither: as given
+                calls = [arguments_in_form(call, takes_objects) for call in calls]
+            message = {**message, "content": message.get("content") or "", "tool_calls": calls}
         in_form.append(message)
     return in_form
 

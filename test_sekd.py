@@ -2555,6 +2555,21 @@ def test_arguments_render_as_given_where_a_template_takes_both_forms(arguments):
     assert text == tokenizer.apply_chat_template(row, tokenize=False)
 
 
+@pytest.mark.parametrize("content", [None, "missing"])
+def test_a_tool_call_turn_without_content_renders_as_with_an_empty_one(content):
+    # OpenAI's form: content None; Qwen3's real template fails on it, transformers 5 dropping it
+    tokenizer = chat_tokenizer(arguments_template("{{ c.function.name }}").replace(
+        "{{ m.content }}", "{{ m.content + ' ' }}"
+    ))
+    row = call_row({"a": 1})
+    if content == "missing":
+        del row[1]["content"]
+    else:
+        row[1]["content"] = content
+    text = sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)[0][0]
+    assert text == tokenizer.apply_chat_template(call_row({"a": 1}), tokenize=False)
+
+
 def test_conversational_prompt_completion_rows_render_their_tools_too():
     tokenizer = chat_tokenizer(TOOLS_THINKING)
     prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
