@@ -1388,7 +1388,8 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
             fix = ""
             columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
             messages = [m for c in columns for m in batch[c][j] or [] if isinstance(m, dict)]
-            if any(m.get("content") is None for m in messages):   # a None: transformers drops it
+            no_content = [m for m in messages if m.get("content") is None]   # transformers drops it
+            if any(not m.get("tool_calls") for m in no_content):   # a tool call's gets ""
                 fix = ': a message has no content (or None), which the template reads: use ""'
             raise UsageError(f"--data row {first_row + j}: cannot read its {data_format} "
                              f"({first_line(err)}){fix}") from None

@@ -2570,6 +2570,15 @@ def test_a_tool_call_turn_without_content_renders_as_with_an_empty_one(content):
     assert text == tokenizer.apply_chat_template(call_row({"a": 1}), tokenize=False)
 
 
+def test_a_refusal_does_not_blame_the_none_content_of_a_tool_call_turn():
+    tokenizer = chat_tokenizer("{{ raise_exception('no tools here') }}")
+    row = call_row({"a": 1})
+    row[1]["content"] = None
+    with pytest.raises(sekd.UsageError) as refusal:
+        sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)
+    assert str(refusal.value).endswith("(no tools here)")
+
+
 def test_conversational_prompt_completion_rows_render_their_tools_too():
     tokenizer = chat_tokenizer(TOOLS_THINKING)
     prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
