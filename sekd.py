@@ -1112,15 +1112,21 @@ def text_messages(messages):
         plain.append(message)
     return plain
 
+# A turn's reasoning goes by these names: Qwen3's template reads the first, gpt-oss's the second.
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
 def row_messages(batch, column, j, tokenizer, options):
-    """Row j's messages in column as its template takes them: text parts joined (text_messages); a
-    tool call's turn with no content (OpenAI's None) given "", which Qwen3's template needs and
-    every template that takes a None renders alike; its arguments in the form the template renders
-    (arguments_in_form)."""
+    """Row j's messages in column as its template takes them: text parts joined (text_messages);
+    reasoning under each of REASONING_KEYS; a tool call's turn with no content (OpenAI's None) given
+    "", which Qwen3's template needs and every template that takes a None renders alike; its
+    arguments in the form the template renders (arguments_in_form)."""
     template = tokenizer.get_chat_template(None, options.get("tools"))
     takes_objects, takes_text = argument_forms(tokenizer, template)
     in_form = []
     for message in text_messages(batch[column][j]):
+        reasoning = next((message[k] for k in REASONING_KEYS if message.get(k) is not None), None)
+        if reasoning is not None:   # as transformers from 5.21 on passes it: under every name
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         calls = message.get("tool_calls")
         if isinstance(calls, list) and calls:
             if takes_objects != takes_text:   # else both, as Qwen3's; or neither: as given

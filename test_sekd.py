@@ -2579,6 +2579,16 @@ def test_a_refusal_does_not_blame_the_none_content_of_a_tool_call_turn():
     assert str(refusal.value).endswith("(no tools here)")
 
 
+@pytest.mark.parametrize("key", sekd.REASONING_KEYS)
+def test_a_turns_reasoning_reaches_the_template_under_each_name(key):
+    # transformers from 5.21 on does the same: before, gpt-oss's template missed reasoning_content
+    turn = {"role": "assistant", "content": "a", key: "r"}
+    batch = {"messages": [[{"role": "user", "content": "q"}, turn]]}
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    answer = sekd.row_messages(batch, "messages", 0, tokenizer, {})[1]
+    assert answer["reasoning_content"] == answer["thinking"] == "r"   # Qwen3's name, gpt-oss's
+
+
 def test_conversational_prompt_completion_rows_render_their_tools_too():
     tokenizer = chat_tokenizer(TOOLS_THINKING)
     prompt = [{"role": "user", "content": "what is 1 plus 1?"}]
