@@ -2579,6 +2579,16 @@ def test_a_refusal_does_not_blame_the_none_content_of_a_tool_call_turn():
     assert str(refusal.value).endswith("(no tools here)")
 
 
+def test_a_message_reaches_the_template_without_its_none_valued_keys():
+    # transformers from 5.24 on does the same: before, Llama 3's template read "tool_calls": null
+    # as a tool call, and others print None
+    turn = {"role": "assistant", "content": "a", "tool_calls": None, "refusal": None}
+    batch = {"messages": [[{"role": "user", "content": "q"}, turn]]}
+    tokenizer = chat_tokenizer(QWEN_LIKE)
+    messages = sekd.row_messages(batch, "messages", 0, tokenizer, {})
+    assert messages[1] == {"role": "assistant", "content": "a"}
+
+
 @pytest.mark.parametrize("key", sekd.REASONING_KEYS)
 def test_a_turns_reasoning_reaches_the_template_under_each_name(key):
     # transformers from 5.21 on does the same: before, gpt-oss's template missed reasoning_content
