@@ -1117,9 +1117,9 @@ REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 def row_messages(batch, column, j, tokenizer, options):
     """Row j's messages in column as its template takes them, alike under any transformers 5: text
-    parts joined (text_messages); no None-valued key; reasoning under each of REASONING_KEYS; a tool
-    call's turn with no content (OpenAI's None) given "", which Qwen3's template needs; its
-    arguments in the form the template renders (arguments_in_form)."""
+    parts joined (text_messages); no None-valued key; reasoning (any of REASONING_KEYS) under both
+    names templates read; a tool call's turn with no content (OpenAI's None) given "", which
+    Qwen3's template needs; its arguments in the form the template renders (arguments_in_form)."""
     template = tokenizer.get_chat_template(None, options.get("tools"))
     takes_objects, takes_text = argument_forms(tokenizer, template)
     in_form = []
@@ -1128,7 +1128,7 @@ def row_messages(batch, column, j, tokenizer, options):
         # Llama 3's template reads as a tool call under transformers 5.0)
         message = {key: value for key, value in message.items() if value is not None}
         reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
-        if reasoning is not None:   # as transformers from 5.21 on passes it: under every name
+        if reasoning is not None:   # as transformers passes it from 5.21 on
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         calls = message.get("tool_calls")
         if isinstance(calls, list) and calls:
