@@ -186,6 +186,20 @@ def test_kl_signals_never_dip_below_zero_where_the_two_distributions_nearly_agre
     assert (sekd.position_scores(signal, z, near) >= 0).all()
 
 
+def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float32():
+    # bf16 heads under autocast: log softmax(z / T) and a CE in bf16 lose ~1% of a logit
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(5, 30, generator=g) * 4).bfloat16()
+    y = torch.randint(0, 30, (5,), generator=g)
+    want = (z.double() / 0.7).log_softmax(-1)
+    for got in (sekd.log_softmax_t(z, 0.7), sekd.softmax_t(z, 0.7).log()):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    ce = sekd.cross_entropy(z, y)
+    assert ce.dtype == torch.float32
+    torch.testing.assert_close(ce.double(), -z.double().log_softmax(-1)[range(5), y])
+
+
 @pytest.mark.parametrize("family", ["cohere", "gemma2", "granite", "phi", "llama"])  # phi: bias
 def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     model = tiny_model(family)
@@ -198,6 +212,17 @@ def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
             sekd.lm_head(model)(hidden), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
         )
         assert sekd.lm_head(model, 50)(hidden).shape[-1] == 50
+
+
+def test_lm_head_under_autocast_casts_a_heads_bias_as_the_model_does():
+    model = tiny_model("phi")
+    torch.nn.init.normal_(model.get_output_embeddings().bias)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = sekd.hidden_states(model, ids)
+        torch.testing.assert_close(
+            sekd.lm_head(model)(hidden).float(), model(input_ids=ids).logits.float()
+        )
 
 
 @pytest.mark.parametrize("signal", ["student_entropy", "kl", "ce_ratio+student_entropy"])
@@ -442,6 +467,13 @@ def test_pos_rs_never_draws_a_position_whose_score_is_negative():
     assert (weights[:, [0, 2]] == 0).all() and (weights[:, [1, 3]] > 0).any(0).all()
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_pos_rs_gives_a_sample_without_valid_positions_zero_weights(unbiased):
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    weights = sekd.drawn_positions(torch.rand(2, 3), valid, 0.5, unbiased)
+    assert weights[1].tolist() == [0.0, 0.0, 0.0] and weights[0].sum() > 0
+
+
 # ============================================================================================
 # 3. Class axis
 # ============================================================================================
@@ -559,6 +591,16 @@ def test_inverse_cdf_draws_no_class_of_probability_0_at_a_uniform_of_exactly_0(m
     assert sekd.inverse_cdf_draws(probs, 3).tolist() == [[2, 2, 2]]
 
 
+def test_inverse_cdf_draws_no_id_past_the_last_class_at_a_uniform_rounding_to_the_cdfs_end(
+    monkeypatch,
+):
+    # sorted uniforms times the CDF's total can round up to the total itself, which
+    # searchsorted places past the last class
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape))
+    probs = torch.tensor([[0.25, 0.75, 0.0]])
+    assert sekd.inverse_cdf_draws(probs, 2).tolist() == [[2, 2]]
+
+
 def test_sparse_kl_matches_the_dense_formula():
     s = torch.randn(4, 30)
     t = torch.randn(4, 30)
@@ -569,6 +611,21 @@ def test_sparse_kl_matches_the_dense_formula():
     torch.testing.assert_close(
         sekd.sparse_kl(s, ids, weights, 2.0).double(), want, atol=1e-5, rtol=1e-5
     )
+
+
+def test_the_class_axis_losses_of_bf16_student_logits_are_computed_in_float32():
+    # under bf16 autocast the heads give bf16 logits: dividing by T or a log-sum-exp in bf16
+    # would lose ~1% of a logit's value
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(6, 40, generator=g) * 4).bfloat16()
+    t = torch.randn(6, 40, generator=g) * 4
+    ids, weights = sekd.sample_classes(t, 16, 0.7, torch.Generator().manual_seed(1))
+    target = torch.zeros(6, 40, dtype=torch.float64).scatter_add_(1, ids, weights.double())
+    log_q = (s.double() / 0.7).log_softmax(-1)
+    want = (torch.xlogy(target, target) - target * log_q).sum(-1) * 0.7**2
+    got = sekd.sparse_kl(s, ids, weights, 0.7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_kl_with_the_teachers_exact_probabilities_is_the_full_kl():
@@ -608,6 +665,16 @@ def test_the_class_axis_losses_default_to_temperature_1(loss):
                  "sparse_kl": (s, ids, weights)}[loss]
     function = getattr(sekd, loss)
     assert torch.equal(function(*arguments), function(*arguments, 1.0))
+
+
+@pytest.mark.parametrize("classes", [dict(class_samples=8), dict(top_k_classes=4)])
+def test_class_kl_refuses_beta_above_0_with_sampled_or_top_k_classes(classes):
+    # a trainer's cfg that Config would refuse: the JSD needs every class, these keep some
+    fields = dict(beta=0.5, temperature=1.0, chunk_size=1024, class_samples=None,
+                  top_k_classes=None)
+    cfg = types.SimpleNamespace(**{**fields, **classes})
+    with pytest.raises(ValueError, match="needs the teacher's full distribution"):
+        sekd.class_kl(torch.randn(3, 20), cfg, torch.randn(3, 20))
 
 
 # ============================================================================================
