@@ -1800,6 +1800,21 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
     assert train.loss_mask.flatten().tolist() == [not f for f in first[: n * 16]]
 
 
+@pytest.mark.parametrize("specials", ["<eos> $A <eos>", "<eos> $A"])  # add_eos_token; BOS alone
+def test_a_document_is_its_texts_tokens_and_one_eos_whatever_its_tokenizer_adds_to_a_text(
+    specials,
+):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tiny_tokenizer(DOCS)
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=specials, special_tokens=[("<eos>", eos)]
+    )
+    [(ids, _)] = sekd.encode_rows({"text": [DOCS[0]]}, "text", tokenizer, "text")
+    assert ids.tolist() == tokenizer(DOCS[0], add_special_tokens=False)["input_ids"] + [eos]
+
+
 def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_budget(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     path = write_docs(tmp_path, "jsonl")
@@ -2170,6 +2185,19 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
         {"role": "assistant", "content": " a two"},
     ]
     assert supervised_turns(tokenizer, chat) == ["a one<|eot_id|>", "a two<|eot_id|>"]
+
+
+def test_a_chat_holds_its_templates_bos_once_where_the_tokenizer_adds_one_to_every_text():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = chat_tokenizer(LLAMA_LIKE)  # a BOS in the rendered text, as Llama 3's
+    tokenizer.bos_token = "<eos>"
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", bos)]
+    )
+    [(ids, _)] = sekd.encode_rows({"messages": [TWO_TURNS]}, "messages", tokenizer, "text")
+    assert ids[0] == bos and (ids == bos).sum() == 1
 
 
 def test_tokens_holding_a_character_of_a_span_are_targets_and_one_of_none_where_it_lies():
