@@ -1426,15 +1426,19 @@ def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_of
     return rows
 
 def encode_documents(batch, tokenizer, text_column, first_row, with_offsets):
-    """Text rows -> [(ids, is_target, text, offsets)]: the document and an EOS, all but the first
-    token targets; offsets None unless with_offsets (the EOS has no characters)."""
+    """Text rows -> [(ids, is_target, text, offsets)]: the document as its tokenizer encodes a text
+    (with its BOS, if it adds one, as TRL's SFT and run_clm.py do: Gemma's and Llama's models expect
+    one; no EOS it appends), then an EOS; all but the first token targets; an empty text is the EOS
+    alone. offsets None unless with_offsets (the EOS has no characters)."""
     texts = column_strings(batch, text_column, first_row)
-    tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
+    tokens = tokenizer(texts, return_offsets_mapping=with_offsets)
+    appended = appended_specials(tokenizer)   # the one EOS below ends a document
     encoded = []
     for j, (text, ids) in enumerate(zip(texts, tokens["input_ids"])):
+        ids = ids[:len(ids) - appended] if text else []   # a blank line: no document, no BOS
         offsets = None
         if with_offsets:
-            offsets = tokens["offset_mapping"][j] + [(len(text), len(text))]
+            offsets = tokens["offset_mapping"][j][:len(ids)] + [(len(text), len(text))]
         encoded.append((ids + [tokenizer.eos_token_id], [0] + [1] * len(ids), text, offsets))
     return encoded
 

@@ -1801,18 +1801,23 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
 
 
 @pytest.mark.parametrize("specials", ["<eos> $A <eos>", "<eos> $A"])  # add_eos_token; BOS alone
-def test_a_document_is_its_texts_tokens_and_one_eos_whatever_its_tokenizer_adds_to_a_text(
+def test_a_document_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_then_ends_with_one_eos(
     specials,
 ):
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = tiny_tokenizer(DOCS)
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id  # standing in for a BOS too, as in the prompt test below
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
         single=specials, special_tokens=[("<eos>", eos)]
     )
-    [(ids, _)] = sekd.encode_rows({"text": [DOCS[0]]}, "text", tokenizer, "text")
-    assert ids.tolist() == tokenizer(DOCS[0], add_special_tokens=False)["input_ids"] + [eos]
+    rows = {"text": [DOCS[0], ""]}  # a blank line: the EOS alone, no BOS
+    [(ids, is_target, _, offsets), (blank, _, _, _)] = sekd.encode_rows(
+        rows, "text", tokenizer, "text", with_offsets=True
+    )
+    text = tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == [eos] + text + [eos] and blank.tolist() == [eos]
+    assert is_target.tolist() == [False] + [True] * (len(text) + 1) and len(offsets) == len(ids)
 
 
 def test_held_out_rows_are_every_tenth_at_val_fraction_0_1_whatever_the_token_budget(tmp_path):
