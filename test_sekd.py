@@ -2451,6 +2451,19 @@ def test_on_policy_chat_responses_stop_at_the_eos_and_the_templates_special_end_
     assert sekd.response_stop_ids(tokenizer, "prompt") == [eos]  # the completion ends at the EOS
 
 
+def test_on_policy_chat_responses_stop_at_the_end_of_turn_not_at_a_bos_the_tokenizer_adds():
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = chat_tokenizer(LLAMA_LIKE)
+    tokenizer.add_tokens(["<|eot_id|>", "<bos>"], special_tokens=True)
+    tokenizer.bos_token = "<bos>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
+    )
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id, eot]
+
+
 @pytest.mark.parametrize("end", ["pieces", "added", "none", "unknown"])
 def test_an_end_of_turn_of_plain_text_none_or_unknown_is_no_stop_id(end):
     tokenizer = chat_tokenizer(CHATML)  # pieces: stopping at "<" would cut a response writing one
