@@ -4256,6 +4256,12 @@ def test_resume_drops_a_torn_last_line_of_the_step_log(saved_models, tmp_path, m
     assert [json.loads(line)["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
 
 
+def test_a_resume_whose_step_log_was_removed_starts_a_new_one(tmp_path):
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path), overwrite=False)
+    sekd.start_outputs(cfg, 3).close()  # the checkpoint's step 3; no log.jsonl left
+    assert (tmp_path / "log.jsonl").read_text() == ""
+
+
 def test_resume_refuses_a_checkpoint_of_an_earlier_format_in_one_line(saved_models, tmp_path):
     with pytest.raises(sekd.RunStopped):
         sekd.train(run_config(saved_models, tmp_path, lr=1e20, max_grad_norm=1e30, save_every=1))
