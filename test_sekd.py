@@ -4477,6 +4477,24 @@ def test_a_teacher_with_another_tokenizer_of_as_many_ids_is_refused(saved_models
         sekd.check_models(cfg, tokenizer)
 
 
+def test_a_teachers_tokenizer_with_another_chat_template_is_noted_and_an_equal_one_is_not(
+    saved_models, tmp_path, capsys
+):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    theirs = sekd.load_pretrained("AutoTokenizer", str(teacher))
+    theirs.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    theirs.save_pretrained(teacher)
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    sekd.check_models(sekd.Config(student=saved_models["student"], teacher=str(teacher)), tokenizer)
+    noted = capsys.readouterr().err
+    assert noted.count("the data is rendered with the student's") == 1
+    cfg = sekd.Config(student=saved_models["student"], teacher=saved_models["teacher"])
+    sekd.check_models(cfg, tokenizer)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("step", ["doubles", "slices"])   # the logits, or their width
 def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch, step):
     import transformers
