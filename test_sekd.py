@@ -4422,6 +4422,13 @@ def test_a_vocab_size_of_exactly_the_heads_rows_is_accepted(saved_models):
     assert sekd.check_models(cfg, tokenizer) == rows
 
 
+def test_top_k_classes_of_the_whole_vocabulary_are_accepted(saved_models):
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    rows = sekd.load_pretrained("AutoConfig", saved_models["student"]).vocab_size
+    cfg = sekd.Config(student=saved_models["student"], top_k_classes=rows)  # the full KL
+    assert sekd.check_models(cfg, tokenizer) == rows
+
+
 def test_a_vocab_size_beyond_the_smaller_head_is_refused(saved_models, tmp_path):
     import shutil
 
