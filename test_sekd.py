@@ -89,6 +89,17 @@ def tiny_tokenizer(texts):
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
 
 
+def adding_specials(tokenizer, single, token="<eos>"):
+    """tokenizer, made to wrap every text it encodes as `single` says ("<eos> $A": a BOS, as Llama's
+    and Gemma's add; "<eos> $A <eos>": an EOS too), token being the special token it names."""
+    from tokenizers.processors import TemplateProcessing
+
+    special_tokens = [(token, tokenizer.convert_tokens_to_ids(token))]
+    processor = TemplateProcessing(single=single, special_tokens=special_tokens)
+    tokenizer.backend_tokenizer.post_processor = processor
+    return tokenizer
+
+
 def reference_signal(signal, s, t, y):
     """Table 1's signals in float64 from torch.distributions, written independently of sekd."""
     q = Categorical(logits=s.double())
@@ -1804,13 +1815,8 @@ def test_text_packs_documents_with_eos_into_blocks_and_the_token_after_an_eos_is
 def test_a_document_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_then_ends_with_one_eos(
     specials,
 ):
-    from tokenizers.processors import TemplateProcessing
-
-    tokenizer = tiny_tokenizer(DOCS)
+    tokenizer = adding_specials(tiny_tokenizer(DOCS), specials)
     eos = tokenizer.eos_token_id  # standing in for a BOS too, as in the prompt test below
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=specials, special_tokens=[("<eos>", eos)]
-    )
     rows = {"text": [DOCS[0], ""]}  # a blank line: the EOS alone, no BOS
     [(ids, is_target, _, offsets), (blank, _, _, _)] = sekd.encode_rows(
         rows, "text", tokenizer, "text", with_offsets=True
@@ -2193,14 +2199,9 @@ def test_turns_the_template_trims_are_supervised_as_rendered():
 
 
 def test_a_chat_holds_its_templates_bos_once_where_the_tokenizer_adds_one_to_every_text():
-    from tokenizers.processors import TemplateProcessing
-
-    tokenizer = chat_tokenizer(LLAMA_LIKE)  # a BOS in the rendered text, as Llama 3's
+    tokenizer = adding_specials(chat_tokenizer(LLAMA_LIKE), "<eos> $A")  # and in the text
     tokenizer.bos_token = "<eos>"
     bos = tokenizer.bos_token_id
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<eos> $A", special_tokens=[("<eos>", bos)]
-    )
     [(ids, _)] = sekd.encode_rows({"messages": [TWO_TURNS]}, "messages", tokenizer, "text")
     assert ids[0] == bos and (ids == bos).sum() == 1
 
@@ -2452,14 +2453,10 @@ def test_on_policy_chat_responses_stop_at_the_eos_and_the_templates_special_end_
 
 
 def test_on_policy_chat_responses_stop_at_the_end_of_turn_not_at_a_bos_the_tokenizer_adds():
-    from tokenizers.processors import TemplateProcessing
-
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.add_tokens(["<|eot_id|>", "<bos>"], special_tokens=True)
     tokenizer.bos_token = "<bos>"
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)]
-    )
+    adding_specials(tokenizer, "<bos> $A", "<bos>")
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert sekd.response_stop_ids(tokenizer, "messages") == [tokenizer.eos_token_id, eot]
 
@@ -2794,13 +2791,8 @@ def test_prompt_completion_rows_supervise_the_completion_and_its_eos(tmp_path):
 
 @pytest.mark.parametrize("specials", ["<eos> $A <eos>", "<eos> $A"])  # add_eos_token; BOS alone
 def test_a_prompt_keeps_the_bos_but_not_the_eos_its_tokenizer_adds_to_every_text(specials):
-    from tokenizers.processors import TemplateProcessing
-
-    tokenizer = tiny_tokenizer(DOCS)
+    tokenizer = adding_specials(tiny_tokenizer(DOCS), specials)
     eos = tokenizer.eos_token_id
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=specials, special_tokens=[("<eos>", eos)]
-    )
     row = {"prompt": ["question 1:"], "completion": [" answer 3"]}
     [(ids, is_target, _, offsets)] = sekd.encode_rows(
         row, "prompt", tokenizer, "text", with_offsets=True
@@ -4827,7 +4819,7 @@ def student_with_template(saved_models, tmp_path, template, bos=False):
     """A copy of the student whose tokenizer has the chat template (and, bos, adds a BOS as Llama's
     do)."""
     import shutil
-    from tokenizers.processors import TemplateProcessing
+
     from transformers import AutoTokenizer
 
     student = shutil.copytree(saved_models["student"], tmp_path / "templated_student")
@@ -4835,9 +4827,7 @@ def student_with_template(saved_models, tmp_path, template, bos=False):
     tokenizer.chat_template = template
     if bos:
         tokenizer.bos_token = "<eos>"
-        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single="<eos> $A", special_tokens=[("<eos>", tokenizer.eos_token_id)]
-        )
+        adding_specials(tokenizer, "<eos> $A")
     tokenizer.save_pretrained(student)
     return str(student)
 
