@@ -3763,6 +3763,37 @@ def test_config_flags_override_a_preset():
     assert sekd.Config(method="rskd", top_k_classes=8).class_samples is None
 
 
+def test_config_defaults_are_the_papers_and_leave_every_switch_off():
+    cfg = sekd.Config()
+    paper = (cfg.method, cfg.positions, cfg.k, cfg.signal, cfg.temperature, cfg.beta,
+             cfg.ce_weight, cfg.ell, cfg.class_samples, cfg.seq_len, cfg.lr, cfg.max_grad_norm)
+    assert paper == ("sekd", "top", 0.2, "student_entropy", 1.0, 0.0, 0.0, 1.0, None, 512, 1e-5,
+                     1.0)
+    switches = {f.name for f in dataclasses.fields(cfg) if f.type == "bool"}
+    assert switches == {"cache_any_student", "streaming", "gradient_checkpointing", "resume",
+                        "overwrite"}
+    assert not any(getattr(cfg, name) for name in switches)
+
+
+def test_config_refuses_a_sum_signal_only_where_positions_are_drawn_in_proportion_to_it():
+    for positions in ("top", "gls", "curriculum"):
+        assert sekd.Config(positions=positions, signal="kl+student_entropy").positions == positions
+    assert sekd.Config(positions="pos_rs", signal="kl").signal == "kl"
+
+
+def test_config_needs_a_teacher_only_for_kd_a_teacher_signal_in_use_or_a_cache():
+    assert sekd.Config(method="sekd").needs_teacher
+    assert not sekd.Config(method="ce").needs_teacher
+    # a teacher signal needs one only where it scores: a scored policy, samples kept (l < 1)
+    assert sekd.Config(method="ce", positions="top", signal="teacher_entropy").needs_teacher
+    assert not sekd.Config(method="ce", positions="random", signal="teacher_entropy").needs_teacher
+    assert not sekd.Config(method="ce", positions="top").needs_teacher
+    assert sekd.Config(method="ce", ell=0.5, sample_signal="kl").needs_teacher
+    assert not sekd.Config(method="ce", ell=0.5).needs_teacher
+    assert not sekd.Config(method="ce", sample_signal="kl").needs_teacher
+    assert sekd.Config(method="ce", cache_dir="c", class_samples=4).needs_teacher
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
