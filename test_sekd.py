@@ -2994,9 +2994,8 @@ def test_training_reduces_held_out_kl_and_writes_outputs(saved_models, tmp_path)
         after["val_kl"] == pytest.approx(metrics["val_kl"], rel=1e-4)
         and after["val_kl"] < 0.7 * before["val_kl"]
     )
-    assert not [
-        f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp") or f.startswith(".student")
-    ]
+    # its outputs, nothing else: no temp file, no sample selection (l = 1: no pre-pass)
+    assert sorted(os.listdir(tmp_path / "run")) == ["log.jsonl", "metrics.json", "student"]
 
 
 def test_chat_rows_train_and_evaluate_from_the_command_line_and_the_student_keeps_its_own_tokenizer(
@@ -3112,7 +3111,7 @@ def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tm
     assert manifest["sample_ids"] == kept.tolist()
     assert (
         first["distilled_blocks"] == math.ceil(0.2 * first["train_blocks"])
-        and "cache_build_s" in first
+        and 0 < first["cache_build_s"] < first["wall_time_s"]
     )
     # only l of the samples cached; the paper's size: 3 B per drawn class, for l of the samples
     assert first["cache_bytes_per_token"] < first["cache_bytes_per_position"]
