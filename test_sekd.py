@@ -3209,6 +3209,17 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 10)
 
 
+def test_a_run_notes_on_stderr_the_examples_it_dropped_without_a_target(
+    saved_models, tmp_path, capsys
+):
+    rows = [{"prompt": "word " * 40, "completion": "a b"}]   # its completion past --seq-len
+    rows += [{"prompt": "q", "completion": "a b"}] * 19
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    sekd.Run(run_config(saved_models, tmp_path, data=str(data), val_fraction=0.05))
+    note = "data: dropped 1 example(s) with no target within --seq-len 16\n"
+    assert note in capsys.readouterr().err
+
+
 def test_a_runs_wall_time_holds_its_training_time_and_lies_within_the_call(saved_models, tmp_path):
     began = time.time()
     metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=2))
@@ -5161,7 +5172,9 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
     write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
-    no_prompt = write_rows(tmp_path / "no_prompt.jsonl", [{"prompt": "", "completion": "a b"}] * 20)
+    with_prompts = [{"prompt": "q", "completion": "a b"}] * 19
+    no_prompt = write_rows(tmp_path / "no_prompt.jsonl",   # one training row without (not all)
+                           [{"prompt": "", "completion": "a b"}] + with_prompts)
     has_highest = [highest in ids for ids in tokenizer(DOCS, add_special_tokens=False)["input_ids"]]
     rows = [{"text": DOCS[has_highest.index(False)]}] * 19  # row 19 held out (every 20th)
     rows.append({"text": DOCS[has_highest.index(True)] * 3})
