@@ -4001,6 +4001,16 @@ def test_a_cache_accepts_the_same_teacher_at_another_path(saved_models, built_ca
     assert run.cache is not None and run.teacher is None
 
 
+def test_a_cache_of_every_sample_names_no_student_or_signal_that_chose_them(saved_models):
+    cfg = sekd.Config(method="sekd3x", ell=1.0, teacher=saved_models["teacher"],
+                      student=saved_models["student"])
+    every = sekd.cache_identity(cfg)
+    assert every["student_weights"] is None and every["sample_signal"] is None
+    chosen = sekd.cache_identity(dataclasses.replace(cfg, ell=0.2))
+    assert chosen["student_weights"] == sekd.weights_fingerprint(saved_models["student"])
+    assert chosen["sample_signal"] == "student_entropy"
+
+
 def test_a_cache_accepts_another_student_when_told_to(saved_models, built_cache, tmp_path):
     run = sekd.Run(
         run_config(
@@ -4495,8 +4505,9 @@ def test_on_policy_a_training_prompt_and_its_response_must_fit_the_teacher_too(
     ids = torch.zeros(1, 20, dtype=torch.long)
     is_target = torch.arange(20)[None] >= 10   # a prompt of 10 tokens
     examples = (sekd.Examples(ids, torch.ones_like(is_target), is_target), sekd.as_examples(ids))
-    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher),
-                      on_policy_fraction=0.5, max_new_tokens=118)
+    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher), max_new_tokens=119)
+    sekd.check_positions(cfg, examples)   # off-policy: no response is generated
+    cfg = dataclasses.replace(cfg, on_policy_fraction=0.5, max_new_tokens=118)
     sekd.check_positions(cfg, examples)
     cfg = dataclasses.replace(cfg, max_new_tokens=119)
     refused = f"129 tokens, beyond the 128 positions of '{re.escape(str(teacher))}'"
