@@ -3209,13 +3209,21 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 10)
 
 
+def test_a_runs_teacher_is_frozen_in_eval_mode_and_its_student_trains(saved_models, tmp_path):
+    run = sekd.Run(run_config(saved_models, tmp_path))
+    assert not run.teacher.training and not any(p.requires_grad for p in run.teacher.parameters())
+    assert run.student.training and all(p.requires_grad for p in run.student.parameters())
+
+
 def test_a_run_notes_on_stderr_the_examples_it_dropped_without_a_target(
     saved_models, tmp_path, capsys
 ):
-    rows = [{"prompt": "word " * 40, "completion": "a b"}]   # its completion past --seq-len
-    rows += [{"prompt": "q", "completion": "a b"}] * 19
-    data = write_rows(tmp_path / "rows.jsonl", rows)
-    sekd.Run(run_config(saved_models, tmp_path, data=str(data), val_fraction=0.05))
+    rows = [{"prompt": "q", "completion": "a b"}] * 20
+    sekd.Run(run_config(saved_models, tmp_path, data=str(write_rows(tmp_path / "a.jsonl", rows))))
+    assert "dropped" not in capsys.readouterr().err
+    rows[0] = {"prompt": "word " * 40, "completion": "a b"}   # its completion past --seq-len
+    data = write_rows(tmp_path / "b.jsonl", rows)
+    sekd.Run(run_config(saved_models, tmp_path, data=str(data)))
     note = "data: dropped 1 example(s) with no target within --seq-len 16\n"
     assert note in capsys.readouterr().err
 
@@ -4502,8 +4510,8 @@ def test_on_policy_a_training_prompt_and_its_response_must_fit_the_teacher_too(
     teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
-    ids = torch.zeros(1, 20, dtype=torch.long)
-    is_target = torch.arange(20)[None] >= 10   # a prompt of 10 tokens
+    ids = torch.zeros(2, 20, dtype=torch.long)
+    is_target = torch.arange(20)[None] >= torch.tensor([[4], [10]])   # the longest prompt: 10
     examples = (sekd.Examples(ids, torch.ones_like(is_target), is_target), sekd.as_examples(ids))
     cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher), max_new_tokens=119)
     sekd.check_positions(cfg, examples)   # off-policy: no response is generated
@@ -5123,6 +5131,17 @@ def test_help_shows_each_numeric_flags_valid_range(capsys):
     for f in ranged:
         entry = entries["--" + f.name.replace("_", "-")]
         assert f"({' and '.join(f.metadata['rules'])})" in entry, entry
+
+
+def test_help_shows_each_valued_flags_default_and_none_for_a_switch(capsys):
+    with pytest.raises(SystemExit):
+        sekd.parse_config(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: False)" not in help_text
+    for f in dataclasses.fields(sekd.Config):
+        by_preset = f.name in sekd.UNSET or f.name == "positions"   # shown per --method
+        if f.default is not None and f.type != "bool" and not by_preset:
+            assert f"(default: {f.default})" in help_text, f.name
 
 
 def test_every_flag_also_takes_its_underscore_spelling_and_help_shows_the_dash_one(capsys):
