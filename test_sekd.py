@@ -5009,6 +5009,25 @@ def test_show_shades_ranks_and_shares_kl_over_the_valid_positions_only(tmp_path,
     assert "they hold 75% of the KL" in summary
 
 
+def test_show_shades_equal_scores_as_zero_not_nan(tmp_path, capsys):
+    page, _ = print_show_page(tmp_path, capsys, [0.5, 0.5], [True, True], [True, False],
+                              [1.0, 1.0])
+    assert re.findall(r"rgba\(255,60,60,([\d.]+)\)", page) == ["0.00"] * 3
+
+
+def test_show_draws_tokens_that_share_characters_as_one_piece_over_all_their_characters():
+    # a byte-level BPE can split a character's bytes unevenly: spans (0, 2) and (1, 3) overlap
+    pieces = sekd.token_pieces([(0, 2), (1, 3), (3, 4), (4, 4)])   # (4, 4): no character
+    assert pieces == [(0, 3, [0, 1]), (3, 4, [2])]
+
+
+def test_show_shades_a_piece_by_its_highest_scored_token():
+    drawing, _ = sekd.render_marks(
+        "a", [(0, 1), (0, 1)], [False] * 2, [0.2, 0.8], [False] * 2, "html", [""] * 2
+    )
+    assert re.findall(r"rgba\(255,60,60,([\d.]+)\)", drawing) == ["0.80"]
+
+
 def test_show_marks_a_character_when_any_of_its_tokens_is_selected():
     offsets = [(0, 1), (0, 1), (1, 2)]  # tokens 0 and 1: the bytes of "a"
     drawing, marks = sekd.render_marks(
@@ -5054,6 +5073,13 @@ def test_show_on_a_terminal_draws_colours_and_a_legend_instead_of_markers(
     out = capsys.readouterr().out
     assert "\x1b[1;4;" in out and "⟦" not in out
     assert "\nbackground: the score; bold underlined: selected; dim: prompt" in out
+
+
+def test_show_off_a_terminal_draws_markers_without_being_asked(saved_models, capsys):
+    student = saved_models["student"]
+    sekd.main(["show", "--device", "cpu", "--student", student, "--text", SHOW_TEXT])
+    out = capsys.readouterr().out
+    assert "⟦" in out and "\x1b[" not in out
 
 
 def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
