@@ -4576,6 +4576,7 @@ def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(
 
 def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     methods = ["full_dense", "sekd3x_build", "sekd3x_reuse"]
+    began = time.time()
     sekd.main(
         [
             "bench", "--device", "cpu", "--shape", "tiny", "--batch-size", "1", "--seq-len", "16",
@@ -4583,6 +4584,7 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
             ",".join(methods),
         ]
     )  # --steps: the older name of --batches
+    elapsed = time.time() - began
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert (report["device"].startswith("cpu"), report["shape"]) == (True, "tiny")
@@ -4593,6 +4595,8 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
     assert all(r["s"] > 0 for r in report["epoch"].values())
     base = report["epoch"]["full_dense"]["s"]
     results = report["results"]
+    # each pass within the call, its median step within the pass
+    assert all(0 < r["step_ms"] <= 1000 * r["s"] <= 1000 * elapsed for r in results.values())
     cache = report["cache"]
     assert all(
         r["over_full_dense"] == pytest.approx(r["s"] / base) for r in report["epoch"].values()
@@ -4679,6 +4683,15 @@ def test_each_bench_row_trains_as_its_name_says(monkeypatch, tmp_path):
         "sekd3x_build": [("selective", "sekd3x", 0.0, False, False, True, False)] * 2,
         "sekd3x_reuse": [("selective", "sekd3x", 0.0, False, False, True, False)] * 2,
     }
+
+
+def test_bench_builds_its_models_on_a_cpu_as_a_run_loads_them():
+    shape = sekd.BENCH_SHAPES["tiny"]
+    teacher = sekd.bench_model(shape, "teacher", torch.device("cpu"))
+    student = sekd.bench_model(shape, "student", torch.device("cpu"))
+    assert teacher.dtype == student.dtype == torch.float32   # a bf16 teacher: on CUDA only
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert student.training and all(p.requires_grad for p in student.parameters())
 
 
 def test_the_bench_qwen3_shape_has_the_parameters_of_qwen3_1_7b_and_0_6b():
