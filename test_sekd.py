@@ -3246,6 +3246,8 @@ def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_pa
         run_config(saved_models, tmp_path, method="ce", teacher=None, max_steps=3, grad_accum=2)
     )
     assert metrics["train_tokens"] == 3 * 2 * 4 * 16  # steps x micro-batches x blocks x seq_len
+    throughput = metrics["train_tokens"] / metrics["train_time_s"]
+    assert metrics["tokens_per_s"] == pytest.approx(throughput)
 
 
 def test_each_step_draws_random_positions_of_its_own(saved_models, tmp_path, monkeypatch):
