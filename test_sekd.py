@@ -4447,6 +4447,26 @@ def test_file_sha256_is_the_sha256_of_every_byte_past_its_first_block(tmp_path):
     assert sekd.file_sha256(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
 
 
+def test_under_torchrun_cuda_i_is_gpu_i_plus_the_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert sekd.resolve_device("cuda:1", local_rank=2) == torch.device("cuda", 3)
+    assert sekd.resolve_device("auto", local_rank=3) == torch.device("cuda", 3)
+    with pytest.raises(sekd.UsageError, match="device cuda:4 does not exist"):
+        sekd.resolve_device("cuda:2", local_rank=2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM")
+def test_on_linux_the_cpu_peak_is_in_mebibytes_within_getrusages_maxrss():
+    import resource
+
+    held = torch.ones(2**26)   # 256 MiB, touched
+    peak = sekd.peak_memory_mb(torch.device("cpu"))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB: never reset
+    assert 256 < peak < 1.1 * maxrss   # the kernel's two counts differ by a few MiB
+    del held
+
+
 def test_without_proc_the_cpu_peak_is_getrusages_maxrss_in_bytes(monkeypatch):
     import resource
 
