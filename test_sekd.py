@@ -3217,6 +3217,7 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
 
 def test_a_runs_teacher_is_frozen_in_eval_mode_and_its_student_trains(saved_models, tmp_path):
     run = sekd.Run(run_config(saved_models, tmp_path))
+    assert run.teacher.dtype == torch.float32   # bf16 on CUDA only (paper)
     assert not run.teacher.training and not any(p.requires_grad for p in run.teacher.parameters())
     assert run.student.training and all(p.requires_grad for p in run.student.parameters())
 
