@@ -4583,6 +4583,14 @@ def test_a_teachers_tokenizer_with_another_chat_template_is_noted_and_an_equal_o
     assert capsys.readouterr().err == ""
 
 
+def test_a_model_with_large_logits_that_lm_head_reproduces_is_loaded(monkeypatch):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)   # logits of hundreds, reproduced: no refusal
+    monkeypatch.setattr(sekd, "load_pretrained", lambda *args, **kwargs: model)
+    assert sekd.load_model("large", torch.device("cpu")) is model
+
+
 @pytest.mark.parametrize("step", ["doubles", "slices"])   # the logits, or their width
 def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch, step):
     import transformers
