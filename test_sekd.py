@@ -3342,6 +3342,16 @@ def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
     return metrics, seen, [record for record in log if "loss" in record]
 
 
+def test_gen_len_is_a_steps_mean_response_length_over_its_accumulated_micro_batches(
+    saved_models, tmp_path, monkeypatch
+):
+    _, seen, log = on_policy_run(saved_models, tmp_path, monkeypatch, on_policy_fraction=1.0,
+                                 grad_accum=2, max_steps=2)
+    responses = [int(is_target.sum()) for _, _, is_target in seen]   # a micro-batch's tokens
+    per_step = [(responses[0] + responses[1]) / 8, (responses[2] + responses[3]) / 8]   # 2 x 4
+    assert [r["gen_len"] for r in log] == pytest.approx(per_step)
+
+
 def test_with_on_policy_fraction_1_every_supervised_token_is_one_the_student_generated(
     saved_models, tmp_path, monkeypatch
 ):
