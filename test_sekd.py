@@ -5041,6 +5041,11 @@ def print_show_page(tmp_path, capsys, scores, valid, selected, kl):
     return (tmp_path / "p.html").read_text(), capsys.readouterr().out.splitlines()[-1]
 
 
+def shades(drawing):
+    """The background strengths of an HTML drawing's pieces, in order."""
+    return re.findall(r"rgba\(255,60,60,([\d.]+)\)", drawing)
+
+
 def show_two_positions(tmp_path, capsys):
     """print_show on "abc": positions 0 and 1 (drawn on tokens 1 and 2), scored 0.5 and 0.9, KL 1
     and 3, the second selected -> (the HTML page, the summary line)."""
@@ -5063,7 +5068,7 @@ def test_show_shades_ranks_and_shares_kl_over_the_valid_positions_only(tmp_path,
     valid = [False, False, True, True]
     page, summary = print_show_page(tmp_path, capsys, scores, valid, [False] * 3 + [True],
                                     [4.0, 4.0, 1.0, 3.0])
-    strengths = re.findall(r"rgba\(255,60,60,([\d.]+)\)", page)
+    strengths = shades(page)
     assert strengths == ["0.00", "0.00", "0.00", "0.00", "1.00"]  # token 0: no position
     assert re.findall(r"rank (\d+) of 2", page) == ["2", "1"]
     assert "they hold 75% of the KL" in summary
@@ -5072,7 +5077,7 @@ def test_show_shades_ranks_and_shares_kl_over_the_valid_positions_only(tmp_path,
 def test_show_shades_equal_scores_as_zero_not_nan(tmp_path, capsys):
     page, _ = print_show_page(tmp_path, capsys, [0.5, 0.5], [True, True], [True, False],
                               [1.0, 1.0])
-    assert re.findall(r"rgba\(255,60,60,([\d.]+)\)", page) == ["0.00"] * 3
+    assert shades(page) == ["0.00"] * 3
 
 
 def test_show_draws_tokens_that_share_characters_as_one_piece_over_all_their_characters():
@@ -5085,7 +5090,7 @@ def test_show_shades_a_piece_by_its_highest_scored_token():
     drawing, _ = sekd.render_marks(
         "a", [(0, 1), (0, 1)], [False] * 2, [0.2, 0.8], [False] * 2, "html", [""] * 2
     )
-    assert re.findall(r"rgba\(255,60,60,([\d.]+)\)", drawing) == ["0.80"]
+    assert shades(drawing) == ["0.80"]
 
 
 def test_show_marks_a_character_when_any_of_its_tokens_is_selected():
@@ -5196,10 +5201,15 @@ def test_show_dims_the_prompt_of_a_data_row_and_never_marks_it(saved_models, tmp
 # ============================================================================================
 
 
-def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
+def help_words(capsys):
+    """sekd.py --help's text, each run of whitespace one space."""
     with pytest.raises(SystemExit):
         sekd.parse_config(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
+    help_text = help_words(capsys)
     for f in sekd.dataclasses.fields(sekd.Config):
         assert "--" + f.name.replace("_", "-") in help_text
     assert "default: None" not in help_text and "sekd/sekd3x: top" in help_text
@@ -5207,10 +5217,7 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
 
 
 def test_help_shows_each_numeric_flags_valid_range(capsys):
-    with pytest.raises(SystemExit):
-        sekd.parse_config(["--help"])
-    # past the usage line
-    help_text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]
+    help_text = help_words(capsys).split("options:", 1)[1]   # past the usage line
     ranged = [f for f in sekd.dataclasses.fields(sekd.Config) if f.metadata["rules"]]
     assert len(ranged) >= 20
     entries = {entry.split()[0]: entry for entry in re.split(r" (?=--[a-z-]+ [A-Z_{])", help_text)}
@@ -5220,9 +5227,7 @@ def test_help_shows_each_numeric_flags_valid_range(capsys):
 
 
 def test_help_shows_each_valued_flags_default_and_none_for_a_switch(capsys):
-    with pytest.raises(SystemExit):
-        sekd.parse_config(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split())
+    help_text = help_words(capsys)
     assert "(default: False)" not in help_text
     for f in dataclasses.fields(sekd.Config):
         by_preset = f.name in sekd.UNSET or f.name == "positions"   # shown per --method
