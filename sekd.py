@@ -2210,9 +2210,15 @@ def barrier():
 
 @contextmanager
 def process_group(cfg):
-    """Under torchrun, one process group (NCCL on CUDA, gloo on CPU), destroyed at the run's end."""
+    """Under torchrun, one process group (NCCL on CUDA, gloo on CPU), destroyed at the run's end.
+    A launcher setting no LOCAL_RANK (a process per node, as cloud jobs' env://) runs on GPU 0."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        device = resolve_device(cfg.device, int(os.environ["LOCAL_RANK"]))
+        unset = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if unset:
+            raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a process group, "
+                             f"and the environment lacks {', '.join(unset)}: launch with torchrun, "
+                             "or unset WORLD_SIZE")
+        device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -4467,6 +4467,38 @@ def test_under_torchrun_cuda_i_is_gpu_i_plus_the_local_rank(monkeypatch):
         sekd.resolve_device("cuda:2", local_rank=2)
 
 
+def test_a_launcher_setting_no_local_rank_starts_the_process_group_as_local_rank_0(monkeypatch):
+    # one process per node (a cloud job's env:// variables): GPU 0 of its node, on CUDA
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    backends = []
+    monkeypatch.setattr(sekd.dist, "init_process_group", backends.append)
+    with sekd.process_group(sekd.Config(device="cpu")):
+        pass
+    assert backends == ["gloo"]
+
+
+@pytest.mark.parametrize("unset", ["RANK", "MASTER_ADDR"])
+def test_world_size_without_a_launchers_other_variables_is_refused_in_one_line(
+    monkeypatch, capsys, unset
+):
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(unset)
+    started = []
+    monkeypatch.setattr(sekd.dist, "init_process_group", started.append)
+    monkeypatch.setattr(sekd, "Run", lambda cfg: pytest.fail("the run began"))
+    with pytest.raises(SystemExit) as exit_:
+        sekd.main(["--student", "s", "--data", "d", "--method", "ce", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and started == []
+    assert error.count("\n") == 1 and "WORLD_SIZE=2" in error and f"lacks {unset}" in error
+    assert "torchrun" in error
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM")
 def test_on_linux_the_cpu_peak_is_in_mebibytes_within_getrusages_maxrss():
     import resource
