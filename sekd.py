@@ -2984,7 +2984,9 @@ SHOW_FLAGS = [   # name, type, default, help
     ("student", str, None, "the student (name or directory)"),
     ("teacher", str, None, "the teacher"),
     ("text", str, None, "the text to show"),
-    ("data", str, None, "or a row of a --data file"),
+    ("data", str, None, "or a row of --data (a file, a directory, a hub name: streamed)"),
+    ("data_config", str, None, "the hub dataset's configuration"),
+    ("split", str, "train", "the dataset split to read"),
     ("index", int, 0, "the row of --data"),
     ("text_column", str, "text", "its plain-text column"),
     ("seq_len", int, 512, "tokens of a prompt/completion or chat row kept, as in training"),
@@ -3003,8 +3005,10 @@ def show(argv):
     add_flag(parser, "plain", action="store_true",
              help="markers (⟦token⟧), not colours, also on a terminal")
     args = parser.parse_args(argv)
+    from_hub = args.data is not None and data_files(args.data) is None   # one row, not the split
     cfg = Config(positions=args.positions, k=args.k, signal=args.signal, student=args.student,
-                 teacher=args.teacher, data=args.data, text_column=args.text_column,
+                 teacher=args.teacher, data=args.data, data_config=args.data_config,
+                 split=args.split, streaming=from_hub, text_column=args.text_column,
                  seq_len=args.seq_len)
     if not args.student or (args.text is None) == (args.data is None):
         raise UsageError("show needs --student, and --text or --data (one of them)")

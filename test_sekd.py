@@ -5179,6 +5179,31 @@ def test_show_off_a_terminal_draws_markers_without_being_asked(saved_models, cap
     assert "⟦" in out and "\x1b[" not in out
 
 
+def test_show_streams_one_row_of_a_hub_dataset_and_reads_a_local_file_whole(
+    saved_models, tmp_path, capsys, monkeypatch
+):
+    import datasets
+
+    rows = [{"text": "document 1 says hello"}, {"text": "document 2 says hello world"}]
+    local = write_rows(tmp_path / "rows.jsonl", rows)
+    read = []
+    load_dataset = datasets.load_dataset
+
+    def recorded(path, name=None, **kwargs):
+        read.append((path, name, kwargs["split"], kwargs["streaming"]))
+        if path != "org/name":   # the local file
+            return load_dataset(path, name, **kwargs)
+        return datasets.Dataset.from_list(rows).to_iterable_dataset()   # the hub: the same rows
+
+    monkeypatch.setattr(datasets, "load_dataset", recorded)
+    hub = ["--data", "org/name", "--data-config", "sample", "--split", "s", "--index", "1"]
+    for data in (hub, ["--data", str(local), "--index", "1"]):
+        _, body, _ = shown(["--student", saved_models["student"], *data], capsys)
+        assert body.replace("⟦", "").replace("⟧", "") == rows[1]["text"]
+    # a hub split is read as it streams: its first rows, not the whole split
+    assert read == [("org/name", "sample", "s", True), ("json", None, "train", False)]
+
+
 def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
     from types import SimpleNamespace
 
