@@ -58,7 +58,7 @@ def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None):
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids, post-head
-    steps included (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's soft cap): on
+    steps included (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's and 4's soft cap): on
     gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
@@ -68,9 +68,10 @@ def lm_head(model, vocab_size=None):
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    scale = getattr(model.config, "logit_scale", None)                 # Cohere
-    divisor = getattr(model.config, "logits_scaling", None)            # Granite
-    cap = getattr(model.config, "final_logit_softcapping", None)       # Gemma 2
+    config = model.config.get_text_config()   # a multimodal model's (Gemma 4's) text settings
+    scale = getattr(config, "logit_scale", None)                       # Cohere
+    divisor = getattr(config, "logits_scaling", None)                  # Granite
+    cap = getattr(config, "final_logit_softcapping", None)             # Gemma 2 and 4
 
     def logits(hidden):
         z = F.linear(hidden, weight, bias)

@@ -32,6 +32,14 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0):
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
                                          n_positions=64, bos_token_id=0, eos_token_id=0)
+    elif family == "gemma4":   # multimodal: its soft cap in its text config, its decoder per-layer
+        text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=hidden // 4, global_head_dim=hidden // 4, final_logit_softcapping=3.0,
+                    vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=8,
+                    layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                    max_position_embeddings=256, tie_word_embeddings=False)
+        config = transformers.Gemma4Config(text_config=text)
     else:
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                "qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
@@ -211,10 +219,10 @@ def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float3
     torch.testing.assert_close(ce.double(), -z.double().log_softmax(-1)[range(5), y])
 
 
-@pytest.mark.parametrize("family", ["cohere", "gemma2", "granite", "phi", "llama"])  # phi: bias
+@pytest.mark.parametrize("family", ["cohere", "gemma2", "gemma4", "granite", "phi", "llama"])
 def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     model = tiny_model(family)
-    if family == "phi":  # initialised to zeros
+    if family == "phi":  # a head with a bias, initialised to zeros
         torch.nn.init.normal_(model.get_output_embeddings().bias)
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
