@@ -2270,11 +2270,22 @@ def load_model(name, device, frozen=False):
 @torch.no_grad()
 def check_lm_head(model, name):
     """Refuse a model whose own logits are not lm_head's on its decoder's hidden states: a step
-    after its head that lm_head does not know (Gemma 3n's soft cap, kept in its text config)."""
+    after its head that lm_head does not know (HyperCLOVAX multiplies by the logits_scaling that
+    Granite divides by). Compared at logits of about 30, a trained model's size, so that a soft cap
+    or a factor shows in a model fresh from its config too."""
     ids = torch.arange(8, device=model.device)[None] % head_size(model)
     was_training = model.training
-    theirs = model.eval()(input_ids=ids, use_cache=False).logits.float()         # [1, 8, V]
-    ours = lm_head(model)(hidden_states(model, ids)).float()
+    hidden = hidden_states(model.eval(), ids)                                   # [1, 8, H]
+    factor = 30 / lm_head(model)(hidden).float().abs().max().clamp(min=1e-6)
+
+    def enlarge(module, inputs, output):   # the model's own head then sees hidden x factor
+        output[0].mul_(factor)
+    hook = unwrap(model).get_decoder().register_forward_hook(enlarge)
+    try:
+        theirs = model(input_ids=ids, use_cache=False).logits.float()            # [1, 8, V]
+    finally:
+        hook.remove()
+    ours = lm_head(model)(hidden * factor).float()
     model.train(was_training)
     tolerance = 1e-2 * (1 + theirs.abs().max())   # bf16 rounding, not a missing step
     if ours.shape != theirs.shape or (ours - theirs).abs().max() > tolerance:

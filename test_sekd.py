@@ -4641,14 +4641,20 @@ def test_a_model_with_large_logits_that_lm_head_reproduces_is_loaded(monkeypatch
     assert sekd.load_model("large", torch.device("cpu")) is model
 
 
-@pytest.mark.parametrize("step", ["doubles", "slices"])   # the logits, or their width
+# the logits, their width, or (unseen at a fresh model's small logits) a soft cap
+@pytest.mark.parametrize("step", ["doubles", "slices", "caps"])
 def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch, step):
     import transformers
 
     class OtherLlama(transformers.LlamaForCausalLM):   # a step after the head, unknown to sekd
         def forward(self, *args, **kwargs):
             output = super().forward(*args, **kwargs)
-            output.logits = output.logits * 2 if step == "doubles" else output.logits[..., :50]
+            if step == "doubles":
+                output.logits = output.logits * 2
+            elif step == "slices":
+                output.logits = output.logits[..., :50]
+            else:
+                output.logits = 30 * torch.tanh(output.logits / 30)
             return output
     model = OtherLlama(tiny_model("llama").config)
     monkeypatch.setattr(sekd, "load_pretrained", lambda *args, **kwargs: model)
