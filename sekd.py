@@ -930,6 +930,9 @@ class TeacherCache:
 #      prompt/completion and chat rows one example each, the response supervised
 FILE_TYPES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
               ".parquet": "parquet"}
+# A file named for a split, as datasets reads names (train-00000-of-00002.parquet, b-test.jsonl).
+SPLIT_WORDS = {"train": "train|training", "validation": "validation|valid|dev|val",
+               "test": "test|testing|eval|evaluation"}
 
 @dataclasses.dataclass
 class Examples:
@@ -972,6 +975,11 @@ def data_files(data):
         if not names or len(types) > 1:
             raise UsageError(f"--data {data}: the directory needs {'/'.join(FILE_TYPES)} files, "
                              "of one type")
+        splits = {named_split(name) for name in names} - {None}
+        if len(splits) > 1:   # a hub dataset's copy: its test split would be trained on
+            raise UsageError(f"--data {data}: its files are named for the splits "
+                             f"{', '.join(sorted(splits))}, which one run would read together: "
+                             "pass one split's file, or a directory of one split's files")
         return [os.path.join(data, name) for name in names]
     if os.path.isfile(data) and suffix not in FILE_TYPES:
         raise UsageError(f"--data {data}: unsupported file type '{suffix}'; use .txt (a document "
@@ -982,6 +990,13 @@ def data_files(data):
         raise UsageError(f"--data {data} does not exist: pass a text/json/jsonl/parquet file, a "
                          "directory of them, or a dataset name on the Hugging Face hub")
     return [data] if os.path.isfile(data) else None
+
+def named_split(file_name):
+    """The split a data file's name says, as datasets reads names (b-test.jsonl: test), or None."""
+    for split, words in SPLIT_WORDS.items():
+        if re.search(rf"(^|[-._ 0-9])({words})[-._ 0-9]", file_name):
+            return split
+    return None
 
 def load_rows(cfg):
     """The rows of cfg.data in order, a datasets (Iterable)Dataset: a file, a directory of files, or

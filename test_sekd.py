@@ -1869,11 +1869,34 @@ def test_max_documents_counts_a_txts_blank_lines_as_rows(tmp_path):
     assert torch.equal(got[1].input_ids, want[1].input_ids)
 
 
-def test_a_directory_loads_every_file_in_name_order_whatever_the_names_say(tmp_path):
-    (tmp_path / "d").mkdir()  # datasets alone would put the "test" file in another split
-    for name, part in (("a-train.jsonl", DOCS[:25]), ("b-test.jsonl", DOCS[25:])):
+def test_a_directory_loads_every_file_in_name_order_also_those_datasets_would_leave_out(tmp_path):
+    (tmp_path / "d").mkdir()  # datasets alone would read the "train" file only
+    for name, part in (("a-train.jsonl", DOCS[:25]), ("b.jsonl", DOCS[25:])):
         (tmp_path / "d" / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
     assert [row["text"] for row in sekd.load_rows(data_config(tmp_path / "d"))] == DOCS
+
+
+@pytest.mark.parametrize("names", [
+    ["a-train.jsonl", "b-test.jsonl"],
+    ["test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"],
+    ["dev.txt", "train.txt"],
+])
+def test_a_directory_of_files_named_for_several_splits_is_refused_not_read_together(
+    tmp_path, names
+):
+    (tmp_path / "d").mkdir()   # a hub dataset's local copy: its test split is no training data
+    for name in names:
+        (tmp_path / "d" / name).write_text("")
+    with pytest.raises(sekd.UsageError, match="named for the splits .*test|validation"):
+        sekd.data_files(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("name,split", [
+    ("train-00001-of-00002.parquet", "train"), ("b-test.jsonl", "test"), ("val.txt", "validation"),
+    ("contest.jsonl", None), ("latest_notes.txt", None), ("trainer.jsonl", None),
+])
+def test_a_file_names_a_split_as_datasets_reads_names(name, split):
+    assert sekd.named_split(name) == split
 
 
 CHATML = (
