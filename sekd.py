@@ -111,14 +111,9 @@ def log_softmax_t(logits, temperature):
         logits = logits.float() / temperature
     return logits.log_softmax(-1, dtype=torch.float32)
 
-def softmax_t(logits, temperature):
-    if temperature != 1:
-        logits = logits.float() / temperature
-    return logits.softmax(-1, dtype=torch.float32)
-
 def entropy(logits):
     """H(softmax(logits)) per row at T = 1: [N, V] -> float32 [N]."""
-    return torch.special.entr(softmax_t(logits, 1)).sum(-1)
+    return torch.special.entr(logits.softmax(-1, dtype=torch.float32)).sum(-1)
 
 def cross_entropy(logits, labels):
     """CE of each row's label (int32 ids too, as some collators give them): [N, V], [N] -> [N]."""
@@ -428,7 +423,10 @@ def sample_classes(teacher_logits, num_samples, temperature=1.0, generator=None)
     """RS-KD targets: U = num_samples ids drawn i.i.d. from p_T -> (ids, weights), both [N, U]: each
     distinct id at the slot of its first draw (draws sorted by id), weight count / U, so
     E[weight of v] = p_T(v); the other slots hold id 0, weight 0."""
-    draws = inverse_cdf_draws(softmax_t(teacher_logits, temperature), num_samples, generator)
+    if temperature != 1:   # in float32: a bf16 division would move each logit by ~1%
+        teacher_logits = teacher_logits.float() / temperature
+    p = teacher_logits.softmax(-1, dtype=torch.float32)                           # p_T [N, V]
+    draws = inverse_cdf_draws(p, num_samples, generator)                          # [N, U]
     first, counts = run_counts(draws)
     return draws * first, counts / num_samples
 

@@ -205,13 +205,19 @@ def test_kl_signals_never_dip_below_zero_where_the_two_distributions_nearly_agre
     assert (sekd.position_scores(signal, z, near) >= 0).all()
 
 
-def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float32():
+def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float32(monkeypatch):
     # bf16 heads under autocast: log softmax(z / T) and a CE in bf16 lose ~1% of a logit
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(5, 30, generator=g) * 4).bfloat16()
     y = torch.randint(0, 30, (5,), generator=g)
     want = (z.double() / 0.7).log_softmax(-1)
-    for got in (sekd.log_softmax_t(z, 0.7), sekd.softmax_t(z, 0.7).log()):
+    drawn_from = []   # RS-KD's p_T, logged before the draws consume it
+    draws = sekd.inverse_cdf_draws
+    monkeypatch.setattr(
+        sekd, "inverse_cdf_draws", lambda p, *args: drawn_from.append(p.log()) or draws(p, *args)
+    )
+    sekd.sample_classes(z, 8, temperature=0.7)
+    for got in (sekd.log_softmax_t(z, 0.7), drawn_from[0]):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ce = sekd.cross_entropy(z, y)
