@@ -35,14 +35,26 @@ def unwrap(model):
 def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real.
     position_ids [B, L] restarting at 0 mark packed sequences, each attending to itself alone."""
+    packing = {} if position_ids is None else packed_boundaries(position_ids)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return ddp_hidden_states(model, input_ids, attention_mask, position_ids)
+        return ddp_hidden_states(model, input_ids, attention_mask, position_ids, packing)
     decoder = unwrap(model).get_decoder()   # DataParallel's model runs on its first device
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False)
+                     use_cache=False, **packing)
     return output.last_hidden_state
 
-def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None):
+def packed_boundaries(position_ids):
+    """Where packed sequences start, as TRL's padding-free collator tells varlen kernels: attention
+    reads position_ids, but a hybrid model's linear attention and short convolutions (Qwen3.5's)
+    would run on across sequences without cu_seq_lens and seq_idx."""
+    starts = position_ids == 0                                                    # [B, L]
+    cu_seq_lens = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=starts.numel()).int()
+    longest = int(cu_seq_lens.diff().max())
+    seq_idx = (starts.flatten().cumsum(0) - 1).int().view(starts.shape)          # [B, L]
+    return dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest,
+                max_length_k=longest, seq_idx=seq_idx)
+
+def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None, packing=None):
     """hidden_states through DDP's forward, which alone syncs gradients: the model (as Trainer and
     sekd's loop wrap it) runs with logits at no position, its decoder's output caught by a hook."""
     caught = []
@@ -51,7 +63,7 @@ def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-              use_cache=False, logits_to_keep=no_position)
+              use_cache=False, logits_to_keep=no_position, **(packing or {}))
     finally:
         hook.remove()
     return caught[0]
