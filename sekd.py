@@ -1893,6 +1893,7 @@ class Run:
         cfg = self.cfg
         reset_peak_memory(self.device)   # the peak then reports training, not loading or building
         self.student = student.train()
+        freeze_outside_text(student)
         if dist.is_initialized():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.student = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
@@ -2324,6 +2325,15 @@ def checkpoint_activations(model):
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+
+def freeze_outside_text(model):
+    """Freeze the parameters that the loss never reaches, those outside the decoder and LM head (a
+    multimodal student's vision and audio towers, Gemma 4's): DDP wants a gradient for each
+    parameter it trains, and would stop at the second step."""
+    reached = {*model.get_decoder().parameters(), *model.get_output_embeddings().parameters()}
+    for parameter in model.parameters():
+        if parameter not in reached:
+            parameter.requires_grad_(False)
 
 def read_json(path):
     """A JSON file sekd.py wrote (a manifest, a checkpoint's, a sample selection), refused in one

@@ -3291,6 +3291,30 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 20)
 
 
+def test_a_multimodal_students_towers_outside_the_text_path_are_frozen(saved_models, tmp_path):
+    # a Gemma 4 checkpoint: under DDP an unused trained parameter stopped the run at step 2
+    import transformers
+
+    if not hasattr(transformers, "Gemma4Config"):
+        pytest.skip("this transformers has no Gemma 4")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(saved_models["student"])
+    vocab = len(tokenizer)
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+                vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=8)
+    vision = dict(hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8, global_head_dim=8)
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma4")
+    tokenizer.save_pretrained(tmp_path / "gemma4")
+    run = sekd.Run(run_config(saved_models, tmp_path, student=str(tmp_path / "gemma4")))
+    trained = {name for name, p in run.student.named_parameters() if p.requires_grad}
+    towers = {name for name, _ in run.student.named_parameters() if ".vision_tower." in name}
+    assert towers and not towers & trained
+    text_path = [*run.student.get_decoder().parameters(), run.student.lm_head.weight]
+    assert all(p.requires_grad for p in text_path)
+
+
 def test_a_runs_teacher_is_frozen_in_eval_mode_and_its_student_trains(saved_models, tmp_path):
     run = sekd.Run(run_config(saved_models, tmp_path))
     assert run.teacher.dtype == torch.float32   # bf16 on CUDA only (paper)
