@@ -46,8 +46,11 @@ def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
 def packed_boundaries(position_ids):
     """Where packed sequences start, as TRL's padding-free collator tells varlen kernels: attention
     reads position_ids, but a hybrid model's linear attention and short convolutions (Qwen3.5's)
-    would run on across sequences without cu_seq_lens and seq_idx."""
+    would run on across sequences without cu_seq_lens and seq_idx. {} unless one row holds several
+    sequences (TRL's padding-free batch): rows of one sequence each need none."""
     starts = position_ids == 0                                                    # [B, L]
+    if len(starts) > 1 or starts.sum() < 2:
+        return {}
     cu_seq_lens = F.pad(starts.flatten().nonzero().flatten(), (0, 1), value=starts.numel()).int()
     longest = int(cu_seq_lens.diff().max())
     seq_idx = (starts.flatten().cumsum(0) - 1).int().view(starts.shape)          # [B, L]

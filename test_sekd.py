@@ -1154,6 +1154,16 @@ def test_packed_boundaries_are_those_trls_padding_free_collator_gives_the_model(
         assert torch.equal(torch.as_tensor(value), torch.as_tensor(batch[key])), key
 
 
+@pytest.mark.parametrize("position_ids", [
+    [[0, 1, 2, 3]],                         # one sequence
+    [[0, 1, 2, 0], [0, 1, 0, 0]],           # rows of their own, right-padded with position 0
+])
+def test_rows_of_one_sequence_each_get_no_packed_boundaries(position_ids):
+    # varlen kernels take one packed row; given boundaries, Qwen3.5's linear attention refuses a
+    # batch of rows, and without flash-linear-attention any row: unpacked rows ran fine before
+    assert sekd.packed_boundaries(torch.tensor(position_ids)) == {}
+
+
 def test_a_hybrid_models_packed_sequences_never_run_into_each_other():
     # Qwen3.5's linear-attention layers read no position_ids: without boundaries the second
     # sequence's states carried the first's; without flash-linear-attention transformers refuses
