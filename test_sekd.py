@@ -272,6 +272,53 @@ def test_batch_scores_in_chunks_equal_position_scores_per_sample(signal):
         torch.testing.assert_close(got[b][v], want, atol=1e-4, rtol=1e-4)
 
 
+def test_packed_boundaries_are_those_trls_padding_free_collator_gives_the_model():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collator([{"input_ids": list(range(1, n + 1))} for n in (4, 2, 3, 1)])
+    ours = sekd.packed_boundaries(batch["position_ids"])
+    keys = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
+    assert set(ours) == keys
+    for key, value in ours.items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(batch[key])), key
+
+
+@pytest.mark.parametrize("position_ids", [
+    [[0, 1, 2, 3]],                         # one sequence
+    [[0, 1, 2, 0], [0, 1, 0, 0]],           # rows of their own, right-padded with position 0
+])
+def test_rows_of_one_sequence_each_get_no_packed_boundaries(position_ids):
+    # varlen kernels take one packed row; given boundaries, Qwen3.5's linear attention refuses a
+    # batch of rows, and without flash-linear-attention any row: unpacked rows ran fine before
+    assert sekd.packed_boundaries(torch.tensor(position_ids)) == {}
+
+
+def test_a_hybrid_models_packed_sequences_never_run_into_each_other():
+    # Qwen3.5's linear-attention layers read no position_ids: without boundaries the second
+    # sequence's states carried the first's; without flash-linear-attention transformers refuses
+    import transformers
+
+    if "qwen3_5_text" not in transformers.CONFIG_MAPPING:
+        pytest.skip("this transformers has no Qwen3.5")
+    config = transformers.AutoConfig.for_model(
+        "qwen3_5_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert "linear_attention" in config.layer_types
+    first = torch.randint(0, VOCAB, (1, 7))
+    second = torch.randint(0, VOCAB, (1, 5))
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        try:
+            packed = sekd.hidden_states(model, torch.cat([first, second], 1), None, position_ids)
+        except ValueError as err:
+            assert "packed sequences apart" in str(err)
+        else:
+            torch.testing.assert_close(packed[:, 7:], sekd.hidden_states(model, second))
+
+
 # ============================================================================================
 # 2. Position axis
 # ============================================================================================
@@ -1140,53 +1187,6 @@ def test_a_packed_row_distills_its_sequences_apart_as_trls_padding_free_batches_
                for ids in (first, second)]
     assert stats["valid"] == 6 + 4
     torch.testing.assert_close(loss.detach(), torch.cat(kls).mean(), atol=1e-5, rtol=1e-5)
-
-
-def test_packed_boundaries_are_those_trls_padding_free_collator_gives_the_model():
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = collator([{"input_ids": list(range(1, n + 1))} for n in (4, 2, 3, 1)])
-    ours = sekd.packed_boundaries(batch["position_ids"])
-    keys = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
-    assert set(ours) == keys
-    for key, value in ours.items():
-        assert torch.equal(torch.as_tensor(value), torch.as_tensor(batch[key])), key
-
-
-@pytest.mark.parametrize("position_ids", [
-    [[0, 1, 2, 3]],                         # one sequence
-    [[0, 1, 2, 0], [0, 1, 0, 0]],           # rows of their own, right-padded with position 0
-])
-def test_rows_of_one_sequence_each_get_no_packed_boundaries(position_ids):
-    # varlen kernels take one packed row; given boundaries, Qwen3.5's linear attention refuses a
-    # batch of rows, and without flash-linear-attention any row: unpacked rows ran fine before
-    assert sekd.packed_boundaries(torch.tensor(position_ids)) == {}
-
-
-def test_a_hybrid_models_packed_sequences_never_run_into_each_other():
-    # Qwen3.5's linear-attention layers read no position_ids: without boundaries the second
-    # sequence's states carried the first's; without flash-linear-attention transformers refuses
-    import transformers
-
-    if "qwen3_5_text" not in transformers.CONFIG_MAPPING:
-        pytest.skip("this transformers has no Qwen3.5")
-    config = transformers.AutoConfig.for_model(
-        "qwen3_5_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    assert "linear_attention" in config.layer_types
-    first = torch.randint(0, VOCAB, (1, 7))
-    second = torch.randint(0, VOCAB, (1, 5))
-    position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]
-    with torch.no_grad():
-        try:
-            packed = sekd.hidden_states(model, torch.cat([first, second], 1), None, position_ids)
-        except ValueError as err:
-            assert "packed sequences apart" in str(err)
-        else:
-            torch.testing.assert_close(packed[:, 7:], sekd.hidden_states(model, second))
 
 
 @pytest.mark.parametrize("beta,temperature", [(0.5, 1.0), (0.5, 2.0), (1.0, 1.0), (0.1, 0.7)])
