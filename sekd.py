@@ -48,12 +48,15 @@ def packed_boundaries(position_ids):
     reads position_ids, but a hybrid model's linear attention and short convolutions (Qwen3.5's)
     would run on across sequences without cu_seq_lens and seq_idx. {} unless one row holds several
     sequences (TRL's padding-free batch): rows of one sequence each need none."""
-    starts = position_ids[0] == 0                                                 # [L]
-    if len(position_ids) > 1 or starts.sum() < 2:
+    if len(position_ids) > 1:
+        return {}
+    starts = (position_ids[0] == 0).cpu()   # [L]; one copy to the host, as the collator's CPU
+    if starts.sum() < 2:
         return {}
     cu_seq_lens = F.pad(starts.nonzero().flatten(), (0, 1), value=len(starts)).int()
     longest = int(cu_seq_lens.diff().max())
-    seq_idx = (starts.cumsum(0) - 1).int()[None]                                  # [1, L]
+    cu_seq_lens = cu_seq_lens.to(position_ids.device)
+    seq_idx = (starts.cumsum(0) - 1).int()[None].to(position_ids.device)         # [1, L]
     return dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest,
                 max_length_k=longest, seq_idx=seq_idx)
 
