@@ -74,12 +74,39 @@ def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None, 
         hook.remove()
     return caught[0]
 
+def in_forward(model, compute):
+    """compute() run as model's forward: FSDP gathers the parameters of a root it shards (the
+    embeddings, the LM head) inside that forward alone, and hooks the backward there (as Liger's
+    losses do). A model FSDP does not wrap: compute() as it is."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    if not isinstance(model, (FSDPModule, FullyShardedDataParallel)):
+        return compute()
+    inner = unwrap(model)   # FSDP1 wraps the model; FSDP2 hooks the model itself
+    own_forward = vars(inner).get("forward")   # an instance's own: accelerate's autocast wrapper
+
+    def put_back():
+        vars(inner).pop("forward", None)
+        if own_forward is not None:
+            inner.forward = own_forward
+
+    def forward():
+        put_back()   # the model's forward again, for the calls compute() makes
+        return compute()
+    inner.forward = forward
+    try:
+        return model()
+    finally:
+        put_back()
+
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids, post-head
     steps included (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's and 4's soft cap): on
     gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
+    if head.weight.numel() == 0:   # DeepSpeed ZeRO-3 gathers it inside the head's own forward only
+        raise ValueError("the LM head's weight is partitioned (DeepSpeed ZeRO-3?), and the "
+                         "selective heads read it outside its forward: shard with FSDP instead")
     weight = head.weight[:vocab_size]
     bias = None if head.bias is None else head.bias[:vocab_size]
     if torch.is_autocast_enabled(weight.device.type):   # cast the fp32 head once, not per chunk
@@ -589,7 +616,17 @@ def distill_loss(student, teacher, input_ids, attention_mask, cfg, targets=None,
     sequence a row). targets: cached sparse (ids, weights) [B, T, U] (teacher may then be None).
     progress (step / last step) drives the curriculum; gls is GLS's queue. Read from cfg (a
     Config): positions, k, signal, temperature, ce_weight, top_k_classes, class_samples,
-    vocab_size, chunk_size, beta."""
+    vocab_size, chunk_size, beta. A model sharded by FSDP (1 or 2) computes it in its forward."""
+    def loss_of_batch():
+        return batch_loss(student, teacher, input_ids, attention_mask, cfg, targets,
+                          loss_mask=loss_mask, progress=progress, gls=gls,
+                          position_ids=position_ids)
+    return in_forward(student, lambda: in_forward(teacher, loss_of_batch))
+
+def batch_loss(student, teacher, input_ids, attention_mask, cfg, targets=None, *, loss_mask=None,
+               progress=0.0, gls=None, position_ids=None):
+    """distill_loss of models whose parameters are all at hand (none sharded, or inside FSDP's
+    forward): which positions, the loss at each, the means."""
     check_inputs(student, teacher, cfg, targets)
     labels = input_ids[:, 1:]                                                     # [B, T]
     valid = valid_positions(input_ids, attention_mask, loss_mask, position_ids)   # [B, T]

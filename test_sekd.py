@@ -2,6 +2,7 @@
 independent reference (torch.distributions, float64, dense logits, exact fractions, Monte Carlo)."""
 
 import dataclasses
+import functools
 import html
 import json
 import math
@@ -255,6 +256,13 @@ def test_lm_head_under_autocast_casts_a_heads_bias_as_the_model_does():
         torch.testing.assert_close(
             sekd.lm_head(model)(hidden).float(), model(input_ids=ids).logits.float()
         )
+
+
+def test_lm_head_refuses_a_weight_partitioned_as_deepspeed_zero_3_leaves_it_outside_forward():
+    model = tiny_model("llama")
+    model.get_output_embeddings().weight.data = torch.empty(0)   # as ZeRO-3's free_param
+    with pytest.raises(ValueError, match="partitioned .*shard with FSDP"):
+        sekd.lm_head(model)
 
 
 @pytest.mark.parametrize("signal", ["student_entropy", "kl", "ce_ratio+student_entropy"])
@@ -3761,6 +3769,58 @@ def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(
     for facts in in_two_ranks(plain_ddp_facts, tmp_path):
         assert facts["max_gap"] < 1e-5
         assert facts["head_rows"] == [0]   # the model's forward ran its head at no position
+
+
+def fsdp_sharded(model, version):
+    """model sharded on the gloo group as Trainer's FSDP wraps it: each decoder layer a unit, the
+    root (the embeddings, the final norm, the LM head) another."""
+    from torch.distributed import fsdp
+    layer_type = type(model.get_decoder().layers[0])
+    if version == 2:
+        for layer in model.get_decoder().layers:
+            fsdp.fully_shard(layer)
+        return fsdp.fully_shard(model)
+    policy = fsdp.wrap.ModuleWrapPolicy({layer_type})
+    return fsdp.FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
+                                         device_id=torch.device("cpu"))
+
+
+def fsdp_facts(rank):
+    """distill_loss on 2 gloo ranks with both models sharded by FSDP2, then FSDP1: rank r's half
+    of a batch, the gradient (gathered whole) against one process's gradient of the whole batch."""
+    from torch.distributed import fsdp
+    ids, mask = padded_batch(batch=4, length=12, seed=3)
+    mask[3, 5:] = 0
+    cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
+    one = tiny_model("qwen2")
+    whole, _ = sekd.distill_loss(one, tiny_model("qwen2", hidden=48, seed=1), ids, mask, cfg)
+    want = torch.autograd.grad(whole, list(one.parameters()))
+    facts = {}
+    for version in (2, 1):
+        student = fsdp_sharded(tiny_model("qwen2"), version)
+        frozen = tiny_model("qwen2", hidden=48, seed=1).requires_grad_(False)
+        teacher = fsdp_sharded(frozen, version)
+        inner = student if version == 2 else student.module
+        own_forward = functools.partial(type(inner).forward, inner)   # as accelerate's wrapper
+        inner.forward = own_forward
+        half = slice(2 * rank, 2 * rank + 2)
+        loss, _ = sekd.distill_loss(student, teacher, ids[half], mask[half], cfg)
+        loss.backward()
+        facts[f"fsdp{version}_own_forward_kept"] = vars(inner)["forward"] is own_forward
+        if version == 2:
+            grads = [p.grad.full_tensor() for p in student.parameters()]
+        else:
+            with fsdp.FullyShardedDataParallel.summon_full_params(student, with_grads=True):
+                grads = [p.grad.clone() for p in student.parameters()]
+        facts[f"fsdp{version}_gap"] = max((g - w).abs().max().item() for g, w in zip(grads, want))
+    return facts
+
+
+def test_distill_loss_under_fsdp_1_and_2_syncs_gradients_as_one_process(tmp_path):
+    for facts in in_two_ranks(fsdp_facts, tmp_path):
+        assert facts["fsdp2_gap"] < 1e-5
+        assert facts["fsdp1_gap"] < 1e-5
+        assert facts["fsdp2_own_forward_kept"] and facts["fsdp1_own_forward_kept"]
 
 
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
