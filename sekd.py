@@ -715,7 +715,7 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
 def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, temperature,
                        vocab_size=None):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, GenerationMixin
     # the head's padding rows past vocab_size are never drawn: the loss sees the first ids only
     padding = list(range(vocab_size or head_size(model), head_size(model))) or None
     # A fresh config: generate() would fill every unset field from generation_config.json
@@ -723,13 +723,15 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
     sampling = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                 pad_token_id=stop_ids[0], suppress_tokens=padding)
+    # The config of the model that generates: a wrapper (PEFT's PeftModel) hands generate() on.
+    generator = next(m for m in model.modules() if isinstance(m, GenerationMixin))
     was_training = model.training
-    checkpoint_config = model.generation_config
-    model.generation_config = sampling
+    checkpoint_config = generator.generation_config
+    generator.generation_config = sampling
     try:
         return model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long())
     finally:
-        model.generation_config = checkpoint_config
+        generator.generation_config = checkpoint_config
         model.train(was_training)
 
 

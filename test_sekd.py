@@ -931,6 +931,23 @@ def test_selective_loss_equals_dense_loss_in_value_and_gradient(family, case):
     assert 0 < stats["selected"] <= stats["valid"]
 
 
+def test_a_peft_lora_students_loss_equals_the_dense_loss_through_its_adapters():
+    peft = pytest.importorskip("peft")
+    adapters = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                               init_lora_weights=False)   # random: the adapters change logits
+    student = peft.get_peft_model(tiny_model("llama"), adapters)
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    cfg = sekd.Config(method="sekd", k=0.5)
+    loss, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
+    want = dense_reference_loss(student, teacher, ids, mask, cfg)
+    trained = [p for p in student.parameters() if p.requires_grad]   # the adapters alone
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(loss, trained)
+    for got, expected in zip(grads, torch.autograd.grad(want, trained)):
+        torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("signal", sekd.SIGNALS[1:])
 def test_top_k_under_every_signal_equals_the_dense_loss(signal):
     cfg = sekd.Config(method="sekd", k=0.4, signal=signal)
@@ -1382,6 +1399,34 @@ def test_student_responses_ignore_the_processors_of_the_checkpoints_generation_c
     assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
     # the checkpoint's config, and its eval mode, are left as they were
     assert student.generation_config.suppress_tokens == [top] and not student.training
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_student_responses_of_a_peft_lora_student_sample_its_softmax_not_its_checkpoints_config(
+    task_type,
+):
+    peft = pytest.importorskip("peft")
+    from transformers import GenerationConfig
+
+    base = tiny_model("llama")
+    base.generation_config = GenerationConfig(top_k=1, max_new_tokens=20)   # greedy, longer
+    adapters = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type=task_type,
+                               init_lora_weights=False)   # random: the adapters change logits
+    student = peft.get_peft_model(base, adapters)   # no task type: a plain PeftModel
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
+        4_000, -1
+    )
+    with torch.no_grad():
+        want = (student(input_ids=ids[:1, :4]).logits[0, -1].double() / 0.7).softmax(-1)
+    torch.manual_seed(0)
+    got, _, _ = sekd.student_responses(
+        student, ids, prompt_mask(ids, [4] * len(ids)), eos_id=0, max_new_tokens=1,
+        temperature=0.7,
+    )
+    assert got.shape[1] == 5   # one new token each
+    frequency = torch.bincount(got[:, 4], minlength=VOCAB).double() / len(ids)
+    assert ((frequency - want).abs() <= 5 * (want * (1 - want) / len(ids)).sqrt() + 1e-4).all()
+    assert base.generation_config.top_k == 1   # the checkpoint's, left as it was
 
 
 def test_an_on_policy_loss_equals_the_dense_float64_loss_on_the_generated_sequences():
