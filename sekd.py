@@ -1022,7 +1022,10 @@ def real_mask(attention_mask):
     return None if attention_mask.all() else attention_mask
 
 def data_files(data):
-    """The local files of --data (a file, or a directory's files of one type); None: a hub name."""
+    """The local files of --data (a file, or a directory's files of one type; save_to_disk's
+    directory itself); None: a hub name."""
+    if saved_dataset(data):
+        return [data]
     suffix = os.path.splitext(data)[1]
     if os.path.isdir(data):  # datasets' own inference would split the files by their names
         names = sorted(f for f in os.listdir(data) if f.endswith(tuple(FILE_TYPES)))
@@ -1053,10 +1056,18 @@ def named_split(file_name):
             return split
     return None
 
+def saved_dataset(data):
+    """Whether --data is a directory that datasets' save_to_disk wrote: a Dataset, a DatasetDict."""
+    marks = ("state.json", "dataset_dict.json")
+    return os.path.isdir(data) and any(os.path.isfile(os.path.join(data, m)) for m in marks)
+
 def load_rows(cfg):
-    """The rows of cfg.data in order, a datasets (Iterable)Dataset: a file, a directory of files, or
-    a hub dataset (configuration cfg.data_config, split cfg.split, streamed when cfg.streaming)."""
+    """The rows of cfg.data in order, a datasets (Iterable)Dataset: a file, a directory of files,
+    save_to_disk's directory, or a hub dataset (configuration cfg.data_config, split cfg.split,
+    streamed when cfg.streaming)."""
     import datasets
+    if saved_dataset(cfg.data):
+        return saved_rows(cfg)
     files = data_files(cfg.data)
     builder = FILE_TYPES[os.path.splitext(files[0])[1]] if files else cfg.data
     split_files = {cfg.split: files} if files else None
@@ -1066,6 +1077,17 @@ def load_rows(cfg):
     except (ConnectionError, OSError, ValueError,
             datasets.exceptions.DatasetGenerationError) as err:
         raise unreadable_data(cfg, err) from None
+
+def saved_rows(cfg):
+    """The rows of a save_to_disk directory: a Dataset's, or a DatasetDict's split cfg.split."""
+    import datasets
+    rows = datasets.load_from_disk(cfg.data)
+    if isinstance(rows, datasets.DatasetDict) and cfg.split not in rows:
+        raise UsageError(f"--data {cfg.data} holds the splits {', '.join(rows)}, not "
+                         f"'{cfg.split}': name one with --split")
+    if isinstance(rows, datasets.DatasetDict):
+        return rows[cfg.split]
+    return rows   # memory-mapped: read as the loop asks, streamed or not
 
 def row_batches(cfg):
     """The rows of cfg.data in batches (dicts of 256-row columns). Streamed, datasets reads the
@@ -1731,8 +1753,8 @@ class Config:
     cache_any_student: bool = flag(False, "reuse a cache another student chose samples of")
     teacher: str | None = flag(None, "teacher: a Hugging Face causal-LM name or directory")
     student: str | None = flag(None, "student: a Hugging Face causal-LM name or directory")
-    data: str | None = flag(None, "training data: a .txt/.json/.jsonl/.parquet file, a directory, "
-                            "or a hub name")
+    data: str | None = flag(None, "training data: a .txt/.json/.jsonl/.parquet file, a directory "
+                            "(of them, or from save_to_disk), or a hub name")
     data_config: str | None = flag(None, "the hub dataset's configuration (FineWeb-Edu: "
                                    "sample-10BT)")
     split: str = flag("train", "the dataset split to read")

@@ -2004,6 +2004,27 @@ def test_a_directory_of_files_named_for_several_splits_is_refused_not_read_toget
         sekd.data_files(str(tmp_path / "d"))
 
 
+def test_a_save_to_disk_directory_gives_its_rows_and_a_dataset_dicts_split_its_own(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": DOCS})
+    rows.save_to_disk(tmp_path / "flat")   # its .json files are no rows
+    datasets.DatasetDict(train=rows.select(range(5)), test=rows).save_to_disk(tmp_path / "dict")
+    flat = sekd.load_rows(data_config(tmp_path / "flat"))
+    test = sekd.load_rows(data_config(tmp_path / "dict", split="test"))
+    assert [row["text"] for row in flat] == DOCS
+    assert [row["text"] for row in test] == DOCS
+
+
+def test_a_save_to_disk_dataset_dict_without_the_split_is_refused_naming_its_splits(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": DOCS})
+    datasets.DatasetDict(train=rows, test=rows).save_to_disk(tmp_path / "dict")
+    with pytest.raises(sekd.UsageError, match="holds the splits train, test.*--split"):
+        sekd.load_rows(data_config(tmp_path / "dict", split="validation"))
+
+
 @pytest.mark.parametrize("name,split", [
     ("train-00001-of-00002.parquet", "train"), ("b-test.jsonl", "test"), ("val.txt", "validation"),
     ("contest.jsonl", None), ("latest_notes.txt", None), ("trainer.jsonl", None),
