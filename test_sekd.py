@@ -3845,7 +3845,7 @@ def fsdp_sharded(model, version):
     if version == 2:
         for layer in model.get_decoder().layers:
             fsdp.fully_shard(layer)
-        return fsdp.fully_shard(model)
+        return fsdp.fully_shard(model, reshard_after_forward=True)   # as accelerate's default
     policy = fsdp.wrap.ModuleWrapPolicy({layer_type})
     return fsdp.FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
                                          device_id=torch.device("cpu"))
