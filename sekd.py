@@ -3282,6 +3282,10 @@ def main(argv=None):
         prefix = "" if err.exit_status == 130 else "error: "
         print(f"sekd.py: {prefix}{err}", file=sys.stderr)
         sys.exit(err.exit_status)
+    except KeyboardInterrupt:   # in setup (the pre-pass, a cache build), or a second Ctrl-C
+        print("sekd.py: interrupted, with no checkpoint of this step: --resume continues from "
+              "the last one, and a cache build from its finished shards", file=sys.stderr)
+        sys.exit(130)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("val_ppl", "val_kl", "share_supervised", "wall_time_s", "peak_memory_mb")
         print(json.dumps({k: metrics[k] for k in keys}))

@@ -5577,6 +5577,20 @@ def test_a_stopped_run_is_one_line_with_its_exit_status_an_interrupt_not_called_
     assert exited.value.code == status and capsys.readouterr().err == line
 
 
+def test_ctrl_c_outside_the_loops_handler_is_one_line_and_status_130_not_a_traceback(
+    monkeypatch, capsys
+):
+    def interrupted(cfg):   # as Ctrl-C in the pre-pass, or a second one in the loop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sekd, "train", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        sekd.main(["--method", "ce", "--student", "s", "--data", "d"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 130
+    assert err.startswith("sekd.py: interrupted") and err.count("\n") == 1 and "--resume" in err
+
+
 def usage_errors(saved_models, tmp_path):
     base = [
         "--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
