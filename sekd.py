@@ -1022,10 +1022,7 @@ def real_mask(attention_mask):
     return None if attention_mask.all() else attention_mask
 
 def data_files(data):
-    """The local files of --data (a file, or a directory's files of one type; save_to_disk's
-    directory itself); None: a hub name."""
-    if saved_dataset(data):
-        return [data]
+    """The local files of --data (a file, or a directory's files of one type); None: a hub name."""
     suffix = os.path.splitext(data)[1]
     if os.path.isdir(data):  # datasets' own inference would split the files by their names
         names = sorted(f for f in os.listdir(data) if f.endswith(tuple(FILE_TYPES)))
