@@ -100,8 +100,8 @@ def in_forward(model, compute):
 
 def lm_head(model, vocab_size=None):
     """The model's map hidden [..., H] -> logits [..., V] over the first vocab_size ids, post-head
-    steps included (Cohere's logit_scale, Granite's logits_scaling, Gemma 2's and 4's soft cap): on
-    gathered rows, its own logits."""
+    steps included (Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier,
+    Gemma 2's and 4's soft cap): on gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
     if head.weight.numel() == 0:   # DeepSpeed ZeRO-3 gathers it inside the head's own forward only
@@ -116,11 +116,13 @@ def lm_head(model, vocab_size=None):
     config = model.config.get_text_config()   # a multimodal model's (Gemma 4's) text settings
     scale = getattr(config, "logit_scale", None)                       # Cohere
     divisor = getattr(config, "logits_scaling", None)                  # Granite
+    multiplier = getattr(config, "lm_head_multiplier", None)           # Falcon-H1
     cap = getattr(config, "final_logit_softcapping", None)             # Gemma 2 and 4
 
     def logits(hidden):
         z = F.linear(hidden, weight, bias)
         z = z * scale if scale else z
+        z = z * multiplier if multiplier else z
         z = z / divisor if divisor else z
         return torch.tanh(z / cap) * cap if cap else z
     return logits

@@ -52,9 +52,12 @@ def tiny_model(family, vocab=VOCAB, hidden=32, layers=2, seed=0, vision=False):
         cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config,
                "qwen2": transformers.Qwen2Config, "cohere": transformers.CohereConfig,
                "gemma2": transformers.Gemma2Config, "phi": transformers.PhiConfig,
-               "granite": transformers.GraniteConfig}[family]
+               "granite": transformers.GraniteConfig,
+               "falcon_h1": transformers.FalconH1Config}[family]
         extra = {"cohere": dict(logit_scale=0.37), "gemma2": dict(final_logit_softcapping=3.0),
-                 "granite": dict(logits_scaling=8.0)}
+                 "granite": dict(logits_scaling=8.0),
+                 "falcon_h1": dict(lm_head_multiplier=0.25, mamba_d_ssm=hidden, mamba_n_heads=4,
+                                   mamba_d_head=hidden // 4, mamba_d_state=8, mamba_chunk_size=16)}
         extra = extra.get(family, {})
         config = cls(
             vocab_size=vocab,
@@ -233,7 +236,9 @@ def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float3
     torch.testing.assert_close(ce.double(), -z.double().log_softmax(-1)[range(5), y])
 
 
-@pytest.mark.parametrize("family", ["cohere", "gemma2", "gemma4", "granite", "phi", "llama"])
+@pytest.mark.parametrize(
+    "family", ["cohere", "gemma2", "gemma4", "granite", "falcon_h1", "phi", "llama"]
+)
 def test_lm_head_equals_the_models_own_logits_including_post_head_steps(family):
     model = tiny_model(family)
     if family == "phi":  # a head with a bias, initialised to zeros
