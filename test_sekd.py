@@ -1480,7 +1480,8 @@ print(json.dumps(dict(losses=losses, share=stats["share"], scores=scores.tolist(
 
 
 def test_the_method_copied_alone_trains_a_student_scores_samples_and_samples_responses(tmp_path):
-    source = open(sekd.__file__).read()
+    with open(sekd.__file__) as f:
+        source = f.read()
     (tmp_path / "method.py").write_text(source[: source.index("# ==== 6.")])
     (tmp_path / "alone.py").write_text(METHOD_ALONE)
     done = subprocess.run(
@@ -1501,7 +1502,8 @@ def test_the_method_copied_alone_trains_a_student_scores_samples_and_samples_res
 # SE-KD in a trainer of your own: README's recipes, run as written there.
 def readme_recipe(name):
     """The names a README code block starting `# recipe: name` defines, executed as written."""
-    readme = open(os.path.join(os.path.dirname(sekd.__file__), "README.md")).read()
+    with open(os.path.join(os.path.dirname(sekd.__file__), "README.md")) as f:
+        readme = f.read()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     source = next(block for block in blocks if block.startswith(f"# recipe: {name}\n"))
     namespace = {"__name__": f"recipe_{name}"}
@@ -4547,7 +4549,7 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint_naming_data(
     saved_models, tmp_path, monkeypatch
 ):
     data = tmp_path / "docs.jsonl"
-    data.write_text(open(saved_models["data"]).read())
+    shutil.copy(saved_models["data"], data)
     checkpoint_at_step_2(saved_models, tmp_path, monkeypatch, data=str(data))
     # regenerated
     data.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in DOCS * 3))
