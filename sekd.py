@@ -726,7 +726,7 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                 pad_token_id=stop_ids[0], suppress_tokens=padding)
     # The config of the model that generates: a wrapper (PEFT's PeftModel) hands generate() on.
-    generator = next(m for m in model.modules() if isinstance(m, GenerationMixin))
+    generator = next((m for m in model.modules() if isinstance(m, GenerationMixin)), model)
     was_training = model.training
     checkpoint_config = generator.generation_config
     generator.generation_config = sampling
