@@ -68,11 +68,13 @@ def ddp_hidden_states(model, input_ids, attention_mask=None, position_ids=None, 
     hook = decoder.register_forward_hook(lambda module, inputs, output: caught.append(output[0]))
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-              use_cache=False, logits_to_keep=no_position, **(packing or {}))
+        output = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False, logits_to_keep=no_position,
+                       **(packing or {}))
     finally:
         hook.remove()
-    return caught[0]
+    # + 0 from DDP's own output, which the loss must reach: static_graph all-reduces on its way back
+    return caught[0] + output.logits.sum()
 
 def in_forward(model, compute):
     """compute() run as model's forward: FSDP gathers the parameters of a root it shards (the

@@ -3814,34 +3814,53 @@ def run_rank(job, rank, tmp):
     os._exit(0)  # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
+# DDP's modes: its default, Trainer's default (no gradient checkpointing), Trainer's static graph
+DDP_MODES = {"default": {}, "find_unused": dict(find_unused_parameters=True),
+             "static_graph": dict(static_graph=True)}
+
+
 def plain_ddp_facts(rank):
-    """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it):
-    rank r's half of a batch through distill_loss; DDP's averaged gradient against one process's
-    gradient of the whole batch, and the rows the model's own LM head was called on."""
-    student = tiny_model("qwen2")
+    """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it),
+    in each of DDP_MODES: rank r's half of a batch through distill_loss, twice (a static graph
+    records its first step); DDP's averaged gradients against one process's gradient of the whole
+    batch, and the rows the model's own LM head was called on."""
     teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids, mask = padded_batch(batch=4, length=12, seed=3)
     mask[3, 5:] = 0
     cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
-    whole, _ = sekd.distill_loss(student, teacher, ids, mask, cfg)
-    want = torch.autograd.grad(whole, list(student.parameters()))
-    head_rows = []
-    hook = student.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: head_rows.append(inputs[0].shape[1])
-    )
-    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    one = tiny_model("qwen2")
+    whole, _ = sekd.distill_loss(one, teacher, ids, mask, cfg)
+    want = torch.autograd.grad(whole, list(one.parameters()))
     half = slice(2 * rank, 2 * rank + 2)   # two samples each, every one with a selected position
-    loss, _ = sekd.distill_loss(ddp, teacher, ids[half], mask[half], cfg)
-    loss.backward()
-    hook.remove()
-    gaps = [(p.grad - w).abs().max().item() for p, w in zip(student.parameters(), want)]
-    return {"max_gap": max(gaps), "head_rows": head_rows}
+    facts = {}
+    for mode, options in DDP_MODES.items():
+        student = tiny_model("qwen2")
+        head_rows = []
+        hook = student.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: head_rows.append(inputs[0].shape[1])
+        )
+        ddp = torch.nn.parallel.DistributedDataParallel(student, **options)
+        gaps = []
+        for step in range(2):
+            student.zero_grad()
+            loss, _ = sekd.distill_loss(ddp, teacher, ids[half], mask[half], cfg)
+            loss.backward()
+            gaps += [(p.grad - w).abs().max().item() for p, w in zip(student.parameters(), want)]
+        hook.remove()
+        facts[mode] = {"max_gap": max(gaps), "head_rows": head_rows}
+    return facts
 
 
-def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(tmp_path):
-    for facts in in_two_ranks(plain_ddp_facts, tmp_path):
-        assert facts["max_gap"] < 1e-5
-        assert facts["head_rows"] == [0]   # the model's forward ran its head at no position
+@pytest.fixture(scope="module")
+def plain_ddp(tmp_path_factory):
+    return in_two_ranks(plain_ddp_facts, tmp_path_factory.mktemp("plain_ddp"))
+
+
+@pytest.mark.parametrize("mode", list(DDP_MODES))
+def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(plain_ddp, mode):
+    for facts in plain_ddp:
+        assert facts[mode]["max_gap"] < 1e-5
+        assert facts[mode]["head_rows"] == [0, 0]   # its forward ran its head at no position
 
 
 def fsdp_sharded(model, version):
