@@ -36,6 +36,7 @@ def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real.
     position_ids [B, L] restarting at 0 mark packed sequences, each attending to itself alone."""
     packing = {} if position_ids is None else packed_boundaries(position_ids)
+    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: the DDP it wraps
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return ddp_hidden_states(model, input_ids, attention_mask, position_ids, packing)
     decoder = unwrap(model).get_decoder()   # DataParallel's model runs on its first device
@@ -81,6 +82,7 @@ def in_forward(model, compute):
     embeddings, the LM head) inside that forward alone, and hooks the backward there (as Liger's
     losses do). A model FSDP does not wrap: compute() as it is."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: what it wraps
     if not isinstance(model, (FSDPModule, FullyShardedDataParallel)):
         return compute()
     inner = unwrap(model)   # FSDP1 wraps the model; FSDP2 hooks the model itself

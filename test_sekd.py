@@ -3814,9 +3814,10 @@ def run_rank(job, rank, tmp):
     os._exit(0)  # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
-# DDP's modes: its default, Trainer's default (no gradient checkpointing), Trainer's static graph
+# DDP's modes: its default, Trainer's default (no gradient checkpointing), Trainer's static graph,
+# and DDP under torch.compile's wrapper (Trainer's torch_compile: accelerate compiles it last)
 DDP_MODES = {"default": {}, "find_unused": dict(find_unused_parameters=True),
-             "static_graph": dict(static_graph=True)}
+             "static_graph": dict(static_graph=True), "compiled": {}}
 
 
 def plain_ddp_facts(rank):
@@ -3840,6 +3841,8 @@ def plain_ddp_facts(rank):
             lambda module, inputs, output: head_rows.append(inputs[0].shape[1])
         )
         ddp = torch.nn.parallel.DistributedDataParallel(student, **options)
+        if mode == "compiled":
+            ddp = torch.compile(ddp, backend="eager")
         gaps = []
         for step in range(2):
             student.zero_grad()
@@ -3878,8 +3881,9 @@ def fsdp_sharded(model, version):
 
 
 def fsdp_facts(rank):
-    """distill_loss on 2 gloo ranks with both models sharded by FSDP2, then FSDP1: rank r's half
-    of a batch, the gradient (gathered whole) against one process's gradient of the whole batch."""
+    """distill_loss on 2 gloo ranks with both models sharded by FSDP2, then FSDP1, the student under
+    torch.compile's wrapper: rank r's half of a batch, the gradient (gathered whole) against one
+    process's gradient of the whole batch."""
     from torch.distributed import fsdp
     ids, mask = padded_batch(batch=4, length=12, seed=3)
     mask[3, 5:] = 0
@@ -3896,7 +3900,8 @@ def fsdp_facts(rank):
         own_forward = functools.partial(type(inner).forward, inner)   # as accelerate's wrapper
         inner.forward = own_forward
         half = slice(2 * rank, 2 * rank + 2)
-        loss, _ = sekd.distill_loss(student, teacher, ids[half], mask[half], cfg)
+        compiled = torch.compile(student, backend="eager")   # as accelerate compiles it, last
+        loss, _ = sekd.distill_loss(compiled, teacher, ids[half], mask[half], cfg)
         loss.backward()
         facts[f"fsdp{version}_own_forward_kept"] = vars(inner)["forward"] is own_forward
         if version == 2:
