@@ -37,6 +37,9 @@ def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     position_ids [B, L] restarting at 0 mark packed sequences, each attending to itself alone."""
     packing = {} if position_ids is None else packed_boundaries(position_ids)
     model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: the DDP it wraps
+    if getattr(getattr(unwrap(model), "active_peft_config", None), "is_prompt_learning", False):
+        raise ValueError("PEFT's prompt learning (soft prompts, prefixes) enters through the "
+                         "model's forward, which the decoder's run here skips: use LoRA")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return ddp_hidden_states(model, input_ids, attention_mask, position_ids, packing)
     decoder = unwrap(model).get_decoder()   # DataParallel's model runs on its first device

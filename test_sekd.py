@@ -953,6 +953,17 @@ def test_a_peft_lora_students_loss_equals_the_dense_loss_through_its_adapters():
         torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_a_peft_prompt_learning_student_is_refused_naming_lora(method):
+    peft = pytest.importorskip("peft")
+    adapters = getattr(peft, method)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    student = peft.get_peft_model(tiny_model("llama"), adapters)   # its prompts enter in forward
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="prompt learning .*use LoRA"):
+        sekd.distill_loss(student, tiny_model("llama", hidden=48, seed=1), ids, mask,
+                          sekd.Config(method="sekd", k=0.5))
+
+
 @pytest.mark.parametrize("signal", sekd.SIGNALS[1:])
 def test_top_k_under_every_signal_equals_the_dense_loss(signal):
     cfg = sekd.Config(method="sekd", k=0.4, signal=signal)
