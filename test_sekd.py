@@ -3825,6 +3825,17 @@ def run_rank(job, rank, tmp):
     os._exit(0)  # done and written: gloo threads can abort the interpreter's teardown (SIGABRT)
 
 
+def batch_and_one_process_gradient():
+    """The 4-sample batch two ranks split (ids, mask), its Config, and one process's gradient of
+    distill_loss on the whole batch for the tiny student, the teacher tiny_model("qwen2", 48, 1)."""
+    ids, mask = padded_batch(batch=4, length=12, seed=3)
+    mask[3, 5:] = 0
+    cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
+    one = tiny_model("qwen2")
+    whole, _ = sekd.distill_loss(one, tiny_model("qwen2", hidden=48, seed=1), ids, mask, cfg)
+    return ids, mask, cfg, torch.autograd.grad(whole, list(one.parameters()))
+
+
 # DDP's modes: its default, Trainer's default (no gradient checkpointing), Trainer's static graph,
 # and DDP under torch.compile's wrapper (Trainer's torch_compile: accelerate compiles it last)
 DDP_MODES = {"default": {}, "find_unused": dict(find_unused_parameters=True),
@@ -3837,12 +3848,7 @@ def plain_ddp_facts(rank):
     records its first step); DDP's averaged gradients against one process's gradient of the whole
     batch, and the rows the model's own LM head was called on."""
     teacher = tiny_model("qwen2", hidden=48, seed=1)
-    ids, mask = padded_batch(batch=4, length=12, seed=3)
-    mask[3, 5:] = 0
-    cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
-    one = tiny_model("qwen2")
-    whole, _ = sekd.distill_loss(one, teacher, ids, mask, cfg)
-    want = torch.autograd.grad(whole, list(one.parameters()))
+    ids, mask, cfg, want = batch_and_one_process_gradient()
     half = slice(2 * rank, 2 * rank + 2)   # two samples each, every one with a selected position
     facts = {}
     for mode, options in DDP_MODES.items():
@@ -3896,12 +3902,7 @@ def fsdp_facts(rank):
     torch.compile's wrapper: rank r's half of a batch, the gradient (gathered whole) against one
     process's gradient of the whole batch."""
     from torch.distributed import fsdp
-    ids, mask = padded_batch(batch=4, length=12, seed=3)
-    mask[3, 5:] = 0
-    cfg = sekd.Config(method="sekd", k=0.5, beta=0.5)
-    one = tiny_model("qwen2")
-    whole, _ = sekd.distill_loss(one, tiny_model("qwen2", hidden=48, seed=1), ids, mask, cfg)
-    want = torch.autograd.grad(whole, list(one.parameters()))
+    ids, mask, cfg, want = batch_and_one_process_gradient()
     facts = {}
     for version in (2, 1):
         student = fsdp_sharded(tiny_model("qwen2"), version)
