@@ -111,12 +111,11 @@ def lm_head(model, vocab_size=None):
     Gemma 2's and 4's soft cap): on gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
-    if head.weight.numel() == 0:   # DeepSpeed ZeRO-3 gathers it inside the head's own forward only
-        raise ValueError("the LM head's weight is partitioned (DeepSpeed ZeRO-3?), and the "
-                         "selective heads read it outside its forward: shard with FSDP instead")
-    weight = head.weight[:vocab_size]
-    bias = None if head.bias is None else head.bias[:vocab_size]
-    if torch.is_autocast_enabled(weight.device.type):   # cast the fp32 head once, not per chunk
+    # DeepSpeed ZeRO-3's weight is whole in the head's forward alone: a view taken here stays empty
+    partitioned = hasattr(head.weight, "ds_shape")
+    weight = None if partitioned else head.weight[:vocab_size]
+    bias = None if partitioned or head.bias is None else head.bias[:vocab_size]
+    if not partitioned and torch.is_autocast_enabled(weight.device.type):  # one cast, not per chunk
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -127,7 +126,10 @@ def lm_head(model, vocab_size=None):
     cap = getattr(config, "final_logit_softcapping", None)             # Gemma 2 and 4
 
     def logits(hidden):
-        z = F.linear(hidden, weight, bias)
+        if partitioned:
+            z = head(hidden)[..., :vocab_size]
+        else:
+            z = F.linear(hidden, weight, bias)
         z = z * scale if scale else z
         z = z * multiplier if multiplier else z
         z = z / divisor if divisor else z
@@ -135,7 +137,8 @@ def lm_head(model, vocab_size=None):
     return logits
 
 def head_size(model):
-    return unwrap(model).get_output_embeddings().weight.shape[0]
+    weight = unwrap(model).get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]   # ZeRO-3's partitioned weight: its whole
 
 def rank_world():
     """(this process's rank, the number of processes): (0, 1) without a process group."""
