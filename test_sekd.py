@@ -8,11 +8,13 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from fractions import Fraction
@@ -1559,6 +1561,52 @@ def test_the_trainer_recipe_with_accumulation_2_makes_the_update_of_twice_the_ba
     assert moved > 1e-3   # the step did something
     for name in once:
         torch.testing.assert_close(twice[name], once[name], atol=1e-6, rtol=1e-5)
+
+
+def deepspeed_on_gloo():
+    """deepspeed, its shared-memory all-reduce for CPUs off (it compiles C++ on first use, 25 s
+    here): gloo's all-reduce serves."""
+    import deepspeed
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def trainer_deepspeed_weights(saved, rank):
+    """README's SEKDTrainer on 2 gloo ranks under DeepSpeed ZeRO-2, then ZeRO-3, the models saved in
+    saved loaded after the TrainingArguments (so ZeRO-3 loads them sharded): 4 of recipe_rows
+    each, one step; the student's weights, gathered whole."""
+    import transformers
+    deepspeed = deepspeed_on_gloo()
+    # as torchrun sets them (the gloo group is up already: the address goes unused)
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    weights = {}
+    for stage in (2, 3):
+        config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True}
+        args = sekd_trainer_args(pathlib.Path(tempfile.mkdtemp()), per_device_train_batch_size=4,
+                                 deepspeed=config)
+        student = transformers.AutoModelForCausalLM.from_pretrained(f"{saved}/student")
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(f"{saved}/teacher")
+        SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
+        trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=sekd.Config(k=0.5),
+                              args=args, train_dataset=recipe_rows()[2])
+        trainer.train()
+        with deepspeed.zero.GatheredParameters(list(student.parameters()), enabled=stage == 3):
+            weights[stage] = {name: p.tolist() for name, p in student.named_parameters()}
+    return weights
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_the_trainer_recipe_under_deepspeed_zero_2_and_3_steps_as_one_process(tmp_path):
+    one_process = trainer_step_weights(tmp_path / "one", batch_size=8, accumulation=1)
+    tiny_model("qwen2").save_pretrained(tmp_path / "student")
+    tiny_model("qwen2", hidden=48, seed=1).save_pretrained(tmp_path / "teacher")
+    job = functools.partial(trainer_deepspeed_weights, str(tmp_path))
+    for weights in in_two_ranks(job, tmp_path):
+        for stage in ("2", "3"):
+            for name, want in one_process.items():
+                torch.testing.assert_close(torch.tensor(weights[stage][name]), want)
 
 
 def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batch(tmp_path):
@@ -3932,7 +3980,7 @@ def deepspeed_facts(rank):
     """distill_loss on 2 gloo ranks in a DeepSpeed engine, ZeRO-2 then ZeRO-3 (the teacher in an
     engine of its own there, as TRL prepares it): rank r's half of a batch, one SGD step at lr 1;
     how far the step is from one process's gradient of the whole batch."""
-    import deepspeed
+    deepspeed = deepspeed_on_gloo()
     os.environ["LOCAL_RANK"] = str(rank)   # as torchrun sets it: DeepSpeed reads it
     ids, mask, cfg, want = batch_and_one_process_gradient()
     half = slice(2 * rank, 2 * rank + 2)
