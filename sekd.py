@@ -737,11 +737,16 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
                                 pad_token_id=stop_ids[0], suppress_tokens=padding)
     # The config of the model that generates: a wrapper (PEFT's PeftModel) hands generate() on.
     generator = next((m for m in model.modules() if isinstance(m, GenerationMixin)), model)
-    was_training = model.training
+    was_training = generator.training   # a DeepSpeed engine's eval() and train() set its model's
     checkpoint_config = generator.generation_config
     generator.generation_config = sampling
+    synced = None   # as generate() decides: it sees Trainer's ZeRO-3 and FSDP
+    if dist.is_initialized() and hasattr(next(generator.parameters()), "ds_shape"):
+        synced = True   # ZeRO-3 gathers each layer from every rank: all step until the last ends
+    model.eval()   # returns None for a DeepSpeed engine, whose generate() is its model's
     try:
-        return model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long())
+        return model.generate(input_ids=prompts, attention_mask=prompt_mask.long(),
+                              synced_gpus=synced)
     finally:
         generator.generation_config = checkpoint_config
         model.train(was_training)

@@ -3995,6 +3995,8 @@ def deepspeed_facts(rank):
         teacher = tiny_model("qwen2", hidden=48, seed=1)
         if stage == 3:
             teacher = deepspeed.initialize(model=teacher, config=config)[0]
+            facts["zero3_responses_alike"] = responses_alike(engine, tiny_model("qwen2"), rank)
+            facts["zero3_eval_mode_kept"] = not student.training   # tiny_model's eval mode
         loss, _ = sekd.distill_loss(engine, teacher, ids[half], mask[half], cfg)
         engine.backward(loss)
         engine.step()
@@ -4004,11 +4006,41 @@ def deepspeed_facts(rank):
     return facts
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-def test_distill_loss_under_deepspeed_zero_2_and_3_steps_as_one_process(tmp_path):
-    for facts in in_two_ranks(deepspeed_facts, tmp_path):
+def responses_alike(engine, model, rank):
+    """Whether the engine's student_responses are those of model (its weights, whole) from one
+    seed; rank 0's end at their first token (every id stops them), rank 1's run on: ZeRO-3's ranks
+    step together until the last ends."""
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    is_target = (torch.arange(10) >= 5).expand(2, -1)                   # 5 prompt tokens each
+    stop_ids = list(range(VOCAB)) if rank == 0 else 0
+    responses = []
+    for generator in (engine, model):
+        torch.manual_seed(7)
+        responses.append(sekd.student_responses(generator, ids, is_target, stop_ids, 4))
+    return all(torch.equal(a, b) for a, b in zip(*responses))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_ranks(tmp_path_factory):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs deepspeed")
+    return in_two_ranks(deepspeed_facts, tmp_path_factory.mktemp("deepspeed"))
+
+
+def test_distill_loss_under_deepspeed_zero_2_and_3_steps_as_one_process(deepspeed_ranks):
+    for facts in deepspeed_ranks:
         assert facts["zero2_gap"] < 1e-5
         assert facts["zero3_gap"] < 1e-5
+
+
+def test_student_responses_of_a_deepspeed_zero_3_engine_are_its_models_on_ranks_ending_apart(
+    deepspeed_ranks,
+):
+    assert [facts["zero3_responses_alike"] for facts in deepspeed_ranks] == [True, True]
+
+
+def test_student_responses_leave_a_deepspeed_engines_model_in_its_mode(deepspeed_ranks):
+    assert [facts["zero3_eval_mode_kept"] for facts in deepspeed_ranks] == [True, True]
 
 
 def test_ddp_all_reduces_gradients_once_per_step_and_all_ranks_agree_a_step_is_not_finite(tmp_path):
