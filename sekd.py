@@ -727,6 +727,7 @@ def student_responses(model, input_ids, loss_mask, eos_id, max_new_tokens=128, t
 def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, temperature,
                        vocab_size=None):
     """generate() drawing from softmax(z / temperature) exactly, in eval mode -> [B, P + G]."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers import GenerationConfig, GenerationMixin
     # the head's padding rows past vocab_size are never drawn: the loss sees the first ids only
     padding = list(range(vocab_size or head_size(model), head_size(model))) or None
@@ -743,10 +744,14 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
     synced = None   # as generate() decides: it sees Trainer's ZeRO-3 and FSDP
     if dist.is_initialized() and hasattr(next(generator.parameters()), "ds_shape"):
         synced = True   # ZeRO-3 gathers each layer from every rank: all step until the last ends
+    root = nullcontext()   # FSDP1 gathers its root (embeddings, head) in the wrapper's forward,
+    if isinstance(model, FullyShardedDataParallel):   # which generate() skips
+        root = FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
     model.eval()   # returns None for a DeepSpeed engine, whose generate() is its model's
     try:
-        return model.generate(input_ids=prompts, attention_mask=prompt_mask.long(),
-                              synced_gpus=synced)
+        with root:
+            return model.generate(input_ids=prompts, attention_mask=prompt_mask.long(),
+                                  synced_gpus=synced)
     finally:
         generator.generation_config = checkpoint_config
         model.train(was_training)

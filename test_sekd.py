@@ -3925,6 +3925,20 @@ def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(
         assert facts[mode]["head_rows"] == [0, 0]   # its forward ran its head at no position
 
 
+def responses_alike(wrapped, model, rank):
+    """Whether a wrapped model's student_responses are those of model (its weights, whole) from one
+    seed; rank 0's end at their first token (every id stops them), rank 1's run on: sharded ranks
+    step together until the last ends."""
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    is_target = (torch.arange(10) >= 5).expand(2, -1)                   # 5 prompt tokens each
+    stop_ids = list(range(VOCAB)) if rank == 0 else 0
+    responses = []
+    for generator in (wrapped, model):
+        torch.manual_seed(7)
+        responses.append(sekd.student_responses(generator, ids, is_target, stop_ids, 4))
+    return all(torch.equal(a, b) for a, b in zip(*responses))
+
+
 def fsdp_sharded(model, version):
     """model sharded on the gloo group as Trainer's FSDP wraps it: each decoder layer a unit, the
     root (the embeddings, the final norm, the LM head) another."""
@@ -3942,7 +3956,7 @@ def fsdp_sharded(model, version):
 def fsdp_facts(rank):
     """distill_loss on 2 gloo ranks with both models sharded by FSDP2, then FSDP1, the student under
     torch.compile's wrapper: rank r's half of a batch, the gradient (gathered whole) against one
-    process's gradient of the whole batch."""
+    process's gradient of the whole batch; and the sharded student's responses."""
     from torch.distributed import fsdp
     ids, mask, cfg, want = batch_and_one_process_gradient()
     facts = {}
@@ -3954,6 +3968,8 @@ def fsdp_facts(rank):
         own_forward = functools.partial(type(inner).forward, inner)   # as accelerate's wrapper
         inner.forward = own_forward
         half = slice(2 * rank, 2 * rank + 2)
+        alike = responses_alike(student, tiny_model("qwen2"), rank)
+        facts[f"fsdp{version}_responses_alike"] = alike
         compiled = torch.compile(student, backend="eager")   # as accelerate compiles it, last
         loss, _ = sekd.distill_loss(compiled, teacher, ids[half], mask[half], cfg)
         loss.backward()
@@ -3967,13 +3983,25 @@ def fsdp_facts(rank):
     return facts
 
 
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    return in_two_ranks(fsdp_facts, tmp_path_factory.mktemp("fsdp"))
+
+
 def test_distill_loss_under_fsdp_1_and_2_has_one_process_gradient_and_leaves_forward_as_it_was(
-    tmp_path,
+    fsdp_ranks,
 ):
-    for facts in in_two_ranks(fsdp_facts, tmp_path):
+    for facts in fsdp_ranks:
         assert facts["fsdp2_gap"] < 1e-5
         assert facts["fsdp1_gap"] < 1e-5
         assert facts["fsdp2_own_forward_kept"] and facts["fsdp1_own_forward_kept"]
+
+
+def test_student_responses_of_an_fsdp_1_or_2_model_are_its_whole_models_on_ranks_ending_apart(
+    fsdp_ranks,
+):
+    for facts in fsdp_ranks:
+        assert facts["fsdp1_responses_alike"] and facts["fsdp2_responses_alike"]
 
 
 def deepspeed_facts(rank):
@@ -4004,20 +4032,6 @@ def deepspeed_facts(rank):
             steps = [b - p for b, p in zip(before, student.parameters())]
             facts[f"zero{stage}_gap"] = max((s - w).abs().max().item() for s, w in zip(steps, want))
     return facts
-
-
-def responses_alike(engine, model, rank):
-    """Whether the engine's student_responses are those of model (its weights, whole) from one
-    seed; rank 0's end at their first token (every id stops them), rank 1's run on: ZeRO-3's ranks
-    step together until the last ends."""
-    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
-    is_target = (torch.arange(10) >= 5).expand(2, -1)                   # 5 prompt tokens each
-    stop_ids = list(range(VOCAB)) if rank == 0 else 0
-    responses = []
-    for generator in (engine, model):
-        torch.manual_seed(7)
-        responses.append(sekd.student_responses(generator, ids, is_target, stop_ids, 4))
-    return all(torch.equal(a, b) for a, b in zip(*responses))
 
 
 @pytest.fixture(scope="module")
