@@ -738,7 +738,7 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
                                 pad_token_id=stop_ids[0], suppress_tokens=padding)
     # The config of the model that generates: a wrapper (PEFT's PeftModel) hands generate() on.
     generator = next((m for m in model.modules() if isinstance(m, GenerationMixin)), model)
-    was_training = generator.training   # a DeepSpeed engine's eval() and train() set its model's
+    was_training = generator.training
     checkpoint_config = generator.generation_config
     generator.generation_config = sampling
     synced = None   # as generate() decides: it sees Trainer's ZeRO-3 and FSDP
@@ -747,11 +747,11 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
     root = nullcontext()   # FSDP1 gathers its root (embeddings, head) in the wrapper's forward,
     if isinstance(model, FullyShardedDataParallel):   # which generate() skips
         root = FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
-    model.eval()   # returns None for a DeepSpeed engine, whose generate() is its model's
+    model = unwrap(model)   # DDP, DeepSpeed, FSDP1: the model inside generates (no gradients)
     try:
         with root:
-            return model.generate(input_ids=prompts, attention_mask=prompt_mask.long(),
-                                  synced_gpus=synced)
+            return model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long(),
+                                         synced_gpus=synced)
     finally:
         generator.generation_config = checkpoint_config
         model.train(was_training)

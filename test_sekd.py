@@ -3888,7 +3888,7 @@ def plain_ddp_facts(rank):
     """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it),
     in each of DDP_MODES: rank r's half of a batch through distill_loss, twice (a static graph
     records its first step); DDP's averaged gradients against one process's gradient of the whole
-    batch, and the rows the model's own LM head was called on."""
+    batch, and the rows the model's own LM head was called on; then DDP's student_responses."""
     teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids, mask, cfg, want = batch_and_one_process_gradient()
     half = slice(2 * rank, 2 * rank + 2)   # two samples each, every one with a selected position
@@ -3910,12 +3910,18 @@ def plain_ddp_facts(rank):
             gaps += [(p.grad - w).abs().max().item() for p, w in zip(student.parameters(), want)]
         hook.remove()
         facts[mode] = {"max_gap": max(gaps), "head_rows": head_rows}
+    ddp = torch.nn.parallel.DistributedDataParallel(tiny_model("qwen2"))
+    facts["responses_alike"] = responses_alike(ddp, tiny_model("qwen2"), rank)
     return facts
 
 
 @pytest.fixture(scope="module")
 def plain_ddp(tmp_path_factory):
     return in_two_ranks(plain_ddp_facts, tmp_path_factory.mktemp("plain_ddp"))
+
+
+def test_student_responses_of_a_ddp_model_are_its_models(plain_ddp):
+    assert [facts["responses_alike"] for facts in plain_ddp] == [True, True]
 
 
 @pytest.mark.parametrize("mode", list(DDP_MODES))
