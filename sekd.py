@@ -504,16 +504,19 @@ def sparse_kl(student_logits, ids, weights, temperature=1.0):
 def model_scores(signal, student, input_ids, attention_mask, valid, teacher=None, vocab_size=None,
                  chunk_size=1024):
     """u(t) [B, T] of a batch under the models as they are: their backbones, then batch_scores
-    (the teacher's for a teacher signal only). valid [B, T]: what a sum standardises over."""
-    with autocast(unwrap(student).device):
-        h_teacher = teacher_head = None
-        if uses_teacher(signal):
-            h_teacher = teacher_hidden(teacher, input_ids, attention_mask)        # [B, T, H_t]
-            teacher_head = lm_head(teacher, vocab_size)
-        h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]   # [B, T, H]
-        student_head = lm_head(student, vocab_size)
-        return batch_scores(signal, h_student, student_head, input_ids[:, 1:], valid, h_teacher,
-                            teacher_head, chunk_size)
+    (the teacher's for a teacher signal only). valid [B, T]: what a sum standardises over. A model
+    sharded by FSDP computes them in its forward, as in distill_loss."""
+    def scores():
+        with autocast(unwrap(student).device):
+            h_teacher = teacher_head = None
+            if uses_teacher(signal):
+                h_teacher = teacher_hidden(teacher, input_ids, attention_mask)    # [B, T, H_t]
+                teacher_head = lm_head(teacher, vocab_size)
+            h_student = hidden_states(unwrap(student), input_ids, attention_mask)[:, :-1]
+            student_head = lm_head(student, vocab_size)
+            return batch_scores(signal, h_student, student_head, input_ids[:, 1:], valid,
+                                h_teacher, teacher_head, chunk_size)
+    return in_forward(student, lambda: in_forward(teacher, scores))
 
 def padded_width(attention_mask):
     """The columns up to the last one holding a real token in any row (0 for none): the padding-only
@@ -530,7 +533,12 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
     rank, world = rank_world()
     device = unwrap(student).device
     scores = torch.zeros(len(input_ids), device=device)
-    for first in range(rank * batch_size, len(input_ids), world * batch_size):   # this rank's
+    firsts = range(0, len(input_ids), batch_size)                 # each batch's first sample
+    # Every rank runs as many batches, which sharded models (FSDP, ZeRO-3) gather layers for
+    # together: one past the last batch scores the last again, kept by none.
+    for turn in range(math.ceil(len(firsts) / world)):
+        number = turn * world + rank                               # this rank's batch this turn
+        first = firsts[min(number, len(firsts) - 1)]
         batch = slice(first, first + batch_size)
         width = input_ids.shape[1]
         if attention_mask is not None:   # no padding-only columns
@@ -541,7 +549,8 @@ def sample_scores(student, input_ids, signal="student_entropy", teacher=None, ba
         valid = valid_positions(ids, mask, is_target)
         u = model_scores(signal, student, ids, mask, valid, teacher, vocab_size, chunk_size)
         n = valid.sum(1)
-        scores[batch] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
+        if number < len(firsts):
+            scores[batch] = torch.where(n > 0, (u * valid).sum(1) / n.clamp(min=1), -math.inf)
     if world > 1:
         dist.all_reduce(scores)
     return scores.cpu()

@@ -3931,6 +3931,15 @@ def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(
         assert facts[mode]["head_rows"] == [0, 0]   # its forward ran its head at no position
 
 
+def sample_scores_gap(wrapped, model, teacher):
+    """How far a wrapped student's sample_scores (kl: the teacher's too) of 5 samples in batches
+    of 2 are from model's: 3 batches, so one rank scores two and the other one."""
+    blocks = torch.randint(0, VOCAB, (5, 10), generator=torch.Generator().manual_seed(5))
+    got = sekd.sample_scores(wrapped, blocks, "kl", teacher, batch_size=2)
+    want = sekd.sample_scores(model, blocks, "kl", tiny_model("qwen2", hidden=48, seed=1), 2)
+    return (got - want).abs().max().item()
+
+
 def responses_alike(wrapped, model, rank):
     """Whether a wrapped model's student_responses are those of model (its weights, whole) from one
     seed; rank 0's end at their first token (every id stops them), rank 1's run on: sharded ranks
@@ -3976,6 +3985,8 @@ def fsdp_facts(rank):
         half = slice(2 * rank, 2 * rank + 2)
         alike = responses_alike(student, tiny_model("qwen2"), rank)
         facts[f"fsdp{version}_responses_alike"] = alike
+        gap = sample_scores_gap(student, tiny_model("qwen2"), teacher)
+        facts[f"fsdp{version}_sample_scores_gap"] = gap
         compiled = torch.compile(student, backend="eager")   # as accelerate compiles it, last
         loss, _ = sekd.distill_loss(compiled, teacher, ids[half], mask[half], cfg)
         loss.backward()
@@ -4001,6 +4012,12 @@ def test_distill_loss_under_fsdp_1_and_2_has_one_process_gradient_and_leaves_for
         assert facts["fsdp2_gap"] < 1e-5
         assert facts["fsdp1_gap"] < 1e-5
         assert facts["fsdp2_own_forward_kept"] and facts["fsdp1_own_forward_kept"]
+
+
+def test_sample_scores_of_an_fsdp_1_or_2_student_and_teacher_are_the_whole_models(fsdp_ranks):
+    for facts in fsdp_ranks:
+        assert facts["fsdp1_sample_scores_gap"] < 1e-5
+        assert facts["fsdp2_sample_scores_gap"] < 1e-5
 
 
 def test_student_responses_of_an_fsdp_1_or_2_model_are_its_whole_models_on_ranks_ending_apart(
@@ -4031,6 +4048,8 @@ def deepspeed_facts(rank):
             teacher = deepspeed.initialize(model=teacher, config=config)[0]
             facts["zero3_responses_alike"] = responses_alike(engine, tiny_model("qwen2"), rank)
             facts["zero3_eval_mode_kept"] = not student.training   # tiny_model's eval mode
+            facts["zero3_sample_scores_gap"] = sample_scores_gap(engine, tiny_model("qwen2"),
+                                                                 teacher)
         loss, _ = sekd.distill_loss(engine, teacher, ids[half], mask[half], cfg)
         engine.backward(loss)
         engine.step()
@@ -4057,6 +4076,12 @@ def test_student_responses_of_a_deepspeed_zero_3_engine_are_its_models_on_ranks_
     deepspeed_ranks,
 ):
     assert [facts["zero3_responses_alike"] for facts in deepspeed_ranks] == [True, True]
+
+
+def test_sample_scores_of_a_deepspeed_zero_3_student_and_teacher_are_the_whole_models(
+    deepspeed_ranks,
+):
+    assert all(facts["zero3_sample_scores_gap"] < 1e-5 for facts in deepspeed_ranks)
 
 
 def test_student_responses_leave_a_deepspeed_engines_model_in_its_mode(deepspeed_ranks):
