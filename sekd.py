@@ -756,14 +756,14 @@ def sample_untruncated(model, prompts, prompt_mask, stop_ids, max_new_tokens, te
     root = nullcontext()   # FSDP1 gathers its root (embeddings, head) in the wrapper's forward,
     if isinstance(model, FullyShardedDataParallel):   # which generate() skips
         root = FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
-    model = unwrap(model)   # DDP, DeepSpeed, FSDP1: the model inside generates (no gradients)
+    inner = unwrap(model)   # DDP, DeepSpeed, FSDP1: the model inside generates (no gradients)
     try:
         with root:
-            return model.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long(),
+            return inner.eval().generate(input_ids=prompts, attention_mask=prompt_mask.long(),
                                          synced_gpus=synced)
     finally:
         generator.generation_config = checkpoint_config
-        model.train(was_training)
+        inner.train(was_training)
 
 
 # ==== 6. Offline teacher cache (paper: SE-KD 3X): RS-KD targets for every valid position of the

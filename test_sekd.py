@@ -4030,7 +4030,8 @@ def test_student_responses_of_an_fsdp_1_or_2_model_are_its_whole_models_on_ranks
 def deepspeed_facts(rank):
     """distill_loss on 2 gloo ranks in a DeepSpeed engine, ZeRO-2 then ZeRO-3 (the teacher in an
     engine of its own there, as TRL prepares it): rank r's half of a batch, one SGD step at lr 1;
-    how far the step is from one process's gradient of the whole batch."""
+    how far the step is from one process's gradient of the whole batch. Under ZeRO-3, first: the
+    engine's responses, its model's mode after them, and its sample scores."""
     deepspeed = deepspeed_on_gloo()
     os.environ["LOCAL_RANK"] = str(rank)   # as torchrun sets it: DeepSpeed reads it
     ids, mask, cfg, want = batch_and_one_process_gradient()
