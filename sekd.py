@@ -111,11 +111,14 @@ def lm_head(model, vocab_size=None):
     Gemma 2's and 4's soft cap): on gathered rows, its own logits."""
     model = unwrap(model)
     head = model.get_output_embeddings()
-    # DeepSpeed ZeRO-3's weight is whole in the head's forward alone: a view taken here stays empty
-    partitioned = hasattr(head.weight, "ds_shape")
-    weight = None if partitioned else head.weight[:vocab_size]
-    bias = None if partitioned or head.bias is None else head.bias[:vocab_size]
-    if not partitioned and torch.is_autocast_enabled(weight.device.type):  # one cast, not per chunk
+    weight = head.weight
+    bias = head.bias
+    partitioned = hasattr(weight, "ds_shape")   # by DeepSpeed ZeRO-3: whole in the head's forward
+    if partitioned:   # a copy for the calls without gradients: one gather, alike on every rank
+        weight, bias = whole_weights(head)
+    weight = weight[:vocab_size]
+    bias = None if bias is None else bias[:vocab_size]
+    if torch.is_autocast_enabled(weight.device.type):   # cast the fp32 head once, not per chunk
         dtype = torch.get_autocast_dtype(weight.device.type)
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -126,7 +129,7 @@ def lm_head(model, vocab_size=None):
     cap = getattr(config, "final_logit_softcapping", None)             # Gemma 2 and 4
 
     def logits(hidden):
-        if partitioned:
+        if partitioned and torch.is_grad_enabled():   # the head itself: ZeRO-3 takes its gradient
             z = head(hidden)[..., :vocab_size]
         else:
             z = F.linear(hidden, weight, bias)
@@ -135,6 +138,23 @@ def lm_head(model, vocab_size=None):
         z = z / divisor if divisor else z
         return torch.tanh(z / cap) * cap if cap else z
     return logits
+
+@torch.no_grad()
+def whole_weights(head):
+    """Copies of a ZeRO-3 head's weight and bias (None), taken inside its forward on no rows, where
+    DeepSpeed gathers them: a head called chunk by chunk would gather once a chunk, and ranks with
+    more chunks than others would wait for gathers that never come."""
+    copies = []
+
+    def copy(module, inputs):
+        copies.append(module.weight.clone())
+        copies.append(None if module.bias is None else module.bias.clone())
+    hook = head.register_forward_pre_hook(copy)   # after DeepSpeed's own, which gathers
+    try:
+        head(head.weight.new_zeros(0, head.weight.ds_shape[1]))
+    finally:
+        hook.remove()
+    return copies[0], copies[1]
 
 def head_size(model):
     weight = unwrap(model).get_output_embeddings().weight

@@ -4029,13 +4029,16 @@ def test_student_responses_of_an_fsdp_1_or_2_model_are_its_whole_models_on_ranks
 
 def deepspeed_facts(rank):
     """distill_loss on 2 gloo ranks in a DeepSpeed engine, ZeRO-2 then ZeRO-3 (the teacher in an
-    engine of its own there, as TRL prepares it): rank r's half of a batch, one SGD step at lr 1;
-    how far the step is from one process's gradient of the whole batch. Under ZeRO-3, first: the
+    engine of its own there, as TRL prepares it): rank r's half of a batch, cut to its own width,
+    in chunks of 4 rows, one SGD step at lr 1; how far the step is from one process's gradient of
+    the whole batch. Under ZeRO-3, first: the
     engine's responses, its model's mode after them, and its sample scores."""
     deepspeed = deepspeed_on_gloo()
     os.environ["LOCAL_RANK"] = str(rank)   # as torchrun sets it: DeepSpeed reads it
     ids, mask, cfg, want = batch_and_one_process_gradient()
     half = slice(2 * rank, 2 * rank + 2)
+    width = sekd.padded_width(mask[half])   # rank 1's rows are shorter, as a collator pads them
+    chunked = dataclasses.replace(cfg, chunk_size=4)   # rank 0's rows make more chunks of rows
     facts = {}
     for stage in (2, 3):
         config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
@@ -4051,7 +4054,7 @@ def deepspeed_facts(rank):
             facts["zero3_eval_mode_kept"] = not student.training   # tiny_model's eval mode
             facts["zero3_sample_scores_gap"] = sample_scores_gap(engine, tiny_model("qwen2"),
                                                                  teacher)
-        loss, _ = sekd.distill_loss(engine, teacher, ids[half], mask[half], cfg)
+        loss, _ = sekd.distill_loss(engine, teacher, ids[half, :width], mask[half, :width], chunked)
         engine.backward(loss)
         engine.step()
         with deepspeed.zero.GatheredParameters(list(student.parameters()), enabled=stage == 3):
