@@ -1609,17 +1609,20 @@ def test_the_trainer_recipe_under_deepspeed_zero_2_and_3_steps_as_one_process(tm
                 torch.testing.assert_close(torch.tensor(weights[stage][name]), want)
 
 
-def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batch(tmp_path):
+# bf16=True: accelerate autocasts a model's forward only, which distill_loss does not call: the
+# recipe enters the autocast itself (without it, the loss ran in float32, 1e-4 off here)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_trainer_recipe_evaluates_to_the_selective_loss_of_the_held_out_batch(tmp_path, bf16):
     SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
     student = tiny_model("qwen2")
     teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids, labels, rows = recipe_rows()
-    args = sekd_trainer_args(tmp_path, per_device_eval_batch_size=8)
+    args = sekd_trainer_args(tmp_path, per_device_eval_batch_size=8, bf16=bf16)
     cfg = sekd.Config(k=0.5)
     trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=cfg, args=args,
                           eval_dataset=rows)
     held_out = trainer.evaluate()["eval_loss"]   # the recipe returned a bare loss: a TypeError
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         loss, _ = sekd.distill_loss(student, teacher, ids, None, cfg, loss_mask=labels != -100)
     assert held_out == pytest.approx(loss.item(), rel=1e-6)
 
@@ -1645,7 +1648,10 @@ def test_the_trainer_recipe_distills_the_sequences_of_trls_padding_free_batches_
     assert held_out == pytest.approx(torch.cat(kls).mean().item(), rel=1e-5)
 
 
-def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path, monkeypatch):
+def gkd_recipe_calls(tmp_path, monkeypatch, **options):
+    """README's SEKDGKDTrainer, 3 steps on 6 chats (lmbda 0.5, beta 0.5; options: GKDConfig's) ->
+    what each distill_loss call saw (loss_mask, cfg.beta, autocast on) and whether the student
+    moved."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
     from trl.experimental.gkd import GKDConfig
@@ -1658,19 +1664,30 @@ def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path,
     seen = []
     real = sekd.distill_loss
     def record(model, teacher, ids, mask, cfg, targets=None, **kwargs):
-        seen.append((ids, kwargs["loss_mask"], cfg.beta))
+        seen.append((kwargs["loss_mask"], cfg.beta, torch.is_autocast_enabled("cpu")))
         return real(model, teacher, ids, mask, cfg, targets, **kwargs)
     monkeypatch.setattr(sekd, "distill_loss", record)
     args = GKDConfig(output_dir=str(tmp_path / "gkd"), per_device_train_batch_size=2, max_steps=3,
                      lmbda=0.5, beta=0.5, max_new_tokens=4, max_length=128, report_to="none",
-                     save_strategy="no", use_cpu=True, logging_strategy="no", seed=0)
+                     save_strategy="no", use_cpu=True, logging_strategy="no", seed=0, **options)
     rows = datasets.Dataset.from_dict({"messages": CHATS[:6]})
     before = [p.detach().clone() for p in student.parameters()]
     SEKDGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=rows,
                    processing_class=tokenizer).train()
-    assert len(seen) == 3 and all(beta == 0.5 for _, _, beta in seen)
-    assert all(0 < mask.sum() < mask.numel() for _, mask, _ in seen)   # prompts masked out
-    assert any((p - b).abs().max() > 0 for p, b in zip(student.parameters(), before))
+    moved = any((p - b).abs().max() > 0 for p, b in zip(student.parameters(), before))
+    return seen, moved
+
+
+def test_the_gkd_recipe_trains_with_trls_on_policy_mixing_and_collator(tmp_path, monkeypatch):
+    seen, moved = gkd_recipe_calls(tmp_path, monkeypatch)
+    assert len(seen) == 3 and all(beta == 0.5 for _, beta, _ in seen)
+    assert all(0 < mask.sum() < mask.numel() for mask, _, _ in seen)   # prompts masked out
+    assert moved
+
+
+def test_the_gkd_recipe_under_bf16_distills_in_autocast_as_trls_forward(tmp_path, monkeypatch):
+    seen, _ = gkd_recipe_calls(tmp_path, monkeypatch, bf16=True)
+    assert len(seen) == 3 and all(autocast for _, _, autocast in seen)
 
 
 def test_the_hidden_state_recipe_equals_distill_loss_in_value_and_gradient():
