@@ -32,11 +32,17 @@ def unwrap(model):
     GPUs in one process)."""
     return getattr(model, "module", model)
 
+def uncompiled(model):
+    """The module that torch.compile(model) wraps, whose class the wrapper hides. A model compiled
+    in place, or by regions (accelerate's, which keeps the uncompiled one as an attribute _orig_mod
+    too): as it is, so that its compiled layers run."""
+    return getattr(model, "_modules", {}).get("_orig_mod", model)   # None (no teacher): None
+
 def hidden_states(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states [B, L, H] of the decoder (no head, no KV cache); no mask: all real.
     position_ids [B, L] restarting at 0 mark packed sequences, each attending to itself alone."""
     packing = {} if position_ids is None else packed_boundaries(position_ids)
-    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: the DDP it wraps
+    model = uncompiled(model)   # the DDP that torch.compile wraps
     if getattr(getattr(unwrap(model), "active_peft_config", None), "is_prompt_learning", False):
         raise ValueError("PEFT's prompt learning (soft prompts, prefixes) enters through the "
                          "model's forward, which the decoder's run here skips: use LoRA")
@@ -85,7 +91,7 @@ def in_forward(model, compute):
     embeddings, the LM head) inside that forward alone, and hooks the backward there (as Liger's
     losses do). A model FSDP does not wrap: compute() as it is."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: what it wraps
+    model = uncompiled(model)
     if not isinstance(model, (FSDPModule, FullyShardedDataParallel)):
         return compute()
     inner = unwrap(model)   # FSDP1 wraps the model; FSDP2 hooks the model itself

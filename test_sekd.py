@@ -1530,14 +1530,15 @@ def recipe_rows():
     return ids, labels, rows
 
 
-def trainer_step_weights(tmp_path, batch_size, accumulation):
-    """The student's weights after one Trainer step (SGD) of the README's SEKDTrainer."""
+def trainer_step_weights(tmp_path, batch_size, accumulation, **options):
+    """The student's weights after one Trainer step (SGD) of the README's SEKDTrainer; options:
+    TrainingArguments'."""
     SEKDTrainer = readme_recipe("Trainer")["SEKDTrainer"]
     student = tiny_model("qwen2")
     teacher = tiny_model("qwen2", hidden=48, seed=1)
     _, _, rows = recipe_rows()
     args = sekd_trainer_args(tmp_path, per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=accumulation)
+                             gradient_accumulation_steps=accumulation, **options)
     trainer = SEKDTrainer(model=student, teacher=teacher, sekd_config=sekd.Config(k=0.5),
                           args=args, train_dataset=rows)
     trainer.train()
@@ -1561,6 +1562,21 @@ def test_the_trainer_recipe_with_accumulation_2_makes_the_update_of_twice_the_ba
     assert moved > 1e-3   # the step did something
     for name in once:
         torch.testing.assert_close(twice[name], once[name], atol=1e-6, rtol=1e-5)
+
+
+# Trainer's torch_compile compiles model.forward, which distill_loss skips; accelerate's regional
+# compilation compiles the decoder's layers, which it runs
+def test_the_trainer_recipe_under_regional_compilation_runs_compiled_layers_to_the_same_update(
+        tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
+    counters.clear()
+    compiled = trainer_step_weights(tmp_path / "a", 8, 1, torch_compile=True,
+                                    torch_compile_backend="eager")
+    assert counters["frames"]["ok"] > 0
+    eager = trainer_step_weights(tmp_path / "b", 8, 1)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name])
 
 
 def deepspeed_on_gloo():
@@ -3896,16 +3912,21 @@ def batch_and_one_process_gradient():
 
 
 # DDP's modes: its default, Trainer's default (no gradient checkpointing), Trainer's static graph,
-# and DDP under torch.compile's wrapper (Trainer's torch_compile: accelerate compiles it last)
+# DDP under torch.compile's wrapper (Trainer's torch_compile: accelerate compiles it last), and
+# DDP with its layers compiled (accelerate's regional compilation, a test dependency)
 DDP_MODES = {"default": {}, "find_unused": dict(find_unused_parameters=True),
              "static_graph": dict(static_graph=True), "compiled": {}}
+if importlib.util.find_spec("accelerate"):
+    DDP_MODES["regional"] = {}
 
 
 def plain_ddp_facts(rank):
     """Under DDP of a plain Hugging Face model on 2 gloo ranks (as Trainer and accelerate wrap it),
     in each of DDP_MODES: rank r's half of a batch through distill_loss, twice (a static graph
     records its first step); DDP's averaged gradients against one process's gradient of the whole
-    batch, and the rows the model's own LM head was called on; then DDP's student_responses."""
+    batch, the rows the model's own LM head was called on and the frames compiled; then DDP's
+    student_responses."""
+    from torch._dynamo.utils import counters
     teacher = tiny_model("qwen2", hidden=48, seed=1)
     ids, mask, cfg, want = batch_and_one_process_gradient()
     half = slice(2 * rank, 2 * rank + 2)   # two samples each, every one with a selected position
@@ -3919,6 +3940,10 @@ def plain_ddp_facts(rank):
         ddp = torch.nn.parallel.DistributedDataParallel(student, **options)
         if mode == "compiled":
             ddp = torch.compile(ddp, backend="eager")
+        if mode == "regional":
+            from accelerate.utils import compile_regions
+            ddp = compile_regions(ddp, backend="eager")
+        counters.clear()
         gaps = []
         for step in range(2):
             student.zero_grad()
@@ -3926,7 +3951,8 @@ def plain_ddp_facts(rank):
             loss.backward()
             gaps += [(p.grad - w).abs().max().item() for p, w in zip(student.parameters(), want)]
         hook.remove()
-        facts[mode] = {"max_gap": max(gaps), "head_rows": head_rows}
+        facts[mode] = {"max_gap": max(gaps), "head_rows": head_rows,
+                       "compiled_frames": counters["frames"]["ok"]}
     ddp = torch.nn.parallel.DistributedDataParallel(tiny_model("qwen2"))
     facts["responses_alike"] = responses_alike(ddp, tiny_model("qwen2"), rank)
     return facts
@@ -3946,6 +3972,12 @@ def test_distill_loss_under_ddp_of_a_plain_model_syncs_gradients_as_one_process(
     for facts in plain_ddp:
         assert facts[mode]["max_gap"] < 1e-5
         assert facts[mode]["head_rows"] == [0, 0]   # its forward ran its head at no position
+
+
+def test_distill_loss_under_ddp_with_compiled_layers_runs_them(plain_ddp):
+    if "regional" not in DDP_MODES:
+        pytest.skip("needs accelerate")
+    assert [facts["regional"]["compiled_frames"] > 0 for facts in plain_ddp] == [True, True]
 
 
 def sample_scores_gap(wrapped, model, teacher):
