@@ -1778,6 +1778,7 @@ def test_cache_holds_exactly_the_draws_of_sample_classes_at_qwen_vocabulary(qwen
     )
     cache = sekd.TeacherCache(tmp_path / "c")
     assert len(cache) == 3 and cache.sample_ids == [10, 11, 12] and manifest["bytes_per_class"] == 3
+    assert [shard["first"] for shard in manifest["shards"]] == [0, 2]   # each shard's first sample
     with torch.no_grad():
         logits = qwen_teacher(ids).logits[:, :-1]
     # documented: shard s draws from seed * 1_000_003 + s, its positions in order
@@ -2420,6 +2421,16 @@ def test_an_end_of_turn_holding_a_special_token_stands_where_a_conversation_ends
     tokenizer.add_tokens(["<|im_end|>"], special_tokens=True)
     want = ["a one<|im_end|>", "!a two<|im_end|>(end)"]
     assert supervised_turns(tokenizer, TWO_TURNS) == want
+
+
+def test_an_end_of_turn_of_plain_text_is_none_also_where_the_tokenizer_adds_a_bos():
+    tokenizer = chat_tokenizer(  # a whole conversation ends "(end)": no end of turn stands alone
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% else %}(end){% endif %}"
+    )
+    tokenizer.add_tokens(["<bos>"], special_tokens=True)
+    adding_specials(tokenizer, "<bos> $A", "<bos>")   # special, but no part of the turn's end
+    assert sekd.end_of_turn(tokenizer, [{"role": "user", "content": "Q"}]) == ""
 
 
 CALLS = "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}{% endfor %}"
@@ -3088,6 +3099,14 @@ def test_an_example_whose_only_target_is_its_first_token_is_dropped(tmp_path):
     assert info["dropped_examples"] == 1 and len(train) == 17
 
 
+def test_an_example_cut_to_its_first_target_is_kept(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)  # "q": one token, then the completion's first
+    path = write_rows(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": " a b"}] * 20)
+    train, _, info = sekd.load_examples(data_config(path, seq_len=2), tokenizer)
+    assert info["dropped_examples"] == 0 and len(train) == 18
+    assert sekd.valid_positions(train.input_ids, train.attention_mask, train.loss_mask).all()
+
+
 def test_a_tokenizer_without_an_eos_is_a_usage_error_naming_the_fix(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     tokenizer.eos_token = None
@@ -3148,6 +3167,16 @@ def test_reading_keeps_the_row_that_brings_training_to_max_tokens_and_no_more(tm
         assert (len(train), len(held)) == (3, 1)
 
 
+def test_reading_text_stops_at_the_row_that_fills_the_budgets_blocks_exactly(tmp_path):
+    tokenizer = tiny_tokenizer(DOCS)
+    row = {"text": "hello world"}
+    length = len(sekd.encode_rows({"text": [row["text"]]}, "text", tokenizer, "text")[0][0])
+    path = write_rows(tmp_path / "docs.jsonl", [row] * 30)
+    config = data_config(path, seq_len=length, max_tokens=2 * length, val_fraction=0.5)
+    train, held, _ = sekd.load_examples(config, tokenizer)   # rows 0 and 2 fill two blocks
+    assert (len(train), len(held)) == (2, 1)   # row 1 held out, row 3 never read
+
+
 def test_held_out_rows_count_nothing_toward_max_tokens(tmp_path):
     tokenizer = tiny_tokenizer(DOCS)
     row = {"prompt": "q", "completion": " a"}
@@ -3171,6 +3200,7 @@ def test_two_rows_give_a_training_and_a_held_out_example(tmp_path):
         ("empty.jsonl", "", "is empty"),
         ("missing.jsonl", None, "does not exist"),
         ("one.jsonl", '{"text": "a"}\n', "need 2"),
+        ("one.txt", "a\n\n\n", "holds 1 document"),   # blank lines are no documents
         ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no 'text' in"),
         ("lists.jsonl", '{"text": ["a", "b"]}\n' * 2, "row 0: its 'text' is list, not a string"),
     ],
