@@ -821,6 +821,13 @@ def test_sample_scores_of_a_sample_with_one_valid_position_are_its_score():
     assert got.tolist() == pytest.approx(want, rel=1e-4)
 
 
+def test_padded_width_keeps_the_columns_up_to_the_last_real_token_of_any_row():
+    right_padded = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    widths = [sekd.padded_width(m) for m in (right_padded, left_padded, torch.zeros(2, 4))]
+    assert widths == [3, 3, 0]
+
+
 def test_sample_scores_of_a_left_padded_batch_are_each_sample_scored_alone():
     student = sharpened(tiny_model("llama"))
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
