@@ -3781,13 +3781,16 @@ def test_a_non_finite_loss_stops_the_run_without_a_student(saved_models, tmp_pat
     )
 
 
-def test_a_stopped_run_ends_the_progress_bars_line_before_its_error(saved_models, tmp_path, capsys):
+def test_a_diverged_run_exits_1_its_error_after_the_progress_bars_line(
+    saved_models, tmp_path, capsys
+):
     argv = ["--teacher", saved_models["teacher"], "--student", saved_models["student"], "--data",
             saved_models["data"], "--seq-len", "16", "--batch-size", "4", "--device", "cpu",
             "--val-fraction", "0.2", "--lr", "1e20", "--max-grad-norm", "1e30", "--out-dir",
             str(tmp_path / "run")]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         sekd.main(argv)
+    assert exited.value.code == 1   # README: a non-finite loss stops with exit status 1
     assert capsys.readouterr().err.splitlines()[-1].startswith("sekd.py: error: step 2")
 
 
