@@ -2441,7 +2441,7 @@ def check_lm_head(model, name):
                          "would distill other distributions; use a model of another family")
 
 def checkpoint_activations(model):
-    """Each decoder layer recomputes its activations in backward (non-reentrant, as DDP needs)."""
+    """Each decoder layer recomputes its activations in backward (non-reentrant: torch's advice)."""
     if hasattr(model, "activation_checkpointing_enable"):   # its name from transformers 5.2x on
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
