@@ -5735,6 +5735,18 @@ def test_show_streams_one_row_of_a_hub_dataset_and_reads_a_local_file_whole(
     assert read == [("org/name", "sample", "s", True), ("json", None, "train", False)]
 
 
+def test_show_defaults_to_the_top_20_percent_by_student_entropy_at_seq_len_512(
+    saved_models, capsys, monkeypatch
+):
+    seen = []
+    show_row = sekd.show_row
+    monkeypatch.setattr(sekd, "show_row", lambda *a: seen.append(a[1].seq_len) or show_row(*a))
+    sekd.main(["show", "--device", "cpu", "--student", saved_models["student"], "--text", "a b"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("sekd.py show: top k = 0.2 by student_entropy of ")
+    assert seen == [512]   # training's default
+
+
 def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
     from types import SimpleNamespace
 
