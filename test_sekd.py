@@ -6008,6 +6008,7 @@ def usage_errors(saved_models, tmp_path):
              str(tmp_path / "a_file" / "page.html")],
             "its directory " + str(tmp_path / "a_file") + " is a file",
         ),
+        (["show", "--student", saved_models["student"], "--text", ""], "no position to score"),
         (
             ["show", "--student", saved_models["student"], "--text", "a b", "--k", "2"],
             "--k must be",
