@@ -3181,7 +3181,7 @@ def test_reading_text_stops_at_the_row_that_fills_the_budgets_blocks_exactly(tmp
     path = write_rows(tmp_path / "docs.jsonl", [row] * 30)
     config = data_config(path, seq_len=length, max_tokens=2 * length, val_fraction=0.5)
     train, held, _ = sekd.load_examples(config, tokenizer)   # rows 0 and 2 fill two blocks
-    assert (len(train), len(held)) == (2, 1)   # row 1 held out, row 3 never read
+    assert (len(train), len(held)) == (2, 1)   # row 1 held out; row 3 comes after the stop
 
 
 def test_held_out_rows_count_nothing_toward_max_tokens(tmp_path):
