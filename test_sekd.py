@@ -199,6 +199,11 @@ def test_standardize_takes_z_scores_over_the_valid_entries_and_zeroes_the_others
     torch.testing.assert_close(z, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]) / population_sd)
 
 
+def test_standardize_gives_a_row_with_one_valid_entry_a_z_score_of_0():
+    z = sekd.standardize(torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]]))
+    assert z.tolist() == [[0.0, 0.0]]   # its own mean, no spread
+
+
 def test_ce_ratio_stays_finite_where_the_teacher_is_certain_and_right():
     s = torch.zeros(1, 10)
     t = torch.full((1, 10), -1e4)
