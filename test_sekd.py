@@ -4030,7 +4030,9 @@ def sample_scores_gap(wrapped, model, teacher):
     of 2 are from model's: 3 batches, so one rank scores two and the other one."""
     blocks = torch.randint(0, VOCAB, (5, 10), generator=torch.Generator().manual_seed(5))
     got = sekd.sample_scores(wrapped, blocks, "kl", teacher, batch_size=2)
-    want = sekd.sample_scores(model, blocks, "kl", tiny_model("qwen2", hidden=48, seed=1), 2)
+    valid = torch.ones(5, 9, dtype=torch.bool)   # the reference: no batches for ranks to split
+    whole_teacher = tiny_model("qwen2", hidden=48, seed=1)
+    want = sekd.model_scores("kl", model, blocks, None, valid, whole_teacher).mean(1)
     return (got - want).abs().max().item()
 
 
