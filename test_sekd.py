@@ -224,6 +224,11 @@ def test_kl_signals_never_dip_below_zero_where_the_two_distributions_nearly_agre
     assert (sekd.position_scores(signal, z, near) >= 0).all()
 
 
+def test_an_unknown_signal_is_a_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="unknown signal 'entropy': choose one of student_entropy"):
+        sekd.position_scores("entropy", torch.zeros(1, 10))
+
+
 def test_softmaxes_and_ce_of_bf16_logits_at_a_temperature_are_computed_in_float32(monkeypatch):
     # bf16 heads under autocast: log softmax(z / T) and a CE in bf16 lose ~1% of a logit
     g = torch.Generator().manual_seed(0)
@@ -373,6 +378,12 @@ def test_no_policy_selects_a_prompt_position_however_high_its_score_and_k_counts
         assert (weights[~valid] == 0).all() and (weights[valid] > 0).any(), policy
         if policy in ("top", "random", "curriculum"):
             assert (weights > 0).sum(1).tolist() == sekd.budget(valid.sum(1), 0.3).tolist(), policy
+
+
+def test_an_unknown_policy_is_a_value_error_naming_the_choices():
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="unknown position policy 'best': choose one of all, "):
+        sekd.position_weights("best", torch.rand(1, 4), valid, 0.5)
 
 
 def test_budget_is_exact_ceiling():
