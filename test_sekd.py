@@ -1377,6 +1377,15 @@ def test_student_responses_end_at_the_first_of_several_stop_ids_and_pad_with_the
     assert set(stops) <= set(endings)  # responses ended at each of the two ids
 
 
+def test_student_responses_run_to_128_new_tokens_by_default():
+    student = tiny_model("llama")
+    ids, loss_mask, _ = prompts_and_eos(student)
+    never = VOCAB - 1   # past vocab_size: never drawn, so no response ends early
+    torch.manual_seed(0)
+    _, _, is_target = sekd.student_responses(student, ids, loss_mask, never, vocab_size=never)
+    assert is_target.sum(1).tolist() == [128] * len(ids)
+
+
 def test_student_responses_sample_the_students_softmax_at_the_gen_temperature_untruncated():
     student = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0)).expand(
