@@ -1953,9 +1953,30 @@ def test_cache_refuses_a_half_written_build(small_cache):
         sekd.TeacherCache(small_cache[0])
 
 
+def test_cache_refuses_one_of_another_format_version(small_cache):
+    manifest_path = small_cache[0] / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = sekd.CACHE_VERSION + 1   # a layout this sekd.py cannot read
+    manifest_path.write_text(json.dumps(manifest))
+    layout = f"is not a {sekd.CACHE_FORMAT} v{sekd.CACHE_VERSION}: delete it"
+    with pytest.raises(sekd.UsageError, match=layout):
+        sekd.TeacherCache(small_cache[0])
+
+
 def test_build_refuses_a_directory_holding_another_cache(small_cache, qwen_teacher):
     with pytest.raises(sekd.UsageError, match="holds another teacher cache"):
         sekd.build_cache(qwen_teacher, small_cache[1], small_cache[0], num_samples=4, shard_size=1)
+
+
+def test_building_a_complete_cache_again_returns_its_manifest_and_writes_no_file(
+    small_cache, qwen_teacher, monkeypatch
+):
+    path, ids = small_cache
+    manifest = json.loads((path / "manifest.json").read_text())
+    stats = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir()}
+    monkeypatch.setattr(qwen_teacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+    assert sekd.build_cache(qwen_teacher, ids, path, num_samples=8, shard_size=1) == manifest
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir()} == stats
 
 
 def test_interrupted_build_resumes_from_finished_shards(qwen_teacher, tmp_path, monkeypatch):
