@@ -2808,6 +2808,8 @@ def test_the_special_stop_ids_of_a_students_generation_config_end_its_responses(
     GenerationConfig(eos_token_id=user).save_pretrained(tmp_path / "one")   # an id, not a list
     assert sekd.response_stop_ids(tokenizer, "prompt", str(tmp_path / "one")) == [eos, user]
     assert sekd.response_stop_ids(tokenizer, "text", str(tmp_path)) == [eos]   # no file there
+    GenerationConfig(max_length=20).save_pretrained(tmp_path / "none")   # no eos_token_id in it
+    assert sekd.response_stop_ids(tokenizer, "text", str(tmp_path / "none")) == [eos]
 
 
 # Like DeepSeek-R1's: the generation prompt opens a think block that no rendered turn shows.
@@ -2900,6 +2902,12 @@ def test_rows_hold_no_none_that_an_arrow_struct_column_fills_in_for_other_rows_k
     calls = [turns[1]["tool_calls"][0]["function"]["arguments"] for turns in batch["messages"]]
     parameters = [tools[0]["function"]["parameters"] for tools in batch["tools"]]
     assert calls == parameters == want
+
+
+def test_rows_of_a_dataset_without_known_features_keep_their_nones():
+    # a streamed hub dataset may declare no features: nothing tells filled Nones from written ones
+    batch = {"messages": [[{"role": "assistant", "content": None, "tool_calls": None}]]}
+    assert sekd.without_filled_nones(batch, None) == batch
 
 
 def test_show_renders_a_parquet_row_without_the_nones_of_other_rows_keys(tmp_path):
@@ -3252,6 +3260,7 @@ def test_two_rows_give_a_training_and_a_held_out_example(tmp_path):
         ("docs.csv", "text\nhello\n", "unsupported file type '.csv'"),
         ("empty.jsonl", "", "is empty"),
         ("missing.jsonl", None, "does not exist"),
+        ("no_such_dir", None, "cannot load it as a local file or directory, nor from the hub"),
         ("one.jsonl", '{"text": "a"}\n', "need 2"),
         ("one.txt", "a\n\n\n", "holds 1 document"),   # blank lines are no documents
         ("body.jsonl", '{"body": "a"}\n{"body": "b"}\n', "no 'text' in"),
