@@ -5804,6 +5804,34 @@ def test_show_defaults_to_the_top_20_percent_by_student_entropy_at_seq_len_512(
     assert seen == [512]   # training's default
 
 
+def test_show_draws_the_first_row_of_data_by_default(saved_models, capsys, monkeypatch):
+    texts = []
+    show_row = sekd.show_row
+
+    def recorded(*args):
+        row = show_row(*args)
+        texts.append(row[2])
+        return row
+    monkeypatch.setattr(sekd, "show_row", recorded)
+    shown(["--student", saved_models["student"], "--data", saved_models["data"]], capsys)
+    assert texts == [DOCS[0]]
+
+
+def test_show_takes_a_text_exactly_as_long_as_the_models_positions(saved_models, capsys):
+    from types import SimpleNamespace
+
+    student = saved_models["student"]
+    tokenizer = sekd.load_pretrained("AutoTokenizer", student)
+    positions = sekd.model_positions(student)
+
+    def length(words):   # tokens of "hello " * words, as show encodes them
+        args = SimpleNamespace(data=None, index=0, text="hello " * words)
+        return len(sekd.show_row(args, sekd.Config(), tokenizer)[0])
+    words = next(n for n in range(positions + 1) if length(n) == positions)
+    _, _, summary = shown(["--student", student, "--text", "hello " * words], capsys)
+    assert summary.startswith(f"{math.ceil(0.2 * (positions - 1))} of {positions - 1} positions")
+
+
 def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
     from types import SimpleNamespace
 
@@ -6054,6 +6082,11 @@ def usage_errors(saved_models, tmp_path):
             ["show", "--student", saved_models["student"], "--data", saved_models["data"],
              "--index", "-1"],
             "--index must be >= 0",
+        ),
+        (
+            ["show", "--student", saved_models["student"], "--data", saved_models["data"],
+             "--index", "100000"],
+            f"--index 100000 is past the rows of --data {saved_models['data']}",
         ),
         (
             ["show", "--student", saved_models["student"], "--text", "a b", "--html",
