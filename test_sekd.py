@@ -6039,6 +6039,10 @@ def usage_errors(saved_models, tmp_path):
             "with --max-new-tokens 253, sequences of 257 tokens, beyond the 256 positions",
         ),
         (base + ["--resume"], "no checkpoint"),
+        (
+            base + ["--student", str(tmp_path / "missing")],
+            f"'{tmp_path / 'missing'}': not a local model directory, and the hub could not",
+        ),
         (   # transformers asks first on a terminal
             base + ["--student", str(custom_code)],
             f"AutoConfig from the directory '{custom_code}' (The repository",
@@ -6049,6 +6053,11 @@ def usage_errors(saved_models, tmp_path):
         ),
         (
             base + ["--data", str(tmp_path / "run" / "log.jsonl"), "--overwrite"],
+            "run/log.jsonl lies in the log.jsonl of --out-dir",
+        ),
+        (   # no --teacher: the data is checked all the same
+            base[2:] + ["--method", "ce", "--data", str(tmp_path / "run" / "log.jsonl"),
+                        "--overwrite"],
             "run/log.jsonl lies in the log.jsonl of --out-dir",
         ),
         (base + ["--on-policy-fraction", "1.5"], "--on-policy-fraction must be >= 0 and <= 1"),
