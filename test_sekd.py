@@ -444,6 +444,13 @@ def test_gls_queue_keeps_the_last_scores_first_in_first_out():
     assert gls.queue.tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
 
 
+def test_gls_queue_holds_the_papers_30k_last_scores_by_default():
+    gls = sekd.GlobalThreshold()
+    scores = torch.arange(40_000.0).reshape(4, 10_000)
+    gls.push(scores, torch.ones(4, 10_000, dtype=torch.bool))
+    assert torch.equal(gls.queue, torch.arange(10_000.0, 40_000.0))   # "GLS 30K"
+
+
 def test_gls_at_k_1_keeps_every_valid_position():
     gls = sekd.GlobalThreshold(size=100)
     gls.queue = torch.arange(100.0)
