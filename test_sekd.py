@@ -677,6 +677,13 @@ def test_sample_classes_weights_are_unbiased_and_ids_distinct():
     assert ((dense.mean(0) - p).abs() < 5 * stderr + 1e-6).all()
 
 
+def test_sample_classes_draws_at_temperature_1_by_default():
+    teacher = torch.randn(4, 20, generator=torch.Generator().manual_seed(0)) * 2
+    default = sekd.sample_classes(teacher, 8, generator=torch.Generator().manual_seed(1))
+    at_1 = sekd.sample_classes(teacher, 8, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(default[0], at_1[0]) and torch.equal(default[1], at_1[1])
+
+
 def test_sample_classes_puts_each_id_at_the_slot_of_its_first_sorted_draw():
     ids, weights = sekd.sample_classes(
         torch.randn(50, 30), 16, generator=torch.Generator().manual_seed(1)
