@@ -5229,13 +5229,6 @@ def test_a_model_with_large_logits_that_lm_head_reproduces_is_loaded(monkeypatch
     assert sekd.load_model("large", torch.device("cpu")) is model
 
 
-def test_a_teacher_loads_without_gradients_and_a_student_with_them(saved_models):
-    teacher = sekd.load_model(saved_models["teacher"], torch.device("cpu"), frozen=True)
-    student = sekd.load_model(saved_models["student"], torch.device("cpu"))
-    assert not any(p.requires_grad for p in teacher.parameters())
-    assert all(p.requires_grad for p in student.parameters())
-
-
 # the logits, their width, or (unseen at a fresh model's small logits) a soft cap
 @pytest.mark.parametrize("step", ["doubles", "slices", "caps"])
 def test_a_model_whose_logits_lm_head_does_not_reproduce_is_refused_when_loaded(monkeypatch, step):
