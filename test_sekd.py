@@ -5457,6 +5457,19 @@ def test_the_bench_teacher_forward_runs_the_head_on_every_position(monkeypatch):
 SHOW_TEXT = "document 3 says hello world number 21 document 4 says hello"
 
 
+def recorded_show_rows(monkeypatch):
+    """sekd.show_row as it is, each call's (args, cfg) and its row appended to the list returned."""
+    calls = []
+    show_row = sekd.show_row
+
+    def recorded(args, cfg, tokenizer):
+        row = show_row(args, cfg, tokenizer)
+        calls.append((args, cfg, row))
+        return row
+    monkeypatch.setattr(sekd, "show_row", recorded)
+    return calls
+
+
 def shown(argv, capsys):
     """sekd.py show --plain: (header, body, summary), the body's lines between the header and the
     summary."""
@@ -5809,26 +5822,17 @@ def test_show_streams_one_row_of_a_hub_dataset_and_reads_a_local_file_whole(
 def test_show_defaults_to_the_top_20_percent_by_student_entropy_at_seq_len_512(
     saved_models, capsys, monkeypatch
 ):
-    seen = []
-    show_row = sekd.show_row
-    monkeypatch.setattr(sekd, "show_row", lambda *a: seen.append(a[1].seq_len) or show_row(*a))
+    calls = recorded_show_rows(monkeypatch)
     sekd.main(["show", "--device", "cpu", "--student", saved_models["student"], "--text", "a b"])
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith("sekd.py show: top k = 0.2 by student_entropy of ")
-    assert seen == [512]   # training's default
+    assert [cfg.seq_len for _, cfg, _ in calls] == [512]   # training's default
 
 
 def test_show_draws_the_first_row_of_data_by_default(saved_models, capsys, monkeypatch):
-    texts = []
-    show_row = sekd.show_row
-
-    def recorded(*args):
-        row = show_row(*args)
-        texts.append(row[2])
-        return row
-    monkeypatch.setattr(sekd, "show_row", recorded)
+    calls = recorded_show_rows(monkeypatch)
     shown(["--student", saved_models["student"], "--data", saved_models["data"]], capsys)
-    assert texts == [DOCS[0]]
+    assert [text for _, _, (_, _, text, _) in calls] == [DOCS[0]]
 
 
 def test_show_takes_a_text_exactly_as_long_as_the_models_positions(saved_models, capsys):
