@@ -3258,7 +3258,9 @@ def print_show(args, cfg, text, offsets, scores, selected, valid, kl):
     style = "ansi" if sys.stdout.isatty() and not args.plain else "plain"
     drawing, marks = render_marks(text, offsets, marked, shade, dim, style, titles)
     summary = f"{chosen} of {n} positions selected, {marks} marks drawn"
-    if kl is not None:
+    if kl is not None and kl[valid].sum() == 0:   # a student that is its teacher: no share
+        summary += "; KL(teacher || student) is 0 at every position: the two models agree"
+    elif kl is not None:
         share = (kl[selected].sum() / kl[valid].sum()).item()
         summary += (f"; they hold {share:.0%} of the KL(teacher || student) (random ones: "
                     f"{chosen / n:.0%})")

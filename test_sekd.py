@@ -5721,6 +5721,13 @@ def test_show_shades_ranks_and_shares_kl_over_the_valid_positions_only(tmp_path,
     assert "they hold 75% of the KL" in summary
 
 
+def test_show_summary_says_the_models_agree_where_kl_is_0_at_every_position(tmp_path, capsys):
+    # a student that is its teacher: the selected share of a zero sum would print nan%
+    _, summary = print_show_page(tmp_path, capsys, [0.5, 0.9], [True, True], [False, True],
+                                 [0.0, 0.0])
+    assert summary.endswith("KL(teacher || student) is 0 at every position: the two models agree")
+
+
 def test_show_shades_equal_scores_as_zero_not_nan(tmp_path, capsys):
     page, _ = print_show_page(tmp_path, capsys, [0.5, 0.5], [True, True], [True, False],
                               [1.0, 1.0])
