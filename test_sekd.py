@@ -3009,6 +3009,12 @@ def test_arguments_render_as_given_where_a_template_takes_both_forms(arguments):
     assert text == tokenizer.apply_chat_template(row, tokenize=False)
 
 
+@pytest.mark.parametrize("call", [{"name": "f", "arguments": "[1, 2]"}, "f(1, 2)"])
+def test_a_call_not_an_object_nor_json_text_of_one_stays_as_given_for_an_objects_template(call):
+    # a list parsed from text would reach a template that walks the arguments' items
+    assert sekd.arguments_in_form(call, takes_objects=True) == call
+
+
 @pytest.mark.parametrize("content", [None, "missing"])
 def test_a_tool_call_turn_without_content_renders_as_with_an_empty_one(content):
     # OpenAI's form: content None; Qwen3's real template fails on it, transformers 5 dropping it
