@@ -5138,6 +5138,19 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
         sekd.shared_vocab_size(64, 72, 70)
 
 
+def test_heads_that_differ_by_padding_rows_distill_the_tokenizers_ids(saved_models, tmp_path):
+    import shutil
+
+    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
+    config = json.loads((teacher / "config.json").read_text())
+    rows = config["vocab_size"]   # the student's, the tokenizer's length
+    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 16}))
+    cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher))
+    tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
+    assert sekd.check_models(cfg, tokenizer) == rows
+    assert cfg.vocab_size == rows   # the loss's heads then stop at the shared ids
+
+
 def test_a_vocab_size_of_exactly_the_heads_rows_is_accepted(saved_models):
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     rows = sekd.load_pretrained("AutoConfig", saved_models["student"]).vocab_size  # both heads'
