@@ -3465,9 +3465,11 @@ def test_prefetch_yields_every_load_in_order_with_exactly_the_next_one_under_way
     assert got == [0, 10, 20, 30]
 
 
-def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path):
+def test_sekd3x_keeps_the_frozen_students_most_uncertain_blocks(saved_models, tmp_path, capsys):
     cfg = run_config(saved_models, tmp_path, method="sekd3x", class_samples=16, cache_shard_size=3)
     first = sekd.train(cfg)
+    reported = f"teacher cache: cache_bytes_per_position {first['cache_bytes_per_position']:.1f}"
+    assert reported in capsys.readouterr().err   # the sizes below, on stderr too
     manifest = sekd.TeacherCache(cfg.cache_dir).manifest
     train, _, _ = sekd.load_examples(
         cfg, sekd.load_pretrained("AutoTokenizer", saved_models["student"])
