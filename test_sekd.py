@@ -4471,6 +4471,13 @@ def test_config_refuses_bad_values_naming_the_flag(bad, match):
         sekd.Config(**bad)
 
 
+def test_config_takes_float32s_largest_value_and_refuses_the_next_double():
+    largest = torch.finfo(torch.float32).max   # the run computes in float32: it fits
+    assert sekd.Config(lr=largest).lr == largest
+    with pytest.raises(sekd.UsageError, match="beyond float32"):
+        sekd.Config(lr=math.nextafter(largest, math.inf))
+
+
 # ============================================================================================
 # 9. Plumbing: cache and resume checks, checkpoints, out-dir rules, fingerprints
 # ============================================================================================
