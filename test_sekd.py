@@ -3587,6 +3587,13 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 20)
 
 
+def test_train_loss_of_a_run_under_ten_steps_is_its_last_steps_loss(saved_models, tmp_path):
+    metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    steps = [record for record in log if "loss" in record]
+    assert len(steps) == 4 and metrics["train_loss"] == steps[-1]["loss"]   # 10%: at least one
+
+
 def test_a_multimodal_students_towers_outside_the_text_path_are_frozen(saved_models, tmp_path):
     # a Gemma 4 checkpoint: under DDP an unused trained parameter stopped the run at step 2
     import transformers
