@@ -4414,13 +4414,20 @@ def test_config_flags_override_a_preset():
 def test_config_defaults_are_the_papers_and_leave_every_switch_off():
     cfg = sekd.Config()
     paper = (cfg.method, cfg.positions, cfg.k, cfg.signal, cfg.temperature, cfg.beta,
-             cfg.ce_weight, cfg.ell, cfg.class_samples, cfg.seq_len, cfg.lr, cfg.max_grad_norm)
+             cfg.ce_weight, cfg.ell, cfg.class_samples, cfg.seq_len, cfg.lr, cfg.max_grad_norm,
+             cfg.gls_queue_size, cfg.epochs)
     assert paper == ("sekd", "top", 0.2, "student_entropy", 1.0, 0.0, 0.0, 1.0, None, 512, 1e-5,
-                     1.0)
+                     1.0, 30_000, 1)
     switches = {f.name for f in dataclasses.fields(cfg) if f.type == "bool"}
     assert switches == {"cache_any_student", "streaming", "gradient_checkpointing", "resume",
                         "overwrite"}
     assert not any(getattr(cfg, name) for name in switches)
+
+
+def test_config_runs_seed_0_evaluates_and_saves_at_the_end_and_samples_the_students_softmax():
+    cfg = sekd.Config()
+    assert (cfg.seed, cfg.eval_every, cfg.save_every) == (0, 0, 0)   # README's seed-0 numbers
+    assert (cfg.max_new_tokens, cfg.gen_temperature) == (128, 1.0)   # on-policy: softmax at T = 1
 
 
 def test_config_refuses_a_sum_signal_only_where_positions_are_drawn_in_proportion_to_it():
