@@ -5161,13 +5161,20 @@ def test_shared_vocab_size_accepts_padding_and_refuses_real_mismatch():
         sekd.shared_vocab_size(64, 72, 70)
 
 
-def test_heads_that_differ_by_padding_rows_distill_the_tokenizers_ids(saved_models, tmp_path):
+def padded_teacher(saved_models, tmp_path):
+    """A copy of the teacher whose config declares 16 head rows more than the student's -> (its
+    directory, the student's rows: the tokenizer's length)."""
     import shutil
 
     teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
     config = json.loads((teacher / "config.json").read_text())
-    rows = config["vocab_size"]   # the student's, the tokenizer's length
+    rows = config["vocab_size"]
     (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 16}))
+    return teacher, rows
+
+
+def test_heads_that_differ_by_padding_rows_distill_the_tokenizers_ids(saved_models, tmp_path):
+    teacher, rows = padded_teacher(saved_models, tmp_path)
     cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher))
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     assert sekd.check_models(cfg, tokenizer) == rows
@@ -5190,12 +5197,7 @@ def test_top_k_classes_of_the_whole_vocabulary_are_accepted(saved_models):
 
 
 def test_a_vocab_size_beyond_the_smaller_head_is_refused(saved_models, tmp_path):
-    import shutil
-
-    teacher = shutil.copytree(saved_models["teacher"], tmp_path / "teacher")
-    config = json.loads((teacher / "config.json").read_text())
-    rows = config["vocab_size"]  # the student's
-    (teacher / "config.json").write_text(json.dumps({**config, "vocab_size": rows + 16}))
+    teacher, rows = padded_teacher(saved_models, tmp_path)
     cfg = sekd.Config(student=saved_models["student"], teacher=str(teacher), vocab_size=rows + 8)
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     with pytest.raises(sekd.UsageError, match=rf"beyond a model's head \({rows} rows\)"):
