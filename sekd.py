@@ -810,7 +810,8 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 
@@ -3049,12 +3050,23 @@ def bench(argv):
             work = (method, shape, device, batch, seq, args.batches, os.path.join(tmp, "cache"))
             if device.type == "cuda":  # one process; bench_method resets the peak counter
                 results[method] = bench_method(*work)
-            else:   # a fresh process: its own peak
-                with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    results[method] = pool.apply(bench_method, work)
+            else:
+                results[method] = bench_method_apart(work)
             print_bench_row(method, results, report)
     print_cache_ratios(results, report["cache"])
     print(json.dumps(report))
+
+def bench_method_apart(work):
+    """bench_method(*work) in a fresh process, whose peak memory is its own. A process killed (out
+    of memory) stops the bench in one line, where multiprocessing's Pool would wait forever."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(bench_method, *work).result()
+        except BrokenProcessPool as err:
+            if err.__cause__ is not None:   # an error it raised that no pickle carries: as it is
+                raise
+    raise RunStopped(f"bench: the process measuring {work[0]} was killed (out of memory?) before "
+                     "it finished: try --shape tiny, or a smaller --batch-size or --seq-len")
 
 def print_bench_row(method, results, report):
     """A method's row, as measured: its numbers and their ratios to full_dense's and ce's."""

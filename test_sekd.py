@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import types
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 
 import pytest
@@ -5333,6 +5334,30 @@ def test_bench_prints_a_row_per_method_as_measured_then_one_json_line(capsys):
         results["sekd3x_reuse"]["cache_read_ms"] / results["sekd3x_reuse"]["step_ms"]
     )
     assert cache["build_over_teacher_forward"] > 0 and cache["read_over_sekd3x_step"] >= 0
+
+
+def killed_at_once(*work):  # a bench process the kernel's OOM killer ends (SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_bench_process_killed_out_of_memory_stops_the_bench_in_one_line(monkeypatch):
+    monkeypatch.setattr(sekd, "bench_method", killed_at_once)  # the spawned process imports it
+    with pytest.raises(sekd.RunStopped, match=r"measuring sekd_gc was killed \(out of memory"):
+        sekd.bench_method_apart(("sekd_gc", None))
+
+
+def refused_config(*work):  # huggingface_hub's validation error: no pickle carries it back
+    import transformers
+    transformers.LlamaConfig(hidden_size=257, num_attention_heads=4)
+
+
+def test_a_bench_error_that_cannot_be_pickled_is_raised_not_reported_as_out_of_memory(
+    monkeypatch,
+):
+    monkeypatch.setattr(sekd, "bench_method", refused_config)
+    with pytest.raises(BrokenProcessPool) as raised:  # not the one line of a killed process
+        sekd.bench_method_apart(("sekd", None))
+    assert "StrictDataclassClassValidationError" in str(raised.value.__cause__)
 
 
 def test_bench_trains_sekd3x_on_the_kept_samples_and_times_the_wait_for_their_targets(tmp_path):
