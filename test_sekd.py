@@ -5453,6 +5453,17 @@ def test_the_bench_qwen3_shape_has_the_parameters_of_qwen3_1_7b_and_0_6b():
         assert (total, total - embedding) == pytest.approx(want, rel=0.02), role
 
 
+def test_the_bench_tiny_shape_is_llamas_own_head_dim_hidden_over_heads_head_untied():
+    import transformers
+
+    for role in ("teacher", "student"):
+        config = sekd.bench_model(sekd.BENCH_SHAPES["tiny"], role, torch.device("meta")).config
+        llama = transformers.LlamaConfig(hidden_size=config.hidden_size,
+                                         num_attention_heads=config.num_attention_heads)
+        shape = (config.head_dim, config.tie_word_embeddings)
+        assert shape == (llama.head_dim, llama.tie_word_embeddings), role   # LlamaConfig's defaults
+
+
 def test_bench_defaults_to_the_tiny_shape_and_its_sequence_length_on_a_cpu():
     args = sekd.bench_arguments(["--device", "cpu"])
     assert (args.shape["name"], args.seq_len) == ("tiny", 256)
