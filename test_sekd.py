@@ -5464,9 +5464,13 @@ def test_the_bench_tiny_shape_is_llamas_own_head_dim_hidden_over_heads_head_unti
         assert shape == (llama.head_dim, llama.tie_word_embeddings), role   # LlamaConfig's defaults
 
 
-def test_bench_defaults_to_the_tiny_shape_and_its_sequence_length_on_a_cpu():
+def test_bench_defaults_to_readmes_tiny_shape_8_x_256_and_10_batches_on_a_cpu():
     args = sekd.bench_arguments(["--device", "cpu"])
-    assert (args.shape["name"], args.seq_len) == ("tiny", 256)
+    assert (args.shape["name"], args.batch_size, args.seq_len, args.batches) == ("tiny", 8, 256, 10)
+
+
+def test_bench_takes_the_shortest_blocks_with_a_position_2_tokens():
+    assert sekd.bench_arguments(["--device", "cpu", "--seq-len", "2"]).seq_len == 2
 
 
 def test_bench_steps_train_every_block_the_last_batch_partial(monkeypatch):
