@@ -5840,10 +5840,11 @@ def test_show_marks_a_character_when_any_of_its_tokens_is_selected():
 
 
 def test_show_keeps_the_text_that_no_token_covers():
+    # before the first token (a space a tokenizer drops), between tokens, after the last
     drawing, marks = sekd.render_marks(
-        "ab  cd", [(0, 2), (4, 6)], [True, False], [0.0] * 2, [False] * 2, "plain", [""] * 2
+        " ab  cd.", [(1, 3), (5, 7)], [True, False], [0.0] * 2, [False] * 2, "plain", [""] * 2
     )
-    assert (drawing, marks) == ("⟦ab⟧  cd", 1)
+    assert (drawing, marks) == (" ⟦ab⟧  cd.", 1)
 
 
 def test_show_dims_a_character_only_when_all_its_tokens_are_prompt():
