@@ -6011,6 +6011,12 @@ def test_help_shows_what_each_preset_sets_and_lists_bench(capsys):
     assert "sekd.py bench" in help_text
 
 
+def test_help_says_first_what_sekd_is_the_docstrings_first_paragraph(capsys):
+    help_text = help_words(capsys).split("options:", 1)[0]   # usage and description
+    summary = " ".join(sekd.__doc__.split("\n\n")[0].split())
+    assert summary.startswith("SE-KD: selective knowledge distillation") and summary in help_text
+
+
 def test_help_shows_each_numeric_flags_valid_range(capsys):
     help_text = help_words(capsys).split("options:", 1)[1]   # past the usage line
     ranged = [f for f in sekd.dataclasses.fields(sekd.Config) if f.metadata["rules"]]
