@@ -3065,8 +3065,9 @@ def bench_method_apart(work):
         except BrokenProcessPool as err:
             if err.__cause__ is not None:   # an error it raised that no pickle carries: as it is
                 raise
-    raise RunStopped(f"bench: the process measuring {work[0]} was killed (out of memory?) before "
-                     "it finished: try --shape tiny, or a smaller --batch-size or --seq-len")
+            raise RunStopped(f"bench: the process measuring {work[0]} was killed (out of memory?) "
+                             "before it finished: try --shape tiny, or a smaller --batch-size or "
+                             "--seq-len") from None
 
 def print_bench_row(method, results, report):
     """A method's row, as measured: its numbers and their ratios to full_dense's and ce's."""
