@@ -3170,7 +3170,7 @@ SHOW_FLAGS = [   # name, type, default, help
     ("split", str, "train", "the dataset split to read"),
     ("index", int, 0, "the row of --data"),
     ("text_column", str, "text", "its plain-text column"),
-    ("seq_len", int, 512, "tokens of a prompt/completion or chat row kept, as in training"),
+    ("seq_len", int, 512, "tokens of a --data row kept, as a training block or example"),
     ("k", float, 0.2, "share of the positions selected"),
     ("signal", str, "student_entropy", "u(t)"),
     ("positions", str, "top", "position policy"),
@@ -3212,10 +3212,11 @@ def show(argv):
         raise UsageError("the text has no position to score: it needs 2 tokens or more, and a "
                          "target")
     check_models(cfg, tokenizer)
+    fix = "lower --seq-len" if args.data else "show a shorter one"
     for name in filter(None, (args.student, args.teacher)):
         if ids.shape[1] > (model_positions(name) or math.inf):
             raise UsageError(f"the text has {ids.shape[1]} tokens, beyond the positions of "
-                             f"'{name}' (max_position_embeddings): show a shorter one")
+                             f"'{name}' (max_position_embeddings): {fix}")
     student = load_model(args.student, device).eval()
     teacher = load_model(args.teacher, device, frozen=True) if args.teacher else None
     scores, selected, valid, kl = selected_positions(student, teacher, ids.to(device),
@@ -3223,8 +3224,9 @@ def show(argv):
     print_show(args, cfg, text, offsets, scores, selected, valid, kl)
 
 def show_row(args, cfg, tokenizer):
-    """The row to show, encoded as training encodes it (encode_rows, cut to --seq-len): ids,
-    is_target, its text and each token's span in it. --text is a document (a text row)."""
+    """The row to show, encoded as training encodes it (encode_rows, a --data row cut to --seq-len,
+    as no training sequence is longer): ids, is_target, its text and each token's span in it.
+    --text is a document (a text row), shown whole."""
     if args.data:
         rows = load_rows(cfg)
         row = next(iter(rows.skip(args.index).take(1)), None)
@@ -3237,7 +3239,7 @@ def show_row(args, cfg, tokenizer):
     encoded = encode_rows(batch, data_format, tokenizer, cfg.text_column, args.index,
                           with_offsets=True)
     ids, is_target, text, offsets = encoded[0]
-    if data_format != "text":
+    if args.data:
         ids = ids[:cfg.seq_len]
         is_target = is_target[:cfg.seq_len]
         offsets = offsets[:cfg.seq_len]

@@ -5942,11 +5942,12 @@ def test_show_takes_a_text_exactly_as_long_as_the_models_positions(saved_models,
     assert summary.startswith(f"{math.ceil(0.2 * (positions - 1))} of {positions - 1} positions")
 
 
-def test_show_cuts_a_prompt_completion_row_to_seq_len_as_training_does(saved_models):
+@pytest.mark.parametrize("rows", ["prompts", "data"])  # a prompt/completion row, a document
+def test_show_cuts_a_data_row_to_seq_len_as_training_does(saved_models, rows):
     from types import SimpleNamespace
 
-    args = SimpleNamespace(data=saved_models["prompts"], index=3, text=None)
-    cfg = sekd.Config(data=saved_models["prompts"], seq_len=4)
+    args = SimpleNamespace(data=saved_models[rows], index=3, text=None)
+    cfg = sekd.Config(data=saved_models[rows], seq_len=4)
     tokenizer = sekd.load_pretrained("AutoTokenizer", saved_models["student"])
     ids, is_target, _, offsets = sekd.show_row(args, cfg, tokenizer)
     assert len(ids) == len(is_target) == len(offsets) == 4
@@ -6107,6 +6108,7 @@ def usage_errors(saved_models, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "data.csv").write_text("text\nhello\n")
+    (tmp_path / "long.txt").write_text("hello world " * 150 + "\n")
     write_rows(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
     with_prompts = [{"prompt": "q", "completion": "a b"}] * 19
     no_prompt = write_rows(tmp_path / "no_prompt.jsonl",   # one training row without (not all)
@@ -6201,7 +6203,12 @@ def usage_errors(saved_models, tmp_path):
         (["show", "--student", saved_models["student"]], "--text or --data"),
         (
             ["show", "--student", saved_models["student"], "--text", "hello world " * 150],
-            "tokens, beyond the positions of",
+            "(max_position_embeddings): show a shorter one",
+        ),
+        (
+            ["show", "--student", saved_models["student"], "--data", str(tmp_path / "long.txt"),
+             "--seq-len", "1000"],
+            "(max_position_embeddings): lower --seq-len",
         ),
         (
             ["show", "--student", saved_models["student"], "--data", saved_models["data"],
