@@ -1920,6 +1920,7 @@ class Run:
         if cfg.teacher_device:
             self.teacher_device = resolve_device(cfg.teacher_device, local_rank)
         saved = check_out_dir(cfg)                                # the checkpoint to resume, if any
+        data_files(cfg.data)   # a bad local --data path: refused before the tokenizer loads
         self.tokenizer = load_pretrained("AutoTokenizer", cfg.student)   # saved with the student
         self.vocab = check_models(cfg, self.tokenizer)
         state = None

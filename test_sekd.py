@@ -6252,6 +6252,27 @@ def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(
         assert err[-1].startswith("sekd.py: error: ") and match in err[-1], (argv, err)
 
 
+class TokenizerLoads(Exception):
+    """The run got as far as loading its tokenizer."""
+
+
+def tokenizer_loads(*args, **kwargs):
+    raise TokenizerLoads
+
+
+def test_a_bad_local_data_path_is_refused_before_the_tokenizer_loads(tmp_path, monkeypatch):
+    import datasets
+
+    # a tokenizer may come from the hub: a typo in --data is cheaper to find first
+    monkeypatch.setattr(sekd, "load_pretrained", tokenizer_loads)
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(tmp_path / "saved")
+    for data, refusal in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "needs"),
+                          (tmp_path / "saved", None)):   # save_to_disk's directory: no refusal
+        cfg = sekd.Config(teacher="T", student="S", data=str(data), out_dir=str(tmp_path / "out"))
+        with pytest.raises(sekd.UsageError if refusal else TokenizerLoads, match=refusal):
+            sekd.Run(cfg)
+
+
 # The house rules: lines of at most 100 characters, no function over 60 lines.
 def test_sekd_and_its_tests_keep_lines_within_100_characters_and_functions_within_60_lines():
     import ast
