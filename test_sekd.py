@@ -4493,6 +4493,27 @@ def test_config_takes_float32s_largest_value_and_refuses_the_next_double():
         sekd.Config(lr=math.nextafter(largest, math.inf))
 
 
+class TokenizerLoads(Exception):
+    """The run got as far as loading its tokenizer."""
+
+
+def tokenizer_loads(*args, **kwargs):
+    raise TokenizerLoads
+
+
+def test_a_bad_local_data_path_is_refused_before_the_tokenizer_loads(tmp_path, monkeypatch):
+    import datasets
+
+    # a tokenizer may come from the hub: a typo in --data is cheaper to find first
+    monkeypatch.setattr(sekd, "load_pretrained", tokenizer_loads)
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(tmp_path / "saved")
+    for data, refusal in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "needs"),
+                          (tmp_path / "saved", None)):   # save_to_disk's directory: no refusal
+        cfg = sekd.Config(teacher="T", student="S", data=str(data), out_dir=str(tmp_path / "out"))
+        with pytest.raises(sekd.UsageError if refusal else TokenizerLoads, match=refusal):
+            sekd.Run(cfg)
+
+
 # ============================================================================================
 # 9. Plumbing: cache and resume checks, checkpoints, out-dir rules, fingerprints
 # ============================================================================================
@@ -6250,27 +6271,6 @@ def test_user_errors_are_one_line_with_exit_status_2_before_any_model_loads(
         messages = [line for line in err if "error" in line or "Traceback" in line]
         assert exited.value.code == 2 and messages == err[-1:], (argv, err)
         assert err[-1].startswith("sekd.py: error: ") and match in err[-1], (argv, err)
-
-
-class TokenizerLoads(Exception):
-    """The run got as far as loading its tokenizer."""
-
-
-def tokenizer_loads(*args, **kwargs):
-    raise TokenizerLoads
-
-
-def test_a_bad_local_data_path_is_refused_before_the_tokenizer_loads(tmp_path, monkeypatch):
-    import datasets
-
-    # a tokenizer may come from the hub: a typo in --data is cheaper to find first
-    monkeypatch.setattr(sekd, "load_pretrained", tokenizer_loads)
-    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(tmp_path / "saved")
-    for data, refusal in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "needs"),
-                          (tmp_path / "saved", None)):   # save_to_disk's directory: no refusal
-        cfg = sekd.Config(teacher="T", student="S", data=str(data), out_dir=str(tmp_path / "out"))
-        with pytest.raises(sekd.UsageError if refusal else TokenizerLoads, match=refusal):
-            sekd.Run(cfg)
 
 
 # The house rules: lines of at most 100 characters, no function over 60 lines.
