@@ -1409,7 +1409,8 @@ def end_of_turn_ids(tokenizer):
 
 def render_chat(messages, tokenizer, options=None):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
-    tool calls and end-of-turn text included). Most templates mark no {% generation %} span: turn i
+    tool calls and end-of-turn text included, [(start, end)] spans of other messages rendered
+    inside them: tool_spans). Most templates mark no {% generation %} span: turn i
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
     EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
@@ -1442,7 +1443,47 @@ def render_chat(messages, tokenizer, options=None):
                              "conversation, and ends its turns with no text of its own to find it "
                              "by: give such rows as prompt/completion strings you render")
         spans.append((start, end))
-    return text, spans
+    return text, spans, tool_spans(tokenizer, messages, text, spans, options)
+
+def tool_spans(tokenizer, messages, text, spans, options=None):
+    """Where a template renders another message inside an assistant turn (Gemma 4's puts a tool's
+    response in the model's turn, before the turn's text): for each such message, the tokens that
+    the conversation rendered without it lacks or changes. They are no target, whatever turn holds
+    them: the student would learn to write what a tool returned."""
+    found = []
+    for j, message in enumerate(messages):
+        if j == 0 or message.get("role") == "assistant":
+            continue
+        content = message.get("content")
+        if isinstance(content, str) and not any(content in text[a:b] for a, b in spans):
+            continue   # its text in no turn (every template but a few): no probe
+        start = content_start(tokenizer, messages, j, text, options)
+        if start is None or not any(a <= start < b for a, b in spans):
+            continue
+        without = chat_text(tokenizer, messages[:j] + messages[j + 1:], options)
+        first, end = changed_tokens(tokenizer, text, without)
+        if not first <= start < end:
+            raise ValueError(f"the chat template renders message {j} inside an assistant turn, "
+                             "and where its text ends there is unclear: give such rows as "
+                             "prompt/completion strings you render")
+        found.append((first, end))
+    return found
+
+def changed_tokens(tokenizer, text, other):
+    """The characters of text's tokens that other, a rendering with a message less, lacks or has
+    otherwise: every place a repeated block (two tools' responses) could be added at."""
+    tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = tokens["input_ids"]
+    other_ids = tokenizer(other, add_special_tokens=False)["input_ids"]
+    head = len(os.path.commonprefix([ids, other_ids]))
+    tail = len(os.path.commonprefix([ids[::-1], other_ids[::-1]]))
+    grown = len(ids) - len(other_ids)
+    first = max(0, min(head, len(other_ids) - tail))
+    end = min(len(ids), max(len(ids) - tail, head + grown))
+    if first >= end:
+        return 0, 0
+    offsets = tokens["offset_mapping"]
+    return offsets[first][0], offsets[end - 1][1]
 
 def content_end(tokenizer, messages, i, text, options=None):
     """Where message i's content ends in text (content_place), if text ends as that rendering does
@@ -1502,12 +1543,13 @@ def content_place(tokenizer, messages, i, message, options=None):
     return one[:start], one[start + 1:]
 
 def render_prompt_completion(prompt, completion, tokenizer, options=None):
-    """TRL's conversational prompt/completion -> (text, [span]): the prompt's messages with a
+    """TRL's conversational prompt/completion -> (text, [span], []): the prompt's messages with a
     generation prompt are context (turn_start: also where that prompt opens a <think> the
-    completion's turn does not render, as DeepSeek-R1's), the completion's messages the target."""
+    completion's turn does not render, as DeepSeek-R1's), the completion's messages the target,
+    whole (as TRL's completion-only loss)."""
     text = chat_text(tokenizer, prompt + completion, options)
     start = turn_start(tokenizer, prompt + completion, len(prompt), text, options)
-    return text, [(start, len(text))]
+    return text, [(start, len(text))], []
 
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N], tokens holding a character of a span (as
@@ -1528,8 +1570,8 @@ def column_strings(batch, column, first_row):
     return values
 
 def rendered_rows(batch, data_format, tokenizer, first_row):
-    """The conversational rows of a batch rendered -> [(text, spans)]; a row the template cannot
-    render, or split into turns, is refused in one line naming it."""
+    """The conversational rows of a batch rendered -> [(text, spans, tool_spans)]; a row the
+    template cannot render, or split into turns, is refused in one line naming it."""
     rendered = []
     for j in range(len(batch[list(batch)[0]])):
         try:
@@ -1562,10 +1604,11 @@ def encode_rows(batch, data_format, tokenizer, text_column, first_row=0, with_of
         encoded = encode_prompts(batch, tokenizer, first_row, with_offsets)
     else:
         rendered = rendered_rows(batch, data_format, tokenizer, first_row)
-        texts = [text for text, _ in rendered]
+        texts = [text for text, _, _ in rendered]
         tokens = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         offsets = tokens["offset_mapping"]
-        is_target = [in_spans(o, spans) for o, (_, spans) in zip(offsets, rendered)]
+        is_target = [in_spans(o, spans) & ~in_spans(o, others)
+                     for o, (_, spans, others) in zip(offsets, rendered)]
         encoded = list(zip(tokens["input_ids"], is_target, texts, offsets))
     rows = []
     for ids, is_target, text, offsets in encoded:

@@ -2715,6 +2715,52 @@ HERMES_CALLS = HERMES_LIKE.replace(
 )
 
 
+# Like Gemma 4's: the responses to a turn's calls rendered in the model's own turn, after the calls
+# and before the turn's text; its twin marks the model's parts, as TRL's training templates do.
+GEMMA4_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}<|turn>user\n{{ m.content }}<turn|>\n"
+    "{% elif m.role == 'assistant' %}<|turn>model\n{% generation %}"
+    "{% for c in m.tool_calls or [] %}<|tool_call>{{ c.function.name }}<tool_call|>{% endfor %}"
+    "{% endgeneration %}{% set ns = namespace(tools=true) %}"
+    "{% for t in messages[loop.index0 + 1:] %}{% set ns.tools = ns.tools and t.role == 'tool' %}"
+    "{% if ns.tools %}<|tool_response>{{ t.content }}<tool_response|>{% endif %}{% endfor %}"
+    "{% generation %}{{ m.content }}<turn|>\n{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+GEMMA4_MARKS = ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                "<tool_response|>"]
+
+
+@pytest.mark.parametrize("content", ["", "Let me add."])
+def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content):
+    # in the turn's span: the old code supervised "<|tool_response>2<tool_response|>"
+    tokenizer = chat_tokenizer(re.sub(r"{% (end)?generation %}", "", GEMMA4_LIKE))
+    tokenizer.add_tokens(GEMMA4_MARKS, special_tokens=True)   # "<tool_response|>" whole
+    chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": content,
+            "tool_calls": CALL}, {"role": "tool", "content": "2"}, {"role": "tool", "content": "3"},
+            {"role": "assistant", "content": "it is 2."}]
+    ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")[0]
+    marked = tokenizer.apply_chat_template(chat, chat_template=GEMMA4_LIKE, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ids.tolist() == marked["input_ids"]
+    want = [bool(m) for m in marked["assistant_masks"]]
+    assert is_target.tolist() == want
+
+
+@pytest.mark.parametrize("revision", ["gemma4", "gemma4_v5"])   # trl's copies of Gemma 4's own
+def test_gemma_4s_real_template_supervises_no_tool_response_nor_text_that_moves_with_it(revision):
+    import trl
+    template = pathlib.Path(trl.__file__).parent / "chat_templates" / f"{revision}.jinja"
+    tokenizer = chat_tokenizer(template.read_text())
+    tokenizer.add_tokens(GEMMA4_MARKS + ['<|"|>'], special_tokens=True)
+    chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": "Let me add.",
+            "tool_calls": CALL}, {"role": "tool", "content": "41"},
+            {"role": "assistant", "content": "it is 41."}]
+    # rendered after the response, "Let me add." sits elsewhere without it: not supervised either
+    want = ["<|tool_call>call:add{a:1}<tool_call|>", "it is 41.<turn|>\n"]
+    assert supervised_turns(tokenizer, chat) == want
+
+
 def test_a_tool_call_right_after_a_tool_message_rendered_otherwise_starts_after_its_header():
     tokenizer = chat_tokenizer(HERMES_CALLS)
     call = {"role": "assistant", "content": None, "tool_calls": CALL}
