@@ -20,6 +20,7 @@ import types
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -2361,6 +2362,52 @@ def test_chat_targets_are_transformers_assistant_masks_on_random_messy_conversat
                                                return_assistant_tokens_mask=True)
         assert ids.tolist() == marked["input_ids"], chat
         assert is_target.tolist() == [bool(m) for m in marked["assistant_masks"]], chat
+
+
+# The real templates trl ships (a test dependency), each with a twin marking its model's parts.
+TRL_TEMPLATES = pathlib.Path(importlib.util.find_spec("trl").origin).parent / "chat_templates"
+TWINS = sorted(path.name for path in TRL_TEMPLATES.glob("*_training.jinja"))
+TWINS.remove("llava_next_training.jinja")   # its turns are lists of parts: random_chat's fail it
+# What sekd supervises and a twin leaves out, each at a turn's edge: Gemma 4's <|tool_response>,
+# where the model stops to call (the response after it is no target); DiffusionGemma's header of
+# a turn after a response, which its generation prompt lacks; Phi-3's EOS after its last turn.
+TURN_EDGES = {"<|tool_response>", "<|turn>model\n", "<eos>"}
+
+
+def template_tokenizer(template):
+    """chat_tokenizer with the template's marks (<|im_end|>, <turn|>) as special tokens."""
+    marks = r"<[|｜][^<>{}'\"]{0,40}?[|｜]>|<[a-z_]+\|>|<\|[a-z_]+>|<(?:start|end)_of_turn>"
+    tokenizer = chat_tokenizer(template)
+    tokenizer.add_tokens(sorted(set(re.findall(marks, template))), special_tokens=True)
+    tokenizer.bos_token = "<eos>"   # for the templates that write one (Llama 3's, Gemma's)
+    return tokenizer
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_no_target_lies_outside_what_trls_twin_of_a_real_template_marks_but_a_turns_edge(twin):
+    import random
+
+    template = (TRL_TEMPLATES / twin.replace("_training", "")).read_text()
+    marked = sekd.dated_template((TRL_TEMPLATES / twin).read_text())   # and a date, as sekd's
+    tokenizer = template_tokenizer(template + marked)
+    tokenizer.chat_template = template
+    rng = random.Random(0)
+    compared = 0
+    for _ in range(40):
+        chat = random_chat(rng)
+        try:   # a conversation the template refuses (roles that do not alternate): none
+            twins = tokenizer.apply_chat_template(chat, chat_template=marked, return_dict=True,
+                                                  return_assistant_tokens_mask=True)
+            ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "")[0]
+        except Exception:
+            continue
+        if ids.tolist() != twins["input_ids"]:   # the twin renders this conversation otherwise
+            continue
+        extra = torch.from_numpy(is_target & ~np.array(twins["assistant_masks"], bool))
+        edges = {tokenizer.decode(ids[a:b]) for a, b in runs_of_true(extra)}
+        assert edges <= TURN_EDGES, chat
+        compared += 1
+    assert compared >= 4
 
 
 @pytest.mark.parametrize("content", ["", None])
