@@ -1414,8 +1414,8 @@ def render_chat(messages, tokenizer, options=None):
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
     EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
-    content ends). A first message has no prompt: its turn is context. options: the row's tools
-    and template arguments (template_options)."""
+    content ends, or its calls' where the next message's text begins). A first message has no
+    prompt: its turn is context. options: the row's tools and template arguments."""
     text = chat_text(tokenizer, messages, options)
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
@@ -1438,6 +1438,9 @@ def render_chat(messages, tokenizer, options=None):
             end = found + len(eot)
         elif not eot and not message.get("tool_calls"):   # GLM's turns end with no text
             end = content_end(tokenizer, messages, i, text, options)
+        elif not eot:   # a call (GLM's, gpt-oss's): it ends where the next message's text begins
+            without_next = chat_text(tokenizer, messages[:i + 1] + messages[i + 2:], options)
+            end = changed_tokens(tokenizer, text, without_next)[0]
         if end is None or end < start:
             raise ValueError(f"the chat template renders message {i} otherwise at the end of a "
                              "conversation, and ends its turns with no text of its own to find it "
@@ -1455,8 +1458,10 @@ def tool_spans(tokenizer, messages, text, spans, options=None):
         if j == 0 or message.get("role") == "assistant":
             continue
         content = message.get("content")
-        if isinstance(content, str) and not any(content in text[a:b] for a, b in spans):
-            continue   # its text in no turn (every template but a few): no probe
+        if isinstance(content, str):   # as given, trimmed or in JSON (| trim, | tojson)
+            shown = (content, content.strip(), json.dumps(content)[1:-1])
+            if not any(form in text[a:b] for form in shown for a, b in spans):
+                continue   # its text in no turn (every template but a few): no probe
         start = content_start(tokenizer, messages, j, text, options)
         if start is None or not any(a <= start < b for a, b in spans):
             continue

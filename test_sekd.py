@@ -2559,17 +2559,40 @@ def quoted(expression):
     return "{% if m.role == 'user' and not loop.first %}({{ " + expression + " }}){% endif %}"
 
 
-@pytest.mark.parametrize("after, calls", [
-    (CALLS, CALL), (quoted(EARLIER), None), (quoted(EARLIER + " | length"), None),
-])
-def test_a_turn_rendered_otherwise_last_is_refused_where_its_content_end_is_unclear(after, calls):
+@pytest.mark.parametrize("after", [quoted(EARLIER), quoted(EARLIER + " | length")])
+def test_a_turn_rendered_otherwise_last_is_refused_where_its_content_end_is_unclear(after):
     content = "{{ m['content'] }}"
     tokenizer = chat_tokenizer(BARE_TURNS[0].replace(content, content + after))
-    turn = {"role": "assistant", "content": "a one", "tool_calls": calls}
+    turn = {"role": "assistant", "content": "a one"}
     chat = [{"role": "user", "content": "add"}, turn, {"role": "user", "content": "and?"},
             {"role": "assistant", "content": "it is 2."}]
     with pytest.raises(sekd.UsageError, match="no text of its own .* prompt/completion strings"):
         sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+
+
+@pytest.mark.parametrize("following", ["tool", "user"])
+def test_a_call_rendered_otherwise_last_ends_where_the_next_message_begins_when_turns_end_bare(
+    following
+):
+    content = "{{ m['content'] }}"   # like GLM's: its calls follow the content (refused before)
+    tokenizer = chat_tokenizer(BARE_TURNS[0].replace(content, content + CALLS))
+    chat = [{"role": "user", "content": "add"},
+            {"role": "assistant", "content": "a one", "tool_calls": CALL},
+            {"role": following, "content": "2"}, {"role": "assistant", "content": "it is 2."}]
+    want = ["assistant: a one<call>add", "assistant: !it is 2."]
+    assert supervised_turns(tokenizer, chat) == want
+
+
+def test_glm_4_5s_call_whose_reasoning_shows_when_last_ends_where_the_tools_response_begins():
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "glm4moe.jinja").read_text())
+    marks = ["think", "tool_call", "arg_key", "arg_value", "tool_response"]   # GLM-4.5's specials
+    tokenizer.add_tokens([f"<{m}>" for m in marks] + [f"</{m}>" for m in marks], True)
+    call = {"role": "assistant", "content": "", "reasoning_content": "hmm", "tool_calls": CALL}
+    chat = [{"role": "user", "content": "add"}, call, {"role": "tool", "content": "41"},
+            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "it is 41."}]
+    want = ["\n<think></think>\n<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n"
+            "</tool_call>", "\n<think></think>\nit is 41."]   # no text ends a turn: none is its
+    assert supervised_turns(tokenizer, chat) == want
 
 
 def test_turns_the_template_trims_are_supervised_as_rendered():
@@ -2780,16 +2803,21 @@ GEMMA4_MARKS = ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_re
                 "<tool_response|>"]
 
 
-@pytest.mark.parametrize("content", ["", "Let me add."])
-def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content):
+@pytest.mark.parametrize("content, shown", [
+    ("", "{{ t.content }}"), ("Let me add.", "{{ t.content }}"),
+    ("Let me add.", "{{ t.content | trim }}"),   # 'a "2"\n' shown as a "2"
+    ("Let me add.", "{{ t.content | tojson }}"),   # or as "a \\"2\\"\\n", in quotes
+])
+def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content, shown):
     # in the turn's span: the old code supervised "<|tool_response>2<tool_response|>"
-    tokenizer = chat_tokenizer(re.sub(r"{% (end)?generation %}", "", GEMMA4_LIKE))
+    template = GEMMA4_LIKE.replace("{{ t.content }}", shown)
+    tokenizer = chat_tokenizer(re.sub(r"{% (end)?generation %}", "", template))
     tokenizer.add_tokens(GEMMA4_MARKS, special_tokens=True)   # "<tool_response|>" whole
     chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": content,
-            "tool_calls": CALL}, {"role": "tool", "content": "2"}, {"role": "tool", "content": "3"},
-            {"role": "assistant", "content": "it is 2."}]
+            "tool_calls": CALL}, {"role": "tool", "content": 'a "2"\n'},
+            {"role": "tool", "content": "3"}, {"role": "assistant", "content": "it is 2."}]
     ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")[0]
-    marked = tokenizer.apply_chat_template(chat, chat_template=GEMMA4_LIKE, return_dict=True,
+    marked = tokenizer.apply_chat_template(chat, chat_template=template, return_dict=True,
                                            return_assistant_tokens_mask=True)
     assert ids.tolist() == marked["input_ids"]
     want = [bool(m) for m in marked["assistant_masks"]]
