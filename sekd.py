@@ -1505,7 +1505,9 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
     shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
     system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
     content starts, if what the generation prompt adds comes just before it, or right after an
-    assistant turn just before it (ending at previous_end: two in a row under Qwen3's)."""
+    assistant turn just before it (ending at previous_end: two in a row under Qwen3's), or after
+    what the generation prompt adds, found nearest before the content and after the message before
+    (gpt-oss's channel between, where earlier turns drop the reasoning the prompt shows)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1521,6 +1523,10 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
         return start
     if previous_end is not None and header and text.startswith(header, previous_end):
         return previous_end + len(header)
+    opened = text.rfind(header, 0, start) if start is not None and header else -1
+    before = content_end(tokenizer, messages, i - 1, text, options) if opened >= 0 else None
+    if before is not None and before <= opened:   # the turn's opening after the message before
+        return opened + len(header)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
                      "whole conversation, so where that turn starts is unknown: give such rows as "
                      "prompt/completion strings you render")

@@ -2595,6 +2595,18 @@ def test_glm_4_5s_call_whose_reasoning_shows_when_last_ends_where_the_tools_resp
     assert supervised_turns(tokenizer, chat) == want
 
 
+def test_gpt_oss_turn_after_a_call_whose_reasoning_it_drops_later_starts_at_its_opening():
+    # in the whole conversation the call's reasoning is dropped, in the next turn's prompt shown:
+    # the next turn starts after the nearest "<|start|>assistant" past the message before (refused)
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "gptoss.jinja").read_text())
+    call = {"role": "assistant", "content": "", "reasoning_content": "hmm", "tool_calls": CALL}
+    chat = [{"role": "user", "content": "add"}, call, {"role": "tool", "content": "41"},
+            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "it is 41."}]
+    want = [' to=functions.add<|channel|>commentary json<|message|>{"a": 1}<|call|>',
+            "<|channel|>final<|message|>it is 41.<|return|>"]
+    assert supervised_turns(tokenizer, chat) == want
+
+
 def test_turns_the_template_trims_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.bos_token = "<eos>"
