@@ -2838,10 +2838,8 @@ def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content, 
 
 @pytest.mark.parametrize("revision", ["gemma4", "gemma4_v5"])   # trl's copies of Gemma 4's own
 def test_gemma_4s_real_template_supervises_no_tool_response_nor_text_that_moves_with_it(revision):
-    import trl
-    template = pathlib.Path(trl.__file__).parent / "chat_templates" / f"{revision}.jinja"
-    tokenizer = chat_tokenizer(template.read_text())
-    tokenizer.add_tokens(GEMMA4_MARKS + ['<|"|>'], special_tokens=True)
+    tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
+    tokenizer.add_tokens(['<|"|>'], special_tokens=True)   # its quote mark, special in Gemma 4's
     chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": "Let me add.",
             "tool_calls": CALL}, {"role": "tool", "content": "41"},
             {"role": "assistant", "content": "it is 41."}]
