@@ -1295,8 +1295,9 @@ PROBE_TOOLS = [{"type": "function", "function": {   # Phi-4-mini's renders calls
 def argument_forms(tokenizer, template):
     """Whether a template renders a tool call's arguments given as an object (its value shown, not
     the dict's Python repr) and as JSON text (shown as given: Llama 3's escapes it into a string,
-    MiniMax-M2's drops it, DeepSeek-V3.1's takes text only). OpenAI's format holds text,
-    transformers documents objects, and a template may take one form only."""
+    MiniMax-M2's drops it, DeepSeek-V3.1's takes text only), and, where it takes objects too, as
+    it renders the object (Gemma 4's shows an object in its own form, text as it is, in braces).
+    OpenAI's format holds text, transformers documents objects, and a template may take one."""
     shown = []
     for arguments in (PROBE_ARGUMENTS, json.dumps(PROBE_ARGUMENTS)):
         call = {"id": "call12345", "type": "function",   # Mistral's wants 9-character ids
@@ -1312,7 +1313,8 @@ def argument_forms(tokenizer, template):
             shown.append("")
     as_object, as_text = shown
     takes_objects = "probe_value" in as_object and str(PROBE_ARGUMENTS) not in as_object
-    return takes_objects, json.dumps(PROBE_ARGUMENTS) in as_text
+    takes_text = json.dumps(PROBE_ARGUMENTS) in as_text
+    return takes_objects, takes_text and (as_text == as_object or not takes_objects)
 
 def arguments_in_form(call, takes_objects):
     """A tool call (OpenAI's {"function": {...}}, or flat) with its arguments as an object parsed

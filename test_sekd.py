@@ -3107,6 +3107,17 @@ def test_json_text_arguments_render_as_objects_where_a_template_takes_objects_on
     assert "Paris" in text and "\\" not in text
 
 
+@pytest.mark.parametrize("revision", ["gemma4_v2", "gemma4"])   # its release's and a later one
+def test_json_text_arguments_render_in_gemma_4s_own_form_which_shows_text_in_braces_as_it_is(
+    revision
+):
+    tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
+    tokenizer.add_tokens(['<|"|>'], special_tokens=True)
+    row = call_row('{"city": "Paris", "days": 2}')
+    text = sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)[0][0]
+    assert '<|tool_call>call:f{city:<|"|>Paris<|"|>,days:2}<tool_call|>' in text   # not {{"city"
+
+
 def test_a_template_that_renders_tool_calls_only_with_tools_is_probed_with_one():
     tokenizer = chat_tokenizer(arguments_template(
         "{% if tools %}{{ c.function.arguments | tojson }}{% endif %}"   # as Phi-4-mini's
