@@ -3063,20 +3063,22 @@ def test_show_renders_a_parquet_row_without_the_nones_of_other_rows_keys(tmp_pat
 
     tokenizer = chat_tokenizer(
         "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-        "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}|"
+        "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+        "{% endfor %}|"
         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
     data = tool_call_rows(tmp_path, "parquet")
     args = SimpleNamespace(data=str(data), index=0, text=None)
     _, _, text, _ = sekd.show_row(args, sekd.Config(data=str(data)), tokenizer)
-    assert text.endswith('assistant: {"city": "Paris"}|')
+    assert text.endswith('assistant: f{"city": "Paris"}|')
 
 
 def arguments_template(arguments):
-    """A template that renders each message and its tool calls' arguments as `arguments` says."""
+    """A template that renders each message and its tool calls, each its name and then its
+    arguments as `arguments` says."""
     return (
         "{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
-        + arguments
+        + "{{ (c.function or c).name }}" + arguments
         + "{% endfor %}|{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
 
@@ -3118,6 +3120,16 @@ def test_json_text_arguments_render_in_gemma_4s_own_form_which_shows_text_in_bra
     assert '<|tool_call>call:f{city:<|"|>Paris<|"|>,days:2}<tool_call|>' in text   # not {{"city"
 
 
+@pytest.mark.parametrize("revision", ["llama3", "phi3", "lfm2"])   # their templates drop calls
+def test_a_tool_call_the_template_drops_is_refused_naming_the_row_not_trained_as_an_empty_turn(
+    revision
+):
+    tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
+    row = call_row({"city": "Paris"})
+    with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' of message 1 .* not at all"):
+        sekd.encode_rows({"messages": [row]}, "messages", tokenizer, "text")
+
+
 def test_a_template_that_renders_tool_calls_only_with_tools_is_probed_with_one():
     tokenizer = chat_tokenizer(arguments_template(
         "{% if tools %}{{ c.function.arguments | tojson }}{% endif %}"   # as Phi-4-mini's
@@ -3125,7 +3137,7 @@ def test_a_template_that_renders_tool_calls_only_with_tools_is_probed_with_one()
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     batch = {"messages": [call_row('{"city": "Paris"}')], "tools": [tools]}
     text = sekd.rendered_rows(batch, "messages", tokenizer, 0)[0][0]
-    assert 'assistant: {"city": "Paris"}|' in text
+    assert 'assistant: f{"city": "Paris"}|' in text
 
 
 TEXT_ONLY = {   # DeepSeek-V3.1's fails on an object; a plain {{ }} shows the dict's Python repr
@@ -3140,7 +3152,7 @@ def test_object_arguments_render_as_json_text_where_a_template_takes_text_only(f
     row = call_row({"city": "Zürich", "note": None})
     batch = {"prompt": [row[:1]], "completion": [row[1:]]}
     text = sekd.rendered_rows(batch, "prompt_messages", tokenizer, 0)[0][0]
-    assert '<args>{"city": "Zürich", "note": null}|' in text
+    assert 'f<args>{"city": "Zürich", "note": null}|' in text
 
 
 @pytest.mark.parametrize("arguments", ['{"city":"Paris"}', {"city": "Paris"}])
@@ -3163,7 +3175,7 @@ def test_a_call_not_an_object_nor_json_text_of_one_stays_as_given_for_an_objects
 @pytest.mark.parametrize("content", [None, "missing"])
 def test_a_tool_call_turn_without_content_renders_as_with_an_empty_one(content):
     # OpenAI's form: content None; Qwen3's real template fails on it, transformers 5 dropping it
-    tokenizer = chat_tokenizer(arguments_template("{{ c.function.name }}").replace(
+    tokenizer = chat_tokenizer(arguments_template("").replace(
         "{{ m.content }}", "{{ m.content + ' ' }}"
     ))
     row = call_row({"a": 1})
