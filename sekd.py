@@ -1427,7 +1427,8 @@ def render_chat(messages, tokenizer, options=None):
         previous_end = None   # an assistant turn just before: where it ends in text
         if messages[i - 1].get("role") == "assistant" and spans:
             previous_end = spans[-1][1]
-        start = turn_start(tokenizer, messages, i, text, options, previous_end)
+        earlier_start = spans[-1][0] if spans else None
+        start = turn_start(tokenizer, messages, i, text, options, previous_end, earlier_start)
         through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
@@ -1515,16 +1516,20 @@ def content_end(tokenizer, messages, i, text, options=None):
         return None   # what follows the content depends on it
     return len(text) - len(place[1])
 
-def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
+def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
+               earlier_start=None):
     """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
     generation prompt; or, where that prompt opens more than an earlier turn shows (the <think> of
     Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
     shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
     system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
     content starts, if what the generation prompt adds comes just before it, or right after an
-    assistant turn just before it (ending at previous_end: two in a row under Qwen3's), or after
-    what the generation prompt adds, found nearest before the content and after the message before
-    (gpt-oss's channel between, where earlier turns drop the reasoning the prompt shows)."""
+    assistant turn just before it (ending at previous_end: two in a row under Qwen3's); or after
+    the part of the prompt the text shows, where the earlier messages render alike (Qwen3.5's
+    <think>\n of a turn that thinks, its no-thinking prompt's block empty); or after the header as
+    an earlier turn opens (starting at earlier_start), found nearest before the content and after
+    the message before (gpt-oss's channel between; Qwen3.5's turns after a call, whose reasoning
+    the prompt shows; Nemotron 3's <think></think>, its prompt opening <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1540,13 +1545,27 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None):
         return start
     if previous_end is not None and header and text.startswith(header, previous_end):
         return previous_end + len(header)
-    opened = text.rfind(header, 0, start) if start is not None and header else -1
+    shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
+    if text.startswith(rendered) and len(shared) > len(rendered):
+        return len(shared)   # Qwen3.5's <think>\n of a turn that thinks, its prompt's empty
+    opening = header   # as an earlier turn opens (Qwen3.5's: its prompt's <think> left out)
+    if earlier_start is not None:
+        opening = shown_header(header, text[:earlier_start])
+    opened = text.rfind(opening, 0, start) if start is not None and opening else -1
     before = content_end(tokenizer, messages, i - 1, text, options) if opened >= 0 else None
     if before is not None and before <= opened:   # the turn's opening after the message before
-        return opened + len(header)
+        return opened + len(opening)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
                      "whole conversation, so where that turn starts is unknown: give such rows as "
                      "prompt/completion strings you render")
+
+def shown_header(header, before):
+    """The longest start of a generation prompt's header that the text before an earlier turn ends
+    with: the part that turns show (Qwen3.5's <|im_start|>assistant, not the <think> after it)."""
+    for k in range(len(header), 0, -1):
+        if before.endswith(header[:k]):
+            return header[:k]
+    return ""
 
 def content_start(tokenizer, messages, i, text, options=None):
     """Where message i's content starts in text (content_place), if text agrees up to it (else

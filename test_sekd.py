@@ -2607,6 +2607,40 @@ def test_gpt_oss_turn_after_a_call_whose_reasoning_it_drops_later_starts_at_its_
     assert supervised_turns(tokenizer, chat) == want
 
 
+CALL_TURNS = {   # a call, its response, an answer, a user's thanks, a last answer (all refused)
+    "qwen3_5_think": ["<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n"
+                      "</tool_call><|im_end|>\n", "it is 41.<|im_end|>\n",
+                      "\n</think>\n\nwelcome<|im_end|>\n"],   # its prompt opens <think>\n
+    "nemotron_3_nano": ["</think>\n<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n"
+                        "</function>\n</tool_call>\n<|im_end|>\n",
+                        "</think>\nit is 41.<|im_end|>\n",
+                        "</think>welcome<|im_end|>\n"],   # every turn <think></think>
+}
+
+
+@pytest.mark.parametrize("revision", list(CALL_TURNS))
+def test_turns_after_a_call_start_as_earlier_turns_open_under_qwen3_5s_and_nemotron_3s(revision):
+    # the next turn's prompt shows the call's reasoning, the whole conversation drops it
+    tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
+    call = {"role": "assistant", "content": "", "reasoning_content": "hmm", "tool_calls": CALL}
+    chat = [{"role": "user", "content": "add"}, call, {"role": "tool", "content": "41"},
+            {"role": "assistant", "content": "it is 41.", "reasoning_content": "so"},
+            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "welcome"}]
+    assert supervised_turns(tokenizer, chat) == CALL_TURNS[revision]
+
+
+def test_a_thinking_turn_under_qwen3_5s_no_thinking_template_starts_after_its_think_opening():
+    # the prompt prefills an empty <think>\n\n</think>\n\n; the turn renders its reasoning there
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "qwen3_5_nothink.jinja").read_text())
+    chat = [{"role": "user", "content": "add"},
+            {"role": "assistant", "content": "", "tool_calls": CALL},
+            {"role": "tool", "content": "41"},
+            {"role": "assistant", "content": "it is 41.", "reasoning_content": "so"}]
+    want = ["<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>"
+            "<|im_end|>\n", "so\n</think>\n\nit is 41.<|im_end|>\n"]   # refused before
+    assert supervised_turns(tokenizer, chat) == want
+
+
 def test_turns_the_template_trims_are_supervised_as_rendered():
     tokenizer = chat_tokenizer(LLAMA_LIKE)
     tokenizer.bos_token = "<eos>"
