@@ -1548,13 +1548,13 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
     if text.startswith(rendered) and len(shared) > len(rendered):
         return len(shared)   # Qwen3.5's <think>\n of a turn that thinks, its prompt's empty
-    opening = header   # as an earlier turn opens (Qwen3.5's: its prompt's <think> left out)
+    shown_opening = header   # as an earlier turn opens (Qwen3.5's: its prompt's <think> left out)
     if earlier_start is not None:
-        opening = shown_header(header, text[:earlier_start])
-    opened = text.rfind(opening, 0, start) if start is not None and opening else -1
+        shown_opening = shown_header(header, text[:earlier_start])
+    opened = text.rfind(shown_opening, 0, start) if start is not None and shown_opening else -1
     before = content_end(tokenizer, messages, i - 1, text, options) if opened >= 0 else None
     if before is not None and before <= opened:   # the turn's opening after the message before
-        return opened + len(opening)
+        return opened + len(shown_opening)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
                      "whole conversation, so where that turn starts is unknown: give such rows as "
                      "prompt/completion strings you render")
