@@ -1449,22 +1449,29 @@ def render_chat(messages, tokenizer, options=None):
                              "conversation, and ends its turns with no text of its own to find it "
                              "by: give such rows as prompt/completion strings you render")
         spans.append((start, end))
-    check_calls_shown(messages, text, spans)
-    return text, spans, tool_spans(tokenizer, messages, text, spans, options)
+    others = tool_spans(tokenizer, messages, text, spans, options)
+    check_calls_shown(messages, text, spans, others)
+    return text, spans, others
 
-def check_calls_shown(messages, text, spans):
-    """Refuse a conversation whose turn's span lacks a tool call's name: a template that drops
-    calls (Llama 3.0's, LFM2's first, Phi-3's; DeepSeek-R1's beside a content), or a turn found
-    elsewhere. The student would learn to answer a request for a tool without calling it."""
-    turns = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "assistant"]
-    for i, (start, end) in zip(turns, spans):
-        for call in messages[i].get("tool_calls") or []:
-            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
-            if isinstance(name, str) and name not in text[start:end]:
-                raise ValueError(f"the chat template renders the tool call {name!r} of message {i} "
-                                 "outside the turn found for it, or not at all: use a template "
-                                 "that renders tool calls, or give such rows as prompt/completion "
-                                 "strings you render")
+def check_calls_shown(messages, text, spans, others):
+    """Refuse a conversation whose supervised text (spans but others) names a tool call fewer times
+    than its turns make it: a template that drops calls (Llama 3.0's, LFM2's first, Phi-3's;
+    DeepSeek-R1's beside a content), or turns found elsewhere. The student would learn to answer
+    a request for a tool without calling it."""
+    is_target = np.zeros(len(text) + 1, bool)   # a character of a turn, and no other message's
+    for start, end in spans:
+        is_target[start:end] = True
+    for start, end in others:
+        is_target[start:end] = False
+    supervised = "".join(c if t else "\0" for c, t in zip(text, is_target))
+    names = [call.get("function", call).get("name") for i, m in enumerate(messages)
+             if i > 0 and m.get("role") == "assistant" for call in m.get("tool_calls") or []
+             if isinstance(call, dict) and isinstance(call.get("function", call), dict)]
+    for name in set(names) - {None}:
+        if supervised.count(str(name)) < names.count(name):
+            raise ValueError(f"the chat template renders a tool call {name!r} outside every turn "
+                             "found, or not at all: use a template that renders tool calls, or "
+                             "give such rows as prompt/completion strings you render")
 
 def tool_spans(tokenizer, messages, text, spans, options=None):
     """Where a template renders another message inside an assistant turn (Gemma 4's puts a tool's

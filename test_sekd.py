@@ -2849,6 +2849,20 @@ GEMMA4_MARKS = ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_re
                 "<tool_response|>"]
 
 
+def test_gemma_4s_agentic_row_supervises_each_call_in_its_one_model_turn_and_no_response():
+    # its calls, responses and answer in one model turn: the first turn's span runs to the end
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "gemma4_v5.jinja").read_text())
+    tokenizer.add_tokens(['<|"|>'], special_tokens=True)
+    chat = [{"role": "user", "content": "add"},
+            {"role": "assistant", "content": "Let me add.", "tool_calls": CALL},
+            {"role": "tool", "content": "41"},
+            {"role": "assistant", "content": "", "tool_calls": CALL},
+            {"role": "tool", "content": "42"}, {"role": "assistant", "content": "it is 42."}]
+    want = ["<|tool_call>call:add{a:1}<tool_call|>",   # "Let me add." moves with the response
+            "<|tool_call>call:add{a:1}<tool_call|><|tool_response>", "it is 42.<turn|>\n"]
+    assert supervised_turns(tokenizer, chat) == want
+
+
 @pytest.mark.parametrize("content, shown", [
     ("", "{{ t.content }}"), ("Let me add.", "{{ t.content }}"),
     ("Let me add.", "{{ t.content | trim }}"),   # 'a "2"\n' shown as a "2"
@@ -3160,7 +3174,7 @@ def test_a_tool_call_the_template_drops_is_refused_naming_the_row_not_trained_as
 ):
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
     row = call_row({"city": "Paris"})
-    with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' of message 1 .* not at all"):
+    with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' outside every turn found"):
         sekd.encode_rows({"messages": [row]}, "messages", tokenizer, "text")
 
 
