@@ -3178,6 +3178,15 @@ def test_a_tool_call_the_template_drops_is_refused_naming_the_row_not_trained_as
         sekd.encode_rows({"messages": [row]}, "messages", tokenizer, "text")
 
 
+def test_a_row_is_refused_where_its_template_shows_one_of_two_calls_of_one_name():
+    template = arguments_template("{{ c.function.arguments | tojson }}")
+    tokenizer = chat_tokenizer(template.replace("m.tool_calls or []", "(m.tool_calls or [])[:1]"))
+    row = call_row({"a": 1})
+    row[1]["tool_calls"] *= 2   # each call counts: the name shown once is not enough
+    with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' outside every turn found"):
+        sekd.encode_rows({"messages": [row]}, "messages", tokenizer, "text")
+
+
 def test_a_template_that_renders_tool_calls_only_with_tools_is_probed_with_one():
     tokenizer = chat_tokenizer(arguments_template(
         "{% if tools %}{{ c.function.arguments | tojson }}{% endif %}"   # as Phi-4-mini's
