@@ -1458,17 +1458,24 @@ def check_calls_shown(messages, text, spans, others):
     than its turns make it: a template that drops calls (Llama 3.0's, LFM2's first, Phi-3's;
     DeepSeek-R1's beside a content), or turns found elsewhere. The student would learn to answer
     a request for a tool without calling it."""
-    is_target = np.zeros(len(text) + 1, bool)   # a character of a turn, and no other message's
+    names = []   # one per call of a turn (an opening turn is context)
+    for message in messages[1:]:
+        if message.get("role") != "assistant":
+            continue
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("name"), str):
+                names.append(function["name"])
+    if not names:
+        return
+    is_target = np.zeros(len(text), bool)   # a character of a turn, and no other message's
     for start, end in spans:
         is_target[start:end] = True
     for start, end in others:
         is_target[start:end] = False
     supervised = "".join(c if t else "\0" for c, t in zip(text, is_target))
-    names = [call.get("function", call).get("name") for i, m in enumerate(messages)
-             if i > 0 and m.get("role") == "assistant" for call in m.get("tool_calls") or []
-             if isinstance(call, dict) and isinstance(call.get("function", call), dict)]
-    for name in set(names) - {None}:
-        if supervised.count(str(name)) < names.count(name):
+    for name in set(names):
+        if supervised.count(name) < names.count(name):
             raise ValueError(f"the chat template renders a tool call {name!r} outside every turn "
                              "found, or not at all: use a template that renders tool calls, or "
                              "give such rows as prompt/completion strings you render")
