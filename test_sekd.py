@@ -2377,8 +2377,10 @@ TURN_EDGES = {"<|tool_response>", "<|turn>model\n", "<eos>"}
 
 
 def template_tokenizer(template):
-    """chat_tokenizer with the template's marks (<|im_end|>, <turn|>) as special tokens."""
+    """chat_tokenizer with the template's marks (<|im_end|>, <turn|>, Gemma 4's <|"|>) as special
+    tokens."""
     marks = r"<[|｜][^<>{}'\"]{0,40}?[|｜]>|<[a-z_]+\|>|<\|[a-z_]+>|<(?:start|end)_of_turn>"
+    marks += r'|<\|"\|>'   # Gemma 4's string quote
     tokenizer = chat_tokenizer(template)
     tokenizer.add_tokens(sorted(set(re.findall(marks, template))), special_tokens=True)
     tokenizer.bos_token = "<eos>"   # for the templates that write one (Llama 3's, Gemma's)
@@ -2845,14 +2847,11 @@ GEMMA4_LIKE = (
     "{% generation %}{{ m.content }}<turn|>\n{% endgeneration %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
 )
-GEMMA4_MARKS = ["<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                "<tool_response|>"]
 
 
 def test_gemma_4s_agentic_row_supervises_each_call_in_its_one_model_turn_and_no_response():
     # its calls, responses and answer in one model turn: the first turn's span runs to the end
     tokenizer = template_tokenizer((TRL_TEMPLATES / "gemma4_v5.jinja").read_text())
-    tokenizer.add_tokens(['<|"|>'], special_tokens=True)
     chat = [{"role": "user", "content": "add"},
             {"role": "assistant", "content": "Let me add.", "tool_calls": CALL},
             {"role": "tool", "content": "41"},
@@ -2871,8 +2870,7 @@ def test_gemma_4s_agentic_row_supervises_each_call_in_its_one_model_turn_and_no_
 def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content, shown):
     # in the turn's span: the old code supervised "<|tool_response>2<tool_response|>"
     template = GEMMA4_LIKE.replace("{{ t.content }}", shown)
-    tokenizer = chat_tokenizer(re.sub(r"{% (end)?generation %}", "", template))
-    tokenizer.add_tokens(GEMMA4_MARKS, special_tokens=True)   # "<tool_response|>" whole
+    tokenizer = template_tokenizer(re.sub(r"{% (end)?generation %}", "", template))
     chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": content,
             "tool_calls": CALL}, {"role": "tool", "content": 'a "2"\n'},
             {"role": "tool", "content": "3"}, {"role": "assistant", "content": "it is 2."}]
@@ -2887,7 +2885,6 @@ def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content, 
 @pytest.mark.parametrize("revision", ["gemma4", "gemma4_v5"])   # trl's copies of Gemma 4's own
 def test_gemma_4s_real_template_supervises_no_tool_response_nor_text_that_moves_with_it(revision):
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
-    tokenizer.add_tokens(['<|"|>'], special_tokens=True)   # its quote mark, special in Gemma 4's
     chat = [{"role": "user", "content": "add"}, {"role": "assistant", "content": "Let me add.",
             "tool_calls": CALL}, {"role": "tool", "content": "41"},
             {"role": "assistant", "content": "it is 41."}]
@@ -3162,7 +3159,6 @@ def test_json_text_arguments_render_in_gemma_4s_own_form_which_shows_text_in_bra
     revision
 ):
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
-    tokenizer.add_tokens(['<|"|>'], special_tokens=True)
     row = call_row('{"city": "Paris", "days": 2}')
     text = sekd.rendered_rows({"messages": [row]}, "messages", tokenizer, 0)[0][0]
     assert '<|tool_call>call:f{city:<|"|>Paris<|"|>,days:2}<tool_call|>' in text   # not {{"city"
