@@ -1473,9 +1473,9 @@ def check_calls_shown(messages, text, spans, others):
         is_target[start:end] = True
     for start, end in others:
         is_target[start:end] = False
-    supervised = "".join(c if t else "\0" for c, t in zip(text, is_target))
     for name in set(names):
-        if supervised.count(name) < names.count(name):
+        found = re.finditer(re.escape(name), text)   # each occurrence wholly supervised counts
+        if sum(is_target[m.start():m.end()].all() for m in found) < names.count(name):
             raise ValueError(f"the chat template renders a tool call {name!r} outside every turn "
                              "found, or not at all: use a template that renders tool calls, or "
                              "give such rows as prompt/completion strings you render")
