@@ -1409,20 +1409,21 @@ def end_of_turn_ids(tokenizer):
         return []
     return tokenizer(eot, add_special_tokens=False)["input_ids"]
 
-def render_chat(messages, tokenizer, options=None):
+def render_chat(messages, tokenizer, options=None, first_turn=1):
     """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
     tool calls and end-of-turn text included, [(start, end)] spans of other messages rendered
     inside them: tool_spans). Most templates mark no {% generation %} span: turn i
     starts where messages[:i] with a generation prompt ends (turn_start) and ends where
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
     EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
-    content ends, or its calls' where the next message's text begins). A first message has no
-    prompt: its turn is context. options: the row's tools and template arguments."""
+    content ends, or its calls' where the next message's text begins). Turns before first_turn
+    are context (a first message has no prompt). options: the row's tools and template
+    arguments."""
     text = chat_text(tokenizer, messages, options)
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
     for i, message in enumerate(messages):
-        if i == 0 or message.get("role") != "assistant":
+        if i < max(first_turn, 1) or message.get("role") != "assistant":
             continue
         previous_end = None   # an assistant turn just before: where it ends in text
         if messages[i - 1].get("role") == "assistant" and spans:
@@ -1450,16 +1451,16 @@ def render_chat(messages, tokenizer, options=None):
                              "by: give such rows as prompt/completion strings you render")
         spans.append((start, end))
     others = tool_spans(tokenizer, messages, text, spans, options)
-    check_calls_shown(messages, text, spans, others)
+    check_calls_shown(messages[max(first_turn, 1):], text, spans, others)
     return text, spans, others
 
-def check_calls_shown(messages, text, spans, others):
-    """Refuse a conversation whose supervised text (spans but others) names a tool call fewer times
-    than its turns make it: a template that drops calls (Llama 3.0's, LFM2's first, Phi-3's;
-    DeepSeek-R1's beside a content), or turns found elsewhere. The student would learn to answer
-    a request for a tool without calling it."""
-    names = []   # one per call of a turn (an opening turn is context)
-    for message in messages[1:]:
+def check_calls_shown(turns, text, spans, others):
+    """Refuse a conversation whose supervised text (spans but others) names a tool call of turns
+    fewer times than they make it: a template that drops calls (Llama 3.0's, LFM2's first,
+    Phi-3's; DeepSeek-R1's beside a content), or turns found elsewhere. The student would learn
+    to answer a request for a tool without calling it."""
+    names = []   # one per call of an assistant turn
+    for message in turns:
         if message.get("role") != "assistant":
             continue
         for call in message.get("tool_calls") or []:
@@ -1604,13 +1605,13 @@ def content_place(tokenizer, messages, i, message, options=None):
     return one[:start], one[start + 1:]
 
 def render_prompt_completion(prompt, completion, tokenizer, options=None):
-    """TRL's conversational prompt/completion -> (text, [span], []): the prompt's messages with a
-    generation prompt are context (turn_start: also where that prompt opens a <think> the
-    completion's turn does not render, as DeepSeek-R1's), the completion's messages the target,
-    whole (as TRL's completion-only loss)."""
-    text = chat_text(tokenizer, prompt + completion, options)
-    start = turn_start(tokenizer, prompt + completion, len(prompt), text, options)
-    return text, [(start, len(text))], []
+    """TRL's conversational prompt/completion -> render_chat's (text, spans, tool_spans) of the
+    whole conversation, the prompt's messages context: the completion's assistant turns are the
+    targets, not a tool's response or a user's turn in it (TRL's completion mask with its
+    assistant-only loss). A one-turn completion's turn starts after the prompt with a generation
+    prompt (turn_start: also where that prompt opens a <think> the turn does not render, as
+    DeepSeek-R1's) and runs to the text's end."""
+    return render_chat(prompt + completion, tokenizer, options, first_turn=len(prompt))
 
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N], tokens holding a character of a span (as

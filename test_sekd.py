@@ -2387,8 +2387,26 @@ def template_tokenizer(template):
     return tokenizer
 
 
+def twin_targets(tokenizer, marked, chat, prompt_length):
+    """The twin's targets of chat: its assistant masks; with a prompt (TRL's conversational
+    prompt/completion row: the first prompt_length messages), those after the tokens the prompt
+    alone renders as the whole conversation does (not TRL's cut after the prompt with a
+    generation prompt: it leaves out a turn's own "<think>" where that prompt prefills one)."""
+    twins = tokenizer.apply_chat_template(chat, chat_template=marked, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+    is_target = np.array(twins["assistant_masks"], bool)
+    if prompt_length:
+        prompt = tokenizer.apply_chat_template(chat[:prompt_length], chat_template=marked,
+                                               return_dict=True)["input_ids"]
+        is_target[:len(os.path.commonprefix([prompt, twins["input_ids"]]))] = False
+    return twins["input_ids"], is_target
+
+
+@pytest.mark.parametrize("data_format", ["messages", "prompt_messages"])
 @pytest.mark.parametrize("twin", TWINS)
-def test_no_target_lies_outside_what_trls_twin_of_a_real_template_marks_but_a_turns_edge(twin):
+def test_no_target_lies_outside_what_trls_twin_of_a_real_template_marks_but_a_turns_edge(
+    twin, data_format
+):
     import random
 
     template = (TRL_TEMPLATES / twin.replace("_training", "")).read_text()
@@ -2399,19 +2417,38 @@ def test_no_target_lies_outside_what_trls_twin_of_a_real_template_marks_but_a_tu
     compared = 0
     for _ in range(40):
         chat = random_chat(rng)
+        row = {"messages": [chat]}
+        prompt_length = 0
+        if data_format == "prompt_messages":   # the completion: the turns after the last user's
+            prompt_length = max(i for i, m in enumerate(chat) if m["role"] == "user") + 1
+            row = {"prompt": [chat[:prompt_length]], "completion": [chat[prompt_length:]]}
         try:   # a conversation the template refuses (roles that do not alternate): none
-            twins = tokenizer.apply_chat_template(chat, chat_template=marked, return_dict=True,
-                                                  return_assistant_tokens_mask=True)
-            ids, is_target = sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "")[0]
+            twins, twin_is_target = twin_targets(tokenizer, marked, chat, prompt_length)
+            ids, is_target = sekd.encode_rows(row, data_format, tokenizer, "")[0]
         except Exception:
             continue
-        if ids.tolist() != twins["input_ids"]:   # the twin renders this conversation otherwise
+        if ids.tolist() != twins:   # the twin renders this conversation otherwise
             continue
-        extra = torch.from_numpy(is_target & ~np.array(twins["assistant_masks"], bool))
+        extra = torch.from_numpy(is_target & ~twin_is_target)
         edges = {tokenizer.decode(ids[a:b]) for a, b in runs_of_true(extra)}
         assert edges <= TURN_EDGES, chat
         compared += 1
     assert compared >= 4
+
+
+def test_a_conversational_completions_targets_are_the_assistant_masks_after_its_prompt():
+    import random
+
+    tokenizer = chat_tokenizer(QWEN_MARKED)
+    rng = random.Random(1)
+    for _ in range(100):   # the prompt's calls are context; the completion's tool turns no target
+        chat = random_chat(rng)
+        prompt_length = max(i for i, m in enumerate(chat) if m["role"] == "user") + 1
+        row = {"prompt": [chat[:prompt_length]], "completion": [chat[prompt_length:]]}
+        ids, is_target = sekd.encode_rows(row, "prompt_messages", tokenizer, "text")[0]
+        twins, twin_is_target = twin_targets(tokenizer, QWEN_MARKED, chat, prompt_length)
+        assert ids.tolist() == twins, chat
+        assert is_target.tolist() == twin_is_target.tolist(), chat
 
 
 @pytest.mark.parametrize("content", ["", None])
@@ -3164,14 +3201,18 @@ def test_json_text_arguments_render_in_gemma_4s_own_form_which_shows_text_in_bra
     assert '<|tool_call>call:f{city:<|"|>Paris<|"|>,days:2}<tool_call|>' in text   # not {{"city"
 
 
+@pytest.mark.parametrize("data_format", ["messages", "prompt_messages"])
 @pytest.mark.parametrize("revision", ["llama3", "phi3", "lfm2"])   # their templates drop calls
 def test_a_tool_call_the_template_drops_is_refused_naming_the_row_not_trained_as_an_empty_turn(
-    revision
+    revision, data_format
 ):
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
     row = call_row({"city": "Paris"})
+    batch = {"messages": [row]}
+    if data_format == "prompt_messages":   # TRL's conversational form: the call the completion
+        batch = {"prompt": [row[:1]], "completion": [row[1:2]]}
     with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' outside every turn found"):
-        sekd.encode_rows({"messages": [row]}, "messages", tokenizer, "text")
+        sekd.encode_rows(batch, data_format, tokenizer, "text")
 
 
 def test_a_row_is_refused_where_its_template_shows_one_of_two_calls_of_one_name():
