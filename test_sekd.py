@@ -4839,6 +4839,18 @@ def test_weights_fingerprint_covers_what_the_config_computes_not_where_it_came_f
     assert sekd.weights_fingerprint(str(tmp_path)) != before
 
 
+def test_weights_fingerprint_of_a_hub_name_is_its_downloaded_snapshots(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    repo = tmp_path / "hub" / "models--org--tiny"   # as the hub's cache lays out a download
+    tiny_model("llama").save_pretrained(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = sekd.weights_fingerprint(str(repo / "snapshots" / "abc123"))
+    assert sekd.weights_fingerprint("org/tiny") == snapshot
+
+
 def test_weights_fingerprint_follows_content_not_path(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "a")
