@@ -1430,7 +1430,9 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
             previous_end = spans[-1][1]
         earlier_start = spans[-1][0] if spans else None
         start = turn_start(tokenizer, messages, i, text, options, previous_end, earlier_start)
-        through = chat_text(tokenizer, messages[:i + 1], options)
+        through = text   # the last turn's conversation is the whole one
+        if i < len(messages) - 1:
+            through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
             continue
