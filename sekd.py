@@ -1568,9 +1568,13 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     shown_opening = header   # as an earlier turn opens (Qwen3.5's: its prompt's <think> left out)
     if earlier_start is not None:
         shown_opening = shown_header(header, text[:earlier_start])
-    opened = text.rfind(shown_opening, 0, start) if start is not None and shown_opening else -1
-    before = content_end(tokenizer, messages, i - 1, text, options) if opened >= 0 else None
-    if before is not None and before <= opened:   # the turn's opening after the message before
+    before = content_end(tokenizer, messages, i - 1, text, options) if shown_opening else None
+    opened = -1
+    if before is not None and start is not None:   # nearest before the turn's content
+        opened = text.rfind(shown_opening, before, start)
+    elif before is not None:   # its content unshown (gpt-oss's call): first after the message before
+        opened = text.find(shown_opening, before)
+    if opened >= 0:
         return opened + len(shown_opening)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "
                      "whole conversation, so where that turn starts is unknown: give such rows as "
@@ -1599,7 +1603,10 @@ def content_place(tokenizer, messages, i, message, options=None):
     """The conversation rendered with message in the place of message i, around its content "A":
     (the text before it, the text after it); None where the renderings with "A" and with "B"
     differ elsewhere too (the content shown twice) or nowhere (not shown)."""
-    one, other = rendered_a_and_b(tokenizer, messages[:i], message, messages[i + 1:], options)
+    try:   # a probe the template refuses (gpt-oss's: a tool's response after a turn with no call)
+        one, other = rendered_a_and_b(tokenizer, messages[:i], message, messages[i + 1:], options)
+    except Exception:   # the template's own errors, jinja2's: no place found
+        return None
     start = len(os.path.commonprefix([one, other]))
     after = len(os.path.commonprefix([one[::-1], other[::-1]]))
     if start + 1 + after != len(one):

@@ -2646,6 +2646,19 @@ def test_gpt_oss_turn_after_a_call_whose_reasoning_it_drops_later_starts_at_its_
     assert supervised_turns(tokenizer, chat) == want
 
 
+def test_gpt_oss_call_after_a_call_starts_at_the_first_opening_past_the_tools_response():
+    # the second call's prompt shows the first's reasoning, the whole conversation drops it; its
+    # content is unshown, and probed as a plain turn the template refuses (a response, no call)
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "gptoss.jinja").read_text())
+    first = {"role": "assistant", "content": "", "reasoning_content": "hmm", "tool_calls": CALL}
+    second = {"role": "assistant", "content": "", "tool_calls": CALL}
+    chat = [{"role": "user", "content": "add"}, first, {"role": "tool", "content": "41"}, second,
+            {"role": "tool", "content": "42"}, {"role": "assistant", "content": "it is 83."}]
+    call = ' to=functions.add<|channel|>commentary json<|message|>{"a": 1}<|call|>'
+    want = [call, call, "<|channel|>final<|message|>it is 83.<|return|>"]
+    assert supervised_turns(tokenizer, chat) == want
+
+
 CALL_TURNS = {   # a call, its response, an answer, a user's thanks, a last answer (all refused)
     "qwen3_5_think": ["<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n"
                       "</tool_call><|im_end|>\n", "it is 41.<|im_end|>\n",
