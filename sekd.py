@@ -1541,12 +1541,14 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
     system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
     content starts, if what the generation prompt adds comes just before it, or right after an
-    assistant turn just before it (ending at previous_end: two in a row under Qwen3's); or after
-    the part of the prompt the text shows, where the earlier messages render alike (Qwen3.5's
-    <think>\n of a turn that thinks, its no-thinking prompt's block empty); or after the header as
-    an earlier turn opens (starting at earlier_start), found nearest before the content and after
-    the message before (gpt-oss's channel between; Qwen3.5's turns after a call, whose reasoning
-    the prompt shows; Nemotron 3's <think></think>, its prompt opening <think>\n)."""
+    assistant turn just before it (ending at previous_end: two in a row under Qwen3's), or inside
+    it (Gemma 4's renders two in a row as one turn); or after the part of the prompt the text
+    shows, where the earlier messages render alike (Qwen3.5's <think>\n of a turn that thinks, its
+    no-thinking prompt's block empty); or after the header as an earlier turn opens (starting at
+    earlier_start), found nearest before the content (first, where it is unshown: gpt-oss's call
+    after a call) and after the message before (gpt-oss's channel between; Qwen3.5's turns after
+    a call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt opening
+    <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1562,6 +1564,8 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
         return start
     if previous_end is not None and header and text.startswith(header, previous_end):
         return previous_end + len(header)
+    if previous_end is not None and start is not None and earlier_start < start < previous_end:
+        return start   # its text inside the turn just before (Gemma 4's: one turn of the two)
     shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
     if text.startswith(rendered) and len(shared) > len(rendered):
         return len(shared)   # Qwen3.5's <think>\n of a turn that thinks, its prompt's empty
@@ -1572,7 +1576,7 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     opened = -1
     if before is not None and start is not None:   # nearest before the turn's content
         opened = text.rfind(shown_opening, before, start)
-    elif before is not None:   # its content unshown (gpt-oss's call): first after the message before
+    elif before is not None:   # its content unshown (gpt-oss's call): first past the message before
         opened = text.find(shown_opening, before)
     if opened >= 0:
         return opened + len(shown_opening)

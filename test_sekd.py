@@ -2827,6 +2827,15 @@ def test_two_assistant_turns_in_a_row_are_each_supervised_as_rendered():
     ]
 
 
+def test_two_assistant_turns_in_a_row_that_gemma_4_renders_as_one_turn_are_both_supervised():
+    # its second turn has no opening of its own: it starts where its text does, in the first
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "gemma4_v5.jinja").read_text())
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "part one"},
+            {"role": "assistant", "content": "part two"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
+    assert supervised_turns(tokenizer, chat) == ["part onepart two<turn|>\n", "a2<turn|>\n"]
+
+
 def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
     tokenizer = chat_tokenizer(QWEN_LIKE)  # renders no empty conversation
     chat = [
