@@ -1538,16 +1538,16 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
     generation prompt; or, where that prompt opens more than an earlier turn shows (the <think> of
     Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
-    shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's
-    system prompt, in the last user turn only; Hermes 3's last tool message), where the turn's
-    content starts, if what the generation prompt adds comes just before it, or right after an
-    assistant turn just before it (ending at previous_end: two in a row under Qwen3's), or inside
-    it (Gemma 4's renders two in a row as one turn); or after the part of the prompt the text
+    shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's system
+    prompt, in the last user turn only; Hermes 3's last tool message), where the turn's content
+    starts, if what the generation prompt adds comes just before it, or right after an assistant
+    turn just before it (ending at previous_end: two in a row under Qwen3's), or in or right after
+    it with no opening of its own (Gemma 4's two in a row); or after the part of the prompt the text
     shows, where the earlier messages render alike (Qwen3.5's <think>\n of a turn that thinks, its
     no-thinking prompt's block empty); or after the header as an earlier turn opens (starting at
     earlier_start), found nearest before the content (first, where it is unshown: gpt-oss's call
-    after a call) and after the message before (gpt-oss's channel between; Qwen3.5's turns after
-    a call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt opening
+    after a call) and after the message before (gpt-oss's channel between; Qwen3.5's turns after a
+    call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt opening
     <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
@@ -1564,8 +1564,8 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
         return start
     if previous_end is not None and header and text.startswith(header, previous_end):
         return previous_end + len(header)
-    if previous_end is not None and start is not None and earlier_start < start < previous_end:
-        return start   # its text inside the turn just before (Gemma 4's: one turn of the two)
+    if previous_end is not None and start is not None and earlier_start < start <= previous_end:
+        return start   # no opening of its own: its text in or right after the turn just before
     shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
     if text.startswith(rendered) and len(shared) > len(rendered):
         return len(shared)   # Qwen3.5's <think>\n of a turn that thinks, its prompt's empty

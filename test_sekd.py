@@ -2827,13 +2827,19 @@ def test_two_assistant_turns_in_a_row_are_each_supervised_as_rendered():
     ]
 
 
-def test_two_assistant_turns_in_a_row_that_gemma_4_renders_as_one_turn_are_both_supervised():
-    # its second turn has no opening of its own: it starts where its text does, in the first
-    tokenizer = template_tokenizer((TRL_TEMPLATES / "gemma4_v5.jinja").read_text())
+@pytest.mark.parametrize("revision, both", [
+    ("gemma4_v5", "part onepart two<turn|>\n"),   # one turn of the two
+    ("gemma4", "part one<turn|>\npart two<turn|>\n"),   # the second closed, never opened
+])
+def test_two_assistant_turns_in_a_row_that_gemma_4_renders_without_a_second_opening_are_targets(
+    revision, both
+):
+    # the second turn starts where its text does: in or right after the first
+    tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "part one"},
             {"role": "assistant", "content": "part two"}, {"role": "user", "content": "q2"},
             {"role": "assistant", "content": "a2"}]
-    assert supervised_turns(tokenizer, chat) == ["part onepart two<turn|>\n", "a2<turn|>\n"]
+    assert supervised_turns(tokenizer, chat) == [both, "a2<turn|>\n"]
 
 
 def test_a_conversation_opening_with_an_assistant_turn_keeps_it_as_context():
