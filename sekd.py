@@ -1417,8 +1417,9 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
     EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
     content ends, or its calls' where the next message's text begins). Turns before first_turn
-    are context (a first message has no prompt). options: the row's tools and template
-    arguments."""
+    are context: a first message has no prompt; TRL's conversational prompt/completion, its
+    prompt (the completion's assistant turns the targets, as TRL's completion mask with its
+    assistant-only loss). options: the row's tools and template arguments."""
     text = chat_text(tokenizer, messages, options)
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
@@ -1617,15 +1618,6 @@ def content_place(tokenizer, messages, i, message, options=None):
         return None
     return one[:start], one[start + 1:]
 
-def render_prompt_completion(prompt, completion, tokenizer, options=None):
-    """TRL's conversational prompt/completion -> render_chat's (text, spans, tool_spans) of the
-    whole conversation, the prompt's messages context: the completion's assistant turns are the
-    targets, not a tool's response or a user's turn in it (TRL's completion mask with its
-    assistant-only loss). A one-turn completion's turn starts after the prompt with a generation
-    prompt (turn_start: also where that prompt opens a <think> the turn does not render, as
-    DeepSeek-R1's) and runs to the text's end."""
-    return render_chat(prompt + completion, tokenizer, options, first_turn=len(prompt))
-
 def in_spans(offsets, spans):
     """Token targets from character spans: bool [N], tokens holding a character of a span (as
     transformers' assistant masks): " it" after a prompt "assistant: " is its turn's first."""
@@ -1656,8 +1648,8 @@ def rendered_rows(batch, data_format, tokenizer, first_row):
                 rendered.append(render_chat(messages, tokenizer, options))
             else:
                 prompt = row_messages(batch, "prompt", j, tokenizer, options)
-                completion = row_messages(batch, "completion", j, tokenizer, options)
-                rendered.append(render_prompt_completion(prompt, completion, tokenizer, options))
+                messages = prompt + row_messages(batch, "completion", j, tokenizer, options)
+                rendered.append(render_chat(messages, tokenizer, options, first_turn=len(prompt)))
         except Exception as err:   # the template's own errors (jinja2's) too
             fix = ""
             columns = ["messages"] if data_format == "messages" else ["prompt", "completion"]
