@@ -1417,14 +1417,15 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
     messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
     EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
     content ends, or its calls' where the next message's text begins). Turns before first_turn
-    are context: a first message has no prompt; TRL's conversational prompt/completion, its
-    prompt (the completion's assistant turns the targets, as TRL's completion mask with its
-    assistant-only loss). options: the row's tools and template arguments."""
+    are context: TRL's conversational prompt/completion's prompt, so that the completion's
+    assistant turns are the targets (TRL's completion mask with its assistant-only loss).
+    options: the row's tools and template arguments."""
     text = chat_text(tokenizer, messages, options)
+    first_turn = max(first_turn, 1)   # a first message has no prompt: its turn is context
     spans = []
     eot = None   # probed once a conversation: a template ends its assistant turns alike
     for i, message in enumerate(messages):
-        if i < max(first_turn, 1) or message.get("role") != "assistant":
+        if i < first_turn or message.get("role") != "assistant":
             continue
         previous_end = None   # an assistant turn just before: where it ends in text
         if messages[i - 1].get("role") == "assistant" and spans:
@@ -1454,7 +1455,7 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
                              "by: give such rows as prompt/completion strings you render")
         spans.append((start, end))
     others = tool_spans(tokenizer, messages, text, spans, options)
-    check_calls_shown(messages[max(first_turn, 1):], text, spans, others)
+    check_calls_shown(messages[first_turn:], text, spans, others)
     return text, spans, others
 
 def check_calls_shown(turns, text, spans, others):
