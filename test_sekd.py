@@ -3237,7 +3237,7 @@ def test_a_tool_call_the_template_drops_is_refused_naming_the_row_not_trained_as
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
     row = call_row({"city": "Paris"})
     batch = {"messages": [row]}
-    if data_format == "prompt_messages":   # TRL's conversational form: the call the completion
+    if data_format == "prompt_messages":   # TRL's conversational form: the call in the completion
         batch = {"prompt": [row[:1]], "completion": [row[1:2]]}
     with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'f' outside every turn found"):
         sekd.encode_rows(batch, data_format, tokenizer, "text")
