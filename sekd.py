@@ -1547,10 +1547,10 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     it with no opening of its own (Gemma 4's two in a row); or after the part of the prompt the text
     shows, where the earlier messages render alike (Qwen3.5's <think>\n of a turn that thinks, its
     no-thinking prompt's block empty); or after the header as an earlier turn opens (starting at
-    earlier_start), found nearest before the content (first, where it is unshown: gpt-oss's call
-    after a call) and after the message before (gpt-oss's channel between; Qwen3.5's turns after a
-    call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt opening
-    <think>\n)."""
+    earlier_start), found first after the message before, and before the content where it shows
+    (gpt-oss's answer opens for its reasoning, then for its final channel; its call after a call
+    shows none; Qwen3.5's turns after a call, whose reasoning the prompt shows; Nemotron 3's
+    <think></think>, its prompt opening <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1575,11 +1575,9 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     if earlier_start is not None:
         shown_opening = shown_header(header, text[:earlier_start])
     before = content_end(tokenizer, messages, i - 1, text, options) if shown_opening else None
-    opened = -1
-    if before is not None and start is not None:   # nearest before the turn's content
-        opened = text.rfind(shown_opening, before, start)
-    elif before is not None:   # its content unshown (gpt-oss's call): first past the message before
-        opened = text.find(shown_opening, before)
+    opened = -1   # the first opening past the message before (and before the turn's content)
+    if before is not None:
+        opened = text.find(shown_opening, before, len(text) if start is None else start)
     if opened >= 0:
         return opened + len(shown_opening)
     raise ValueError(f"the chat template renders the turns before message {i} otherwise in the "

@@ -2659,6 +2659,19 @@ def test_gpt_oss_call_after_a_call_starts_at_the_first_opening_past_the_tools_re
     assert supervised_turns(tokenizer, chat) == want
 
 
+def test_gpt_oss_answer_after_a_call_is_supervised_from_its_first_opening_its_reasoning_too():
+    # the prompt shows the call's content as reasoning, the whole conversation drops it; the
+    # answer opens twice (analysis, then final): it starts at the first opening
+    tokenizer = template_tokenizer((TRL_TEMPLATES / "gptoss.jinja").read_text())
+    call = {"role": "assistant", "content": "let me add", "tool_calls": CALL}
+    answer = {"role": "assistant", "content": "it is 41.", "reasoning_content": "easy"}
+    chat = [{"role": "user", "content": "add"}, call, {"role": "tool", "content": "41"}, answer]
+    assert supervised_turns(tokenizer, chat)[1] == (
+        "<|channel|>analysis<|message|>easy<|end|><|start|>assistant"
+        "<|channel|>final<|message|>it is 41.<|return|>"
+    )
+
+
 CALL_TURNS = {   # a call, its response, an answer, a user's thanks, a last answer (all refused)
     "qwen3_5_think": ["<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n</function>\n"
                       "</tool_call><|im_end|>\n", "it is 41.<|im_end|>\n",
