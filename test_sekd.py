@@ -2350,6 +2350,28 @@ def random_chat(rng):
     return chat
 
 
+def agentic_chat(rng):
+    """An agentic conversation: per user turn up to two tool calls in a row, each with its
+    response, then an answer; reasoning on some turns, a content beside some calls."""
+    words = ["the", "cat", "12", "hello\n", "ok ", "\n\n"]
+
+    def text():
+        return "".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+    chat = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+    for _ in range(rng.randint(1, 3)):
+        chat.append({"role": "user", "content": text()})
+        for _ in range(rng.choice([0, 1, 2])):
+            call = {"role": "assistant", "content": rng.choice(["", text()]), "tool_calls": CALL}
+            if rng.random() < 0.3:
+                call["reasoning_content"] = text()
+            chat += [call, {"role": "tool", "content": text()}]
+        answer = {"role": "assistant", "content": text()}
+        if rng.random() < 0.3:
+            answer["reasoning_content"] = text()
+        chat.append(answer)
+    return chat
+
+
 def test_chat_targets_are_transformers_assistant_masks_on_random_messy_conversations():
     import random
 
@@ -2415,8 +2437,8 @@ def test_no_target_lies_outside_what_trls_twin_of_a_real_template_marks_but_a_tu
     tokenizer.chat_template = template
     rng = random.Random(0)
     compared = 0
-    for _ in range(40):
-        chat = random_chat(rng)
+    for k in range(60):   # two messy conversations, then an agentic one
+        chat = agentic_chat(rng) if k % 3 == 2 else random_chat(rng)
         row = {"messages": [chat]}
         prompt_length = 0
         if data_format == "prompt_messages":   # the completion: the turns after the last user's
