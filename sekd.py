@@ -1542,15 +1542,15 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
     shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's system
     prompt, in the last user turn only; Hermes 3's last tool message), where the turn's content
-    starts, if what the generation prompt adds comes just before it, or right after an assistant
-    turn just before it (ending at previous_end: two in a row under Qwen3's), or in or right after
-    it with no opening of its own (Gemma 4's two in a row); or after the part of the prompt the text
-    shows, where the earlier messages render alike (Qwen3.5's <think>\n of a turn that thinks, its
-    no-thinking prompt's block empty); or after the header as an earlier turn opens (starting at
-    earlier_start), found first after the message before, and before the content where it shows
-    (gpt-oss's answer opens for its reasoning, then for its final channel; its call after a call
-    shows none; Qwen3.5's turns after a call, whose reasoning the prompt shows; Nemotron 3's
-    <think></think>, its prompt opening <think>\n)."""
+    starts, if what the generation prompt adds comes just before it, or in or right after an
+    assistant turn just before it (ending at previous_end) with no opening of its own (Gemma 4's two
+    in a row); or after the part of the prompt the text shows, where the earlier messages render
+    alike (Qwen3.5's <think>\n of a turn that thinks, its no-thinking prompt's block empty); or
+    after the header as an earlier turn opens (starting at earlier_start), found first after the
+    message before, and before the content where it shows (Qwen3's two in a row; gpt-oss's answer
+    opens for its reasoning, then for its final channel; its call after a call shows none; Qwen3.5's
+    turns after a call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt
+    opening <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1564,8 +1564,6 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     header = prompt[len(os.path.commonprefix([prompt, rendered])):]   # the generation prompt's
     if start is not None and text[:start].endswith(header):
         return start
-    if previous_end is not None and header and text.startswith(header, previous_end):
-        return previous_end + len(header)
     if previous_end is not None and start is not None and earlier_start < start <= previous_end:
         return start   # no opening of its own: its text in or right after the turn just before
     shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
