@@ -1547,10 +1547,10 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     in a row); or after the part of the prompt the text shows, where the earlier messages render
     alike (Qwen3.5's <think>\n of a turn that thinks, its no-thinking prompt's block empty); or
     after the header as an earlier turn opens (starting at earlier_start), found first after the
-    message before, and before the content where it shows (Qwen3's two in a row; gpt-oss's answer
-    opens for its reasoning, then for its final channel; its call after a call shows none; Qwen3.5's
-    turns after a call, whose reasoning the prompt shows; Nemotron 3's <think></think>, its prompt
-    opening <think>\n)."""
+    message before, and before the content where it shows (Qwen3's two in a row; Hermes 3's call
+    after a tool message, its content unshown; gpt-oss's answer opens for its reasoning, then for
+    its final channel, and its call after a call; Qwen3.5's turns after a call, whose reasoning the
+    prompt shows; Nemotron 3's <think></think>, its prompt opening <think>\n)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1592,11 +1592,8 @@ def shown_header(header, before):
 
 def content_start(tokenizer, messages, i, text, options=None):
     """Where message i's content starts in text (content_place), if text agrees up to it (else
-    None). A tool call whose content the template does not show (Hermes 3's) is probed as a plain
-    turn."""
+    None)."""
     place = content_place(tokenizer, messages, i, messages[i], options)
-    if place is None and messages[i].get("tool_calls"):
-        place = content_place(tokenizer, messages, i, {"role": messages[i]["role"]}, options)
     if place is None or not text.startswith(place[0]):
         return None   # what comes before the content depends on it
     return len(place[0])
