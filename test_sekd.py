@@ -2328,13 +2328,18 @@ def test_chat_targets_are_transformers_assistant_masks_where_the_template_marks_
     assert is_target.tolist() == [bool(m) for m in marked["assistant_masks"]]
 
 
+def random_text(rng, words):
+    """One to five of words, drawn with rng."""
+    return "".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+
+
 def random_chat(rng):
     """A messy conversation: turns of words and newlines, <think> in content or as
     reasoning_content, tool calls with and without content, two assistant turns in a row."""
     words = ["the", "cat", "12", "hello\n", "ok ", "<think>", "</think>", "\n\n"]
 
     def text():
-        return "".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+        return random_text(rng, words)
     chat = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
     for _ in range(rng.randint(1, 3)):
         chat.append({"role": "user", "content": text()})
@@ -2353,10 +2358,8 @@ def random_chat(rng):
 def agentic_chat(rng):
     """An agentic conversation: per user turn up to two tool calls in a row, each with its
     response, then an answer; reasoning on some turns, a content beside some calls."""
-    words = ["the", "cat", "12", "hello\n", "ok ", "\n\n"]
-
     def text():
-        return "".join(rng.choice(words) for _ in range(rng.randint(1, 5)))
+        return random_text(rng, ["the", "cat", "12", "hello\n", "ok ", "\n\n"])
     chat = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
     for _ in range(rng.randint(1, 3)):
         chat.append({"role": "user", "content": text()})
