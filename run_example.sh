@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 SEEDS=${SEEDS:-0}
-QUICK=${QUICK:-0}   # QUICK=1: a smoke run (about half a minute on 2 cores) to check an install or a change
+QUICK=${QUICK:-0}   # QUICK=1: a smoke run (under a minute on 2 cores) to check an install or a change
 if [ "$QUICK" = 1 ]; then   # every method a few steps on a small corpus: the tables, not results
   WORK=${WORK:-example_quick} STEPS=${STEPS:-4} KD_DOCUMENTS=${KD_DOCUMENTS:-12} EVAL_BATCHES=${EVAL_BATCHES:-2}
   export CORPUS_DOCUMENTS=${CORPUS_DOCUMENTS:-60}
