@@ -1410,16 +1410,13 @@ def end_of_turn_ids(tokenizer):
     return tokenizer(eot, add_special_tokens=False)["input_ids"]
 
 def render_chat(messages, tokenizer, options=None, first_turn=1):
-    """A conversation -> (text, [(start, end)] character spans of its assistant turns as rendered,
-    tool calls and end-of-turn text included, [(start, end)] spans of other messages rendered
-    inside them: tool_spans). Most templates mark no {% generation %} span: turn i
-    starts where messages[:i] with a generation prompt ends (turn_start) and ends where
-    messages[:i + 1] does, or, where a last turn renders otherwise (Qwen3's think block; Phi-3's
-    EOS after it), at the first end-of-turn text after its start (none, as GLM's: where its
-    content ends, or its calls' where the next message's text begins). Turns before first_turn
-    are context: TRL's conversational prompt/completion's prompt, so that the completion's
-    assistant turns are the targets (TRL's completion mask with its assistant-only loss).
-    options: the row's tools and template arguments."""
+    """A conversation -> (text, spans, tool_spans): its rendering, the [(start, end)] character
+    spans of its assistant turns (tool calls and end-of-turn text included), and those of other
+    messages a template renders inside them, which are no target (tool_spans). Most templates mark
+    no {% generation %} span: the turns are found by rendering prefixes of the conversation. Turns
+    before first_turn are context (TRL's conversational prompt/completion: the prompt), so that
+    the completion's assistant turns are the targets, as TRL's completion mask with its
+    assistant-only loss. options: the row's tools and template arguments."""
     text = chat_text(tokenizer, messages, options)
     first_turn = max(first_turn, 1)   # a first message has no prompt: its turn is context
     spans = []
@@ -1432,12 +1429,16 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
             previous_end = spans[-1][1]
         earlier_start = spans[-1][0] if spans else None
         start = turn_start(tokenizer, messages, i, text, options, previous_end, earlier_start)
+        # The turn ends where messages[:i + 1] rendered alone ends, if the whole text starts so.
         through = text   # the last turn's conversation is the whole one
         if i < len(messages) - 1:
             through = chat_text(tokenizer, messages[:i + 1], options)
         if text.startswith(through):
             spans.append((start, len(through)))
             continue
+        # Else the turn renders otherwise as the last one (Qwen3's think block; Phi-3's EOS after
+        # it): it ends at the first end-of-turn text after its start; a template with none (GLM's):
+        # where its content ends, or its calls' where the next message's text begins.
         if eot is None:   # Qwen3's template comes here for every turn but the last
             eot = end_of_turn(tokenizer, messages[:i], options)
         end = None
@@ -1537,43 +1538,49 @@ def content_end(tokenizer, messages, i, text, options=None):
 
 def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
                earlier_start=None):
-    """Where assistant turn i of messages starts in text, their rendering: after messages[:i] with a
-    generation prompt; or, where that prompt opens more than an earlier turn shows (the <think> of
-    Qwen3's thinking models and DeepSeek-R1), after the part of it that a one-letter earlier turn
-    shares; or, where the earlier turns render otherwise in the whole conversation (Mistral's system
-    prompt, in the last user turn only; Hermes 3's last tool message), where the turn's content
-    starts, if what the generation prompt adds comes just before it, or in or right after an
-    assistant turn just before it (ending at previous_end) with no opening of its own (Gemma 4's two
-    in a row); or after the part of the prompt the text shows, where the earlier messages render
-    alike (Qwen3.5's <think>\n of a turn that thinks, its no-thinking prompt's block empty); or
-    after the header as an earlier turn opens (starting at earlier_start), found first after the
-    message before, and before the content where it shows (Qwen3's two in a row; Hermes 3's call
-    after a tool message, its content unshown; gpt-oss's answer opens for its reasoning, then for
-    its final channel, and its call after a call; Qwen3.5's turns after a call, whose reasoning the
-    prompt shows; Nemotron 3's <think></think>, its prompt opening <think>\n)."""
+    """Where assistant turn i of messages starts in text, their rendering: where messages[:i] with
+    a generation prompt ends, in most templates. The rules after the first serve templates that
+    render the earlier messages otherwise once a turn follows, each named beside its rule.
+    previous_end: where an assistant turn just before ends; earlier_start: where the last earlier
+    assistant turn starts (None: no such turn)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
+    # The prompt opens more than an earlier turn shows (the <think> of Qwen3's thinking models and
+    # DeepSeek-R1's): the turn starts after the part of it that a one-letter earlier turn shares.
     rendered = chat_text(tokenizer, messages[:i], options)
     earlier_turn = [{"role": "assistant", "content": "A"}, {"role": "user", "content": "B"}]
     probe = chat_text(tokenizer, messages[:i] + earlier_turn, options)
     opening = os.path.commonprefix([prompt, probe])   # "A" ends it where a turn's text begins
     if prompt.startswith(rendered) and len(opening) > len(rendered) and text.startswith(opening):
         return len(opening)
+    # The earlier turns render otherwise in the whole conversation (Mistral's system prompt, in the
+    # last user turn only; Hermes 3's last tool message): the turn's content starts it, if what
+    # the generation prompt adds comes just before.
     start = content_start(tokenizer, messages, i, text, options)
     header = prompt[len(os.path.commonprefix([prompt, rendered])):]   # the generation prompt's
     if start is not None and text[:start].endswith(header):
         return start
+    # No opening of its own (Gemma 4's two turns in a row): its text in, or right after, the
+    # assistant turn just before.
     if previous_end is not None and start is not None and earlier_start < start <= previous_end:
-        return start   # no opening of its own: its text in or right after the turn just before
-    shared = os.path.commonprefix([prompt, text])   # the part of the prompt the text shows
+        return start
+    # Qwen3.5's <think>\n of a turn that thinks, its no-thinking prompt's block empty: after the
+    # part of the prompt the text shows, where the earlier messages render alike.
+    shared = os.path.commonprefix([prompt, text])
     if text.startswith(rendered) and len(shared) > len(rendered):
-        return len(shared)   # Qwen3.5's <think>\n of a turn that thinks, its prompt's empty
-    shown_opening = header   # as an earlier turn opens (Qwen3.5's: its prompt's <think> left out)
+        return len(shared)
+    # After the header as an earlier turn opens (Qwen3.5's turns leave out its prompt's <think>),
+    # found first after the message before, and before the content where it shows: Qwen3's two
+    # turns in a row; Hermes 3's call after a tool message, its content unshown; gpt-oss's call
+    # after a call, and its answer, opened for its reasoning and again for its final channel;
+    # Qwen3.5's turns after a call, whose reasoning the prompt shows; Nemotron 3's <think></think>
+    # after its prompt's <think>\n.
+    shown_opening = header
     if earlier_start is not None:
         shown_opening = shown_header(header, text[:earlier_start])
     before = content_end(tokenizer, messages, i - 1, text, options) if shown_opening else None
-    opened = -1   # the first opening past the message before (and before the turn's content)
+    opened = -1
     if before is not None:
         opened = text.find(shown_opening, before, len(text) if start is None else start)
     if opened >= 0:
