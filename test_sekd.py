@@ -2985,6 +2985,17 @@ def test_a_tools_response_rendered_inside_the_models_turn_is_no_target(content, 
     assert is_target.tolist() == want
 
 
+def test_a_dropped_call_is_refused_though_a_tools_response_inside_the_turn_names_it():
+    # the name in the response is the tool's text, no target: it shows no call
+    template = re.sub(r"{% for c in m.tool_calls.*?{% endfor %}", "", GEMMA4_LIKE)
+    tokenizer = template_tokenizer(re.sub(r"{% (end)?generation %}", "", template))
+    chat = [{"role": "user", "content": "sum"}, {"role": "assistant", "content": "",
+            "tool_calls": CALL}, {"role": "tool", "content": "add gave 2"},
+            {"role": "assistant", "content": "it is 2."}]
+    with pytest.raises(sekd.UsageError, match=r"row 0: .*tool call 'add' outside every turn"):
+        sekd.encode_rows({"messages": [chat]}, "messages", tokenizer, "text")
+
+
 @pytest.mark.parametrize("revision", ["gemma4", "gemma4_v5"])   # trl's copies of Gemma 4's own
 def test_gemma_4s_real_template_supervises_no_tool_response_nor_text_that_moves_with_it(revision):
     tokenizer = template_tokenizer((TRL_TEMPLATES / f"{revision}.jinja").read_text())
