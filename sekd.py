@@ -1424,11 +1424,8 @@ def render_chat(messages, tokenizer, options=None, first_turn=1):
     for i, message in enumerate(messages):
         if i < first_turn or message.get("role") != "assistant":
             continue
-        previous_end = None   # an assistant turn just before: where it ends in text
-        if messages[i - 1].get("role") == "assistant" and spans:
-            previous_end = spans[-1][1]
-        earlier_start = spans[-1][0] if spans else None
-        start = turn_start(tokenizer, messages, i, text, options, previous_end, earlier_start)
+        earlier_span = spans[-1] if spans else None
+        start = turn_start(tokenizer, messages, i, text, options, earlier_span)
         # The turn ends where messages[:i + 1] rendered alone ends, if the whole text starts so.
         through = text   # the last turn's conversation is the whole one
         if i < len(messages) - 1:
@@ -1536,13 +1533,11 @@ def content_end(tokenizer, messages, i, text, options=None):
         return None   # what follows the content depends on it
     return len(text) - len(place[1])
 
-def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
-               earlier_start=None):
+def turn_start(tokenizer, messages, i, text, options=None, earlier_span=None):
     """Where assistant turn i of messages starts in text, their rendering: where messages[:i] with
     a generation prompt ends, in most templates. The rules after the first serve templates that
     render the earlier messages otherwise once a turn follows, each named beside its rule.
-    previous_end: where an assistant turn just before ends; earlier_start: where the last earlier
-    assistant turn starts (None: no such turn)."""
+    earlier_span: the last earlier assistant turn's (start, end) in text (None: no such turn)."""
     prompt = chat_text(tokenizer, messages[:i], options, generation_prompt=True)
     if text.startswith(prompt):
         return len(prompt)
@@ -1563,7 +1558,8 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
         return start
     # No opening of its own (Gemma 4's two turns in a row): its text in, or right after, the
     # assistant turn just before.
-    if previous_end is not None and start is not None and earlier_start < start <= previous_end:
+    just_before = messages[i - 1].get("role") == "assistant" and earlier_span is not None
+    if just_before and start is not None and earlier_span[0] < start <= earlier_span[1]:
         return start
     # Qwen3.5's <think>\n of a turn that thinks, its no-thinking prompt's block empty: after the
     # part of the prompt the text shows, where the earlier messages render alike.
@@ -1577,8 +1573,8 @@ def turn_start(tokenizer, messages, i, text, options=None, previous_end=None,
     # Qwen3.5's turns after a call, whose reasoning the prompt shows; Nemotron 3's <think></think>
     # after its prompt's <think>\n.
     shown_opening = header
-    if earlier_start is not None:
-        shown_opening = shown_header(header, text[:earlier_start])
+    if earlier_span is not None:
+        shown_opening = shown_header(header, text[:earlier_span[0]])
     before = content_end(tokenizer, messages, i - 1, text, options) if shown_opening else None
     opened = -1
     if before is not None:
