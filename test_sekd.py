@@ -1210,6 +1210,15 @@ def test_ce_method_needs_no_teacher_and_equals_cross_entropy():
     assert stats["share"] == 1.0
 
 
+@pytest.mark.parametrize("ce_weight,terms", [(0.0, {"kl"}), (0.5, {"kl", "ce"}), (1.0, {"ce"})])
+def test_the_loss_computes_and_reports_only_the_terms_it_weighs(ce_weight, terms):
+    student = tiny_model("llama")
+    teacher = tiny_model("llama", hidden=48, seed=1)
+    ids, mask = padded_batch()
+    _, stats = sekd.distill_loss(student, teacher, ids, mask, sekd.Config(ce_weight=ce_weight))
+    assert {"kl", "ce"} & set(stats) == terms
+
+
 def test_int32_token_ids_give_the_loss_of_int64_ones():
     student = tiny_model("llama")
     ids, mask = padded_batch()
@@ -1300,6 +1309,23 @@ def test_generalized_jsd_keeps_one_logit_sized_tensor_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         sekd.generalized_jsd(s, t, 0.5, chunk_size=8).sum()
     assert sum(x.numel() for x in saved) == s.numel()   # the gradient: no softmax, no mixture
+
+
+def test_generalized_jsd_computes_no_gradient_where_none_is_taken(monkeypatch):
+    calls = []
+    divergence_and_grad = sekd.divergence_and_grad
+
+    def recorded(*args):
+        calls.append(args[-1])   # needs_grad
+        return divergence_and_grad(*args)
+    monkeypatch.setattr(sekd, "divergence_and_grad", recorded)
+    s = torch.randn(4, 30, requires_grad=True)
+    t = torch.randn(4, 30)
+    with torch.no_grad():   # evaluation: the student's logits require grad, no graph is built
+        sekd.generalized_jsd(s, t, 0.5)
+    sekd.generalized_jsd(s.detach(), t, 0.5)   # a score: logits without a gradient
+    sekd.generalized_jsd(s, t, 0.5)
+    assert calls == [False, False, True]
 
 
 def test_beta_0_is_the_forward_kl_and_a_cfg_without_beta_reads_as_0():
