@@ -320,7 +320,19 @@ def test_rows_of_one_sequence_each_get_no_packed_boundaries(position_ids):
     assert sekd.packed_boundaries(torch.tensor(position_ids)) == {}
 
 
-def test_a_hybrid_models_packed_sequences_never_run_into_each_other():
+class OneProcessDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP's type around a model, whose forward it runs, as DDP's does, with no process group."""
+
+    def __init__(self, module):
+        torch.nn.Module.__init__(self)
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrap", [lambda model: model, OneProcessDDP], ids=["plain", "ddp"])
+def test_a_hybrid_models_packed_sequences_never_run_into_each_other(wrap):
     # Qwen3.5's linear-attention layers read no position_ids: without boundaries the second
     # sequence's states carried the first's; without flash-linear-attention transformers refuses
     import transformers
@@ -338,7 +350,8 @@ def test_a_hybrid_models_packed_sequences_never_run_into_each_other():
     position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]
     with torch.no_grad():
         try:
-            packed = sekd.hidden_states(model, torch.cat([first, second], 1), None, position_ids)
+            packed = sekd.hidden_states(wrap(model), torch.cat([first, second], 1), None,
+                                        position_ids)
         except ValueError as err:
             assert "packed sequences apart" in str(err)
         else:
