@@ -5665,15 +5665,6 @@ def test_a_teachers_tokenizer_with_another_chat_template_is_noted_and_an_equal_o
     assert capsys.readouterr().err == ""
 
 
-def test_a_teacher_loads_frozen_in_float32_on_the_cpu_and_a_student_trainable(saved_models):
-    cpu = torch.device("cpu")
-    teacher = sekd.load_model(saved_models["teacher"], cpu, frozen=True)   # bf16 on CUDA only
-    student = sekd.load_model(saved_models["student"], cpu)
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert all(p.requires_grad for p in student.parameters())
-    assert {p.dtype for p in (*teacher.parameters(), *student.parameters())} == {torch.float32}
-
-
 def test_a_model_with_large_logits_that_lm_head_reproduces_is_loaded(monkeypatch):
     model = tiny_model("llama")
     with torch.no_grad():
