@@ -4950,6 +4950,9 @@ def test_weights_fingerprint_covers_what_the_config_computes_not_where_it_came_f
     before = sekd.weights_fingerprint(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**config, "_name_or_path": "/elsewhere"}))
     assert sekd.weights_fingerprint(str(tmp_path)) == before
+    # the same settings written in another order (another tool's save)
+    (tmp_path / "config.json").write_text(json.dumps(dict(reversed(config.items()))))
+    assert sekd.weights_fingerprint(str(tmp_path)) == before
     # other logits
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
     assert sekd.weights_fingerprint(str(tmp_path)) != before
