@@ -4013,6 +4013,18 @@ def test_train_tokens_count_every_micro_batch_of_every_step(saved_models, tmp_pa
     assert metrics["tokens_per_s"] == pytest.approx(throughput)
 
 
+def test_the_progress_bar_counts_the_steps_with_the_recent_mean_loss_and_the_share(
+    saved_models, tmp_path, capsys
+):
+    sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=3))
+    err = capsys.readouterr().err.replace("\r", "\n")
+    shown = [line for line in err.splitlines() if "3/3" in line]   # a single process is rank 0
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    steps = [record for record in log if "loss" in record]
+    mean_loss = sum(record["loss"] for record in steps) / 3   # the last 20 steps' mean
+    assert shown and f"loss={mean_loss:.3f}" in shown[-1]
+    assert f"sel={steps[-1]['share']:.0%}" in shown[-1]
+
 def test_each_step_draws_random_positions_of_its_own(saved_models, tmp_path, monkeypatch):
     drawn = []
     real = sekd.position_weights
