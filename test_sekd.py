@@ -4741,18 +4741,17 @@ def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_fo
 
 
 # sekd.py's command line, each rank writing the positions RandomPos kept at each step
-RECORD_RANDOM_POSITIONS = """import json, os
-import sekd
-kept, position_weights = [], sekd.position_weights
+RECORD_RANDOM_POSITIONS = """import hashlib, json, os
+import sekd, torch
+states, position_weights = [], sekd.position_weights
 def recorded(policy, scores, valid, *args, **kwargs):
-    weights = position_weights(policy, scores, valid, *args, **kwargs)
-    if policy == "random":
-        kept.append((weights > 0).tolist())
-    return weights
+    if policy == "random":   # the random state the draw starts from
+        states.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    return position_weights(policy, scores, valid, *args, **kwargs)
 sekd.position_weights = recorded
 sekd.main()
-with open(os.path.join(os.path.dirname(__file__), f"kept{os.environ['RANK']}.json"), "w") as f:
-    json.dump(kept, f)
+with open(os.path.join(os.path.dirname(__file__), f"states{os.environ['RANK']}.json"), "w") as f:
+    json.dump(states, f)
 """
 
 
@@ -4762,10 +4761,11 @@ def test_two_processes_draw_random_positions_of_their_own(saved_models, tmp_path
     flags += ["--max-steps", "2"]
     done = torchrun(*flags, script=tmp_path / "record.py")
     assert done.returncode == 0, done.stderr[-3000:]
-    kept = [json.loads((tmp_path / f"kept{rank}.json").read_text()) for rank in (0, 1)]
-    assert len(kept[0]) == len(kept[1]) == 2  # a draw per step on each rank
-    for step in (0, 1):  # packed blocks alike (all valid): one seed for both would draw alike
-        assert kept[0][step] != kept[1][step]
+    states = [json.loads((tmp_path / f"states{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(states[0]) == len(states[1]) == 2  # a draw per step on each rank
+    # states, not kept masks: rows of other lengths keep other positions from one state too
+    for step in (0, 1):
+        assert states[0][step] != states[1][step]
 
 
 def test_config_presets_set_the_three_axes():
