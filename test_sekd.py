@@ -4740,7 +4740,7 @@ def test_two_processes_generate_with_the_unwrapped_student_on_the_steps_drawn_fo
     assert all(0 < r["gen_len"] <= 6 for r in log if r["on_policy"])
 
 
-# sekd.py's command line, each rank writing the positions RandomPos kept at each step
+# sekd.py's command line, each rank writing the random state each step's RandomPos draw starts from
 RECORD_RANDOM_POSITIONS = """import hashlib, json, os
 import sekd, torch
 states, position_weights = [], sekd.position_weights
