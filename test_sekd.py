@@ -4025,6 +4025,7 @@ def test_the_progress_bar_counts_the_steps_with_the_recent_mean_loss_and_the_sha
     assert shown and f"loss={mean_loss:.3f}" in shown[-1]
     assert f"sel={steps[-1]['share']:.0%}" in shown[-1]
 
+
 def test_each_step_draws_random_positions_of_its_own(saved_models, tmp_path, monkeypatch):
     drawn = []
     real = sekd.position_weights
