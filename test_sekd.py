@@ -3945,10 +3945,15 @@ def test_a_saved_sample_selection_is_not_reused_for_another_vocab_size(
     assert scored == [1, 1]  # the same settings reuse it; another vocabulary scores anew
 
 
+def logged_steps(out_dir):
+    """The step records of out_dir/log.jsonl, its evaluations left out."""
+    log = [json.loads(line) for line in open(out_dir / "log.jsonl")]
+    return [record for record in log if "loss" in record]
+
+
 def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=20))
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    steps = [record for record in log if "loss" in record]
+    steps = logged_steps(tmp_path / "run")
     last_tenth = (steps[-2]["loss"] + steps[-1]["loss"]) / 2
     assert len(steps) == 20 and metrics["train_loss"] == pytest.approx(last_tenth)
     assert metrics["share_supervised"] == pytest.approx(sum(r["share"] for r in steps) / 20)
@@ -3956,8 +3961,7 @@ def test_train_loss_and_share_supervised_are_means_over_the_logged_steps(saved_m
 
 def test_train_loss_of_a_run_under_ten_steps_is_its_last_steps_loss(saved_models, tmp_path):
     metrics = sekd.train(run_config(saved_models, tmp_path, method="ce", teacher=None))
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    steps = [record for record in log if "loss" in record]
+    steps = logged_steps(tmp_path / "run")
     assert len(steps) == 4 and metrics["train_loss"] == steps[-1]["loss"]   # 10%: at least one
 
 
@@ -4019,8 +4023,7 @@ def test_the_progress_bar_counts_the_steps_with_the_recent_mean_loss_and_the_sha
     sekd.train(run_config(saved_models, tmp_path, method="sekd", max_steps=3))
     err = capsys.readouterr().err.replace("\r", "\n")
     shown = [line for line in err.splitlines() if "3/3" in line]   # a single process is rank 0
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    steps = [record for record in log if "loss" in record]
+    steps = logged_steps(tmp_path / "run")
     mean_loss = sum(record["loss"] for record in steps) / 3   # the last 20 steps' mean
     assert shown and f"loss={mean_loss:.3f}" in shown[-1]
     assert f"sel={steps[-1]['share']:.0%}" in shown[-1]
@@ -4113,8 +4116,7 @@ def on_policy_run(saved_models, tmp_path, monkeypatch, **options):
     )
     metrics = sekd.train(cfg)
     monkeypatch.setattr(sekd, "distill_loss", real)
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    return metrics, seen, [record for record in log if "loss" in record]
+    return metrics, seen, logged_steps(tmp_path / "run")
 
 
 def test_gen_len_is_a_steps_mean_response_length_over_its_accumulated_micro_batches(
